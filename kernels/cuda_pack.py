@@ -1,0 +1,3 @@
+"""placeholder"""
+def available():
+    return False, "not yet"

@@ -1,0 +1,224 @@
+"""The pack op's contract, its shared autograd Function and the plain torch reference.
+
+The op reads three sources as one virtual row table and writes one output row per entry of
+``index``::
+
+    rows [0, T)              text     [T, h]
+    rows [T, T + R)          visual   [R, h]
+    rows [T + R, T + R + K)  special  [K, h]   (K = 3: start_img, end_img, skip)
+    -1                       padding: a row of zeros
+
+``out[i] = table[index[i]]``. Backward: ``grad_src[r] = sum of grad_out[i] over i with
+index[i] == r`` (zero for rows never named), accumulated in fp32 for 16-bit types.
+
+Every implementation shares :class:`PackTokensFunction` and a :class:`PackPlan`: the index sorted
+by source row (stable), so the positions of row ``r`` are ``order[offsets[r]:offsets[r + 1]]`` in
+increasing position order. The plan turns every backward into a deterministic *gather*: a source
+row sums its own positions in a fixed order (no atomics). The shared special rows, which appear at
+thousands of positions, are reduced in fixed-size chunks into fp32 partials that are then summed
+in chunk order (the Triton and CUDA backends; see their modules).
+
+The reference here is also the CPU implementation. It never concatenates the sources: the output
+is written by one ``index_copy_`` per source (from the source itself when its rows are used once
+each in a contiguous range, the normal case, else from a gathered copy), one ``index_fill_`` for
+padding and a small gather for the special rows.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+#: Env flag: fill outputs and gradients with NaN before the kernels write them, and validate the
+#: index even on GPU (a host sync). Tests set it so that an unwritten position fails.
+DEBUG_ENV = "MEGATRON_SPHINX_PACK_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """Whether :data:`DEBUG_ENV` is set to a true value."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
+
+
+def alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+          ) -> torch.Tensor:
+    """Uninitialised tensor on ``like``'s device (NaN-filled when debugging)."""
+    dtype = dtype or like.dtype
+    if debug_enabled() and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation type of gradient sums: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_index(index: torch.Tensor, num_rows: int) -> None:
+    """Raises ValueError unless every entry is -1 or a row in ``[0, num_rows)`` (host sync)."""
+    if index.numel() == 0:
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < -1 or hi >= num_rows:
+        raise ValueError(f"pack index values must lie in [-1, {num_rows}) (text + visual + special "
+                         f"rows), got min {lo} max {hi}: rebuild the index for these sources")
+
+
+@dataclass
+class PackPlan:
+    """The index sorted by source row: where each source row goes.
+
+    Attributes:
+        num_text: Text rows ``T``.
+        num_visual: Visual rows ``R``.
+        num_special: Special rows ``K``.
+        rows_sorted: int64 ``[N]`` index values in ascending order (stable sort).
+        order: int64 ``[N]`` output positions in that order.
+        offsets: int64 ``[T + R + K + 1]``; row ``r``'s positions are
+            ``order[offsets[r]:offsets[r + 1]]``; ``order[:offsets[0]]`` are padding positions.
+    """
+
+    num_text: int
+    num_visual: int
+    num_special: int
+    rows_sorted: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+    _bounds: list[int] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the virtual table ``T + R + K``."""
+        return self.num_text + self.num_visual + self.num_special
+
+    def bounds(self) -> list[int]:
+        """Host copy of ``offsets`` at ``[0, T, T + R, T + R + 1, ..., T + R + K]`` (one sync)."""
+        if self._bounds is None:
+            t, r = self.num_text, self.num_visual
+            at = [0, t] + [t + r + j for j in range(self.num_special + 1)]
+            self._bounds = self.offsets[torch.tensor(at, device=self.offsets.device)].tolist()
+        return self._bounds
+
+
+def build_plan(index: torch.Tensor, num_text: int, num_visual: int, num_special: int) -> PackPlan:
+    """Sorts ``index`` by source row (torch ops on the index's device, no host sync)."""
+    rows_sorted, order = torch.sort(index, stable=True)
+    m = num_text + num_visual + num_special
+    probe = torch.arange(m + 1, device=index.device, dtype=index.dtype)
+    offsets = torch.searchsorted(rows_sorted, probe)  # first k with rows_sorted[k] >= r
+    return PackPlan(num_text, num_visual, num_special, rows_sorted, order, offsets)
+
+
+def _consecutive(rows: torch.Tensor) -> bool:
+    """Whether sorted ``rows`` are ``r0, r0 + 1, ...`` (each row once, one contiguous range)."""
+    n = rows.numel()
+    return n == 1 or bool((rows[1:] - rows[:-1] == 1).all())
+
+
+def _copy_rows(out: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
+               base: int) -> None:
+    """``out[pos[k]] = src[rows[k] - base]`` for sorted ``rows``."""
+    n = pos.numel()
+    if n == 0:
+        return
+    if _consecutive(rows):
+        r0 = int(rows[0]) - base
+        out.index_copy_(0, pos, src[r0:r0 + n])  # straight from the source: one pass
+    else:
+        out.index_copy_(0, pos, src.index_select(0, rows - base))
+
+
+def _gather_rows(grad_out: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, base: int,
+                 num_src: int) -> torch.Tensor:
+    """``g[r] = sum of grad_out[pos[k]] over rows[k] - base == r`` (zero where never named)."""
+    h = grad_out.shape[1]
+    n = pos.numel()
+    if n == 0:
+        return torch.zeros(num_src, h, dtype=grad_out.dtype, device=grad_out.device)
+    if _consecutive(rows):
+        g = alloc((num_src, h), grad_out)
+        r0 = int(rows[0]) - base
+        torch.index_select(grad_out, 0, pos, out=g[r0:r0 + n])
+        g[:r0].zero_()
+        g[r0 + n:].zero_()
+        return g
+    if bool((rows[1:] != rows[:-1]).all()):  # each row at most once
+        g = torch.zeros(num_src, h, dtype=grad_out.dtype, device=grad_out.device)
+        g.index_copy_(0, rows - base, grad_out.index_select(0, pos))
+        return g
+    # Rows named several times: sum in fp32. index_add_ is sequential (deterministic) on CPU; on
+    # CUDA it uses atomics, deterministic only under torch.use_deterministic_algorithms.
+    acc = torch.zeros(num_src, h, dtype=acc_dtype(grad_out.dtype), device=grad_out.device)
+    acc.index_add_(0, rows - base, grad_out.index_select(0, pos).to(acc.dtype))
+    return acc.to(grad_out.dtype)
+
+
+class ReferenceBackend:
+    """Plain torch implementation (defines the op; also the CPU path)."""
+
+    name = "torch"
+    needs_plan_forward = True
+
+    def forward(self, out: torch.Tensor, text: torch.Tensor, visual: torch.Tensor,
+                special: torch.Tensor, index: torch.Tensor, plan: PackPlan | None) -> None:
+        """Writes ``out[i] = table[index[i]]`` for all ``i``."""
+        assert plan is not None
+        t, r = plan.num_text, plan.num_visual
+        b = plan.bounds()
+        order, rows = plan.order, plan.rows_sorted
+        if b[0]:
+            out.index_fill_(0, order[:b[0]], 0)
+        _copy_rows(out, order[b[0]:b[1]], rows[b[0]:b[1]], text, 0)
+        _copy_rows(out, order[b[1]:b[2]], rows[b[1]:b[2]], visual, t)
+        if b[-1] > b[2]:
+            out.index_copy_(0, order[b[2]:b[-1]], special.index_select(0, rows[b[2]:b[-1]] - t - r))
+
+    def backward(self, grad_out: torch.Tensor, plan: PackPlan, needs: tuple[bool, bool, bool]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of text ``[T, h]``, visual ``[R, h]`` and special ``[K, h]`` (None if unneeded)."""
+        t, r, k = plan.num_text, plan.num_visual, plan.num_special
+        b = plan.bounds()
+        order, rows = plan.order, plan.rows_sorted
+        g_text = g_vis = g_sp = None
+        if needs[0]:
+            g_text = _gather_rows(grad_out, order[b[0]:b[1]], rows[b[0]:b[1]], 0, t)
+        if needs[1]:
+            g_vis = _gather_rows(grad_out, order[b[1]:b[2]], rows[b[1]:b[2]], t, r)
+        if needs[2]:
+            acc = torch.zeros(k, grad_out.shape[1], dtype=acc_dtype(grad_out.dtype),
+                              device=grad_out.device)
+            for j in range(k):
+                if b[3 + j] > b[2 + j]:
+                    pos = order[b[2 + j]:b[3 + j]]
+                    acc[j] = grad_out.index_select(0, pos).sum(0, dtype=acc.dtype)
+            g_sp = acc.to(grad_out.dtype)
+        return g_text, g_vis, g_sp
+
+
+class PackTokensFunction(torch.autograd.Function):
+    """``out = table[index]`` with pluggable forward/backward kernels (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
+                index: torch.Tensor, backend) -> torch.Tensor:
+        sizes = (text.shape[0], visual.shape[0], special.shape[0])
+        plan = build_plan(index, *sizes) if backend.needs_plan_forward else None
+        out = alloc((index.shape[0], text.shape[1]), text)  # [N, h]
+        backend.forward(out, text, visual, special, index, plan)
+        ctx.backend, ctx.sizes, ctx.plan = backend, sizes, plan
+        ctx.save_for_backward(index)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        plan = ctx.plan if ctx.plan is not None else build_plan(index, *ctx.sizes)
+        grads = ctx.backend.backward(grad_out.contiguous(), plan, ctx.needs_input_grad[:3])
+        return (*grads, None, None)
+
+
+def pack_tokens_reference(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
+                          index: torch.Tensor) -> torch.Tensor:
+    """The reference op (no input checks; use :func:`kernels.pack_tokens`)."""
+    return PackTokensFunction.apply(text, visual, special, index, ReferenceBackend())

@@ -1,0 +1,206 @@
+"""Triton implementation of the pack op (GPU, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+Forward: a 2-D grid of ``[BLOCK_R rows, BLOCK_H columns]`` tiles; each tile reads its index
+entries, does three masked loads (text, visual, special; padding loads nothing and stays zero) and
+one store. No plan is needed.
+
+Backward (deterministic, no atomics), from the shared :class:`~kernels.reference.PackPlan`:
+
+* text and visual rows: a gather. Each source row reads its positions
+  ``order[offsets[r]:offsets[r + 1]]`` (usually one) and sums them in position order in fp32.
+* special rows (few rows, thousands of positions each): two stages. Stage 1 cuts each special
+  row's sorted positions into chunks of ``CHUNK`` and writes one fp32 partial row per chunk (the
+  grid has ``ceil(N / CHUNK)`` chunks per special row, an upper bound known without a host sync;
+  chunks past a row's end write zeros). Stage 2 sums the partials in chunk order with ``torch.sum``
+  (deterministic). A gather with a fixed reduction order is reproducible run to run, unlike
+  ``atomicAdd`` scatter, and for these sizes costs about one extra pass over the special positions.
+
+``TRITON_INTERPRET`` is read when a kernel is decorated, so the kernels are re-wrapped at launch if
+the variable changed since import (tests set it in-process); under the interpreter each program
+costs ~1 ms, so tiles are made as large as allowed there.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.reference import PackPlan, alloc
+
+try:  # triton is optional: without it this module reports itself unavailable
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = tl = None
+    _IMPORT_ERROR = f"triton does not import: {exc}"
+
+#: Positions per stage-1 chunk of the special-row reduction.
+CHUNK = 256
+
+
+def interpret_mode() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on tensors of ``device``, and why (not)."""
+    device = torch.device(device)
+    if triton is None:
+        return False, _IMPORT_ERROR
+    if device.type == "cpu":
+        if interpret_mode():
+            return True, "TRITON_INTERPRET=1 (CPU interpreter)"
+        return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter)"
+    if device.type != "cuda":
+        return False, f"no Triton backend for {device.type} tensors"
+    return True, "CUDA tensors"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_fwd_kernel(out_ptr, text_ptr, vis_ptr, sp_ptr, index_ptr, n, num_text, num_vis,
+                         num_sp, hidden, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        pos = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BLOCK_R]
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        pmask = pos < n
+        cmask = cols < hidden
+        idx = tl.load(index_ptr + pos, mask=pmask, other=-1)
+        is_t = (idx >= 0) & (idx < num_text)
+        is_v = (idx >= num_text) & (idx < num_text + num_vis)
+        is_s = (idx >= num_text + num_vis) & (idx < num_text + num_vis + num_sp)
+        r_t = tl.where(is_t, idx, 0)
+        r_v = tl.where(is_v, idx - num_text, 0)
+        r_s = tl.where(is_s, idx - num_text - num_vis, 0)
+        c2 = cmask[None, :]
+        x_t = tl.load(text_ptr + r_t[:, None] * hidden + cols[None, :], mask=is_t[:, None] & c2,
+                      other=0.0)
+        x_v = tl.load(vis_ptr + r_v[:, None] * hidden + cols[None, :], mask=is_v[:, None] & c2,
+                      other=0.0)
+        x_s = tl.load(sp_ptr + r_s[:, None] * hidden + cols[None, :], mask=is_s[:, None] & c2,
+                      other=0.0)
+        x = tl.where(is_t[:, None], x_t, tl.where(is_v[:, None], x_v, x_s))  # zeros for padding
+        tl.store(out_ptr + pos[:, None] * hidden + cols[None, :], x, mask=pmask[:, None] & c2)
+
+    @triton.jit
+    def _gather_rows_kernel(grad_src_ptr, grad_out_ptr, order_ptr, offsets_ptr, row_base, num_src,
+                            hidden, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BLOCK_R]
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rmask = rows < num_src
+        cmask = cols < hidden
+        start = tl.load(offsets_ptr + row_base + rows, mask=rmask, other=0)
+        count = tl.load(offsets_ptr + row_base + rows + 1, mask=rmask, other=0) - start
+        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+        for k in range(0, tl.max(count, 0)):  # almost always 0 or 1
+            has = count > k
+            p = tl.load(order_ptr + start + k, mask=has, other=0)
+            acc += tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
+                           mask=has[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        tl.store(grad_src_ptr + rows[:, None] * hidden + cols[None, :],
+                 acc.to(grad_src_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _special_partial_kernel(partial_ptr, grad_out_ptr, order_ptr, offsets_ptr, sp_base,
+                                num_chunks, hidden, CHUNK_SIZE: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+        c = tl.program_id(0)
+        j = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < hidden
+        seg_start = tl.load(offsets_ptr + sp_base + j)
+        seg_end = tl.load(offsets_ptr + sp_base + j + 1)
+        lo = seg_start + c * CHUNK_SIZE
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for k0 in range(0, CHUNK_SIZE, BLOCK_P):
+            ks = lo + k0 + tl.arange(0, BLOCK_P)
+            kmask = ks < seg_end
+            p = tl.load(order_ptr + ks, mask=kmask, other=0)
+            g = tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), axis=0)
+        out = partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols
+        tl.store(out, acc, mask=cmask)
+
+
+def _runnable(kernel):
+    """``kernel`` wrapped for the current ``TRITON_INTERPRET`` setting."""
+    from triton.runtime.interpreter import InterpretedFunction
+    want = interpret_mode()
+    if want == isinstance(kernel, InterpretedFunction):
+        return kernel
+    return _rewrap(kernel.fn, want)
+
+
+@functools.lru_cache(maxsize=None)
+def _rewrap(fn, interpret: bool):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    return InterpretedFunction(fn) if interpret else JITFunction(fn)
+
+
+def _tiles(hidden: int, rows_hint: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_H, num_warps)`` for a row-gather over ``hidden`` columns."""
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), 1024 if not interpret_mode() else 4096)
+    if interpret_mode():  # ~1 ms per program: few, large programs
+        block_r = max(1, min(triton.next_power_of_2(max(rows_hint, 1)), 65536 // block_h))
+        return block_r, block_h, 4
+    block_r = max(1, 4096 // block_h)
+    return block_r, block_h, 4
+
+
+class TritonBackend:
+    """Triton kernels behind :class:`~kernels.reference.PackTokensFunction`."""
+
+    name = "triton"
+    needs_plan_forward = False
+
+    def forward(self, out: torch.Tensor, text: torch.Tensor, visual: torch.Tensor,
+                special: torch.Tensor, index: torch.Tensor, plan: PackPlan | None) -> None:
+        """Writes ``out[i] = table[index[i]]``."""
+        n, h = out.shape
+        if n == 0 or h == 0:
+            return
+        block_r, block_h, warps = _tiles(h, n)
+        grid = (triton.cdiv(n, block_r), triton.cdiv(h, block_h))
+        _runnable(_pack_fwd_kernel)[grid](
+            out, text, visual, special, index, n, text.shape[0], visual.shape[0],
+            special.shape[0], h, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
+
+    def _gather(self, grad_out: torch.Tensor, plan: PackPlan, row_base: int, num_src: int
+                ) -> torch.Tensor:
+        h = grad_out.shape[1]
+        g = alloc((num_src, h), grad_out)
+        if num_src == 0 or h == 0:
+            return g
+        block_r, block_h, warps = _tiles(h, num_src)
+        grid = (triton.cdiv(num_src, block_r), triton.cdiv(h, block_h))
+        _runnable(_gather_rows_kernel)[grid](
+            g, grad_out, plan.order, plan.offsets, row_base, num_src, h,
+            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
+        return g
+
+    def backward(self, grad_out: torch.Tensor, plan: PackPlan, needs: tuple[bool, bool, bool]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of text, visual and special (None where not needed)."""
+        t, r, k = plan.num_text, plan.num_visual, plan.num_special
+        n, h = grad_out.shape
+        g_text = self._gather(grad_out, plan, 0, t) if needs[0] else None
+        g_vis = self._gather(grad_out, plan, t, r) if needs[1] else None
+        g_sp = None
+        if needs[2]:
+            if n == 0 or k == 0 or h == 0:
+                return g_text, g_vis, torch.zeros(k, h, dtype=grad_out.dtype,
+                                                  device=grad_out.device)
+            chunks = triton.cdiv(n, CHUNK)
+            partial = alloc((k, chunks, h), grad_out, dtype=torch.float32)
+            block_h = min(triton.next_power_of_2(h), 4096 if interpret_mode() else 256)
+            block_p = CHUNK if interpret_mode() else 16
+            grid = (chunks, k, triton.cdiv(h, block_h))
+            _runnable(_special_partial_kernel)[grid](
+                partial, grad_out, plan.order, plan.offsets, t + r, chunks, h,
+                CHUNK_SIZE=CHUNK, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=4)
+            g_sp = partial.sum(1).to(grad_out.dtype)  # [k, h], fixed order
+        return g_text, g_vis, g_sp

@@ -1,0 +1,100 @@
+"""A deterministic synthetic batch source (random dialogs and images) for tests and benchmarks.
+
+It produces exactly what the real loader produces (:class:`PackedBatch` micro-batches per
+data-parallel rank) without a store or image decoding, so parallel-layout tests depend on the model
+and the training step only. Global batch ``g`` is a pure function of ``(seed, g)``; data-parallel
+rank ``r`` of ``D`` takes rows ``r * G/D ... (r + 1) * G/D - 1`` of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.layout import PackedBatch, Sample, build_packed_batch
+
+ASPECTS = [(1, 1), (1, 2), (2, 1), (3, 4), (1, 3), (3, 1), (2, 3)]
+
+
+class SyntheticLoader:
+    """Random packed micro-batches, reproducible and independent of the data-parallel size.
+
+    Args:
+        vocab_size: Token ids are drawn from ``[3, vocab_size)``.
+        seq_length: Positions per packed row.
+        image_size: Padded-square side.
+        grid: Sub-images per side.
+        global_batch_size: Rows per optimizer step over all DP ranks.
+        dp_rank: This rank's data-parallel index.
+        dp_size: Data-parallel size.
+        seed: Seed of the whole stream.
+        image_fraction: Fraction of samples with an image.
+        packing: Pack several samples per row (False: one sample per row).
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
+                 global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 image_fraction: float = 0.5, packing: bool = True):
+        if global_batch_size % dp_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
+                             f"data-parallel size {dp_size}")
+        self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.image_size, self.grid = image_size, grid
+        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
+        self.seed, self.image_fraction, self.packing = seed, image_fraction, packing
+        self.step = 0
+
+    def _sample(self, rng: np.random.Generator, room: int) -> Sample | None:
+        n_text = int(rng.integers(8, 96))
+        hw = None
+        if rng.random() < self.image_fraction:
+            a, b = ASPECTS[rng.integers(len(ASPECTS))]
+            hw = (int(100 * a), int(100 * b))
+            if image_geometry(*hw, self.image_size, self.grid).num_positions() + n_text > room:
+                hw = None
+        n_text = min(n_text, room)
+        if n_text < 4:
+            return None
+        ids = rng.integers(3, self.vocab_size, n_text).astype(np.int32)
+        ids[0] = 1  # BOS
+        target = np.zeros(n_text, dtype=bool)
+        target[n_text // 2:] = True
+        return Sample(ids, target, hw)
+
+    def _row(self, rng: np.random.Generator) -> list[Sample]:
+        row, used = [], 0
+        while True:
+            smp = self._sample(rng, self.seq_length - used)
+            if smp is None:
+                return row
+            row.append(smp)
+            used += smp.length(self.image_size, self.grid)
+            if not self.packing or self.seq_length - used < 16:
+                return row
+
+    def _views(self, rng: np.random.Generator, rows: list[list[Sample]]) -> torch.Tensor:
+        v = self.image_size // self.grid
+        n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid).view_valid().sum())
+                for row in rows for s in row if s.image_hw is not None)
+        return torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
+
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's micro-batches (one row each) of the next global batch."""
+        per_rank = self.global_batch_size // self.dp_size
+        out = []
+        for i in range(per_rank):
+            row_id = self.dp_rank * per_rank + i
+            rng = np.random.default_rng([self.seed, self.step, row_id])
+            rows = [self._row(rng)]
+            out.append(build_packed_batch(rows, self.seq_length, self.image_size, self.grid,
+                                          self._views(rng, rows)))
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        """Position in the stream (global, independent of the data-parallel layout)."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`."""
+        self.step = int(state["step"])

@@ -1,0 +1,132 @@
+"""The language model: a Megatron-Core ``GPTModel`` (LLaMA-family, dense or MoE) from an LLMConfig.
+
+Only maths-level choices live here (RMSNorm, SwiGLU, RoPE, GQA, no biases, untied embeddings);
+which kernels back them comes from :mod:`megatron_sphinx.model.specs`, and the process groups are
+passed in by the caller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_sphinx.config import LLMConfig
+from megatron_sphinx.model.specs import layer_spec
+
+#: Megatron pads the vocabulary to a multiple of this (x tp); LLaMA-family vocabularies already are.
+VOCAB_DIVISOR = 128
+
+
+@dataclass
+class ParallelSizes:
+    """The parallel sizes the LLM is built for (a view of the run's parallel layout)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    ep: int = 1
+    """Expert-parallel size."""
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout activations along the sequence within the TP group."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of ``VOCAB_DIVISOR`` (which every tp must divide)."""
+    if VOCAB_DIVISOR % tp:
+        raise ValueError(f"--tp {tp} must divide {VOCAB_DIVISOR}: choose a power of two")
+    return -(-vocab_size // VOCAB_DIVISOR) * VOCAB_DIVISOR
+
+
+def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype,
+                       on_gpu: bool, recompute: str | None = None) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for ``llm`` at the given parallel sizes.
+
+    Args:
+        llm: The architecture.
+        par: Parallel sizes.
+        dtype: Parameter and activation dtype (float32 on CPU, bfloat16 on GPUs).
+        on_gpu: Enables the CUDA-only fusions.
+        recompute: None, ``"selective"`` (core attention) or ``"full"`` activation recompute.
+    """
+    kwargs = {}
+    if llm.is_moe:
+        kwargs.update(
+            num_moe_experts=llm.num_experts,
+            moe_router_topk=llm.moe_router_topk,
+            moe_token_dispatcher_type="alltoall",
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
+            moe_grouped_gemm=on_gpu,
+            moe_permute_fusion=False,
+        )
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        kv_channels=llm.hidden_size // llm.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        expert_model_parallel_size=par.ep,
+        sequence_parallel=par.sequence_parallel and par.tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=True,
+        **kwargs,
+    )
+
+
+def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_process: bool,
+              post_process: bool, pg_collection=None) -> GPTModel:
+    """Builds the LLM (or this pipeline stage's part of it).
+
+    Args:
+        llm: The architecture.
+        config: From :func:`transformer_config`.
+        backend: ``te`` or ``local`` (see :mod:`megatron_sphinx.model.specs`).
+        pre_process: This stage holds the embedding.
+        post_process: This stage holds the final norm and output layer.
+        pg_collection: Megatron ``ProcessGroupCollection``; None takes Megatron's defaults.
+    """
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(llm, backend),
+        vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=llm.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(llm.rope_base),
+        pg_collection=pg_collection,
+    )

@@ -1,0 +1,134 @@
+"""Mixture of Visual experts (MoV): two frozen timm encoders whose tokens are concatenated.
+
+Per 224-pixel view (pixels in [0, 1], normalised here per encoder):
+
+* ConvNeXt (open_clip's ``convnext_xxlarge`` trunk is timm's ``convnext_xxlarge``): the view is
+  resized to 512 so that the stride-32 map is 16x16; its 256 positions plus their mean as a
+  leading "cls" token give 257 tokens of 3072 channels.
+* DINOv2 ViT-g/14 at 224: CLS + 16x16 patch tokens = 257 tokens of 1536 channels.
+
+The two ``[V, 257, C_i]`` sequences are concatenated along channels (3072 + 1536 = 4608). The
+encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_sphinx.config import EncoderConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+class FrozenEncoder(nn.Module):
+    """One frozen timm encoder mapping ``[V, 3, 224, 224]`` views to ``[V, 257, C]`` tokens."""
+
+    def __init__(self, cfg: EncoderConfig, tokens_per_view: int = 257):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens_per_view = tokens_per_view
+        self.model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,
+                                       **cfg.timm_kwargs)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        channels = self.model.num_features
+        if channels != cfg.channels:
+            raise ValueError(f"{cfg.timm_name} has {channels} output channels, the config says "
+                             f"{cfg.channels}: fix EncoderConfig.channels")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        """Stays in eval mode whatever the caller asks: the encoder is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """Encodes views.
+
+        Args:
+            views: ``[V, 3, 224, 224]`` pixels in [0, 1].
+
+        Returns:
+            ``[V, 257, C]`` tokens (CLS/mean first, then 16x16 row-major).
+        """
+        dtype = next(self.model.parameters()).dtype
+        x = ((views - self.mean) / self.std).to(dtype)
+        if x.shape[-1] != self.cfg.input_size:
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear",
+                              align_corners=False)
+        feats = self.model.forward_features(x)
+        if self.cfg.kind == "convnext":
+            tokens = feats.flatten(2).transpose(1, 2)  # [V, C, 16, 16] -> [V, 256, C]
+            tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)  # [V, 257, C]
+        else:
+            tokens = feats[:, : self.tokens_per_view]  # [V, 257, C]: CLS + patches
+        if tokens.shape[1] != self.tokens_per_view:
+            raise ValueError(f"{self.cfg.timm_name} gave {tokens.shape[1]} tokens per view, "
+                             f"expected {self.tokens_per_view}: check input_size / img_size")
+        return tokens
+
+    def load_pretrained(self, path: str) -> None:
+        """Loads local weights: timm format, open_clip (``visual.trunk.*``) or original DINOv2.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If the file's tensors do not match the encoder (names or shapes).
+        """
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"encoder weights not found: {path}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+        prefix = "visual.trunk."
+        if any(k.startswith(prefix) for k in state):  # open_clip checkpoint
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if self.cfg.kind == "vit" and "mask_token" in state:  # original DINOv2 release
+            from timm.models.vision_transformer import checkpoint_filter_fn
+            state = checkpoint_filter_fn(state, self.model)
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(k for k in set(state) - set(own) if not k.startswith("head"))
+        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or bad:
+            raise ValueError(
+                f"{path} does not match {self.cfg.timm_name}: {len(missing)} missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(bad)} with another shape (e.g. {bad[:3]}): pass the weights of this model")
+        self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+        log.info("loaded %s weights from %s", self.cfg.timm_name, path)
+
+
+class MixtureOfVisualExperts(nn.Module):
+    """The frozen encoders of :class:`VisionConfig`, concatenated along channels."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoders = nn.ModuleList(FrozenEncoder(e, cfg.tokens_per_view) for e in cfg.encoders)
+        for enc in self.encoders:
+            if enc.cfg.weights:
+                enc.load_pretrained(enc.cfg.weights)
+        #: Encoder calls and views encoded since construction (tests count skipped views here).
+        self.num_calls = 0
+        self.num_views_encoded = 0
+
+    @property
+    def channels(self) -> int:
+        """Concatenated output channels."""
+        return self.cfg.channels
+
+    @torch.no_grad()
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """``[V, 3, 224, 224]`` views -> ``[V, 257, sum(C_i)]`` tokens."""
+        self.num_calls += 1
+        self.num_views_encoded += views.shape[0]
+        return torch.cat([enc(views) for enc in self.encoders], dim=-1)

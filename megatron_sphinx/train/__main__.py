@@ -1,0 +1,65 @@
+"""``python -m megatron_sphinx.train``: train a SPHINX-X recipe (single process, torchrun, srun)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_sphinx.train.run_config import RunConfig
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Command line -> :class:`RunConfig`."""
+    p = argparse.ArgumentParser(prog="python -m megatron_sphinx.train",
+                                description="Train a SPHINX-X recipe on Megatron-Core.")
+    p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--sp", dest="sequence_parallel", action="store_true",
+                   help="sequence parallelism within the TP group")
+    p.add_argument("--steps", type=int, default=20, help="total optimizer steps")
+    p.add_argument("--data", default=None,
+                   help="preprocessed store; 'synthetic' for random data; default: sample data")
+    p.add_argument("--save", default=None, help="save directory (resumes if it has checkpoints)")
+    p.add_argument("--load", default=None, help="checkpoint or save directory to start from")
+    p.add_argument("--save-interval", type=int, default=0, help="save every N steps")
+    p.add_argument("--keep-last", type=int, default=0, help="keep the newest N checkpoints")
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--recompute", default=None, choices=["selective", "full"])
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="one padded sample per sequence (the reference implementation's way)")
+    p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",
+                   help="encode every sub-image, also fully padded ones")
+    p.add_argument("--exit-after-minutes", type=float, default=None)
+    p.add_argument("--timeout-minutes", type=float, default=10.0,
+                   help="collective timeout (a dead rank ends the job after this)")
+    p.add_argument("--log-interval", type=int, default=1)
+    return RunConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input ends with one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("megatron", "megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from megatron_sphinx.train.checkpoint import CheckpointError
+    from megatron_sphinx.train.loop import run
+
+    try:
+        rc = parse_args(argv)
+        run(rc)
+    except (ValueError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Builds this rank's model chunk, its DDP wrapper, the Megatron optimizer and the LR schedule."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_sphinx.config import SphinxConfig
+from megatron_sphinx.model.llm import ParallelSizes, transformer_config
+from megatron_sphinx.model.sphinx import SphinxModel
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
+                dtype: torch.dtype, on_gpu: bool, recompute: str | None = None) -> list:
+    """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
+
+    Returns:
+        A one-element list of model chunks, as Megatron's schedules expect.
+    """
+    tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, recompute=recompute)
+    pp = pg_collection.pp
+    model = SphinxModel(cfg, tcfg, backend, pre_process=pp.rank() == 0,
+                        post_process=pp.rank() == pp.size() - 1, pg_collection=pg_collection)
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    if dtype != torch.float32:
+        model = Float16Module(tcfg, model)
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
+        check_for_nan_in_grad=True, bucket_size=None)
+    ddp = DistributedDataParallel(tcfg, ddp_cfg, model, pg_collection=pg_collection)
+    tcfg.no_sync_func = ddp.no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    return [ddp]
+
+
+def unwrap(chunk) -> SphinxModel:
+    """The :class:`SphinxModel` inside DDP / Float16Module wrappers."""
+    while not isinstance(chunk, SphinxModel):
+        chunk = chunk.module
+    return chunk
+
+
+def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
+                    dtype: torch.dtype, total_steps: int):
+    """Megatron's distributed AdamW and the warm-up + cosine schedule of the recipe.
+
+    Returns:
+        ``(optimizer, scheduler)``.
+    """
+    t = cfg.train
+    ocfg = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=True)
+    optimizer = get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False,
+                                       pg_collection=pg_collection)
+    for chunk in model_chunks:
+        chunk.config.grad_scale_func = optimizer.scale_loss
+    warmup = int(math.ceil(t.warmup_fraction * total_steps))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style="cosine",
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant")
+    return optimizer, scheduler

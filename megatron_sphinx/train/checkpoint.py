@@ -1,0 +1,230 @@
+"""Crash-safe, layout-agnostic checkpoints through Megatron's ``dist_checkpointing``.
+
+Layout of a save directory::
+
+    DIR/run.json            what run this directory belongs to (recipe, architecture)
+    DIR/latest              name of the newest complete checkpoint (replaced atomically)
+    DIR/iter_0000010/       a complete checkpoint: Megatron torch_dist shards + meta.json
+    DIR/iter_0000020.tmp/   a save in progress (or a crashed one): never loaded
+
+A save writes into ``iter_N.tmp``; only when every rank has finished does rank 0 write
+``meta.json``, rename the directory to ``iter_N`` and then point ``latest`` at it. A crash at any
+moment leaves ``latest`` on a complete checkpoint. Model and optimizer tensors are saved sharded
+and ``fully_reshardable``, so a checkpoint loads onto any TP/PP/EP/DP layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+log = logging.getLogger(__name__)
+
+OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used as asked (message says what to change)."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What ``meta.json`` records about one checkpoint."""
+
+    step: int
+    """Optimizer steps completed."""
+    recipe: str
+    """Recipe name."""
+    layout: dict
+    """Parallel layout it was saved from (tp, pp, ep, dp)."""
+    code_version: str
+    """Git commit of the code that saved it (or ``unknown``)."""
+    consumed: dict
+    """Data position (the loader's state summary)."""
+
+
+def code_version() -> str:
+    """The git commit of this checkout, or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def iter_name(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` steps."""
+    return f"iter_{step:07d}"
+
+
+def list_complete(save_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``save_dir`` (with ``meta.json``), oldest first."""
+    d = Path(save_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / "meta.json").exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_latest(save_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: ``latest`` if it names one, else the highest step."""
+    d = Path(save_dir)
+    pointer = d / "latest"
+    if pointer.exists():
+        target = d / pointer.read_text().strip()
+        if (target / "meta.json").exists():
+            return target
+        log.warning("%s names an incomplete checkpoint; scanning %s", pointer, d)
+    done = list_complete(d)
+    return done[-1] if done else None
+
+
+def read_meta(ckpt: str | Path) -> CheckpointMeta:
+    """Reads a checkpoint's ``meta.json``.
+
+    Raises:
+        CheckpointError: If ``ckpt`` is not a complete checkpoint directory.
+    """
+    path = Path(ckpt) / "meta.json"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt} is not a megatron_sphinx checkpoint (no meta.json): "
+                              "pass a save directory or one of its iter_* folders")
+    return CheckpointMeta(**json.loads(path.read_text()))
+
+
+def resolve_load(path: str | Path) -> Path:
+    """A ``--load`` argument (save directory or checkpoint folder) -> checkpoint folder.
+
+    Raises:
+        CheckpointError: If nothing loadable is there.
+    """
+    p = Path(path)
+    if (p / "meta.json").exists():
+        return p
+    latest = find_latest(p) if p.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"--load {path}: no complete checkpoint there: pass a directory "
+                              "written by --save (it holds iter_*/meta.json)")
+    return latest
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(model_chunks, optimizer, pgs, is_loading: bool, extra: dict | None) -> dict:
+    model_sd = model_chunks[0].sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                  metadata=OPT_METADATA),
+        # One RNG state per (pp, tp, ep) rank; data-parallel replicas are identical.
+        "rng": ShardedObject("rng_state", _rng_state() if not is_loading else None,
+                             (pgs.pp.size(), pgs.tp.size(), pgs.ep.size()),
+                             (pgs.pp.rank(), pgs.tp.rank(), pgs.ep.rank()),
+                             replica_id=pgs.dp.rank()),
+    }
+    if extra:
+        state.update(extra)
+    return state
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler, pgs,
+                    *, meta: CheckpointMeta, common: dict, keep_last: int = 0) -> Path:
+    """Saves a complete checkpoint after ``step`` steps; all ranks call this.
+
+    Args:
+        save_dir: The run's save directory.
+        step: Steps completed.
+        model_chunks: DDP-wrapped model chunks.
+        optimizer: Megatron optimizer.
+        scheduler: LR scheduler (its state goes into the common state).
+        pgs: Process groups (for RNG sharding).
+        meta: What ``meta.json`` will record.
+        common: Picklable state identical on all ranks (e.g. the loader's state).
+        keep_last: Keep only this many complete checkpoints (0 keeps all).
+
+    Returns:
+        The checkpoint folder.
+    """
+    d = Path(save_dir)
+    final = d / iter_name(step)
+    tmp = d / (iter_name(step) + ".tmp")
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if rank0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    common_state = {"step": step, "scheduler": scheduler.state_dict(), "common": common}
+    state = _sharded_state(model_chunks, optimizer, pgs, False, {"state": common_state})
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank0:
+        (tmp / "meta.json").write_text(json.dumps(meta.__dict__, indent=1))
+        if final.exists():  # an older save of the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = d / "latest.tmp"
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, d / "latest")
+        if keep_last > 0:
+            for old in list_complete(d)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs,
+                    *, load_optimizer: bool = True) -> dict:
+    """Loads model, optimizer, scheduler and RNG state; returns the common state.
+
+    Works across parallel layouts (Megatron reshards on load).
+    """
+    ckpt = Path(ckpt)
+    extra = {"state": None}
+    if load_optimizer:
+        state = _sharded_state(model_chunks, optimizer, pgs, True, None)
+    else:
+        state = {"model": model_chunks[0].sharded_state_dict()}
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    model_chunks[0].load_state_dict(loaded["model"], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        rng = loaded.get("rng")
+        if rng is not None and pgs.tp.size() * pgs.pp.size() * pgs.ep.size() > 0:
+            _set_rng_state(rng)
+        scheduler.load_state_dict(common["state"]["scheduler"])
+    del extra
+    return common["state"]

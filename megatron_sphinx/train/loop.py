@@ -1,0 +1,209 @@
+"""The training loop: set up, resume, step, log, save, stop cleanly.
+
+Each piece lives in its own module (process groups in :mod:`megatron_sphinx.distributed`, model
+and optimizer in :mod:`.build`, the step in :mod:`.step`, checkpoints in :mod:`.checkpoint`);
+this module only wires them together in order.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_sphinx.config import SphinxConfig, get_recipe
+from megatron_sphinx.train import checkpoint as ckpt_lib
+from megatron_sphinx.train.build import build_model, build_optimizer
+from megatron_sphinx.train.data import build_loader, loader_summary
+from megatron_sphinx.train.flops import device_peak_tflops, step_flops
+from megatron_sphinx.train.metrics import MetricsWriter
+from megatron_sphinx.train.run_config import RunConfig
+from megatron_sphinx.train.signals import StopRequest
+from megatron_sphinx.train.step import StepResult, train_step
+
+log = logging.getLogger("megatron_sphinx.train")
+
+#: Exit code of a run stopped by a signal after saving (the sbatch script requeues on it).
+EXIT_REQUEUE = 3
+
+
+def resolve_recipe(rc: RunConfig) -> SphinxConfig:
+    """The recipe with the run's overrides applied."""
+    cfg = get_recipe(rc.recipe)
+    t = cfg.train
+    if rc.global_batch_size is not None:
+        t.global_batch_size = rc.global_batch_size
+    if rc.seq_length is not None:
+        t.seq_length = rc.seq_length
+    if rc.lr is not None:
+        t.lr = rc.lr
+    if rc.seed is not None:
+        t.seed = rc.seed
+    t.__post_init__()
+    return cfg
+
+
+def run_identity(cfg: SphinxConfig) -> dict:
+    """What makes two runs the same run (for --save onto an existing directory)."""
+    return {"recipe": cfg.name, "llm": dataclasses.asdict(cfg.llm),
+            "image_size": cfg.vision.image_size, "grid": cfg.vision.grid}
+
+
+def check_save_dir(save: str | None, cfg: SphinxConfig) -> None:
+    """Refuses a --save directory that belongs to something else (nothing is written).
+
+    Raises:
+        ValueError: With what to change.
+    """
+    if not save:
+        return
+    d = Path(save)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--save {save} is a file: pass a directory")
+    if not d.exists() or not any(d.iterdir()):
+        return
+    run_json = d / "run.json"
+    if not run_json.exists():
+        raise ValueError(f"--save {save} is not empty and is not a megatron_sphinx run: "
+                         "pass an empty or new directory")
+    theirs = json.loads(run_json.read_text())
+    if theirs != run_identity(cfg):
+        raise ValueError(f"--save {save} belongs to a run of recipe {theirs.get('recipe')!r} "
+                         f"with another architecture: pass a new directory")
+
+
+def _check_load_matches(ckpt: Path, cfg: SphinxConfig) -> ckpt_lib.CheckpointMeta:
+    meta = ckpt_lib.read_meta(ckpt)
+    if meta.recipe != cfg.name:
+        raise ValueError(f"--load {ckpt} is a checkpoint of recipe {meta.recipe!r}, not "
+                         f"{cfg.name!r}: pass --recipe {meta.recipe} or another checkpoint")
+    return meta
+
+
+def run(rc: RunConfig) -> list[StepResult]:
+    """Trains according to ``rc``; returns the results of the steps run (on every rank)."""
+    from megatron_sphinx import distributed
+    from megatron_sphinx.parallel_dims import ParallelDims
+
+    cfg = resolve_recipe(rc)
+    env = distributed.detect_launch_env()
+    dims = ParallelDims(tp=rc.tp, pp=rc.pp, ep=rc.ep, world_size=env.world_size,
+                        sequence_parallel=rc.sequence_parallel)
+    dims.validate_model(cfg.llm)
+    if cfg.train.global_batch_size % dims.dp:
+        raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
+                         f"data-parallel size {dims.dp}: change --global-batch-size")
+    check_save_dir(rc.save, cfg)
+    load_from = None
+    if rc.save and ckpt_lib.find_latest(rc.save) is not None:
+        load_from = ckpt_lib.find_latest(rc.save)  # resume the run in --save, no flag needed
+    elif rc.load:
+        load_from = ckpt_lib.resolve_load(rc.load)
+    if load_from is not None:
+        _check_load_matches(load_from, cfg)
+
+    on_gpu = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        rc.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    pgs = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes)
+    try:
+        with distributed.compute_context():
+            return _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from)
+    finally:
+        distributed.shutdown()
+
+
+def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
+    from megatron.core import tensor_parallel
+
+    from megatron_sphinx.model.llm import ParallelSizes
+    from megatron_sphinx.model.specs import choose_backend
+
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    rank = torch.distributed.get_rank()
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    backend = choose_backend(rc.backend)
+    if rank == 0:
+        log.info("recipe %s | layout tp=%d pp=%d ep=%d dp=%d sp=%s | backend %s | %s | %s",
+                 cfg.name, dims.tp, dims.pp, dims.ep, dims.dp, dims.sequence_parallel,
+                 backend, dtype, device)
+    par = ParallelSizes(dims.tp, dims.pp, dims.ep, dims.sequence_parallel)
+    model = build_model(cfg, par, pgs, backend=backend, dtype=dtype, on_gpu=on_gpu,
+                        recompute=rc.recompute)
+    optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
+    loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
+    start = 0
+    if load_from is not None:
+        state = ckpt_lib.load_checkpoint(load_from, model, optimizer, scheduler, pgs)
+        start = int(state["step"])
+        if state.get("common", {}).get("loader") is not None:
+            loader.load_state_dict(state["common"]["loader"])
+        if rank == 0:
+            log.info("resumed from %s at step %d", load_from, start)
+    if rc.save and rank == 0:
+        Path(rc.save).mkdir(parents=True, exist_ok=True)
+        (Path(rc.save) / "run.json").write_text(json.dumps(run_identity(cfg), indent=1))
+    metrics = MetricsWriter(rc.save, enabled=rank == 0)
+    stop = StopRequest(rc.exit_after_minutes)
+    peak = device_peak_tflops()
+    world = torch.distributed.get_world_size()
+    per_rank_rows = cfg.train.global_batch_size // dims.dp
+    results: list[StepResult] = []
+
+    def save(step: int) -> None:
+        if not rc.save:
+            return
+        meta = ckpt_lib.CheckpointMeta(
+            step=step, recipe=cfg.name,
+            layout={"tp": dims.tp, "pp": dims.pp, "ep": dims.ep, "dp": dims.dp},
+            code_version=ckpt_lib.code_version(), consumed=loader.state_dict())
+        ckpt_lib.save_checkpoint(rc.save, step, model, optimizer, scheduler, pgs, meta=meta,
+                                 common={"loader": loader.state_dict()}, keep_last=rc.keep_last)
+
+    step = start
+    for step in range(start + 1, rc.steps + 1):
+        t0 = time.perf_counter()
+        micro = loader.next_step()
+        res = train_step(model, optimizer, micro, num_microbatches=per_rank_rows,
+                         seq_length=cfg.train.seq_length, pg_collection=pgs, device=device,
+                         dp_group=pgs.dp)
+        scheduler.step(increment=1)
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        results.append(res)
+        summary = loader_summary(micro, pgs.dp, device)  # global tokens, lengths, views
+        flops = step_flops(cfg, summary["tokens"], summary["attention_pairs"], summary["views"])
+        tflops = flops["total"] / dt / world / 1e12
+        record = {
+            "step": step, "total_steps": rc.steps, "loss": res.loss,
+            "lr": optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+            "tokens": summary["tokens"], "loss_tokens": res.num_loss_tokens,
+            "samples": summary["samples"], "skipped_views": summary["skipped"],
+            "packing_efficiency": summary["tokens"] / (cfg.train.global_batch_size
+                                                       * cfg.train.seq_length),
+            "tokens_per_s": summary["tokens"] / dt, "step_time_s": dt,
+            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+        }
+        metrics.write(record, console=step % rc.log_interval == 0 or step == rc.steps)
+        if rc.save_interval and step % rc.save_interval == 0 and step < rc.steps:
+            save(step)
+        if stop.agreed(device):
+            save(step)
+            if rank == 0:
+                log.warning("stopped at step %d after a stop request; exit %d to requeue",
+                            step, EXIT_REQUEUE)
+            raise SystemExit(EXIT_REQUEUE)
+    if step > start:
+        save(step)
+    elif rank == 0:
+        log.info("nothing to do: the run is already at step %d of %d", start, rc.steps)
+    with contextlib.suppress(Exception):
+        torch.distributed.barrier()
+    return results

@@ -1,0 +1,91 @@
+"""One optimizer step: Megatron's pipeline schedule over the micro-batches, then the optimizer.
+
+The loss is the mean over every trained token of the global batch (``calculate_per_token_loss``):
+each micro-batch returns its loss sum and token count, Megatron divides the gradients by the
+global token count, so every parallel layout and micro-batch split gives the same update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_sphinx.data.layout import PackedBatch
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    """Mean loss per trained token over the global batch."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    num_loss_tokens: int
+    """Trained tokens in the global batch."""
+    update_successful: bool
+    """False when the optimizer skipped the step (e.g. non-finite gradients)."""
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Megatron loss function: per-token losses ``[b, s]`` -> (sum, token count, report)."""
+    losses = output.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(device: torch.device, data_iterator, model):
+    """Megatron forward-step function: runs the model on the next micro-batch."""
+    batch: PackedBatch = next(data_iterator).to(device, non_blocking=True)
+    output = model(batch)
+    return output, partial(loss_func, batch.loss_mask)
+
+
+def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch], *,
+               num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
+               dp_group) -> StepResult:
+    """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
+
+    Args:
+        model_chunks: The DDP-wrapped model chunks of this rank.
+        optimizer: The Megatron optimizer over those chunks.
+        microbatches: This rank's micro-batches (every pipeline stage iterates its own copy).
+        num_microbatches: Micro-batches per step on this rank.
+        seq_length: Packed sequence length (pipeline p2p shapes).
+        pg_collection: Megatron process groups.
+        device: Where batches go.
+        dp_group: Data-parallel group over which the reported loss is summed.
+    """
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    fwd_bwd = get_forward_backward_func()
+    reports = fwd_bwd(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    # Reports exist on the last pipeline stage only: sum them, reduce over DP, share over PP.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for r in reports:
+        totals += r["lm loss"].to(totals)
+    torch.distributed.all_reduce(totals, group=dp_group)
+    pp = pg_collection.pp
+    if pp.size() > 1:
+        last = torch.distributed.get_global_rank(pp, pp.size() - 1)
+        torch.distributed.broadcast(totals, src=last, group=pp)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
+                      num_loss_tokens=int(totals[1].item()),
+                      update_successful=bool(update_successful))

@@ -1,0 +1,194 @@
+"""Benchmark of the pack op against a plain copy and the unfused torch sequence.
+
+For realistic packed layouts (built with ``build_packed_batch``: rows of text-only and image
+samples, 448 px images cut 2x2, a given fraction of sub-images skipped), prints per implementation:
+
+* ``op ms``: ``pack_tokens`` forward as the model calls it (allocates its output);
+* ``kern ms``: the implementation's forward into a preallocated output (plan included);
+* ``GB/s``: effective bandwidth of ``kern``: bytes read (non-padding source rows + index) plus
+  bytes written (the output), divided by time;
+* ``%copy``: that bandwidth over a plain ``dst.copy_(src)`` of an ``[N, h]`` tensor measured in
+  the same run (on CPU ``op`` also pays page faults for its fresh output: see ``op %copy``);
+* ``unfused ms``: ``torch.cat([text, visual, special, zero])[index]`` (what a plain
+  implementation does), and the op's speedup over it;
+* ``bwd ms``: the backward (all three gradients).
+
+Examples::
+
+    python tools/bench_pack_kernel.py --quick
+    python tools/bench_pack_kernel.py --hidden 4096 --batch 1 4 --impl torch cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import impl_status  # noqa: E402
+from kernels.reference import ReferenceBackend, build_plan  # noqa: E402
+from kernels.select import _backend, pack_tokens  # noqa: E402
+from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
+from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_layout(b: int, s: int, skip_frac: float, seed: int):
+    """A packed batch of ``b`` rows of ``s`` positions; about ``skip_frac`` sub-images skipped.
+
+    Image samples (60%) are 448x448 (no skip) or 200x448 / 448x200 (2 of 4 sub-images skipped),
+    the latter with probability ``2 * skip_frac``; text lengths are uniform in [32, 512).
+    """
+    if not 0.0 <= skip_frac <= 0.5:
+        raise SystemExit("--skip fractions must lie in [0, 0.5] (a 2x2 grid skips at most half)")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        row, used = [], 0
+        while True:
+            n = int(rng.integers(32, 512))
+            hw = None
+            if rng.random() < 0.6:
+                thin = rng.random() < 2 * skip_frac
+                hw = ((200, 448) if rng.random() < 0.5 else (448, 200)) if thin else (448, 448)
+            smp = Sample(np.arange(n, dtype=np.int32) % 1000, np.ones(n, dtype=bool), hw)
+            need = smp.length(448, 2)
+            if used + need > s:
+                if s - used > 8:  # top up with a short text sample
+                    k = s - used - int(rng.integers(0, 8))
+                    row.append(Sample(np.arange(k, dtype=np.int32), np.ones(k, dtype=bool)))
+                break
+            row.append(smp)
+            used += need
+        rows.append(row)
+    return build_packed_batch(rows, s, 448, 2)
+
+
+def timeit(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_case(args, device, impls, h, b, skip, dtype):
+    batch = make_layout(b, args.seq, skip, seed=1000 * b + int(100 * skip))
+    index = batch.pack_index.to(device)  # [s * b]
+    t_rows, v_rows = batch.text_ids.numel(), int(batch.view_counts.sum()) * TOKENS_PER_VIEW
+    g = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randn(t_rows, h, generator=g).to(device, dtype)
+    visual = torch.randn(v_rows, h, generator=g).to(device, dtype)
+    special = torch.randn(NUM_SPECIAL, h, generator=g).to(device, dtype)
+    n = index.numel()
+    es = text.element_size()
+    nonpad = int((batch.pack_index >= 0).sum())
+    moved = (nonpad + n) * h * es + n * 8  # read source rows + index, write output
+    src = torch.randn(n, h, generator=g).to(device, dtype)
+    dst = torch.empty_like(src)
+    t_copy = timeit(lambda: dst.copy_(src), device, args.repeat)
+    bw_copy = 2 * n * h * es / t_copy
+
+    zero = torch.zeros(1, h, device=device, dtype=dtype)
+    m = t_rows + v_rows + NUM_SPECIAL
+    idx_unfused = torch.where(index < 0, torch.full_like(index, m), index)
+    t_unf = timeit(lambda: torch.cat([text, visual, special, zero])[idx_unfused], device,
+                   args.repeat)
+    skipped = batch.num_skipped / max(1, 4 * batch.view_counts.numel())
+    rows = []
+    for name in impls:
+        backend = _backend(name)
+        out = torch.empty(n, h, device=device, dtype=dtype)
+
+        def kern():
+            plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL) if backend.needs_plan_forward \
+                else None
+            backend.forward(out, text, visual, special, index, plan)
+
+        t_k = timeit(kern, device, args.repeat)
+        t_op = timeit(lambda: pack_tokens(text, visual, special, index, impl=name), device,
+                      args.repeat)
+        plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL)
+        grad = torch.randn(n, h, generator=g).to(device, dtype)
+        t_bwd = timeit(lambda: backend.backward(grad, plan, (True, True, True)), device,
+                       max(1, args.repeat // 2))
+        rows.append((name, t_op, t_k, moved / t_k / 1e9, moved / t_k / bw_copy,
+                     moved / t_op / bw_copy, t_unf / t_op, t_bwd))
+    print(f"\nseq {args.seq} x batch {b}, hidden {h}, {str(dtype).replace('torch.', '')}, "
+          f"skipped sub-images {100 * skipped:.0f}% (N={n}, T={t_rows}, R={v_rows}, "
+          f"padding {n - nonpad}); copy_ {1e3 * t_copy:.2f} ms = {bw_copy / 1e9:.1f} GB/s, "
+          f"unfused cat+index {1e3 * t_unf:.2f} ms")
+    print(f"  {'impl':<7}{'op ms':>9}{'kern ms':>9}{'GB/s':>8}{'%copy':>7}{'op %copy':>9}"
+          f"{'vs unfused':>11}{'bwd ms':>9}")
+    for name, t_op, t_k, bw, frac, frac_op, speed, t_bwd in rows:
+        print(f"  {name:<7}{1e3 * t_op:>9.2f}{1e3 * t_k:>9.2f}{bw:>8.1f}{100 * frac:>6.0f}%"
+              f"{100 * frac_op:>8.0f}%{speed:>10.2f}x{1e3 * t_bwd:>9.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=int, default=4096, help="positions per row")
+    p.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4], help="micro-batch rows")
+    p.add_argument("--skip", type=float, nargs="+", default=[0.0, 0.4],
+                   help="fraction of sub-images skipped")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--impl", nargs="+", choices=["torch", "triton", "cuda"], default=None,
+                   help="implementations (default: every one available here)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--quick", action="store_true", help="small CPU run: hidden 2048, batch 1 2")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda asked for but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.seq < 1300:
+        print("--seq must be at least 1300 (one image sample takes up to 1295 positions)",
+              file=sys.stderr)
+        return 2
+    if args.quick:
+        args.hidden, args.batch = [2048], [1, 2]
+    args.repeat = args.repeat or (5 if device.type == "cpu" else 50)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    status = impl_status(device)
+    impls = args.impl or [k for k in ("torch", "triton", "cuda") if status[k][0]
+                          and not (k == "triton" and device.type == "cpu")]
+    for k in ("torch", "triton", "cuda"):
+        print(f"{k:<7}: {'available' if status[k][0] else 'unavailable'} ({status[k][1]})")
+    for k in impls:
+        if not status[k][0]:
+            print(f"--impl {k}: cannot run here: {status[k][1]}", file=sys.stderr)
+            return 2
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {dev_name}; torch {torch.__version__}; timing: median of {args.repeat}")
+    for h in args.hidden:
+        for b in args.batch:
+            for skip in args.skip:
+                bench_case(args, device, impls, h, b, skip, dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
