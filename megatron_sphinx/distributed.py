@@ -323,6 +323,7 @@ def init_distributed(
         from megatron_sphinx import cpu_compat
 
         cpu_compat.apply()
+    _prepare_checkpoint_writer()
     timeout = timedelta(seconds=timeout_s)
     torch.distributed.init_process_group(
         backend=backend,
@@ -345,6 +346,18 @@ def init_distributed(
     logger.info("rank %d/%d: %s on %s (%s launch)", launch.rank, launch.world_size,
                 dims.describe(), backend, launch.launcher)
     return ProcessGroups(dims=dims, launch=launch, collection=collection)
+
+
+def _prepare_checkpoint_writer() -> None:
+    """Create Megatron's checkpoint write-results queue with a *forked* manager, up front.
+
+    ``dist_checkpointing``'s torch_dist writer otherwise creates it lazily on the first save
+    with a *spawned* manager, which costs seconds and re-imports ``__main__`` (scripts without an
+    ``if __name__ == "__main__":`` guard run twice). Megatron's own trainer does the same call.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue(mp_mode="fork")
 
 
 def shutdown() -> None:

@@ -425,7 +425,7 @@ class ImageProcessor:
             per[i], sizes[i] = self._pillow(bytes(data), reason)
             paths[i] = f"pillow:{reason}"
         except ImageDecodeError as e:
-            errors[i] = str(e)
+            errors[i] = ("DALI and " if reason == "dali_error" else "") + str(e)
 
     def _dali_chunk(self, chunk, images, probes, per, sizes, errors, paths) -> None:
         datas = [bytes(images[i]) for i in chunk]
@@ -433,9 +433,11 @@ class ImageProcessor:
         try:
             square, glob, decoded = self._run_dali(datas, hws)
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for any bad sample
-            if len(chunk) > 1:
-                for i in chunk:  # find the bad image(s): one run each
-                    self._dali_chunk([i], images, probes, per, sizes, errors, paths)
+            if len(chunk) > 1:  # find the bad image(s) by bisection
+                half = len(chunk) // 2
+                self.stats["dali_retry"] += 1
+                for part in (chunk[:half], chunk[half:]):
+                    self._dali_chunk(part, images, probes, per, sizes, errors, paths)
                 return
             logger.debug("DALI failed on one image (%s); trying Pillow", str(e).splitlines()[0])
             self._fallback(chunk[0], images[chunk[0]], "dali_error", per, sizes, errors, paths)

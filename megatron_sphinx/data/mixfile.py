@@ -7,7 +7,7 @@ Example (paths are relative to the YAML file's folder)::
         format: llava          # llava | sharegpt | coco_detection | refcoco | coco_keypoints
                                #   | ocr_spotting | som
         path: annotations/llava.json
-        image_root: images/    # optional; default: the annotation file's folder
+        image_root: images/    # optional; default: the YAML's folder
         weight: 1.0            # optional, > 0; default 1.0
       - name: refcoco
         format: refcoco
@@ -48,7 +48,8 @@ class SourceSpec:
     weight: float = 1.0
     """Relative sampling weight in the blended mix (> 0)."""
     image_root: Path | None = None
-    """Folder image paths are relative to; None: the annotation file's folder."""
+    """Folder image paths are relative to; :func:`load_mix` defaults it to the YAML's folder
+    (None: the annotation file's folder)."""
     options: dict = field(default_factory=dict)
     """Format-specific options (``instances``, ``split``), paths made absolute."""
 
@@ -129,7 +130,7 @@ def load_mix(path: str | os.PathLike, check_files: bool = True) -> Mix:
         spec = SourceSpec(
             name=name, format=str(s["format"]), path=(base / str(s["path"])).resolve(),
             weight=weight,
-            image_root=(base / str(s["image_root"])).resolve() if s.get("image_root") else None,
+            image_root=(base / str(s["image_root"])).resolve() if s.get("image_root") else base,
             options=options)
         if check_files:
             for p in [spec.path] + [options[k] for k in _PATH_OPTIONS & set(options)]:

@@ -125,6 +125,7 @@ def read_meta(path: str | os.PathLike) -> tuple[StoreMeta | None, bool]:
 def create_store(path: str | os.PathLike, meta: StoreMeta) -> None:
     """Creates the root group (marked incomplete) at ``path``; call once, before the shards."""
     root = zarr.open_group(str(path), mode="w")
+    root.create_group("shards")
     root.attrs[ATTR_KEY] = {"meta": meta.to_json(), "complete": False}
 
 
@@ -144,7 +145,8 @@ class ShardWriter:
 
     def __init__(self, store_path: str | os.PathLike, rank: int, image_size: int, grid: int):
         self.image_size, self.grid = image_size, grid
-        self.group = zarr.open_group(str(store_path), mode="a").require_group(shard_name(rank))
+        shards = zarr.open_group(os.path.join(str(store_path), "shards"), mode="r+")
+        self.group = shards.create_group(shard_name(rank).split("/", 1)[1], overwrite=True)
         self._text = self.group.create_array(
             "text", shape=(0, 2), dtype="int32", chunks=(TEXT_CHUNK, 2),
             compressors=_text_compressors(), overwrite=True)

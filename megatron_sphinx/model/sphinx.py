@@ -50,6 +50,7 @@ class SphinxModel(MegatronModule):
                  pre_process: bool = True, post_process: bool = True, pg_collection=None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # LLaMA-family: untied (read by Megatron)
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process

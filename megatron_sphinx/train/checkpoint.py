@@ -51,6 +51,8 @@ class CheckpointMeta:
     """Git commit of the code that saved it (or ``unknown``)."""
     consumed: dict
     """Data position (the loader's state summary)."""
+    has_optimizer: bool = True
+    """False for weights-only checkpoints (initial weights, conversions from Hugging Face)."""
 
 
 def code_version() -> str:
@@ -136,20 +138,40 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model_chunks, optimizer, pgs, is_loading: bool, extra: dict | None) -> dict:
-    model_sd = model_chunks[0].sharded_state_dict()
-    state = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                  metadata=OPT_METADATA),
+def _core(chunk):
+    """The model inside DDP / Float16Module wrappers (checkpoint keys carry no wrapper prefix)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Gives a fresh distributed optimizer its state tensors before a load.
+
+    Loading fills existing state tensors in place, and on installs without Apex/TE Megatron's
+    ``DistributedOptimizer.state_dict`` needs one ``step`` per parameter; a fresh optimizer has
+    none, so it takes Megatron's own dummy step (zero gradients) first.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not opt.optimizer.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _sharded_state(model_chunks, optimizer, pgs, *, is_loading: bool, with_optimizer: bool,
+                   with_rng: bool) -> dict:
+    model_sd = _core(model_chunks[0]).sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        if is_loading:
+            _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=OPT_METADATA)
+    if with_rng:
         # One RNG state per (pp, tp, ep) rank; data-parallel replicas are identical.
-        "rng": ShardedObject("rng_state", _rng_state() if not is_loading else None,
-                             (pgs.pp.size(), pgs.tp.size(), pgs.ep.size()),
-                             (pgs.pp.rank(), pgs.tp.rank(), pgs.ep.rank()),
-                             replica_id=pgs.dp.rank()),
-    }
-    if extra:
-        state.update(extra)
+        state["rng"] = ShardedObject(
+            "rng_state", None if is_loading else _rng_state(),
+            (pgs.pp.size(), pgs.tp.size(), pgs.ep.size()),
+            (pgs.pp.rank(), pgs.tp.rank(), pgs.ep.rank()), replica_id=pgs.dp.rank())
     return state
 
 
@@ -185,8 +207,11 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    common_state = {"step": step, "scheduler": scheduler.state_dict(), "common": common}
-    state = _sharded_state(model_chunks, optimizer, pgs, False, {"state": common_state})
+    with_opt = meta.has_optimizer
+    state = _sharded_state(model_chunks, optimizer, pgs, is_loading=False,
+                           with_optimizer=with_opt, with_rng=with_opt)
+    state["state"] = {"step": step, "common": common,
+                      "scheduler": scheduler.state_dict() if with_opt else None}
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank0:
@@ -205,26 +230,28 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     return final
 
 
-def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs,
-                    *, load_optimizer: bool = True) -> dict:
-    """Loads model, optimizer, scheduler and RNG state; returns the common state.
+def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs) -> dict:
+    """Loads a checkpoint onto this run's layout; returns its common state.
 
-    Works across parallel layouts (Megatron reshards on load).
+    Model weights always load (Megatron reshards them onto any TP/PP/EP/DP layout). Optimizer
+    and scheduler state load when the checkpoint has them (weights-only checkpoints start a
+    fresh optimizer at step 0). RNG states load only onto the layout they were saved from.
     """
     ckpt = Path(ckpt)
-    extra = {"state": None}
-    if load_optimizer:
-        state = _sharded_state(model_chunks, optimizer, pgs, True, None)
-    else:
-        state = {"model": model_chunks[0].sharded_state_dict()}
+    meta = read_meta(ckpt)
+    same_layout = meta.layout.get("tp") == pgs.tp.size() and meta.layout.get(
+        "pp") == pgs.pp.size() and meta.layout.get("ep") == pgs.ep.size()
+    state = _sharded_state(model_chunks, optimizer, pgs, is_loading=True,
+                           with_optimizer=meta.has_optimizer,
+                           with_rng=meta.has_optimizer and same_layout)
     loaded = dist_checkpointing.load(state, str(ckpt))
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    model_chunks[0].load_state_dict(loaded["model"], strict=True)
-    if load_optimizer:
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))["state"]
+    _core(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    if meta.has_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-        rng = loaded.get("rng")
-        if rng is not None and pgs.tp.size() * pgs.pp.size() * pgs.ep.size() > 0:
-            _set_rng_state(rng)
-        scheduler.load_state_dict(common["state"]["scheduler"])
-    del extra
-    return common["state"]
+        scheduler.load_state_dict(common["scheduler"])
+        if "rng" in loaded:
+            _set_rng_state(loaded["rng"])
+    else:
+        common = dict(common, step=0)
+    return common

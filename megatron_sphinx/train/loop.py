@@ -91,12 +91,19 @@ def run(rc: RunConfig) -> list[StepResult]:
 
     cfg = resolve_recipe(rc)
     env = distributed.detect_launch_env()
+    if cfg.llm.is_moe and rc.tp > 1 and not rc.sequence_parallel:
+        log.info("MoE with --tp %d: enabling sequence parallelism (Megatron requires it)", rc.tp)
+        rc = dataclasses.replace(rc, sequence_parallel=True)
     dims = ParallelDims(tp=rc.tp, pp=rc.pp, ep=rc.ep, world_size=env.world_size,
                         sequence_parallel=rc.sequence_parallel)
-    dims.validate_model(cfg.llm)
     if cfg.train.global_batch_size % dims.dp:
         raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
                          f"data-parallel size {dims.dp}: change --global-batch-size")
+    dims.validate_model(num_layers=cfg.llm.num_layers, num_heads=cfg.llm.num_attention_heads,
+                        num_kv_heads=cfg.llm.num_query_groups, num_experts=cfg.llm.num_experts,
+                        seq_length=cfg.train.seq_length,
+                        num_microbatches=cfg.train.global_batch_size // dims.dp,
+                        model_name=cfg.name)
     check_save_dir(rc.save, cfg)
     load_from = None
     if rc.save and ckpt_lib.find_latest(rc.save) is not None:
@@ -109,10 +116,13 @@ def run(rc: RunConfig) -> list[StepResult]:
     on_gpu = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         rc.dtype, torch.bfloat16 if on_gpu else torch.float32)
-    pgs = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes)
+    from megatron_sphinx import cpu_compat
+
+    groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
+                                          seed=cfg.train.seed)
     try:
-        with distributed.compute_context():
-            return _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from)
+        with cpu_compat.cpu_device_mode():
+            return _train(rc, cfg, dims, groups.collection, dtype, on_gpu, load_from)
     finally:
         distributed.shutdown()
 

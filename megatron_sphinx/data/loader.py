@@ -1,0 +1,455 @@
+"""The training loader of one data-parallel rank: mix -> packing -> samples + views -> PackedBatch.
+
+Every step, every rank plans the same *global* batch (``global_batch_size`` packed rows; the
+blended mix order and the packer are deterministic and cheap, see :mod:`~.mix` and
+:mod:`~.packing`), then loads and decodes only its own rows: rank ``r`` of ``D`` takes rows
+``[r * G/D, (r + 1) * G/D)`` and cuts them into micro-batches of ``micro_batch_size`` rows. The
+global batches therefore do not depend on the data-parallel size.
+
+Background work: one planner thread runs ``prefetch_steps`` steps ahead and hands each step to a
+pool of ``num_workers`` threads that read samples from the source, decode images with DALI (one
+:class:`~.images.ImageProcessor` per thread; DALI has its own decode threads) and build the
+:class:`~.layout.PackedBatch` micro-batches. Steps come out in order.
+
+A sample whose image fails to decode (or whose decoded size differs from the stored one) is left
+out of its row with a logged, counted reason; the row keeps its other samples and the run goes on.
+
+:meth:`PackedLoader.state_dict` is the planner state after the last step returned by
+:meth:`PackedLoader.next_step` (not the prefetched ones): the mix position and counts, and the
+packing window. It holds no rank-specific data, so a run resumed from it, with any data-parallel
+size, sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.images import ImageConfig, ImageProcessor
+from megatron_sphinx.data.layout import PackedBatch, Sample, build_packed_batch
+from megatron_sphinx.data.mix import BlendedMix
+from megatron_sphinx.data.packing import Item, PackingConfig, SequencePacker
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_LOG_FIRST = 20  # skipped samples logged at WARNING; later ones at DEBUG (all counted)
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """What the loader reads: :class:`~.store.StoreReader` and :class:`InMemorySource` have it.
+
+    Attributes:
+        lengths: int ``[N]`` sample lengths after image expansion (for the loader's geometry).
+        source_ids: int ``[N]`` mix source of every sample.
+    """
+
+    lengths: np.ndarray
+    source_ids: np.ndarray
+
+    @property
+    def source_names(self) -> list[str]:
+        """Mix source names; ``source_ids`` index this list."""
+
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    def get(self, i: int) -> tuple[Sample, bytes | None]:
+        """Sample ``i`` and its encoded image (None for text-only)."""
+
+
+class InMemorySource:
+    """A :class:`SampleSource` over lists (tests, benchmarks).
+
+    Args:
+        samples: The samples; ``sample.source_id`` gives the mix source.
+        images: Encoded image bytes per sample (None for text-only), same length as ``samples``.
+        image_size: Padded-square side the lengths are computed for.
+        grid: Sub-images per side.
+        source_names: Names of the sources (default ``"0"``, ``"1"``...).
+    """
+
+    def __init__(self, samples: Sequence[Sample], images: Sequence[bytes | None],
+                 image_size: int = 448, grid: int = 2,
+                 source_names: Sequence[str] | None = None):
+        if len(samples) != len(images):
+            raise ValueError("samples and images must have the same length")
+        for s, im in zip(samples, images):
+            if (s.image_hw is None) != (im is None):
+                raise ValueError("a sample has image bytes exactly when it has image_hw")
+        self.samples, self.images = list(samples), list(images)
+        self.image_size, self.grid = image_size, grid
+        self.lengths = np.array([s.length(image_size, grid) for s in samples], dtype=np.int64)
+        self.source_ids = np.array([s.source_id for s in samples], dtype=np.int64)
+        self.image_hw = np.array([s.image_hw or (0, 0) for s in samples],
+                                 dtype=np.int64).reshape(-1, 2)
+        n_src = int(self.source_ids.max()) + 1 if len(samples) else 0
+        self._names = list(source_names) if source_names else [str(j) for j in range(n_src)]
+
+    @property
+    def source_names(self) -> list[str]:
+        """Mix source names."""
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def get(self, i: int) -> tuple[Sample, bytes | None]:
+        """Sample ``i`` and its encoded image."""
+        return self.samples[i], self.images[i]
+
+
+@dataclass
+class LoaderConfig:
+    """The training loader (one instance per data-parallel rank, same config on all)."""
+
+    seq_length: int = 4096
+    """Positions per packed row."""
+    image_size: int = 448
+    """Padded-square side (must match the source's lengths)."""
+    grid: int = 2
+    """Sub-images per side."""
+    global_batch_size: int = 256
+    """Packed rows per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch."""
+    seed: int = 1234
+    """Seed of the mix order."""
+    weights: Sequence[float] | Mapping[str, float] | None = None
+    """Mix weights per source (list or ``{name: weight}``); None: proportional to size."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Samples longer than ``seq_length``: truncate (cut part's loss dropped) or drop; counted."""
+    lookahead: float = 2.0
+    """Packing window, in steps' worth of tokens."""
+    max_wait_steps: int = 4
+    """A sample the packer left out this many steps is placed first."""
+    num_workers: int = 2
+    """Threads loading and decoding steps; 0 = everything in the caller's thread."""
+    prefetch_steps: int = 2
+    """Steps planned and loaded ahead of the training loop (with ``num_workers > 0``)."""
+    image_threads: int = 2
+    """DALI decode threads per worker."""
+    image_device: Literal["auto", "cpu", "gpu"] = "auto"
+    """DALI decoding device; ``auto``: ``mixed`` on a GPU when CUDA is available, else CPU."""
+    pad_to_multiple: int | None = None
+    """None: every micro-batch is ``seq_length`` long. An int: pad each micro-batch only to its
+    longest row rounded up to this multiple (variable shapes; for the THD / varlen path)."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size}")
+        if self.image_size % self.grid:
+            raise ValueError(f"image_size {self.image_size} is not divisible by grid {self.grid}")
+        if self.num_workers < 0 or self.prefetch_steps < 1:
+            raise ValueError("num_workers must be >= 0 and prefetch_steps >= 1")
+        if self.pad_to_multiple is not None and self.pad_to_multiple < 1:
+            raise ValueError("pad_to_multiple must be None or >= 1")
+        PackingConfig(self.seq_length, self.global_batch_size, self.micro_batch_size,
+                      self.lookahead, self.max_wait_steps, self.overlong)  # validates the rest
+
+
+def views_per_sample(image_hw: np.ndarray, image_size: int, grid: int) -> np.ndarray:
+    """Encoded views per sample (0 for text-only) from ``(h, w)`` pairs, vectorised geometry."""
+    hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
+    has = hw[:, 0] > 0
+    longer = np.maximum(hw.max(axis=1), 1.0)
+    scale = image_size / longer
+    rh = np.clip(np.round(hw[:, 0] * scale), 1, image_size)
+    rw = np.clip(np.round(hw[:, 1] * scale), 1, image_size)
+    v = image_size // grid
+    n = 1 + np.ceil(rh / v) * np.ceil(rw / v)
+    return np.where(has, n, 0).astype(np.int64)
+
+
+@dataclass
+class _StepPlan:
+    step: int
+    rows: list[list[Item]]  # this rank's rows
+    state_after: dict
+
+
+class PackedLoader:
+    """Packed micro-batches for one data-parallel rank (see the module docstring).
+
+    Args:
+        source: The samples (:class:`~.store.StoreReader` or any :class:`SampleSource`).
+        cfg: Loader settings (identical on every rank).
+        dp_rank: This rank's data-parallel index.
+        dp_size: Data-parallel size; must divide ``global_batch_size / micro_batch_size``.
+
+    Raises:
+        ValueError: On a layout that does not divide, or a source made for another geometry.
+    """
+
+    def __init__(self, source: SampleSource, cfg: LoaderConfig, dp_rank: int = 0,
+                 dp_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        micro = cfg.global_batch_size // cfg.micro_batch_size
+        if micro % dp_size:
+            raise ValueError(
+                f"global_batch_size {cfg.global_batch_size} / micro_batch_size "
+                f"{cfg.micro_batch_size} = {micro} micro-batches do not split over {dp_size} "
+                "data-parallel ranks: change --global-batch-size")
+        meta = getattr(source, "meta", None)
+        src_geo = (getattr(meta, "image_size", None) or getattr(source, "image_size", None),
+                   getattr(meta, "grid", None) or getattr(source, "grid", None))
+        if src_geo[0] is not None and src_geo != (cfg.image_size, cfg.grid):
+            raise ValueError(f"the data was prepared for image_size {src_geo[0]} grid "
+                             f"{src_geo[1]}, the loader uses {cfg.image_size} grid {cfg.grid}: "
+                             "preprocess again or change the recipe's image settings")
+        if len(source) == 0:
+            raise ValueError("the data source has no samples")
+        self.source, self.cfg = source, cfg
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.rows_per_rank = cfg.global_batch_size // dp_size
+        hw = getattr(source, "image_hw", None)
+        costs = None if hw is None else views_per_sample(hw, cfg.image_size, cfg.grid)
+        self._mix = BlendedMix(source.source_ids, cfg.weights, cfg.seed,
+                               names=source.source_names)
+        self._packer = SequencePacker(
+            PackingConfig(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size,
+                          cfg.lookahead, cfg.max_wait_steps, cfg.overlong),
+            source.lengths, costs)
+        self._planned = 0
+        self._consumed = self._planner_state()
+        self.stats: Counter = Counter()
+        self._stats_lock = threading.Lock()
+        self._local = threading.local()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ planning (global)
+    def _planner_state(self) -> dict:
+        return {"version": STATE_VERSION, "step": self._planned,
+                "global_batch_size": self.cfg.global_batch_size,
+                "micro_batch_size": self.cfg.micro_batch_size,
+                "seq_length": self.cfg.seq_length, "mix": self._mix.state_dict(),
+                "packer": self._packer.state_dict()}
+
+    def _plan_next(self) -> _StepPlan:
+        rows = self._packer.pack_step(self._mix.take)
+        self._planned += 1
+        a = self.dp_rank * self.rows_per_rank
+        return _StepPlan(self._planned, rows[a:a + self.rows_per_rank], self._planner_state())
+
+    # ------------------------------------------------------------------ loading (this rank)
+    def _processor(self) -> ImageProcessor:
+        p = getattr(self._local, "proc", None)
+        if p is None:
+            p = self._local.proc = ImageProcessor(ImageConfig(
+                self.cfg.image_size, self.cfg.grid, device=self.cfg.image_device,
+                num_threads=self.cfg.image_threads))
+        return p
+
+    def _skip(self, step: int, index: int, reason: str) -> None:
+        with self._stats_lock:
+            self.stats["skipped"] += 1
+            self.stats[f"skipped:{reason.split(':')[0]}"] += 1
+            n = self.stats["skipped"]
+        logger.log(logging.WARNING if n <= _LOG_FIRST else logging.DEBUG,
+                   "step %d: sample %d skipped (%s)", step, index, reason)
+
+    def _prepare(self, step: int, index: int, n: int) -> tuple[Sample, bytes | None] | None:
+        """Reads sample ``index``; truncates it to ``n`` positions when the plan says so."""
+        cfg = self.cfg
+        smp, img = self.source.get(index)
+        full = smp.length(cfg.image_size, cfg.grid)
+        if full != int(self.source.lengths[index]):
+            self._skip(step, index, f"length_mismatch: source says {self.source.lengths[index]}"
+                       f", sample has {full}")
+            return None
+        if n < full:  # truncated by the packer: keep the first n positions
+            keep = n - smp.image_positions(cfg.image_size, cfg.grid)
+            if smp.image_hw is not None and keep <= smp.image_slot:
+                self._skip(step, index, f"overlong_image: the image alone needs more than "
+                           f"seq_length {cfg.seq_length}")
+                return None
+            smp = Sample(smp.input_ids[:keep], smp.target_mask[:keep], smp.image_hw,
+                         smp.image_slot, smp.source_id)
+            with self._stats_lock:
+                self.stats["truncated"] += 1
+        return smp, img
+
+    def _micro_batch(self, step: int, rows: list[list[Item]]) -> PackedBatch:
+        cfg = self.cfg
+        got: list[list[tuple[int, Sample, bytes | None]]] = []
+        for row in rows:
+            out = []
+            for index, n in row:
+                r = self._prepare(step, index, n)
+                if r is not None:
+                    out.append((index, r[0], r[1]))
+            got.append(out)
+        with_img = [(ri, k) for ri, row in enumerate(got) for k, x in enumerate(row)
+                    if x[2] is not None]
+        views = None
+        if with_img:
+            batch = self._processor()([got[ri][k][2] for ri, k in with_img])
+            keep_views, offset, drop = [], 0, set()
+            for (ri, k), cnt, err, hw in zip(with_img, batch.view_counts.tolist(), batch.errors,
+                                             batch.sizes):
+                index, smp, _ = got[ri][k]
+                if err is not None:
+                    self._skip(step, index, f"image_decode: {err}")
+                    drop.add((ri, k))
+                elif tuple(hw) != tuple(smp.image_hw):
+                    self._skip(step, index, f"image_size: decoded {hw}, stored {smp.image_hw}")
+                    drop.add((ri, k))
+                else:
+                    keep_views.append(batch.views[offset:offset + cnt])
+                offset += cnt
+            got = [[x for k, x in enumerate(row) if (ri, k) not in drop]
+                   for ri, row in enumerate(got)]
+            views = torch.cat(keep_views) if keep_views else None
+            with self._stats_lock:
+                for key, val in batch_paths(batch.paths).items():
+                    self.stats[key] += val
+        sample_rows = [[x[1] for x in row] for row in got]
+        s = cfg.seq_length
+        if cfg.pad_to_multiple:
+            longest = max([sum(x.length(cfg.image_size, cfg.grid) for x in r)
+                           for r in sample_rows] + [1])
+            m = cfg.pad_to_multiple
+            s = min(s, -(-longest // m) * m)
+        pb = build_packed_batch(sample_rows, s, cfg.image_size, cfg.grid, views)
+        with self._stats_lock:
+            self.stats["samples"] += pb.num_samples
+            self.stats["tokens"] += pb.num_tokens
+            self.stats["positions"] += pb.labels.numel()
+            self.stats["micro_batches"] += 1
+        return pb
+
+    def _materialize(self, plan: _StepPlan) -> list[PackedBatch]:
+        m = self.cfg.micro_batch_size
+        return [self._micro_batch(plan.step, plan.rows[a:a + m])
+                for a in range(0, len(plan.rows), m)]
+
+    # ------------------------------------------------------------------ background
+    def _producer(self) -> None:
+        try:
+            while not self._stop.is_set():
+                plan = self._plan_next()
+                item = (self._pool.submit(self._materialize, plan), plan.state_after)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            f: Future = Future()
+            f.set_exception(e)
+            self._queue.put((f, None))
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.cfg.prefetch_steps)
+        self._pool = ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="loader")
+        self._thread = threading.Thread(target=self._producer, name="loader-plan", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops the background threads; prefetched steps are discarded (the state is kept)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while True:  # unblock the producer and drop prefetched work
+            try:
+                fut, _ = self._queue.get_nowait()
+                fut.cancel()
+            except queue.Empty:
+                break
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._thread = self._pool = self._queue = None
+        self._restore_planner(self._consumed)
+
+    def __enter__(self) -> "PackedLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ public API
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's micro-batches (``global_batch_size / dp_size / micro_batch_size`` of
+        them, ``micro_batch_size`` rows each) for the next optimizer step."""
+        if self.cfg.num_workers == 0:
+            plan = self._plan_next()
+            out = self._materialize(plan)
+            self._consumed = plan.state_after
+            return out
+        if self._thread is None:
+            self._start()
+        fut, state = self._queue.get()
+        out = fut.result()
+        self._consumed = state
+        return out
+
+    def __iter__(self):
+        while True:
+            yield self.next_step()
+
+    def state_dict(self) -> dict:
+        """The loader position after the last step returned (plain Python types, rank-free).
+
+        Keys: ``version``, ``step`` (steps consumed), ``global_batch_size``,
+        ``micro_batch_size``, ``seq_length``, ``mix`` (position, per-source counts, seed,
+        weights) and ``packer`` (the packing window: sample index, positions, steps waited; and
+        the packer's counters).
+        """
+        return dict(self._consumed)
+
+    def _restore_planner(self, state: dict) -> None:
+        self._mix.load_state_dict(state["mix"])
+        self._packer.load_state_dict(state["packer"])
+        self._planned = int(state["step"])
+        self._consumed = state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes from :meth:`state_dict` (of a run with any data-parallel size).
+
+        Raises:
+            ValueError: If the state was saved with another global batch, micro-batch size or
+                sequence length (those change the batches), or another seed or mix.
+        """
+        if int(state.get("version", -1)) != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not "
+                             f"{STATE_VERSION}: it was saved by other code")
+        for key in ("global_batch_size", "micro_batch_size", "seq_length"):
+            if int(state[key]) != getattr(self.cfg, key):
+                raise ValueError(f"the checkpoint's loader used {key}={state[key]}, this run "
+                                 f"uses {getattr(self.cfg, key)}: use the same value to resume")
+        self.close()
+        self._restore_planner(state)
+
+    @property
+    def step(self) -> int:
+        """Steps returned so far (including those before a resume)."""
+        return int(self._consumed["step"])
+
+    def packing_efficiency(self) -> float:
+        """Real tokens / all positions over the micro-batches this rank built."""
+        pos = self.stats["positions"]
+        return self.stats["tokens"] / pos if pos else 0.0
+
+
+def batch_paths(paths: Sequence[str]) -> dict[str, int]:
+    """Counts of an :class:`~.images.ImageBatch`'s decode paths, keyed ``decode:<path>``."""
+    c: Counter = Counter()
+    for p in paths:
+        c[f"decode:{p.split(':')[0] if p.startswith('failed') else p}"] += 1
+    return dict(c)

@@ -1,0 +1,17 @@
+"""Test-wide environment, set before any test module imports torch or megatron."""
+
+import os
+
+# torch.compile-based fusions add seconds to the first CPU step; nothing may touch the network;
+# one intra-op thread per process (tests run several ranks on 2 shared cores, and forked workers
+# must not inherit a started OpenMP pool).
+for _name, _value in {
+    "TORCH_COMPILE_DISABLE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+}.items():
+    os.environ.setdefault(_name, _value)

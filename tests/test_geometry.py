@@ -1,0 +1,50 @@
+"""Skip decisions come from the resize geometry: exactly the fully padded sub-images."""
+import numpy as np
+import pytest
+
+from megatron_sphinx.data.geometry import (POSITIONS_PER_VIEW, ImageGeometry, image_geometry)
+
+
+def test_square_image_has_no_skip():
+    g = image_geometry(500, 500, 448, 2)
+    assert g.view_valid().tolist() == [True] * 5
+    assert g.num_positions() == 5 * POSITIONS_PER_VIEW
+
+
+def test_wide_2to1_skips_bottom_row():
+    g = image_geometry(200, 400, 448, 2)  # resized 224 x 448, top-left in the square
+    assert (g.resized_height, g.resized_width) == (224, 448)
+    assert g.view_valid().tolist() == [True, True, True, False, False]
+    assert g.num_skipped() == 2
+    assert g.num_positions() == 3 * POSITIONS_PER_VIEW + 2
+
+
+def test_tall_1to2_skips_right_column():
+    g = image_geometry(400, 200, 448, 2)
+    assert g.view_valid().tolist() == [True, True, False, True, False]
+
+
+def test_3x3_grid_for_2k():
+    g = image_geometry(100, 300, 672, 3)  # resized 224 x 672: one row of three
+    assert g.view_valid().tolist() == [True] + [True] * 3 + [False] * 6
+    assert g.num_skipped() == 6
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (60, 4000), (4000, 60), (8000, 50), (50, 8000),
+                                 (223, 449), (225, 449), (7, 13)])
+def test_valid_iff_overlapping_image_pixels(h, w):
+    g = image_geometry(h, w, 448, 2)
+    mask = np.zeros((448, 448), bool)
+    mask[:g.resized_height, :g.resized_width] = True
+    expect = [mask[r * 224:(r + 1) * 224, c * 224:(c + 1) * 224].any()
+              for r in range(2) for c in range(2)]
+    assert g.view_valid()[1:].tolist() == expect
+    assert max(g.resized_height, g.resized_width) == 448
+
+
+def test_bad_sizes_raise():
+    with pytest.raises(ValueError, match="positive"):
+        image_geometry(0, 10)
+    with pytest.raises(ValueError, match="divisible"):
+        image_geometry(10, 10, 448, 3)
+    assert isinstance(image_geometry(3, 4), ImageGeometry)

@@ -1,0 +1,163 @@
+"""DALI image views against the Pillow reference; geometry of the views; bad files reported."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_sphinx.config import CLIP_MEAN
+from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, decode_rgb, probe_image,
+                                         reference_views, resolve_device)
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
+if not IMAGES.is_dir():
+    IMAGES = Path("/work/shared/testdata/images")
+PHOTOS = sorted(IMAGES.glob("*.jpg"))
+HARD = ["cmyk.jpg", "exif_orientation6.jpg", "gray16.png", "grayscale.jpg", "one_pixel_1x1.png",
+        "rgb16.png", "rgba_alpha.png", "tall_60x4000.jpg", "wide_4000x60.jpg"]
+BAD = ["truncated_40pct.jpg", "random_bytes.jpg"]
+TOL = 2.0 / 255.0
+
+
+def _files():
+    return [*PHOTOS, *[IMAGES / "adversarial" / f for f in HARD]]
+
+
+@pytest.fixture(scope="module")
+def proc448():
+    return ImageProcessor(ImageConfig(448, 2, device="cpu"))
+
+
+@pytest.mark.parametrize("image_size,grid", [(448, 2), (672, 3)])
+def test_dali_matches_pillow_reference(image_size, grid):
+    files = _files()
+    assert len(PHOTOS) >= 6, f"test photos missing under {IMAGES}"
+    datas = [f.read_bytes() for f in files]
+    proc = ImageProcessor(ImageConfig(image_size, grid, device="cpu"))
+    batch = proc(datas)
+    assert batch.errors == [None] * len(files)
+    off = 0
+    for f, data, cnt, hw in zip(files, datas, batch.view_counts.tolist(), batch.sizes):
+        ref, ref_hw = reference_views(data, image_size, grid)
+        assert hw == ref_hw, f.name
+        geo = image_geometry(*hw, image_size, grid)
+        assert cnt == int(geo.view_valid().sum()) == ref.shape[0], f.name
+        got = batch.views[off:off + cnt].numpy()
+        off += cnt
+        assert got.shape == ref.shape == (cnt, 3, image_size // grid, image_size // grid)
+        err = float(np.abs(got - ref).max())
+        assert err <= TOL, f"{f.name}: DALI vs Pillow max diff {err * 255:.2f}/255"
+        assert got.min() >= 0.0 and got.max() <= 1.0
+    assert off == batch.views.shape[0]
+    assert batch.views.dtype == torch.float32
+    assert proc.stats["dali"] == len(files) - 1 and proc.stats["pillow:alpha"] == 1
+
+
+def test_pad_is_clip_mean_and_image_top_left(proc448):
+    """wide 4000x60 -> 448x7: only the top row of sub-images is valid; below row 7 is padding."""
+    data = (IMAGES / "adversarial" / "wide_4000x60.jpg").read_bytes()
+    geo = image_geometry(60, 4000, 448, 2)
+    assert (geo.resized_height, geo.resized_width) == (7, 448)
+    assert geo.view_valid().tolist() == [True, True, True, False, False]
+    b = proc448([data])
+    assert b.view_counts.tolist() == [3]
+    tile = b.views[1]  # top-left sub-image, [3, 224, 224]
+    pad = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    assert torch.equal(tile[:, 7:, :], pad.expand(3, 217, 224))  # exact pad colour
+    assert not torch.allclose(tile[:, :7, :], pad.expand(3, 7, 224), atol=0.05)  # image pixels
+    tall = proc448([(IMAGES / "adversarial" / "tall_60x4000.jpg").read_bytes()])
+    g = image_geometry(4000, 60, 448, 2)
+    assert (g.resized_height, g.resized_width) == (448, 7)
+    assert tall.view_counts.tolist() == [3]  # global + left column
+    assert torch.equal(tall.views[2][:, :, 7:], pad.expand(3, 224, 217))
+
+
+def test_exif_orientation_all_eight(proc448):
+    base = Image.open(PHOTOS[0]).convert("RGB").resize((160, 90))
+    datas = []
+    for o in range(1, 9):
+        ex = Image.Exif()
+        ex[0x0112] = o
+        buf = io.BytesIO()
+        base.save(buf, "JPEG", quality=95, exif=ex.tobytes())
+        datas.append(buf.getvalue())
+    b = proc448(datas)
+    assert b.paths == ["dali"] * 8
+    off = 0
+    for o, data, cnt, hw in zip(range(1, 9), datas, b.view_counts.tolist(), b.sizes):
+        assert hw == ((90, 160) if o <= 4 else (160, 90)), o
+        assert probe_image(data).hw == hw
+        ref, _ = reference_views(data)
+        assert float((b.views[off:off + cnt] - torch.from_numpy(ref)).abs().max()) <= TOL, o
+        off += cnt
+    # the adversarial file: stored 427 wide x 640 high, orientation 6 -> 640 wide x 427 high
+    rot = (IMAGES / "adversarial" / "exif_orientation6.jpg").read_bytes()
+    with Image.open(io.BytesIO(rot)) as im:
+        assert im.size == (427, 640)
+    assert proc448([rot]).sizes == [(427, 640)]
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped():
+    data = (IMAGES / "adversarial" / "gray16.png").read_bytes()
+    raw = np.asarray(Image.open(io.BytesIO(data)))
+    assert raw.dtype == np.uint16 and raw.max() > 255
+    rgb = decode_rgb(data)
+    assert np.array_equal(rgb[..., 0], np.round(raw / 257.0).astype(np.uint8))
+    naive = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert (naive == 255).mean() > 0.9  # what a plain Pillow convert would have given
+
+
+def test_alpha_composited_over_white(proc448):
+    data = (IMAGES / "adversarial" / "rgba_alpha.png").read_bytes()
+    alpha = np.asarray(Image.open(io.BytesIO(data)))[..., 3]
+    assert alpha[0, 0] == 0
+    b = proc448([data])
+    assert b.paths == ["pillow:alpha"]
+    assert np.array_equal(decode_rgb(data)[0, 0], [255, 255, 255])
+    assert torch.allclose(b.views[1][:, 0, 0], torch.ones(3), atol=TOL)  # transparent corner
+
+
+def test_bad_files_reported_per_image(proc448):
+    good = PHOTOS[0].read_bytes()
+    bad = [(IMAGES / "adversarial" / f).read_bytes() for f in BAD]
+    b = proc448([good, bad[0], good, bad[1], b"", good[:50]])
+    assert b.ok == [True, False, True, False, False, False]
+    assert "truncated" in b.errors[1]
+    assert "not a readable image" in b.errors[3]
+    assert b.view_counts.tolist() == [5, 0, 5, 0, 0, 0]
+    assert b.views.shape[0] == 10
+    ref, _ = reference_views(good)
+    assert float((b.views[5:] - torch.from_numpy(ref)).abs().max()) <= TOL
+    with pytest.raises(Exception):
+        reference_views(bad[0])
+
+
+def test_formats_dali_lacks_take_the_pillow_path(proc448):
+    im = Image.open(PHOTOS[1]).convert("RGB").resize((200, 120))
+    buf = io.BytesIO()
+    im.save(buf, "GIF")
+    b = proc448([buf.getvalue()])
+    assert b.paths == ["pillow:format GIF"] and b.ok == [True]
+    assert b.view_counts.tolist() == [int(image_geometry(120, 200).view_valid().sum())]
+
+
+def test_device_is_cpu_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: auto picks the GPU there")
+    assert resolve_device("auto") == "cpu"
+    assert ImageProcessor(ImageConfig(device="auto")).device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: DALI device='mixed' (nvJPEG) cannot run here")
+def test_gpu_mixed_matches_cpu():
+    datas = [f.read_bytes() for f in _files()]
+    cpu = ImageProcessor(ImageConfig(device="cpu"))(datas)
+    gpu = ImageProcessor(ImageConfig(device="gpu"))(datas)
+    assert gpu.views.is_cuda
+    assert gpu.view_counts.tolist() == cpu.view_counts.tolist()
+    # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
+    assert float((gpu.views.cpu() - cpu.views).abs().max()) <= 3.0 / 255.0

@@ -1,0 +1,374 @@
+"""The pack op (kernels/): reference, Triton (CPU interpreter) and CUDA against a naive oracle.
+
+The oracle is the unfused definition ``cat([text, visual, special, zero])[index]`` evaluated in
+float64 with autograd. Layouts come from the real ``build_packed_batch``. Outputs and gradients are
+allocated NaN-filled (``MEGATRON_SPHINX_PACK_DEBUG=1``), so a position an implementation forgets to
+write fails the comparison. GPU cases skip here with the reason; the CUDA build test is opt-in
+(``MEGATRON_SPHINX_TEST_CUDA_BUILD=1``, ~1-2 min of nvcc).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels import DEBUG_ENV, IMPL_ENV, pack_tokens, resolve_impl  # noqa: E402
+from kernels.reference import PackTokensFunction, ReferenceBackend  # noqa: E402
+from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
+from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA device on this machine (CUDA and GPU-Triton paths need one)"
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                      HealthCheck.data_too_large])
+
+# (height, width) per grid: skipped sub-images 0, 2 (448: 2x2) and 0, 3, 6 (672: 3x3).
+IMAGE_SIZES = {2: [(448, 448), (300, 310), (200, 448), (448, 100), (90, 448)],
+               3: [(672, 672), (672, 200), (400, 672), (200, 672), (672, 640)]}
+
+
+@contextlib.contextmanager
+def env(**values: str | None):
+    """Sets (or with None, removes) environment variables for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _debug_poison():
+    with env(**{DEBUG_ENV: "1", IMPL_ENV: None, "TRITON_INTERPRET": None}):
+        yield
+
+
+@st.composite
+def layouts(draw, max_rows: int = 3, max_images: int = 4):
+    """A packed batch from random rows of text-only and image samples."""
+    grid = draw(st.sampled_from([2, 2, 3]))
+    image_size = 224 * grid
+    b = draw(st.integers(1, max_rows))
+    rows, images = [], 0
+    for _ in range(b):
+        row = []
+        for _ in range(draw(st.integers(1, 3))):
+            n = draw(st.integers(2, 40))
+            hw = None
+            if images < max_images and draw(st.booleans()):
+                hw = draw(st.sampled_from(IMAGE_SIZES[grid]))
+                images += 1
+            slot = draw(st.integers(0, n)) if hw is not None else 1
+            row.append(Sample(np.arange(n, dtype=np.int32), np.ones(n, dtype=bool), hw, slot))
+        rows.append(row)
+    longest = max(sum(smp.length(image_size, grid) for smp in row) for row in rows)
+    seq = longest + draw(st.integers(0, 12))
+    return build_packed_batch(rows, seq, image_size, grid)
+
+
+def sources(batch, hidden: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    """Random text ``[T, h]``, visual ``[R, h]``, special ``[3, h]`` leaves for ``batch``."""
+    g = torch.Generator().manual_seed(seed)
+    t = batch.text_ids.numel()
+    r = int(batch.view_counts.sum()) * TOKENS_PER_VIEW
+    return [torch.randn(n, hidden, generator=g).to(device, dtype).requires_grad_()
+            for n in (t, r, NUM_SPECIAL)]
+
+
+def oracle(text, visual, special, index, grad):
+    """Unfused float64 definition: output and the three gradients."""
+    leaves = [x.detach().double().requires_grad_() for x in (text, visual, special)]
+    h = text.shape[1]
+    table = torch.cat([*leaves, torch.zeros(1, h, dtype=torch.float64, device=text.device)])
+    out = table[torch.where(index < 0, table.shape[0] - 1, index)]
+    out.backward(grad.double())
+    return out.detach(), [x.grad for x in leaves]
+
+
+def run(impl, text, visual, special, index, grad):
+    """Forward and backward of the op; returns the output and the three gradients."""
+    for x in (text, visual, special):
+        x.grad = None
+    out = pack_tokens(text, visual, special, index, impl=impl)
+    out.backward(grad)
+    return out.detach(), [x.grad for x in (text, visual, special)]
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -8, atol=1e-5),
+       torch.float16: dict(rtol=2 ** -10, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def check_against_oracle(impl, batch_or_index, text, visual, special, dtype, seed=1):
+    index = batch_or_index if torch.is_tensor(batch_or_index) else batch_or_index.pack_index
+    index = index.to(text.device)
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(index.numel(), text.shape[1], generator=g).to(text.device, dtype)
+    out, grads = run(impl, text, visual, special, index, grad)
+    ref_out, ref_grads = oracle(text, visual, special, index, grad)
+    assert out.dtype == dtype and out.shape == (index.numel(), text.shape[1])
+    assert not out.isnan().any(), "an output position was never written"
+    assert torch.equal(out.double(), ref_out), "forward is a copy: it must be bit-exact"
+    for name, got, want in zip(("text", "visual", "special"), grads, ref_grads):
+        assert got is not None and got.dtype == dtype and got.shape == want.shape, name
+        assert not got.isnan().any(), f"grad_{name} has rows never written"
+        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=f"grad_{name}")
+    return out, grads
+
+
+# --------------------------------------------------------------------------- reference (CPU)
+
+@settings(max_examples=25, **SETTINGS)
+@given(batch=layouts(), hidden=st.sampled_from([1, 8, 24, 64]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_reference_on_packed_layouts(batch, hidden, dtype):
+    text, visual, special = sources(batch, hidden, dtype)
+    out, _ = check_against_oracle("torch", batch, text, visual, special, dtype)
+    pad = batch.pack_index < 0
+    assert (out[pad] == 0).all()
+
+
+@st.composite
+def random_indices(draw):
+    """Any index: rows repeated, unused, padding, any order (beyond what layouts produce)."""
+    t, r, n = draw(st.integers(0, 30)), draw(st.integers(0, 30)), draw(st.integers(0, 200))
+    m = t + r + NUM_SPECIAL
+    values = draw(st.lists(st.integers(-1, m - 1), min_size=n, max_size=n))
+    return t, r, torch.tensor(values, dtype=torch.int64)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=random_indices(), hidden=st.sampled_from([1, 5, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_reference_on_arbitrary_indices(case, hidden, dtype):
+    t, r, index = case
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+                             for n in (t, r, NUM_SPECIAL))
+    check_against_oracle("torch", index, text, visual, special, dtype)
+
+
+def test_reference_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, 4, generator=g, dtype=torch.float64).requires_grad_()
+                             for n in (6, 9, NUM_SPECIAL))
+    # Repeated text/visual rows, unused rows, padding and repeated special rows.
+    index = torch.tensor([0, 1, 1, -1, 6, 7, 15, 16, 17, 15, -1, 2, 8, 14, 5, 17, 16])
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pack_tokens(a, b, c, index, impl="torch"), (text, visual, special))
+    # The common layout case too: every text/visual row exactly once.
+    index = torch.cat([torch.arange(15), torch.tensor([15, 16, 17, -1])])[torch.randperm(19)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: pack_tokens(a, b, c, index, impl="torch"), (text, visual, special))
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(batch=layouts(max_rows=2), tp=st.sampled_from([2, 4]))
+def test_sequence_parallel_slices(batch, tp):
+    """Each rank's slice of the [s * b] index gives exactly its rows; gradients add up."""
+    b, s = batch.shape
+    s_local = s // tp
+    index = batch.pack_index[:s_local * tp * b]  # a length divisible by tp
+    text, visual, special = sources(batch, 16, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(index.numel(), 16, generator=g)
+    full, full_grads = run("torch", text, visual, special, index, grad)
+    chunk = s_local * b
+    summed = [torch.zeros_like(x) for x in (text, visual, special)]
+    for rank in range(tp):
+        part = slice(rank * chunk, (rank + 1) * chunk)
+        out, grads = run("torch", text, visual, special, index[part], grad[part])
+        assert torch.equal(out, full[part])
+        for acc, gr in zip(summed, grads):
+            acc += gr
+    for got, want in zip(summed, full_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_poison_catches_an_unwritten_position():
+    """The NaN poison is what makes the comparisons able to fail: a kernel that forgets the
+    padding rows leaves NaN there."""
+
+    class ForgetsPadding(ReferenceBackend):
+        def forward(self, out, text, visual, special, index, plan):
+            keep = index >= 0
+            out[keep] = torch.cat([text, visual, special])[index[keep]]
+
+    text, visual, special = (torch.randn(n, 4) for n in (3, 4, NUM_SPECIAL))
+    index = torch.tensor([0, -1, 3, 7, -1])
+    out = PackTokensFunction.apply(text, visual, special, index, ForgetsPadding())
+    assert out[[1, 4]].isnan().all() and not out[[0, 2, 3]].isnan().any()
+    with env(**{DEBUG_ENV: "0"}):  # without the poison the same bug could pass unseen
+        out = PackTokensFunction.apply(text, visual, special, index, ForgetsPadding())
+    assert not out[[0, 2, 3]].isnan().any()
+
+
+def test_grads_only_where_required_and_empty_sources():
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(5, 8, generator=g, requires_grad=True)
+    visual = torch.zeros(0, 8)  # text-only batch: no visual rows, no grad wanted
+    special = torch.randn(NUM_SPECIAL, 8, generator=g)  # frozen
+    index = torch.tensor([0, 1, 2, 3, 4, -1, 5, 5, 7])
+    out = pack_tokens(text, visual, special, index, impl="torch")
+    out.sum().backward()
+    assert torch.equal(text.grad, torch.ones(5, 8))
+    assert torch.equal(out[6], special[0]) and torch.equal(out[8], special[2])
+    assert pack_tokens(text, visual, special, index[:0]).shape == (0, 8)
+    visual3d = torch.randn(2, TOKENS_PER_VIEW, 8)  # [V, 257, h] is flattened
+    out = pack_tokens(text, visual3d, special, torch.tensor([5, 5 + 2 * TOKENS_PER_VIEW - 1]))
+    assert torch.equal(out, visual3d.reshape(-1, 8)[[0, -1]])
+
+
+def test_bad_inputs_say_what_to_change():
+    text, visual, special = torch.randn(3, 4), torch.randn(4, 4), torch.randn(NUM_SPECIAL, 4)
+    with pytest.raises(ValueError, match=r"\[-1, 10\)"):
+        pack_tokens(text, visual, special, torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="int64"):
+        pack_tokens(text, visual, special, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cast the sources"):
+        pack_tokens(text, visual.double(), special, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cast the sources"):
+        pack_tokens(text, torch.randn(4, 5), special, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unknown pack implementation"):
+        pack_tokens(text, visual, special, torch.tensor([0]), impl="fast")
+
+
+def test_selection_on_cpu():
+    assert resolve_impl(None, "cpu") == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_impl("triton", "cpu")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_impl("cuda", "cpu")
+    with env(**{IMPL_ENV: "cuda"}):
+        with pytest.raises(RuntimeError, match="forced"):
+            resolve_impl(None, "cpu")
+    with env(**{IMPL_ENV: "torch", "TRITON_INTERPRET": "1"}):
+        assert resolve_impl(None, "cpu") == "torch"
+    with env(TRITON_INTERPRET="1"):
+        assert resolve_impl(None, "cpu") == "triton"
+        assert resolve_impl(None, "cpu", torch.float64) == "torch"  # kernels: 16/32-bit only
+        with pytest.raises(ValueError, match="unknown"):
+            resolve_impl("bogus", "cpu")
+
+
+# --------------------------------------------------------------- Triton under TRITON_INTERPRET
+
+@settings(max_examples=8, **SETTINGS)
+@given(batch=layouts(max_rows=2, max_images=3), hidden=st.sampled_from([8, 24]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_triton_interpreter_on_packed_layouts(batch, hidden, dtype):
+    text, visual, special = sources(batch, hidden, dtype)
+    with env(TRITON_INTERPRET="1"):
+        out, grads = check_against_oracle("triton", batch, text, visual, special, dtype)
+    ref_out, ref_grads = run("torch", text, visual, special, batch.pack_index,
+                             torch.randn(out.shape, generator=torch.Generator().manual_seed(1)
+                                         ).to(dtype))
+    assert torch.equal(out, ref_out)
+    # text and visual rows appear once: their gradients are copies, bit-exact across impls
+    assert torch.equal(grads[0], ref_grads[0]) and torch.equal(grads[1], ref_grads[1])
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(case=random_indices(), hidden=st.sampled_from([3, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_triton_interpreter_on_arbitrary_indices(case, hidden, dtype):
+    t, r, index = case
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+                             for n in (t, r, NUM_SPECIAL))
+    with env(TRITON_INTERPRET="1"):
+        check_against_oracle("triton", index, text, visual, special, dtype)
+
+
+def test_triton_interpreter_in_a_fresh_process():
+    """TRITON_INTERPRET set before anything imports triton (how a user would run it)."""
+    code = ("import torch; from kernels import pack_tokens, resolve_impl\n"
+            "assert resolve_impl(None, 'cpu') == 'triton'\n"
+            "t, v, s = torch.randn(4, 8), torch.randn(5, 8), torch.randn(3, 8)\n"
+            "i = torch.tensor([11, 0, -1, 3, 4, 8, 9, 10, 2])\n"
+            "o = pack_tokens(t, v, s, i)\n"
+            "assert torch.equal(o, torch.cat([t, v, s, torch.zeros(1, 8)])[i])\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ GPU (skipped)
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@settings(max_examples=15, **SETTINGS)
+@given(batch=layouts(), hidden=st.sampled_from([8, 24, 64, 200, 2048]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_gpu_impls_on_packed_layouts(impl, batch, hidden, dtype):
+    text, visual, special = sources(batch, hidden, dtype, device="cuda")
+    out, grads = check_against_oracle(impl, batch, text, visual, special, dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    ref_out, ref_grads = run("torch", text, visual, special, batch.pack_index.cuda(), grad)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grads[0], ref_grads[0]) and torch.equal(grads[1], ref_grads[1])
+    again = run(impl, text, visual, special, batch.pack_index.cuda(), grad)[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads, again)), "backward is not deterministic"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@settings(max_examples=20, **SETTINGS)
+@given(case=random_indices(), hidden=st.sampled_from([1, 3, 16, 520]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_gpu_impls_on_arbitrary_indices(impl, case, hidden, dtype):
+    t, r, index = case
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, hidden, generator=g).to("cuda", dtype)
+                             .requires_grad_() for n in (t, r, NUM_SPECIAL))
+    check_against_oracle(impl, index.cuda(), text, visual, special, dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+def test_gpu_auto_selection_prefers_cuda():
+    assert resolve_impl(None, "cuda") == "cuda"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.skipif(os.environ.get("MEGATRON_SPHINX_TEST_CUDA_BUILD") != "1",
+                    reason="slow (~1-2 min of nvcc): set MEGATRON_SPHINX_TEST_CUDA_BUILD=1")
+def test_cuda_extension_compiles(tmp_path):
+    """The CUDA sources compile with this torch and nvcc (no GPU needed: sm_90 only)."""
+    res = subprocess.run([sys.executable, "-m", "kernels.cuda_pack", "--arch", "9.0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "MEGATRON_SPHINX_EXT_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list(tmp_path.rglob("*.so")), "no shared object was produced"
+
+
+def test_bench_script_runs_and_rejects_bad_input():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_pack_kernel
+    finally:
+        sys.path.pop(0)
+    assert bench_pack_kernel.main(["--seq", "1400", "--hidden", "16", "--batch", "1", "--skip",
+                                   "0.4", "--repeat", "1", "--impl", "torch"]) == 0
+    assert bench_pack_kernel.main(["--skip", "0.9", "--quick"]) == 2

@@ -1,0 +1,112 @@
+"""The zarr store: shard writers, the rank-0 index, and the reader."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from megatron_sphinx.data.layout import Sample
+from megatron_sphinx.data.store import (
+    ShardWriter, StoreError, StoreMeta, StoreReader, create_store, is_store, read_meta,
+    write_index)
+from megatron_sphinx.data import store as store_mod
+
+
+def _samples(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        L = int(rng.integers(2, 300))
+        ids = rng.integers(0, 512, L).astype(np.int32)
+        mask = rng.random(L) < 0.5
+        if k % 3:
+            hw = (int(rng.integers(1, 2000)), int(rng.integers(1, 2000)))
+            img = rng.bytes(int(rng.integers(1, 5000)))
+        else:
+            hw, img = None, None
+        out.append((Sample(ids, mask, hw, 1, k % 2), img, (k % 2, k)))
+    return out
+
+
+def _write(path, items, world, meta=None):
+    meta = meta or StoreMeta(448, 2, 8192, ["even", "odd"])
+    create_store(path, meta)
+    for r in range(world):
+        w = ShardWriter(path, r, meta.image_size, meta.grid)
+        for i, (s, img, key) in enumerate(items):
+            if i % world == r:
+                w.add(s, img, key)
+        assert w.close({"summary": {"rank": r}}) == len(range(r, len(items), world))
+    return write_index(path, meta)
+
+
+def _same(a: Sample, b: Sample) -> bool:
+    return (np.array_equal(a.input_ids, b.input_ids) and a.input_ids.dtype == b.input_ids.dtype
+            and np.array_equal(a.target_mask, b.target_mask) and a.image_hw == b.image_hw
+            and a.image_slot == b.image_slot and a.source_id == b.source_id)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_roundtrip_in_key_order(tmp_path, world, monkeypatch):
+    monkeypatch.setattr(store_mod, "FLUSH_BYTES", 20_000)  # several appends per shard
+    items = _samples(120)
+    meta = _write(tmp_path / "s.zarr", items, world)
+    assert meta.num_samples == 120 and meta.num_shards == world
+    r = StoreReader(tmp_path / "s.zarr", image_size=448, grid=2)
+    order = sorted(range(120), key=lambda i: items[i][2])  # (source id, record)
+    assert len(r) == 120 and r.source_names == ["even", "odd"]
+    for i, j in enumerate(order):
+        s, img = r.get(i)
+        assert _same(s, items[j][0]) and img == items[j][1]
+        assert r.lengths[i] == items[j][0].length(448, 2)
+        assert r.source_ids[i] == items[j][0].source_id
+        assert r.has_image[i] == (items[j][1] is not None)
+    assert r.lengths.dtype == np.int64 and r.image_hw.shape == (120, 2)
+    r2 = pickle.loads(pickle.dumps(r))
+    assert _same(r2.get_sample(7), r.get_sample(7)) and r2.get_image(7) == r.get_image(7)
+    assert _same(r.get(-1)[0], r.get(119)[0])
+    with pytest.raises(IndexError):
+        r.get(120)
+
+
+def test_same_store_whatever_the_shard_count(tmp_path):
+    items = _samples(50, seed=1)
+    _write(tmp_path / "a.zarr", items, 1)
+    _write(tmp_path / "b.zarr", items, 4)
+    a, b = StoreReader(tmp_path / "a.zarr"), StoreReader(tmp_path / "b.zarr")
+    assert np.array_equal(a.lengths, b.lengths)
+    for i in range(50):
+        assert _same(a.get_sample(i), b.get_sample(i)) and a.get_image(i) == b.get_image(i)
+
+
+def test_reader_refuses_other_geometry_and_short_sequences(tmp_path):
+    _write(tmp_path / "s.zarr", _samples(10), 1)
+    with pytest.raises(StoreError, match="image_size 448 grid 2.*--image-size 672 --grid 3"):
+        StoreReader(tmp_path / "s.zarr", image_size=672, grid=3)
+    with pytest.raises(StoreError, match="grid 3"):
+        StoreReader(tmp_path / "s.zarr", image_size=448, grid=3)
+    longest = int(StoreReader(tmp_path / "s.zarr").lengths.max())
+    with pytest.raises(StoreError, match="--seq-length"):
+        StoreReader(tmp_path / "s.zarr", seq_length=longest - 1)
+    assert len(StoreReader(tmp_path / "s.zarr", seq_length=longest)) == 10
+
+
+def test_incomplete_and_foreign_directories_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="not a megatron_sphinx store"):
+        StoreReader(tmp_path)
+    create_store(tmp_path / "s.zarr", StoreMeta(448, 2, 4096, ["a"]))
+    assert is_store(tmp_path / "s.zarr") and read_meta(tmp_path / "s.zarr")[1] is False
+    with pytest.raises(StoreError, match="incomplete"):
+        StoreReader(tmp_path / "s.zarr")
+
+
+def test_empty_store_and_writer_checks(tmp_path):
+    meta = _write(tmp_path / "e.zarr", [], 2)
+    assert meta.num_samples == 0 and len(StoreReader(tmp_path / "e.zarr")) == 0
+    create_store(tmp_path / "w.zarr", StoreMeta(448, 2, 4096, ["a"]))
+    w = ShardWriter(tmp_path / "w.zarr", 0, 448, 2)
+    with pytest.raises(ValueError, match="image_bytes"):
+        w.add(Sample(np.zeros(3, np.int32), np.zeros(3, bool), (10, 10)), None, (0, 0))
+    with pytest.raises(ValueError, match="grid"):
+        StoreMeta(448, 3, 4096, ["a"])
