@@ -8,20 +8,19 @@ Backward (deterministic, no atomics), from the shared :class:`~kernels.reference
 
 * text and visual rows: a gather. Each source row reads its positions
   ``order[offsets[r]:offsets[r + 1]]`` (usually one) and sums them in position order in fp32.
-* special rows (few rows, thousands of positions each): two stages. Stage 1 cuts each special
-  row's sorted positions into chunks of ``CHUNK`` and writes one fp32 partial row per chunk (the
-  grid has ``ceil(N / CHUNK)`` chunks per special row, an upper bound known without a host sync;
-  chunks past a row's end write zeros). Stage 2 sums the partials in chunk order with ``torch.sum``
-  (deterministic). A gather with a fixed reduction order is reproducible run to run, unlike
-  ``atomicAdd`` scatter, and for these sizes costs about one extra pass over the special positions.
+* special rows (few rows, up to thousands of positions each): two stages. Stage 1 cuts each
+  special row's sorted positions into chunks of ``CHUNK`` and writes one fp32 partial row per
+  chunk (the grid has ``ceil(N / CHUNK)`` chunks per special row, an upper bound known without a
+  host sync; programs past a row's end exit at once and write nothing). Stage 2 sums each row's
+  written chunks in chunk order. Same-order sums make the result bit-reproducible run to run,
+  unlike an ``atomicAdd`` scatter, at the cost of one small extra pass over the partials.
 
-``TRITON_INTERPRET`` is read when a kernel is decorated, so the kernels are re-wrapped at launch if
-the variable changed since import (tests set it in-process); under the interpreter each program
-costs ~1 ms, so tiles are made as large as allowed there.
+``TRITON_INTERPRET=1`` must be set before Python imports triton: ``@triton.jit`` (here and in
+triton's own standard library, e.g. ``tl.max``) picks compiled or interpreted at decoration time,
+and the two cannot be mixed, so :func:`available` refuses a setting that changed after import.
+Under the interpreter each program costs ~1 ms, so tiles are made as large as allowed there.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -35,13 +34,19 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     triton = tl = None
     _IMPORT_ERROR = f"triton does not import: {exc}"
 
-#: Positions per stage-1 chunk of the special-row reduction.
-CHUNK = 256
+#: Positions per stage-1 chunk of the special-row reduction on GPU (256 under the interpreter).
+CHUNK = 32
 
 
-def interpret_mode() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+def interpret_env() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set now."""
     return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def interpreted() -> bool:
+    """Whether this module's kernels were decorated for Triton's CPU interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_pack_fwd_kernel, InterpretedFunction)
 
 
 def available(device: torch.device | str) -> tuple[bool, str]:
@@ -50,11 +55,18 @@ def available(device: torch.device | str) -> tuple[bool, str]:
     if triton is None:
         return False, _IMPORT_ERROR
     if device.type == "cpu":
-        if interpret_mode():
-            return True, "TRITON_INTERPRET=1 (CPU interpreter)"
-        return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter)"
+        if not interpret_env():
+            return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter), " \
+                "set before Python starts"
+        if not interpreted():
+            return False, "TRITON_INTERPRET=1 was set after triton was imported: set it before " \
+                "Python starts"
+        return True, "TRITON_INTERPRET=1 (CPU interpreter)"
     if device.type != "cuda":
         return False, f"no Triton backend for {device.type} tensors"
+    if interpreted():
+        return False, "triton was imported with TRITON_INTERPRET=1 (CPU interpreter): unset it " \
+            "to run on CUDA tensors"
     return True, "CUDA tensors"
 
 
@@ -110,41 +122,39 @@ if triton is not None:
         j = tl.program_id(1)
         cols = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
         cmask = cols < hidden
-        seg_start = tl.load(offsets_ptr + sp_base + j)
         seg_end = tl.load(offsets_ptr + sp_base + j + 1)
-        lo = seg_start + c * CHUNK_SIZE
+        lo = tl.load(offsets_ptr + sp_base + j) + c * CHUNK_SIZE
+        if lo < seg_end:  # chunks past the row's positions write nothing and are never read
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for k0 in range(0, CHUNK_SIZE, BLOCK_P):
+                ks = lo + k0 + tl.arange(0, BLOCK_P)
+                kmask = ks < seg_end
+                p = tl.load(order_ptr + ks, mask=kmask, other=0)
+                g = tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc += tl.sum(g.to(tl.float32), axis=0)
+            tl.store(partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols, acc,
+                     mask=cmask)
+
+    @triton.jit
+    def _special_sum_kernel(grad_sp_ptr, partial_ptr, offsets_ptr, sp_base, num_chunks, hidden,
+                            CHUNK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr):
+        j = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < hidden
+        count = tl.load(offsets_ptr + sp_base + j + 1) - tl.load(offsets_ptr + sp_base + j)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for k0 in range(0, CHUNK_SIZE, BLOCK_P):
-            ks = lo + k0 + tl.arange(0, BLOCK_P)
-            kmask = ks < seg_end
-            p = tl.load(order_ptr + ks, mask=kmask, other=0)
-            g = tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.sum(g.to(tl.float32), axis=0)
-        out = partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols
-        tl.store(out, acc, mask=cmask)
-
-
-def _runnable(kernel):
-    """``kernel`` wrapped for the current ``TRITON_INTERPRET`` setting."""
-    from triton.runtime.interpreter import InterpretedFunction
-    want = interpret_mode()
-    if want == isinstance(kernel, InterpretedFunction):
-        return kernel
-    return _rewrap(kernel.fn, want)
-
-
-@functools.lru_cache(maxsize=None)
-def _rewrap(fn, interpret: bool):
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-    return InterpretedFunction(fn) if interpret else JITFunction(fn)
+        for c in range(0, tl.cdiv(count, CHUNK_SIZE)):  # the written chunks, in order
+            acc += tl.load(partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols,
+                           mask=cmask, other=0.0)
+        tl.store(grad_sp_ptr + j * hidden + cols, acc.to(grad_sp_ptr.dtype.element_ty),
+                 mask=cmask)
 
 
 def _tiles(hidden: int, rows_hint: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_H, num_warps)`` for a row-gather over ``hidden`` columns."""
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), 1024 if not interpret_mode() else 4096)
-    if interpret_mode():  # ~1 ms per program: few, large programs
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), 1024 if not interpreted() else 4096)
+    if interpreted():  # ~1 ms per program: few, large programs
         block_r = max(1, min(triton.next_power_of_2(max(rows_hint, 1)), 65536 // block_h))
         return block_r, block_h, 4
     block_r = max(1, 4096 // block_h)
@@ -165,7 +175,7 @@ class TritonBackend:
             return
         block_r, block_h, warps = _tiles(h, n)
         grid = (triton.cdiv(n, block_r), triton.cdiv(h, block_h))
-        _runnable(_pack_fwd_kernel)[grid](
+        _pack_fwd_kernel[grid](
             out, text, visual, special, index, n, text.shape[0], visual.shape[0],
             special.shape[0], h, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
 
@@ -177,7 +187,7 @@ class TritonBackend:
             return g
         block_r, block_h, warps = _tiles(h, num_src)
         grid = (triton.cdiv(num_src, block_r), triton.cdiv(h, block_h))
-        _runnable(_gather_rows_kernel)[grid](
+        _gather_rows_kernel[grid](
             g, grad_out, plan.order, plan.offsets, row_base, num_src, h,
             BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
         return g
@@ -191,16 +201,20 @@ class TritonBackend:
         g_vis = self._gather(grad_out, plan, t, r) if needs[1] else None
         g_sp = None
         if needs[2]:
-            if n == 0 or k == 0 or h == 0:
-                return g_text, g_vis, torch.zeros(k, h, dtype=grad_out.dtype,
-                                                  device=grad_out.device)
-            chunks = triton.cdiv(n, CHUNK)
-            partial = alloc((k, chunks, h), grad_out, dtype=torch.float32)
-            block_h = min(triton.next_power_of_2(h), 4096 if interpret_mode() else 256)
-            block_p = CHUNK if interpret_mode() else 16
-            grid = (chunks, k, triton.cdiv(h, block_h))
-            _runnable(_special_partial_kernel)[grid](
-                partial, grad_out, plan.order, plan.offsets, t + r, chunks, h,
-                CHUNK_SIZE=CHUNK, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=4)
-            g_sp = partial.sum(1).to(grad_out.dtype)  # [k, h], fixed order
+            g_sp = alloc((k, h), grad_out)
+            if k and h:
+                # Stage 1: chunk partials (upper bound of chunks, no host sync; untouched memory
+                # past each row's chunks costs nothing). Stage 2: sum them in chunk order.
+                chunk = 256 if interpreted() else CHUNK
+                chunks = max(1, triton.cdiv(n, chunk))
+                partial = torch.empty(k, chunks, h, dtype=torch.float32, device=grad_out.device)
+                block_h = min(triton.next_power_of_2(h), 4096 if interpreted() else 256)
+                if n:
+                    _special_partial_kernel[(chunks, k, triton.cdiv(h, block_h))](
+                        partial, grad_out, plan.order, plan.offsets, t + r, chunks, h,
+                        CHUNK_SIZE=chunk, BLOCK_P=chunk if interpreted() else 16,
+                        BLOCK_H=block_h, num_warps=4)
+                _special_sum_kernel[(k, triton.cdiv(h, block_h))](
+                    g_sp, partial, plan.offsets, t + r, chunks, h, CHUNK_SIZE=chunk,
+                    BLOCK_H=block_h, num_warps=4)
         return g_text, g_vis, g_sp

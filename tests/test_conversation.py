@@ -108,7 +108,8 @@ def test_llm_template_uses_tokenizer_chat_template(tok):
     d, _ = check_dialog(Dialog([("human", "hello"), ("gpt", "hi there"),
                                 ("human", "again"), ("gpt", "yes")]))
     text, spans = enc.render(d)
-    assert text == "[user] hello</s>\n[assistant] hi there</s>\n[user] again</s>\n[assistant] yes</s>\n"
+    assert text == ("[user] hello</s>\n[assistant] hi there</s>\n[user] again</s>\n"
+                    "[assistant] yes</s>\n")
     assert [text[a:b] for a, b in spans] == ["hi there</s>\n", "yes</s>\n"]
     (ids, mask), = enc.encode([d])
     assert ids[0] == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1

@@ -7,8 +7,12 @@ Tiny random ``transformers`` models in fp32 on CPU. Megatron runs in forked rank
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +30,7 @@ def _perturb_norms(model: torch.nn.Module) -> None:
     """HF initialises norms to 1; random values make a swapped norm visible."""
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
 
@@ -142,17 +146,16 @@ def _internlm2_state(llama_model: torch.nn.Module, cfg: LLMConfig) -> dict[str, 
     out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"],
            "model.norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
     for i in range(cfg.num_layers):
-        a, b = f"model.layers.{i}.", f"model.layers.{i}."
-        q = sd[a + "self_attn.q_proj.weight"].view(ng, per, d, -1)
-        k = sd[a + "self_attn.k_proj.weight"].view(ng, 1, d, -1)
-        v = sd[a + "self_attn.v_proj.weight"].view(ng, 1, d, -1)
-        out[b + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
-        out[b + "attention.wo.weight"] = sd[a + "self_attn.o_proj.weight"]
-        out[b + "feed_forward.w1.weight"] = sd[a + "mlp.gate_proj.weight"]
-        out[b + "feed_forward.w3.weight"] = sd[a + "mlp.up_proj.weight"]
-        out[b + "feed_forward.w2.weight"] = sd[a + "mlp.down_proj.weight"]
-        out[b + "attention_norm.weight"] = sd[a + "input_layernorm.weight"]
-        out[b + "ffn_norm.weight"] = sd[a + "post_attention_layernorm.weight"]
+        p = f"model.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"].view(ng, per, d, -1)
+        k = sd[p + "self_attn.k_proj.weight"].view(ng, 1, d, -1)
+        v = sd[p + "self_attn.v_proj.weight"].view(ng, 1, d, -1)
+        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+        for src, dst in [("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+                         ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
+                         ("input_layernorm", "attention_norm"),
+                         ("post_attention_layernorm", "ffn_norm")]:
+            out[f"{p}{dst}.weight"] = sd[f"{p}{src}.weight"]
     return {k: v.clone() for k, v in out.items()}
 
 
@@ -249,10 +252,14 @@ def test_config_parsing_of_raw_json_and_refusals():
               "max_position_embeddings": 32768, "tie_word_embeddings": False}
     cfg = hm.llm_config_from_hf(intern, name="InternLM2-7B")
     assert cfg == get_recipe("sphinx-intern2").llm
+    # Dynamic NTK only acts beyond max_position_embeddings: accepted as plain RoPE.
+    dynamic = {**intern, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    assert hm.llm_config_from_hf(dynamic, name="InternLM2-7B") == cfg
     for change, msg in [({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
                         ({"bias": True}, "bias=True"),
                         ({"hidden_act": "gelu"}, "hidden_act"),
-                        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+                        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+                        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
                         ({"head_dim": 64}, "head_dim")]:
         with pytest.raises(hm.MappingError, match=msg):
             hm.llm_config_from_hf({**intern, **change})
@@ -320,6 +327,34 @@ def test_hf_io_refusals_leave_nothing_behind(tmp_path, llama):
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "gpt2"]
 
 
+def test_internlm2_directory_converts_to_plain_llama(tmp_path, llama):
+    """An InternLM2 checkpoint (remote-code config, legacy .bin) becomes a LlamaForCausalLM."""
+    model, cfg = llama
+    src = tmp_path / "internlm2"
+    src.mkdir()
+    d = model.config
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+        "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
+        "num_attention_heads": d.num_attention_heads, "num_hidden_layers": d.num_hidden_layers,
+        "num_key_value_heads": d.num_key_value_heads, "vocab_size": d.vocab_size,
+        "rms_norm_eps": d.rms_norm_eps, "rope_theta": 50000.0, "bias": False,
+        "max_position_embeddings": d.max_position_embeddings, "hidden_act": "silu"}))
+    torch.save(_internlm2_state(model, cfg), src / "pytorch_model.bin")
+    config, state = hf_io.load_hf_checkpoint(src)
+    icfg = hm.llm_config_from_hf(config, name=cfg.name)
+    assert icfg == cfg and icfg.hf_architecture == "LlamaForCausalLM"
+    out = tmp_path / "llama"
+    hf_io.save_hf_checkpoint(out, hm.megatron_to_hf(hm.hf_to_megatron(state, icfg), icfg),
+                             hm.hf_config_from_llm(icfg))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert type(loaded) is transformers.LlamaForCausalLM
+    ids = _tokens(cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, model(ids).logits)
+
+
 def test_copy_tokenizer_files_skips_remote_code(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -345,9 +380,15 @@ def _build(cfg: LLMConfig, groups, tp=1, pp=1, ep=1, **config_changes):
 
 
 def _init(world_size: int, **dims):
+    """Starts a CPU (gloo) rank, also on a GPU machine: these tests check the CPU path in fp32.
+
+    The forked rank is told CUDA is absent before anything asks, so ``init_distributed`` picks
+    gloo and applies the CPU compatibility layer (the GPU path is :func:`test_te_spec_on_gpu`).
+    """
     from megatron_sphinx.distributed import init_distributed
     from megatron_sphinx.parallel_dims import ParallelDims
 
+    torch.cuda.is_available = lambda: False
     return init_distributed(ParallelDims(world_size=world_size, **dims), timeout_s=60)
 
 
@@ -467,3 +508,70 @@ def test_sharded_layouts_match_and_export_bit_exact(arch, dims, tmp_path):
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
     (exported,) = run_ranks(_export_worker, 1, cfg, str(ckpt2), timeout=120)
     _assert_same_state(exported, hf_state)
+
+
+# ------------------------------------------------------------------ GPU: Transformer Engine spec
+
+
+def _te_gpu_main() -> None:
+    """Runs in a fresh interpreter (CUDA cannot be used in ranks forked after CUDA checks).
+
+    For a dense and an MoE model: builds the TE-spec LLM on the GPU with the project's builder,
+    loads ``hf_to_megatron(spec="te")`` (every non-``_extra_state`` key must match), compares
+    logits with ``transformers`` on CPU, and exports back bit-exactly. Prints one JSON line.
+    """
+    from megatron_sphinx.distributed import init_distributed, shutdown
+    from megatron_sphinx.model.llm import ParallelSizes, build_gpt, transformer_config
+    from megatron_sphinx.model.specs import transformer_engine_available
+    from megatron_sphinx.parallel_dims import ParallelDims
+
+    if not transformer_engine_available():
+        print("TE_CHECK_SKIP")
+        return
+    groups = init_distributed(ParallelDims(world_size=1), timeout_s=120)
+    report = {}
+    for arch, model in (("llama", _llama()), ("mixtral", _mixtral())):
+        cfg = hm.llm_config_from_hf(model.config, name=arch)
+        hf_state = _hf_state(model)
+        tc = transformer_config(cfg, ParallelSizes(), dtype=torch.float32, on_gpu=True)
+        gpt = build_gpt(cfg, tc, "te", pre_process=True, post_process=True,
+                        pg_collection=groups.collection).eval()
+        hm.load_megatron_state(gpt, hm.hf_to_megatron(hf_state, cfg, "te"))
+        ids = _tokens(cfg.vocab_size)
+        with torch.no_grad():
+            ref = model(ids).logits
+            pos = torch.arange(SEQ).expand_as(ids).cuda()
+            logits = gpt(ids.cuda(), pos, attention_mask=None)[..., : cfg.vocab_size].cpu()
+        mc = {k: v.cpu() for k, v in gpt.state_dict().items()
+              if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+        exported = hm.megatron_to_hf(mc, cfg)
+        report[arch] = {
+            "spec": hm.detect_spec(mc),
+            "max_abs_diff": (logits - ref).abs().max().item(),
+            "bit_exact": sorted(exported) == sorted(hf_state)
+            and all(torch.equal(exported[k], hf_state[k]) for k in hf_state),
+        }
+    shutdown()
+    print("TE_CHECK " + json.dumps(report))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="Transformer Engine is not installed (GPU machines only)")
+def test_te_spec_on_gpu():
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tests.test_hf_mapping import _te_gpu_main; _te_gpu_main()"],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"GPU check failed:\n{proc.stderr[-3000:]}")
+    if "TE_CHECK_SKIP" in proc.stdout:
+        pytest.skip("Transformer Engine is installed but CUDA is not available")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TE_CHECK ")]
+    assert lines, f"no report from the GPU check:\n{proc.stderr[-3000:]}"
+    report = json.loads(lines[-1][len("TE_CHECK "):])
+    for arch, r in report.items():
+        assert r["spec"] == "te", arch
+        assert r["bit_exact"], arch
+        # fp32 on the GPU: TE's kernels round differently from CPU matmuls, still far below
+        # the ~1e-1 that one wrong tensor layout produces.
+        assert r["max_abs_diff"] < 1e-3, (arch, r)

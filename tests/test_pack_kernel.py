@@ -1,6 +1,8 @@
 """The pack op (kernels/): reference, Triton (CPU interpreter) and CUDA against a naive oracle.
 
-The oracle is the unfused definition ``cat([text, visual, special, zero])[index]`` evaluated in
+Triton's CPU interpreter needs ``TRITON_INTERPRET=1`` before triton is imported, so the
+interpreter tests run in a subprocess started by ``test_triton_interpreter_suite`` (or directly
+when this file is run with ``TRITON_INTERPRET=1``). The oracle is the unfused definition ``cat([text, visual, special, zero])[index]`` evaluated in
 float64 with autograd. Layouts come from the real ``build_packed_batch``. Outputs and gradients are
 allocated NaN-filled (``MEGATRON_SPHINX_PACK_DEBUG=1``), so a position an implementation forgets to
 write fails the comparison. GPU cases skip here with the reason; the CUDA build test is opt-in
@@ -30,6 +32,14 @@ from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
 from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Whether this process runs Triton's CPU interpreter (the variable must precede importing triton).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of "
+    "test_triton_interpreter_suite (triton reads the variable at import)")
+INTERPRETER_TESTS = ["test_triton_interpreter_on_packed_layouts",
+                     "test_triton_interpreter_on_arbitrary_indices",
+                     "test_triton_interpreter_selection"]
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device on this machine (CUDA and GPU-Triton paths need one)"
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -61,7 +71,7 @@ def env(**values: str | None):
 
 @pytest.fixture(autouse=True)
 def _debug_poison():
-    with env(**{DEBUG_ENV: "1", IMPL_ENV: None, "TRITON_INTERPRET": None}):
+    with env(**{DEBUG_ENV: "1", IMPL_ENV: None}):
         yield
 
 
@@ -254,6 +264,7 @@ def test_bad_inputs_say_what_to_change():
         pack_tokens(text, visual, special, torch.tensor([0]), impl="fast")
 
 
+@pytest.mark.skipif(INTERPRETED, reason="checks the selection without the interpreter")
 def test_selection_on_cpu():
     assert resolve_impl(None, "cpu") == "torch"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -263,32 +274,31 @@ def test_selection_on_cpu():
     with env(**{IMPL_ENV: "cuda"}):
         with pytest.raises(RuntimeError, match="forced"):
             resolve_impl(None, "cpu")
-    with env(**{IMPL_ENV: "torch", "TRITON_INTERPRET": "1"}):
+    with env(TRITON_INTERPRET="1"):  # too late: triton's kernels are already decorated
         assert resolve_impl(None, "cpu") == "torch"
-    with env(TRITON_INTERPRET="1"):
-        assert resolve_impl(None, "cpu") == "triton"
-        assert resolve_impl(None, "cpu", torch.float64) == "torch"  # kernels: 16/32-bit only
-        with pytest.raises(ValueError, match="unknown"):
-            resolve_impl("bogus", "cpu")
+        with pytest.raises(RuntimeError, match="after triton was imported"):
+            resolve_impl("triton", "cpu")
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_impl("bogus", "cpu")
 
 
 # --------------------------------------------------------------- Triton under TRITON_INTERPRET
 
+@needs_interpreter
 @settings(max_examples=8, **SETTINGS)
 @given(batch=layouts(max_rows=2, max_images=3), hidden=st.sampled_from([8, 24]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_triton_interpreter_on_packed_layouts(batch, hidden, dtype):
     text, visual, special = sources(batch, hidden, dtype)
-    with env(TRITON_INTERPRET="1"):
-        out, grads = check_against_oracle("triton", batch, text, visual, special, dtype)
-    ref_out, ref_grads = run("torch", text, visual, special, batch.pack_index,
-                             torch.randn(out.shape, generator=torch.Generator().manual_seed(1)
-                                         ).to(dtype))
+    out, grads = check_against_oracle("triton", batch, text, visual, special, dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref_out, ref_grads = run("torch", text, visual, special, batch.pack_index, grad)
     assert torch.equal(out, ref_out)
     # text and visual rows appear once: their gradients are copies, bit-exact across impls
     assert torch.equal(grads[0], ref_grads[0]) and torch.equal(grads[1], ref_grads[1])
 
 
+@needs_interpreter
 @settings(max_examples=12, **SETTINGS)
 @given(case=random_indices(), hidden=st.sampled_from([3, 16]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
@@ -297,22 +307,35 @@ def test_triton_interpreter_on_arbitrary_indices(case, hidden, dtype):
     g = torch.Generator().manual_seed(0)
     text, visual, special = (torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
                              for n in (t, r, NUM_SPECIAL))
-    with env(TRITON_INTERPRET="1"):
-        check_against_oracle("triton", index, text, visual, special, dtype)
+    check_against_oracle("triton", index, text, visual, special, dtype)
 
 
-def test_triton_interpreter_in_a_fresh_process():
-    """TRITON_INTERPRET set before anything imports triton (how a user would run it)."""
-    code = ("import torch; from kernels import pack_tokens, resolve_impl\n"
-            "assert resolve_impl(None, 'cpu') == 'triton'\n"
-            "t, v, s = torch.randn(4, 8), torch.randn(5, 8), torch.randn(3, 8)\n"
-            "i = torch.tensor([11, 0, -1, 3, 4, 8, 9, 10, 2])\n"
-            "o = pack_tokens(t, v, s, i)\n"
-            "assert torch.equal(o, torch.cat([t, v, s, torch.zeros(1, 8)])[i])\n"
-            "print('ok')\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+@needs_interpreter
+def test_triton_interpreter_selection():
+    assert resolve_impl(None, "cpu") == "triton"
+    assert resolve_impl(None, "cpu", torch.float64) == "torch"  # kernels: 16/32-bit only
+    with env(**{IMPL_ENV: "torch"}):
+        assert resolve_impl(None, "cpu") == "torch"
+    # the 257-token views of a real layout through the automatic choice, sliced as under SP
+    batch = build_packed_batch([[Sample(np.arange(9, dtype=np.int32), np.ones(9, dtype=bool),
+                                        (200, 448), 1)]], 1300, 448, 2)
+    text, visual, special = sources(batch, 8, torch.float32)
+    index = batch.pack_index[3:700]
+    out = pack_tokens(text, visual, special, index)
+    assert torch.equal(out, oracle(text, visual, special, index, torch.zeros(697, 8))[0].float())
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
+def test_triton_interpreter_suite():
+    """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
+         "-k", " or ".join(INTERPRETER_TESTS)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"})
+    tail = res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0, tail
+    assert f"{len(INTERPRETER_TESTS)} passed" in res.stdout and "skipped" not in res.stdout, tail
 
 
 # ------------------------------------------------------------------------------ GPU (skipped)

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
         return 0
 
     root = st.zarr.open_group(str(out), mode="r")
-    per_rank = [dict(root["shards"][n].attrs["summary"]) for n in sorted(root["shards"].group_keys())]
+    shards = root["shards"]
+    per_rank = [dict(shards[n].attrs["summary"]) for n in sorted(shards.group_keys())]
     summary = summarize(per_rank, mix.names, timer() - t0, comm.size)
     meta = st.StoreMeta(args.image_size, grid, args.seq_length, mix.names,
                         tokenizer_path=str(tok_dir), tokenizer_hash=tokenizer_hash(tok_dir),

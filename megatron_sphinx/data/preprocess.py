@@ -236,8 +236,8 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
 
     drop = _Dropper(rank)
     stats_by = defaultdict(SourceStats)
-    bar = tqdm(desc=f"rank {rank}", unit="rec", position=rank, disable=progress is False
-               if progress is not None else None, leave=True, dynamic_ncols=True)
+    bar = tqdm(desc=f"rank {rank}", unit="rec", position=rank, leave=True, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
     for sid, spec in enumerate(mix.sources):
         stats = stats_by[spec.name]
         pending: list[tuple[int, object, bytes | None, tuple[int, int] | None]] = []

@@ -91,7 +91,8 @@ def _plural(n: int, word: str) -> str:
     return f"{NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} {word}{'s' if n != 1 else ''}"
 
 
-def make_scene(rng: random.Random, size: tuple[int, int] | None = None, max_shapes: int = 4) -> Scene:
+def make_scene(rng: random.Random, size: tuple[int, int] | None = None,
+               max_shapes: int = 4) -> Scene:
     """A random scene of 1..``max_shapes`` non-overlapping shapes."""
     w, h = size or rng.choice(SIZES)
     bg = rng.choice(list(BACKGROUNDS))
@@ -216,8 +217,9 @@ def _detection(rng: random.Random, img_dir: Path, n: int, start: int):
         names = [s.name for s in scene.shapes]
         for s in scene.shapes:
             x1, y1, x2, y2 = s.box
-            anns.append({"id": ann_id, "image_id": start + k, "category_id": SHAPES.index(s.kind) + 1,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0, "area": (x2 - x1) * (y2 - y1)})
+            anns.append({"id": ann_id, "image_id": start + k,
+                         "category_id": SHAPES.index(s.kind) + 1, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
             sents = [{"sent": _position_words(s, scene)}]
             if names.count(s.name) == 1:
                 sents.insert(0, {"sent": f"the {s.name}"})
@@ -246,10 +248,12 @@ def _keypoints(rng: random.Random, img_dir: Path, n: int):
             top = rng.randint(0, h - sh)
             u = sh / 8
             pts = {"head": (cx, top + u), "neck": (cx, top + 2 * u),
-                   "left hand": (cx + 1.6 * u, top + 4 * u), "right hand": (cx - 1.6 * u, top + 4 * u),
+                   "left hand": (cx + 1.6 * u, top + 4 * u),
+                   "right hand": (cx - 1.6 * u, top + 4 * u),
                    "hip": (cx, top + 5 * u), "left foot": (cx + 1.2 * u, top + 7.8 * u),
                    "right foot": (cx - 1.2 * u, top + 7.8 * u)}
-            pts = {key: (min(max(x, 0), w - 1), min(max(y, 0), h - 1)) for key, (x, y) in pts.items()}
+            pts = {key: (min(max(x, 0), w - 1), min(max(y, 0), h - 1))
+                   for key, (x, y) in pts.items()}
             col = COLOURS[rng.choice(list(COLOURS))]
             lw = max(2, int(u / 4))
             for a, b in (("neck", "hip"), ("neck", "left hand"), ("neck", "right hand"),

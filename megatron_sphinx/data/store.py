@@ -66,7 +66,7 @@ class StoreMeta:
     tokenizer_path: str = ""
     """Tokenizer directory used (absolute path at preprocessing time)."""
     tokenizer_hash: str = ""
-    """sha256 of the tokenizer's files (see :func:`megatron_sphinx.data.tokenizer.tokenizer_hash`)."""
+    """sha256 of the tokenizer's files (:func:`~megatron_sphinx.data.tokenizer.tokenizer_hash`)."""
     template: str = "sphinx"
     """Chat template name the dialogs were rendered with."""
     num_samples: int = 0
@@ -74,7 +74,7 @@ class StoreMeta:
     num_shards: int = 0
     """Shards (writers) the store has."""
     fingerprint: str = ""
-    """Hash of the inputs and settings (mix, tokenizer, lengths); equal fingerprints = same store."""
+    """Hash of the inputs and settings (mix, tokenizer, lengths): equal means the same store."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (mix path, overlong policy, summary totals)."""
     format: str = STORE_FORMAT

@@ -85,7 +85,12 @@ def _rope_base(d: dict) -> float:
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
+    if rope_type == "dynamic":
+        # Dynamic NTK (InternLM2) only rescales beyond max_position_embeddings: plain RoPE up to
+        # there, which is all Megatron trains on. The export is plain RoPE.
+        logger.warning("dynamic RoPE scaling is treated as plain RoPE (identical up to "
+                       "max_position_embeddings); the exported config has no scaling")
+    elif rope_type not in (None, "default"):
         raise MappingError(
             f"RoPE scaling {rope_type!r} is not supported: use a checkpoint with plain RoPE")
     return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
@@ -392,15 +397,15 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: LLMConfig, spec: S
         from megatron_sphinx.model.llm import padded_vocab_size
 
         padded_vocab = padded_vocab_size(cfg.vocab_size, 1)
-    padded = padded_vocab
+
     embed = take(g_hf["embed"], (cfg.vocab_size, h))
-    out[g_mc["embed"]] = _pad_vocab(embed, padded, pad_mode)
+    out[g_mc["embed"]] = _pad_vocab(embed, padded_vocab, pad_mode)
     if g_hf["head"] in state:
         head = take(g_hf["head"], (cfg.vocab_size, h))
     else:
         logger.info("%s has tied embeddings: the output layer starts as a copy", cfg.name)
         head = embed
-    out[g_mc["head"]] = _pad_vocab(head, padded, pad_mode)
+    out[g_mc["head"]] = _pad_vocab(head, padded_vocab, pad_mode)
     out[g_mc["norm"]] = take(g_hf["norm"], (h,))
 
     for layer in range(cfg.num_layers):

@@ -127,6 +127,6 @@ def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_pr
         post_process=post_process,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
-        rotary_base=int(llm.rope_base),
+        rotary_base=llm.rope_base,
         pg_collection=pg_collection,
     )

@@ -55,4 +55,9 @@ def layer_spec(llm: LLMConfig, backend: str) -> ModuleSpec:
     spec = specs.get_gpt_layer_local_spec(
         num_experts=llm.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    if llm.is_moe:
+        # The local spec maps pre_mlp_layernorm to TE's fused fc1 norm name in checkpoints, but
+        # TE's MoE layers keep a separate pre_mlp_layernorm: keep MoE checkpoints interchangeable.
+        spec.submodules.sharded_state_dict_keys_map = {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     return spec

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megatron_sphinx.train.run_config import RunConfig
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input ends with one line on stderr and exit code 2."""
+    # torch.compile'd fusions cost seconds per process and gain nothing on a CPU; read at import.
+    if not os.path.exists("/dev/nvidia0"):
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "megatron.core", "torch.distributed"):

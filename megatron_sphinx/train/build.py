@@ -56,6 +56,9 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     Returns:
         ``(optimizer, scheduler)``.
     """
+    from megatron_sphinx import upstream_fixes
+
+    upstream_fixes.apply()
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -70,5 +73,7 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(total_steps, 1),
-        wd_incr_style="constant")
+        wd_incr_style="constant",
+        # The schedule follows this run's --steps; a checkpoint only supplies the step count.
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
     return optimizer, scheduler

@@ -80,7 +80,8 @@ def load_json(path) -> object:
         with open(path, "rb") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise SourceError(f"annotation file {path} does not exist: fix the path in the mix") from None
+        raise SourceError(f"annotation file {path} does not exist: fix its path in the mix") \
+            from None
     except (ValueError, UnicodeDecodeError) as e:
         raise SourceError(f"{path} is not valid JSON ({e}): fix or replace the file") from None
 
@@ -94,7 +95,8 @@ def iter_jsonl(path) -> Iterator[object]:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        raise SourceError(f"annotation file {path} does not exist: fix the path in the mix") from None
+        raise SourceError(f"annotation file {path} does not exist: fix its path in the mix") \
+            from None
     with f:
         for n, line in enumerate(f, 1):
             if not line.strip():

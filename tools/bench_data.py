@@ -1,0 +1,225 @@
+"""Benchmark of the data path: image decode + transform, the loader, and packing efficiency.
+
+Prints three tables:
+
+1. **images/s**: DALI (``ImageProcessor``, CPU here, ``mixed`` on a GPU) against Pillow at the same
+   thread count, in the same run, on the test photos: the exact Pillow reference
+   (``reference_views``, float resampling) and a plain uint8 Pillow pipeline doing the same work
+   (decode, EXIF, bicubic resize, pad, global view, tiles, float CHW) -- the fair speed baseline.
+2. **loader**: steps/s, micro-batches/s, samples/s and images/s of ``PackedLoader`` on one rank,
+   against what a training step consumes (``--step-seconds``: the model's step time; the loader
+   keeps up when its time per step is below it).
+3. **packing efficiency** (real tokens / all positions): ours (fixed rows of ``seq_length``),
+   ours with trimmed micro-batches (``pad_to_multiple=64``, micro-batch 1), the offline
+   best-fit-decreasing ceiling of the same samples, and the reference approach (each sample padded
+   to the longest of its length-bucketed batch, batch 4 and 16; and every sample padded to
+   ``seq_length``), for the synthetic paper-like mix and, with ``--store``, a preprocessed store
+   drawn through its mix weights.
+
+Examples::
+
+    python tools/bench_data.py --quick
+    python tools/bench_data.py --store STORE.zarr --threads 2 --step-seconds 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from megatron_sphinx.config import CLIP_MEAN  # noqa: E402
+from megatron_sphinx.data.geometry import image_geometry  # noqa: E402
+from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, probe_image,  # noqa: E402
+                                         reference_views)
+from megatron_sphinx.data.layout import Sample  # noqa: E402
+from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader  # noqa: E402
+from megatron_sphinx.data.mix import BlendedMix  # noqa: E402
+from megatron_sphinx.data.packing import (PackingConfig, SequencePacker,  # noqa: E402
+                                          offline_efficiency, padded_efficiency,
+                                          simulate_packing, synthetic_paper_lengths,
+                                          trimmed_efficiency)
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
+
+
+def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2) -> np.ndarray:
+    """The usual uint8 Pillow pipeline for the same views (speed baseline, not pixel-exact)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    geo = image_geometry(im.height, im.width, image_size, grid)
+    resized = im.resize((geo.resized_width, geo.resized_height), Image.BICUBIC)
+    pad = tuple(int(round(c * 255)) for c in CLIP_MEAN)
+    square = Image.new("RGB", (image_size, image_size), pad)
+    square.paste(resized, (0, 0))
+    v = image_size // grid
+    glob = np.asarray(square.resize((v, v), Image.BICUBIC), dtype=np.float32) / 255.0
+    sq = np.asarray(square, dtype=np.float32) / 255.0
+    views = [glob.transpose(2, 0, 1)]
+    for t, ok in enumerate(geo.view_valid()[1:]):
+        if ok:
+            r, c = divmod(t, grid)
+            views.append(sq[r * v:(r + 1) * v, c * v:(c + 1) * v].transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(views))
+
+
+def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float) -> list[tuple]:
+    proc = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch))
+    proc(datas[:batch])  # build + warm up
+
+    def timed(fn) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for a in range(0, len(datas), batch):
+                fn(datas[a:a + batch])
+                n += len(datas[a:a + batch])
+        return n / (time.perf_counter() - t0)
+
+    pool = ThreadPoolExecutor(threads)
+    dali = timed(proc)
+    plain = timed(lambda xs: list(pool.map(pillow_plain_views, xs)))
+    ref = timed(lambda xs: list(pool.map(reference_views, xs)))
+    pool.shutdown()
+    return [(f"DALI {proc.device}", dali, 1.0), ("Pillow plain uint8", plain, dali / plain),
+            ("Pillow reference (exact)", ref, dali / ref)]
+
+
+def photo_source(datas: list[bytes], n: int, seed: int = 0) -> InMemorySource:
+    """``n`` dialogs (60% with one of ``datas``) with text lengths like the paper mix's."""
+    rng = np.random.default_rng(seed)
+    hws = [probe_image(d).hw for d in datas]
+    samples, images = [], []
+    for i in range(n):
+        has = rng.random() < 0.9
+        t = int(rng.integers(40, 300)) if has else int(rng.lognormal(np.log(700), 0.9)) + 40
+        ids = rng.integers(3, 32000, min(t, 6000)).astype(np.int32)
+        ids[0] = 1
+        mask = np.zeros(len(ids), bool)
+        mask[len(ids) // 2:] = True
+        k = int(rng.integers(len(datas)))
+        samples.append(Sample(ids, mask, hws[k] if has else None, 1, i % 3))
+        images.append(datas[k] if has else None)
+    return InMemorySource(samples, images, 448, 2)
+
+
+def bench_loader(source, cfg: LoaderConfig, seconds: float) -> dict:
+    ld = PackedLoader(source, cfg)
+    ld.next_step()  # start threads, build DALI
+    steps, t0 = 0, time.perf_counter()
+    first = dict(ld.stats)
+    while time.perf_counter() - t0 < seconds:
+        ld.next_step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    ld.close()
+    d = {k: ld.stats.get(k, 0) - first.get(k, 0) for k in ("samples", "micro_batches")}
+    imgs = sum(v for k, v in ld.stats.items() if k.startswith("decode:")) - sum(
+        v for k, v in first.items() if k.startswith("decode:"))
+    return {"steps_s": steps / dt, "mb_s": d["micro_batches"] / dt, "samples_s": d["samples"] / dt,
+            "images_s": imgs / dt, "s_per_step": dt / steps, "efficiency": ld.packing_efficiency()}
+
+
+def mix_lengths(lengths, source_ids, weights, names, n, seed=0) -> np.ndarray:
+    """Lengths of the first ``n`` samples of the blended order (the samples training sees)."""
+    mix = BlendedMix(source_ids, weights, seed, names=names)
+    return np.asarray(lengths)[mix.take(n)]
+
+
+def packing_rows(name: str, stream: np.ndarray, seq: int, rows: int, steps: int) -> dict:
+    cfg = PackingConfig(seq, rows, 1, lookahead=2.0)
+    res = simulate_packing(stream, cfg, steps)
+    return {"mix": name, "seq": seq, "ours": res["efficiency"],
+            "trim64": trimmed_efficiency(res["row_tokens"], 1, 64, seq),
+            "ceiling": offline_efficiency(stream[:20000], seq),
+            "pad_b4": padded_efficiency(stream, 4, seq), "pad_b16": padded_efficiency(stream, 16, seq),
+            "pad_seq": float(np.minimum(stream, seq).sum()) / (len(stream) * seq)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="decode threads (DALI and Pillow)")
+    p.add_argument("--batch", type=int, default=32, help="images per DALI run")
+    p.add_argument("--seconds", type=float, default=4.0, help="time per measurement")
+    p.add_argument("--store", help="a preprocessed store: loader and packing on its samples")
+    p.add_argument("--mix", help="its mix YAML (weights); default: the one recorded in the store")
+    p.add_argument("--global-batch-size", type=int, default=8, help="loader rows per step")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2, help="loader worker threads")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="training step time to compare the loader with")
+    p.add_argument("--quick", action="store_true", help="short measurements")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    secs = 1.5 if args.quick else args.seconds
+    photos = sorted(IMAGES.glob("*.jpg"))
+    if not photos:
+        print(f"no test photos under {IMAGES}: run from the project checkout", file=sys.stderr)
+        return 2
+    datas = [f.read_bytes() for f in photos] * 8
+
+    print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "
+          f"{len(photos)} photos ({os.cpu_count()} CPUs)")
+    print(f"{'pipeline':28s} {'images/s':>9s} {'DALI x':>7s}")
+    for name, rate, ratio in bench_images(datas, args.threads, args.batch, secs):
+        print(f"{name:28s} {rate:9.1f} {ratio:7.2f}")
+
+    reader = None
+    if args.store:
+        from megatron_sphinx.data.store import StoreReader
+
+        reader = StoreReader(args.store)
+    src = reader if reader is not None else photo_source([f.read_bytes() for f in photos], 400)
+    weights = None
+    if reader is not None:
+        mix_path = args.mix or reader.meta.extra.get("mix")
+        if mix_path and Path(mix_path).is_file():
+            from megatron_sphinx.data.mixfile import load_mix
+
+            m = load_mix(mix_path, check_files=False)
+            weights = dict(zip(m.names, m.weights))
+    cfg = LoaderConfig(seq_length=args.seq_length, global_batch_size=args.global_batch_size,
+                       num_workers=args.workers, image_threads=args.threads, weights=weights)
+    r = bench_loader(src, cfg, secs * 2)
+    print(f"\n## loader: one rank, global batch {cfg.global_batch_size} x {cfg.seq_length}, "
+          f"{args.workers} workers, source {'store ' + args.store if reader else 'test photos'}")
+    print(f"{'steps/s':>8s} {'s/step':>7s} {'mb/s':>7s} {'samples/s':>9s} {'images/s':>8s} "
+          f"{'pack eff':>8s}")
+    print(f"{r['steps_s']:8.2f} {r['s_per_step']:7.3f} {r['mb_s']:7.2f} {r['samples_s']:9.1f} "
+          f"{r['images_s']:8.1f} {r['efficiency']:8.4f}")
+    if args.step_seconds:
+        verdict = "keeps up" if r["s_per_step"] <= args.step_seconds else "is the bottleneck"
+        print(f"training step {args.step_seconds:.3f} s: loader needs {r['s_per_step']:.3f} s per "
+              f"step ({args.step_seconds / r['s_per_step']:.1f}x headroom): the loader {verdict}")
+
+    print("\n## packing efficiency (real tokens / all positions)")
+    table = []
+    paper, _ = synthetic_paper_lengths(40000 if not args.quick else 15000, seed=0)
+    steps = 20 if args.quick else 60
+    for seq in (2048, 4096, 8192):
+        table.append(packing_rows("synthetic paper", paper, seq, 64, steps))
+    if reader is not None:
+        stream = mix_lengths(reader.lengths, reader.source_ids, weights, reader.source_names,
+                             40000)
+        for seq in (2048, 4096, 8192):
+            table.append(packing_rows("store " + Path(args.store).name, stream, seq, 64, steps))
+    print(f"{'mix':22s} {'seq':>5s} {'ours':>7s} {'trim64':>7s} {'ceiling':>7s} "
+          f"{'pad b4':>7s} {'pad b16':>7s} {'pad seq':>7s}")
+    for t in table:
+        print(f"{t['mix']:22s} {t['seq']:5d} {t['ours']:7.4f} {t['trim64']:7.4f} "
+              f"{t['ceiling']:7.4f} {t['pad_b4']:7.4f} {t['pad_b16']:7.4f} {t['pad_seq']:7.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
