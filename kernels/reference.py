@@ -8,8 +8,10 @@ The op reads three sources as one virtual row table and writes one output row pe
     rows [T + R, T + R + K)  special  [K, h]   (K = 3: start_img, end_img, skip)
     -1                       padding: a row of zeros
 
-``out[i] = table[index[i]]``. Backward: ``grad_src[r] = sum of grad_out[i] over i with
-index[i] == r`` (zero for rows never named), accumulated in fp32 for 16-bit types.
+``out[i] = table[index[i]]``; entries outside ``[-1, T + R + K)`` are rejected by
+:func:`kernels.pack_tokens` when it checks (CPU index, or ``MEGATRON_SPHINX_PACK_DEBUG=1``) and
+otherwise give zeros in every implementation. Backward: ``grad_src[r] = sum of grad_out[i] over i
+with index[i] == r`` (zero for rows never named), accumulated in fp32 for 16-bit types.
 
 Every implementation shares :class:`PackTokensFunction` and a :class:`PackPlan`: the index sorted
 by source row (stable), so the positions of row ``r`` are ``order[offsets[r]:offsets[r + 1]]`` in
@@ -172,10 +174,12 @@ class ReferenceBackend:
         _copy_rows(out, order[b[1]:b[2]], rows[b[1]:b[2]], visual, t)
         if b[-1] > b[2]:
             out.index_copy_(0, order[b[2]:b[-1]], special.index_select(0, rows[b[2]:b[-1]] - t - r))
+        if b[-1] < order.numel():  # rows past the table (only unchecked GPU input): zeros, as
+            out.index_fill_(0, order[b[-1]:], 0)  # the CUDA and Triton kernels write
 
     def backward(self, grad_out: torch.Tensor, plan: PackPlan, needs: tuple[bool, bool, bool]
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Gradients of text ``[T, h]``, visual ``[R, h]`` and special ``[K, h]`` (None if unneeded)."""
+        """Gradients of text ``[T, h]``, visual ``[R, h]``, special ``[K, h]`` (None: unneeded)."""
         t, r, k = plan.num_text, plan.num_visual, plan.num_special
         b = plan.bounds()
         order, rows = plan.order, plan.rows_sorted

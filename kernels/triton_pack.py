@@ -73,6 +73,18 @@ def available(device: torch.device | str) -> tuple[bool, str]:
 if triton is not None:
 
     @triton.jit
+    def _round_to(x, DTYPE: tl.constexpr):
+        """fp32 -> DTYPE, round to nearest even. bf16 is rounded by hand: compiled Triton does
+        that too, but the CPU interpreter truncates fp32 -> bf16."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            y = x.to(DTYPE)
+        return y
+
+    @triton.jit
     def _pack_fwd_kernel(out_ptr, text_ptr, vis_ptr, sp_ptr, index_ptr, n, num_text, num_vis,
                          num_sp, hidden, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
         pos = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BLOCK_R]
@@ -112,7 +124,8 @@ if triton is not None:
             acc += tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
                            mask=has[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         tl.store(grad_src_ptr + rows[:, None] * hidden + cols[None, :],
-                 acc.to(grad_src_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+                 _round_to(acc, grad_src_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
     def _special_partial_kernel(partial_ptr, grad_out_ptr, order_ptr, offsets_ptr, sp_base,
@@ -147,7 +160,7 @@ if triton is not None:
         for c in range(0, tl.cdiv(count, CHUNK_SIZE)):  # the written chunks, in order
             acc += tl.load(partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols,
                            mask=cmask, other=0.0)
-        tl.store(grad_sp_ptr + j * hidden + cols, acc.to(grad_sp_ptr.dtype.element_ty),
+        tl.store(grad_sp_ptr + j * hidden + cols, _round_to(acc, grad_sp_ptr.dtype.element_ty),
                  mask=cmask)
 
 

@@ -324,3 +324,124 @@ def test_resume_matches_uninterrupted_run(references, tmp_path):
         assert values == [2.0], f"Adam step after load is {values}, expected [2.0]"
         assert losses == want[rank], (
             f"rank {rank}: resumed (loss, grad_norm) {losses} != uninterrupted {want[rank]}")
+
+
+# ------------------------------------------------------------------------------------------
+# The compat layer's mechanisms, one by one (in forked ranks: the test process stays unpatched)
+# ------------------------------------------------------------------------------------------
+
+
+class _CudaAllocatingBackward(torch.autograd.Function):
+    """Like Megatron's TP mappings: allocates on the 'current CUDA device' in backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty(grad.shape, device=torch.cuda.current_device())
+        out.copy_(grad * 2)
+        return out
+
+
+def _mechanisms(rank: int, world_size: int) -> dict:
+    from megatron.core import tensor_parallel
+
+    names = cpu_compat.apply()
+    out = {"names": names, "again": cpu_compat.apply()}
+    try:
+        torch.empty(1, device="cuda")
+        out["cuda_outside_mode"] = "allocated"
+    except (RuntimeError, AssertionError) as exc:  # no driver: the mode is what redirects
+        out["cuda_outside_mode"] = type(exc).__name__
+    with cpu_compat.cpu_device_mode():
+        x = torch.ones(3, device="cuda")
+        out["devices"] = [str(t.device) for t in (
+            x, torch.zeros(2, device=torch.cuda.current_device()), x.cuda(),
+            x.to("cuda:0"), x.to(torch.device("cuda"), torch.float64),
+            torch.empty(2, pin_memory=True), x.pin_memory())]
+        out["cuda_is_self"] = x.cuda() is x
+        out["type"] = x.type()
+        out["type_convert"] = str(x.type("torch.cuda.DoubleTensor").dtype)
+        with cpu_compat.cpu_device_mode():  # re-entrant: still one mode on the stack
+            out["nested_modes"] = sum(isinstance(m, cpu_compat._CpuDeviceMode) for m in
+                                      torch.overrides._get_current_function_mode_stack())
+        grads = []
+        for run_backward in (lambda y: y.sum().backward(),
+                             lambda y: torch.autograd.backward([y.sum()]),
+                             lambda y: torch.autograd.backward(y, grad_tensors=torch.ones(3))):
+            leaf = torch.ones(3, requires_grad=True)
+            run_backward(_CudaAllocatingBackward.apply(leaf))
+            grads.append(leaf.grad.tolist())
+        out["grads"] = grads
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            event = stream.record_event()
+        event.synchronize()
+        torch.cuda.synchronize()
+        # RNG tracker on the CPU generator: forked draws repeat after re-seeding and leave the
+        # default stream of random numbers untouched.
+        tensor_parallel.model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0)
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        before = torch.get_rng_state()
+        with tracker.fork():
+            first = torch.rand(4)
+        out["default_rng_restored"] = bool(torch.equal(before, torch.get_rng_state()))
+        tensor_parallel.model_parallel_cuda_manual_seed(123, tp_rank=0, ep_rank=0, etp_rank=0)
+        with tracker.fork():
+            second = torch.rand(4)
+        out["fork_repeats"] = bool(torch.equal(first, second))
+        out["fork_differs_from_default"] = not torch.equal(first, torch.rand(4))
+    return out
+
+
+def test_compat_mechanisms_in_one_process():
+    out = run_ranks(_mechanisms, 1, timeout=TIMEOUT)[0]
+    assert out["names"] == out["again"] and len(out["names"]) >= 8
+    assert out["cuda_outside_mode"] != "allocated", "no CUDA here: the test premise is wrong"
+    assert out["devices"] == ["cpu"] * 7
+    assert out["cuda_is_self"]
+    assert out["type"] == "torch.cuda.FloatTensor"
+    assert out["type_convert"] == "torch.float64"
+    assert out["nested_modes"] == 1
+    assert out["grads"] == [[2.0, 2.0, 2.0]] * 3
+    assert out["default_rng_restored"] and out["fork_repeats"]
+    assert out["fork_differs_from_default"]
+
+
+def _gloo_collectives(rank: int, world_size: int) -> dict:
+    cpu_compat.apply()
+    from megatron_sphinx.distributed import detect_launch_env
+
+    env = detect_launch_env()
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=rank,
+        world_size=world_size)
+    # all_to_all_single with split sizes as tensors (the MoE alltoall dispatcher on CPU)
+    send = [torch.tensor([10.0, 11.0, 12.0]), torch.tensor([20.0])][rank]
+    in_splits = [torch.tensor([2, 1]), torch.tensor([0, 1])][rank]
+    out_splits = [torch.tensor([2, 0]), torch.tensor([1, 1])][rank]
+    recv = torch.empty(int(out_splits.sum()))
+    torch.distributed.all_to_all_single(recv, send, output_split_sizes=out_splits,
+                                        input_split_sizes=in_splits)
+    # list-form all_gather with unequal sizes (TP + SP gathers of routing data)
+    mine = torch.arange(rank + 2, dtype=torch.float32) + 100 * rank
+    outs = [torch.empty(2), torch.empty(3)]
+    torch.distributed.all_gather(outs, mine)
+    return {"a2a": recv.tolist(), "gather": [t.tolist() for t in outs]}
+
+
+def test_gloo_collectives_with_tensor_splits_and_uneven_sizes():
+    results = run_ranks(_gloo_collectives, 2, timeout=TIMEOUT)
+    assert results[0]["a2a"] == [10.0, 11.0]
+    assert results[1]["a2a"] == [12.0, 20.0]
+    for r in results:
+        assert r["gather"] == [[0.0, 1.0], [100.0, 101.0, 102.0]]
+
+
+def test_version_pin_refuses_other_megatron(monkeypatch):
+    monkeypatch.setattr(cpu_compat.importlib.metadata, "version", lambda name: "0.20.0")
+    with pytest.raises(RuntimeError, match="written for megatron-core==0.19.2 but 0.20.0"):
+        cpu_compat._check_megatron_version()

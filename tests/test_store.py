@@ -110,3 +110,21 @@ def test_empty_store_and_writer_checks(tmp_path):
         w.add(Sample(np.zeros(3, np.int32), np.zeros(3, bool), (10, 10)), None, (0, 0))
     with pytest.raises(ValueError, match="grid"):
         StoreMeta(448, 3, 4096, ["a"])
+
+
+def test_direct_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "TEXT_CHUNK", 64)  # samples straddle chunk files
+    monkeypatch.setattr(store_mod, "IMAGE_CHUNK", 1000)
+    items = _samples(40, seed=2)
+    _write(tmp_path / "s.zarr", items, 2)
+    fast = StoreReader(tmp_path / "s.zarr")
+    slow = StoreReader(tmp_path / "s.zarr")
+    for s in range(2):
+        sh = fast._shard(s)
+        assert sh.ids.root and sh.mask.root and sh.image.root  # the direct path is in use
+        for flat in vars(slow._shard(s)).values():
+            if isinstance(flat, store_mod._Flat):
+                flat.root = None  # force zarr reads
+    for i in range(40):
+        assert _same(fast.get_sample(i), slow.get_sample(i))
+        assert fast.get_image(i) == slow.get_image(i)

@@ -46,8 +46,8 @@ from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, probe_imag
 from megatron_sphinx.data.layout import Sample  # noqa: E402
 from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader  # noqa: E402
 from megatron_sphinx.data.mix import BlendedMix  # noqa: E402
-from megatron_sphinx.data.packing import (PackingConfig, SequencePacker,  # noqa: E402
-                                          offline_efficiency, padded_efficiency,
+from megatron_sphinx.data.packing import (PackingConfig, offline_efficiency,  # noqa: E402
+                                          padded_efficiency,
                                           simulate_packing, synthetic_paper_lengths,
                                           trimmed_efficiency)
 
@@ -142,7 +142,8 @@ def packing_rows(name: str, stream: np.ndarray, seq: int, rows: int, steps: int)
     return {"mix": name, "seq": seq, "ours": res["efficiency"],
             "trim64": trimmed_efficiency(res["row_tokens"], 1, 64, seq),
             "ceiling": offline_efficiency(stream[:20000], seq),
-            "pad_b4": padded_efficiency(stream, 4, seq), "pad_b16": padded_efficiency(stream, 16, seq),
+            "pad_b4": padded_efficiency(stream, 4, seq),
+            "pad_b16": padded_efficiency(stream, 16, seq),
             "pad_seq": float(np.minimum(stream, seq).sum()) / (len(stream) * seq)}
 
 

@@ -5,24 +5,28 @@ One encoded image (JPEG / PNG / ... bytes from the store) becomes its encoded vi
 1. **Decode** to RGB, EXIF orientation applied. DALI ``fn.decoders.image`` runs with
    ``device="mixed"`` (nvJPEG on the GPU) when CUDA is available and ``device="cpu"`` otherwise,
    chosen once per process and logged.
-2. **Resize** (bicubic, antialiased) so that the longer side is ``image_size``; the resized size is
-   exactly :func:`~megatron_sphinx.data.geometry.image_geometry`'s ``resized_height/width`` (the
-   size is computed on the host and fed to DALI, so DALI's own rounding never decides it). The
-   resized pixels are rounded to uint8.
-3. **Pad** to the ``image_size`` square, image at the TOP-LEFT, pad colour = the CLIP mean (exact,
-   in float). Pixels become float32 in [0, 1] (``uint8 / 255``). This is the whole "normalise" step
-   of the data pipeline: each encoder normalises with its own mean/std inside the model
-   (:class:`~megatron_sphinx.config.EncoderConfig`), so one set of views serves both encoders.
-4. **Views**, CHW: the global view (the whole square downsampled to ``view_size``, bicubic,
+2. **Resize** (bicubic, antialiased; DALI ``fn.resize``) so that the longer side is
+   ``image_size``; the resized size is exactly
+   :func:`~megatron_sphinx.data.geometry.image_geometry`'s ``resized_height/width`` (computed on
+   the host and fed to DALI, so DALI's own rounding never decides it). Pixels stay uint8.
+3. **Pad** to the ``image_size`` square, image at the TOP-LEFT (DALI ``crop_mirror_normalize``
+   with ``out_of_bounds_policy="pad"``, CHW), then in torch on the same device: float32 in [0, 1]
+   (``uint8 / 255``) and the pad set to the CLIP mean exactly (it is not a uint8 colour). This is
+   the whole "normalise" step of the data pipeline: each encoder normalises with its own mean/std
+   inside the model (:class:`~megatron_sphinx.config.EncoderConfig`), so one set of views serves
+   both encoders.
+4. **Views**, CHW: the global view (the whole square downsampled by ``grid`` to ``view_size``:
+   Pillow's antialiased bicubic at an integer factor, done as a separable strided filter in torch,
    clamped to [0, 1]) then the sub-images row-major, keeping only those that
    :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid` marks valid. Skipped sub-images
-   are never copied out.
+   are never copied out. Each image's views are written straight into one ``[V, 3, v, v]`` output.
 
 :func:`reference_views` is the same transform in Pillow + numpy; DALI matches it within 2/255
-(``tests/test_images.py``). Resampling details that make the two agree: both use the
-Catmull-Rom cubic (a = -0.5) scaled for antialiasing; image borders are edge-clamped (DALI's
-behaviour; the reference pads the edges before Pillow's resize); and the reference resamples in
-float (Pillow's uint8 bicubic clamps between its two passes, up to 9/255 off).
+(``tests/test_images.py``; measured: at most 1/255 on every test photo and hard file). What makes
+the two agree: both use the Catmull-Rom cubic (a = -0.5) scaled for antialiasing; image borders
+are edge-clamped (DALI's behaviour; the reference pads the edges before Pillow's resize); and the
+reference resamples in float (Pillow's uint8 bicubic clamps between its two passes, up to 9/255
+off).
 
 Input kinds (what DALI 2.4 does with each, measured on ``testdata/images/adversarial``):
 
@@ -40,8 +44,9 @@ truncated, not an image      Reported per image (``ImageBatch.errors``), never r
 ===========================  =================================================================
 
 The Pillow path runs :func:`reference_views` for that image and splices its views into the batch;
-every use is counted in :attr:`ImageProcessor.stats` by reason. An image DALI fails on is retried
-alone, then on the Pillow path; only if that fails too is it reported as failed.
+every use is counted in :attr:`ImageProcessor.stats` by reason. When a DALI run fails (DALI fails a
+whole batch for one bad image), the batch is split in halves and retried until the bad image is
+alone; that one goes to the Pillow path, and only if Pillow fails too is it reported as failed.
 """
 from __future__ import annotations
 
@@ -88,6 +93,9 @@ class ImageConfig:
     """Colour that images with transparency are composited over."""
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """Where DALI decodes: ``auto`` = ``gpu`` (``mixed``) when CUDA is available, else ``cpu``."""
+    device_id: int | None = None
+    """CUDA device of the ``mixed`` decoder and the views; None: the constructing thread's current
+    device (pass it explicitly when the processor is built in a worker thread)."""
     num_threads: int = 2
     """DALI CPU worker threads."""
     max_batch_size: int = 32
@@ -149,6 +157,9 @@ def resolve_device(device: str = "auto") -> str:
     global _device_logged
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"
+    elif device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("image device 'gpu' needs CUDA, which is not available here: use "
+                         "device='auto' or 'cpu'")
     with _device_lock:
         if not _device_logged:
             _device_logged = True
@@ -202,7 +213,8 @@ def probe_image(data: bytes) -> _Probe:
 
 def decode_rgb(data: bytes, alpha_background: tuple[int, int, int] = (255, 255, 255)
                ) -> np.ndarray:
-    """Decodes to uint8 ``[h, w, 3]`` RGB with Pillow: EXIF applied, alpha composited, 16 bit scaled.
+    """Decodes to uint8 ``[h, w, 3]`` RGB with Pillow (EXIF applied, alpha composited, 16 bit
+    scaled).
 
     Raises:
         ImageDecodeError: If Pillow cannot decode the bytes (truncated data included).
@@ -287,6 +299,79 @@ def reference_views(data: bytes, image_size: int = 448, grid: int = 2,
     return np.ascontiguousarray(np.stack(views), dtype=np.float32), (h, w)
 
 
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel (Catmull-Rom for a = -0.5), as Pillow and DALI use."""
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def downsample_weights(factor: int) -> tuple[np.ndarray, int]:
+    """Taps of an antialiased bicubic downsampling by an integer ``factor`` (Pillow's weights).
+
+    Output pixel ``i`` is ``sum_k w[k] * x[i * factor + k - left]`` with edge-clamped borders.
+
+    Returns:
+        ``(w, left)``: float64 weights (summing to 1) and the left offset.
+    """
+    k = np.arange(-2 * factor, 3 * factor)
+    d = (k + 0.5) - factor / 2.0  # distance of input pixel centre to the output centre
+    w = _cubic(d / factor)
+    keep = np.flatnonzero(w != 0)
+    w, k = w[keep[0]:keep[-1] + 1], k[keep[0]:keep[-1] + 1]
+    return w / w.sum(), int(-k[0])
+
+
+def _replicate_edges(padded: torch.Tensor, left: int, size: int) -> None:
+    """Fills the border of ``padded`` ``[..., P, P]`` around its ``size`` interior (at ``left``)
+    with the nearest interior pixel, in place."""
+    a, b = left, left + size
+    padded[..., a:b, :a] = padded[..., a:b, a:a + 1]
+    padded[..., a:b, b:] = padded[..., a:b, b - 1:b]
+    padded[..., :a, :] = padded[..., a:a + 1, :]
+    padded[..., b:, :] = padded[..., b - 1:b, :]
+
+
+def _separable(x: torch.Tensor, w: np.ndarray, grid: int, v: int, dim: int,
+               out: torch.Tensor) -> torch.Tensor:
+    """``out = sum_k w[k] * x[..., k::grid][:v]`` along ``dim`` (-1 or -2), without temporaries."""
+    def tap(k):
+        return x[..., k:k + grid * v:grid] if dim == -1 else x[..., k:k + grid * v:grid, :]
+    torch.mul(tap(0), float(w[0]), out=out)
+    for k in range(1, len(w)):
+        out.add_(tap(k), alpha=float(w[k]))
+    return out
+
+
+def global_view(square: torch.Tensor, grid: int) -> torch.Tensor:
+    """The global view: ``[n, 3, S, S]`` squares downsampled by ``grid`` to ``[n, 3, v, v]``.
+
+    Separable filter with :func:`downsample_weights` (exactly Pillow's antialiased bicubic at an
+    integer factor, edges clamped), as strided multiply-adds (much faster on CPU than a depthwise
+    convolution), clamped to [0, 1]; runs on the squares' device.
+    """
+    w, left = downsample_weights(grid)
+    n, c, s, _ = square.shape
+    big = s + len(w) - grid
+    padded = square.new_empty(n, c, big, big)
+    padded[..., left:left + s, left:left + s] = square
+    _replicate_edges(padded, left, s)
+    return _downsample_padded(padded, grid, s // grid)
+
+
+def _downsample_padded(padded: torch.Tensor, grid: int, v: int,
+                       cols: torch.Tensor | None = None, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    w, _ = downsample_weights(grid)
+    n, c, big, _ = padded.shape
+    rows = padded.new_empty(n, c, v, big) if cols is None else cols
+    out = padded.new_empty(n, c, v, v) if out is None else out
+    # Rows first: its taps read whole contiguous rows, and it halves the data for the columns.
+    _separable(padded, w, grid, v, -2, rows)  # [n, 3, v, S + taps - grid]
+    _separable(rows, w, grid, v, -1, out)  # [n, 3, v, v]
+    return out.clamp_(0.0, 1.0)
+
+
 # ----------------------------------------------------------------------------- DALI
 
 class ImageProcessor:
@@ -300,18 +385,39 @@ class ImageProcessor:
     def __init__(self, cfg: ImageConfig | None = None):
         self.cfg = cfg or ImageConfig()
         self.device = resolve_device(self.cfg.device)
+        self._gpu_index = None
+        if self.device == "gpu":
+            self._gpu_index = (self.cfg.device_id if self.cfg.device_id is not None
+                               else torch.cuda.current_device())
         self.stats: Counter = Counter()
         self._pipe = None
+        self._ws: dict[str, torch.Tensor] = {}
+        w, self._left = downsample_weights(self.cfg.grid)
+        self._big = self.cfg.image_size + len(w) - self.cfg.grid
+
+    @property
+    def _dev(self) -> torch.device:
+        if self.device == "gpu":
+            return torch.device("cuda", self._gpu_index)
+        return torch.device("cpu")
+
+    def _buf(self, name: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        """A reused buffer (fresh CPU allocations of this size page-fault on every call)."""
+        numel = int(np.prod(shape))
+        b = self._ws.get(name)
+        if b is None or b.numel() < numel or b.dtype != dtype:
+            b = self._ws[name] = torch.empty(numel, dtype=dtype, device=self._dev)
+        return b[:numel].view(shape)
 
     # The pipeline is built lazily: importing DALI costs ~1 s and text-only runs never need it.
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        cfg, s, v = self.cfg, self.cfg.image_size, self.cfg.view_size
+        cfg, s = self.cfg, self.cfg.image_size
         gpu = self.device == "gpu"
 
         @pipeline_def(batch_size=cfg.max_batch_size, num_threads=cfg.num_threads,
-                      device_id=torch.cuda.current_device() if gpu else None,
+                      device_id=self._gpu_index if gpu else None,
                       prefetch_queue_depth=1)
         def views_pipeline():
             enc = fn.external_source(name="enc", dtype=types.UINT8)
@@ -320,62 +426,55 @@ class ImageProcessor:
                                     output_type=types.RGB)  # [h, w, 3] uint8, EXIF applied
             resized = fn.resize(img, size=size, interp_type=types.INTERP_CUBIC,
                                 antialias=True)  # [rh, rw, 3] uint8
-            square = fn.crop_mirror_normalize(
-                resized, crop=(s, s), crop_pos_x=0.0, crop_pos_y=0.0,
-                out_of_bounds_policy="pad", fill_values=list(cfg.pad_color),
-                mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0], dtype=types.FLOAT,
-                output_layout="HWC")  # [S, S, 3] float in [0, 1], image top-left
-            glob = fn.resize(square, size=(v, v), interp_type=types.INTERP_CUBIC,
-                             antialias=True)  # [v, v, 3] float
-            return square, glob, img.shape()
+            # One dense batch: the resized image top-left in a [3, S, S] uint8 canvas. The pad
+            # is written in float afterwards (the exact CLIP mean is not a uint8 colour).
+            canvas = fn.crop_mirror_normalize(
+                resized, crop=(s, s), crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad",
+                fill_values=0, mean=0.0, std=1.0, dtype=types.UINT8,
+                output_layout="CHW")  # [3, S, S] uint8
+            return canvas, img.shape()
 
         pipe = views_pipeline()
         pipe.build()
         return pipe
 
     def _run_dali(self, datas: list[bytes], hws: list[tuple[int, int]]):
-        """One DALI run. Returns ``(square [n,S,S,3], glob [n,v,v,3], decoded hw list)``."""
+        """One DALI run.
+
+        Returns:
+            ``(square, glob, decoded)``: ``[n, 3, S, S]`` padded squares (a view into a reused
+            buffer), ``[n, 3, v, v]`` global views (reused buffer) and the decoded ``(h, w)``.
+        """
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if self._pipe is None:
             self._pipe = self._build()
-        cfg = self.cfg
-        sizes = []
-        for h, w in hws:
-            g = image_geometry(h, w, cfg.image_size, cfg.grid)
-            sizes.append(np.array([g.resized_height, g.resized_width], dtype=np.float32))
+        cfg, s, v, left = self.cfg, self.cfg.image_size, self.cfg.view_size, self._left
+        geos = [image_geometry(h, w, s, cfg.grid) for h, w in hws]
+        sizes = [np.array([g.resized_height, g.resized_width], dtype=np.float32) for g in geos]
         self._pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         self._pipe.feed_input("size", sizes)
         try:
-            sq, gl, shapes = self._pipe.run()
+            canvas, shapes = self._pipe.run()
         except Exception:
             self._pipe = None  # rebuilt on the next call, whatever state DALI is left in
             raise
-        n, s, v = len(datas), cfg.image_size, cfg.view_size
-        dev = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else "cpu"
-        stream = torch.cuda.current_stream() if self.device == "gpu" else None
-        square = feed_ndarray(sq.as_tensor(), torch.empty(n, s, s, 3, device=dev), stream)
-        glob = feed_ndarray(gl.as_tensor(), torch.empty(n, v, v, 3, device=dev), stream)
+        n = len(datas)
+        u8 = feed_ndarray(canvas.as_tensor(), self._buf("u8", (n, 3, s, s), torch.uint8),
+                          torch.cuda.current_stream() if self.device == "gpu" else None)
+        padded = self._buf("padded", (n, 3, self._big, self._big))  # edge-padded squares
+        square = padded[..., left:left + s, left:left + s]  # [n, 3, S, S]
+        square.copy_(u8).mul_(1.0 / 255.0)
+        pad = torch.tensor(cfg.pad_color, dtype=torch.float32, device=self._dev).view(3, 1, 1)
+        for i, g in enumerate(geos):  # the exact pad colour right of and below the image
+            rh, rw = g.resized_height, g.resized_width
+            square[i, :, rh:, :] = pad
+            square[i, :, :rh, rw:] = pad
+        _replicate_edges(padded, left, s)
+        glob = _downsample_padded(padded, cfg.grid, v, self._buf("rows", (n, 3, v, self._big)),
+                                  self._buf("glob", (n, 3, v, v)))
         decoded = [tuple(int(x) for x in np.asarray(shapes[i])[:2]) for i in range(n)]
         return square, glob, decoded
-
-    def _views_of(self, square: torch.Tensor, glob: torch.Tensor, hw: tuple[int, int]
-                  ) -> list[torch.Tensor]:
-        """CHW views of one image from its HWC square and global view (valid tiles only)."""
-        cfg, v = self.cfg, self.cfg.view_size
-        out = [glob.permute(2, 0, 1).clamp(0.0, 1.0)]
-        valid = image_geometry(*hw, cfg.image_size, cfg.grid).view_valid()
-        for t, ok in enumerate(valid[1:]):
-            if ok:
-                r, c = divmod(t, cfg.grid)
-                out.append(square[r * v:(r + 1) * v, c * v:(c + 1) * v].permute(2, 0, 1))
-        return out
-
-    def _pillow(self, data: bytes, reason: str) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        views, hw = reference_views(data, self.cfg.image_size, self.cfg.grid,
-                                    self.cfg.pad_color, self.cfg.alpha_background)
-        self.stats[f"pillow:{reason}"] += 1
-        return list(torch.from_numpy(views)), hw
 
     def __call__(self, images: Sequence[bytes]) -> ImageBatch:
         """Views of a batch of encoded images; per-image failures are reported, not raised.
@@ -386,68 +485,115 @@ class ImageProcessor:
         Returns:
             The views in input order (see :class:`ImageBatch`).
         """
-        n = len(images)
-        per: list[list[torch.Tensor] | None] = [None] * n
-        sizes: list[tuple[int, int] | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        paths = ["failed"] * n
-        dali_idx: list[int] = []
-        probes: dict[int, _Probe] = {}
-        for i, data in enumerate(images):
-            try:
-                p = probe_image(bytes(data))
-            except ImageDecodeError as e:
-                errors[i] = str(e)
-                continue
-            probes[i] = p
+        if self.device == "gpu":
+            with torch.cuda.device(self._gpu_index):
+                return self._process(images)
+        return self._process(images)
+
+    def _process(self, images: Sequence[bytes]) -> ImageBatch:
+        call = _Call(self, [bytes(x) for x in images])
+        dali_idx = []
+        for i, p in call.probes.items():
             if p.pillow_reason is None:
                 dali_idx.append(i)
             else:
-                self._fallback(i, images[i], p.pillow_reason, per, sizes, errors, paths)
+                call.fallback(i, p.pillow_reason)
         for a in range(0, len(dali_idx), self.cfg.max_batch_size):
-            chunk = dali_idx[a:a + self.cfg.max_batch_size]
-            self._dali_chunk(chunk, images, probes, per, sizes, errors, paths)
-        dev = ("cuda" if self.device == "gpu" else "cpu")
-        flat = [t for p in per if p is not None for t in p]
-        v = self.cfg.view_size
-        if flat:
-            views = torch.stack([t.to(dev) for t in flat]).contiguous()  # [V, 3, v, v]
-        else:
-            views = torch.zeros(0, 3, v, v, device=dev)
-        counts = torch.tensor([len(p) if p is not None else 0 for p in per], dtype=torch.int64)
-        for i, e in enumerate(errors):
-            if e is not None:
-                self.stats["failed"] += 1
-        return ImageBatch(views, counts, sizes, errors, paths)
+            self._dali_chunk(call, dali_idx[a:a + self.cfg.max_batch_size])
+        self.stats["failed"] += sum(e is not None for e in call.errors)
+        return call.result()
 
-    def _fallback(self, i, data, reason, per, sizes, errors, paths) -> None:
+    def _dali_chunk(self, call: "_Call", chunk: list[int]) -> None:
+        hws = [call.probes[i].hw for i in chunk]
         try:
-            per[i], sizes[i] = self._pillow(bytes(data), reason)
-            paths[i] = f"pillow:{reason}"
-        except ImageDecodeError as e:
-            errors[i] = ("DALI and " if reason == "dali_error" else "") + str(e)
-
-    def _dali_chunk(self, chunk, images, probes, per, sizes, errors, paths) -> None:
-        datas = [bytes(images[i]) for i in chunk]
-        hws = [probes[i].hw for i in chunk]
-        try:
-            square, glob, decoded = self._run_dali(datas, hws)
+            square, glob, decoded = self._run_dali([call.datas[i] for i in chunk], hws)
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for any bad sample
             if len(chunk) > 1:  # find the bad image(s) by bisection
                 half = len(chunk) // 2
                 self.stats["dali_retry"] += 1
-                for part in (chunk[:half], chunk[half:]):
-                    self._dali_chunk(part, images, probes, per, sizes, errors, paths)
+                self._dali_chunk(call, chunk[:half])
+                self._dali_chunk(call, chunk[half:])
                 return
             logger.debug("DALI failed on one image (%s); trying Pillow", str(e).splitlines()[0])
-            self._fallback(chunk[0], images[chunk[0]], "dali_error", per, sizes, errors, paths)
+            call.fallback(chunk[0], "dali_error")
             return
+        cfg, v = self.cfg, self.cfg.view_size
         for k, i in enumerate(chunk):
             if decoded[k] != hws[k]:
                 # DALI oriented the image differently from the header: trust the reference.
-                self._fallback(i, images[i], "orientation", per, sizes, errors, paths)
+                call.fallback(i, "orientation")
                 continue
-            per[i] = self._views_of(square[k], glob[k], hws[k])
-            sizes[i] = hws[k]
-            paths[i] = "dali"
+            valid = image_geometry(*hws[k], cfg.image_size, cfg.grid).view_valid()
+            tiles = [glob[k]]
+            for t, ok in enumerate(valid[1:]):
+                if ok:
+                    r, c = divmod(t, cfg.grid)
+                    tiles.append(square[k, :, r * v:(r + 1) * v, c * v:(c + 1) * v])
+            call.put(i, tiles, hws[k], "dali")
             self.stats["dali"] += 1
+
+
+class _Call:
+    """One :meth:`ImageProcessor.__call__`: writes each image's views straight into its slot of
+    one output tensor, planned from the header geometry."""
+
+    def __init__(self, proc: ImageProcessor, datas: list[bytes]):
+        self.proc, self.datas = proc, datas
+        n, cfg = len(datas), proc.cfg
+        self.errors: list[str | None] = [None] * n
+        self.sizes: list[tuple[int, int] | None] = [None] * n
+        self.paths = ["failed"] * n
+        self.probes: dict[int, _Probe] = {}
+        planned = [0] * n
+        for i, d in enumerate(datas):
+            try:
+                self.probes[i] = p = probe_image(d)
+            except ImageDecodeError as e:
+                self.errors[i] = str(e)
+                continue
+            planned[i] = int(image_geometry(*p.hw, cfg.image_size, cfg.grid).view_valid().sum())
+        self.planned = planned
+        self.offsets = np.concatenate([[0], np.cumsum(planned)]).astype(int)
+        v = cfg.view_size
+        self.out = torch.empty(int(self.offsets[-1]), 3, v, v, device=proc._dev)  # [V, 3, v, v]
+        self.extra: dict[int, torch.Tensor] = {}
+
+    def put(self, i: int, views: Sequence[torch.Tensor], hw: tuple[int, int], path: str) -> None:
+        if len(views) == self.planned[i]:
+            a = int(self.offsets[i])
+            for k, t in enumerate(views):
+                self.out[a + k].copy_(t)
+        else:  # the decoded size differs from the header's: keep apart, rebuilt in result()
+            self.extra[i] = torch.stack([t.to(self.out.device) for t in views])
+        self.sizes[i], self.paths[i] = hw, path
+
+    def fallback(self, i: int, reason: str) -> None:
+        try:
+            views, hw = reference_views(self.datas[i], self.proc.cfg.image_size,
+                                        self.proc.cfg.grid, self.proc.cfg.pad_color,
+                                        self.proc.cfg.alpha_background)
+        except ImageDecodeError as e:
+            self.errors[i] = ("DALI and " if reason == "dali_error" else "") + str(e)
+            return
+        self.proc.stats[f"pillow:{reason}"] += 1
+        self.put(i, list(torch.from_numpy(views)), hw, f"pillow:{reason}")
+
+    def result(self) -> ImageBatch:
+        ok = [e is None for e in self.errors]
+        counts = []
+        for i in range(len(ok)):
+            counts.append(0 if not ok[i] else (len(self.extra[i]) if i in self.extra
+                                               else self.planned[i]))
+        if all(ok) and not self.extra:
+            views = self.out
+        else:  # rare: drop failed slots, splice re-planned images
+            parts = []
+            for i in range(len(ok)):
+                if i in self.extra:
+                    parts.append(self.extra[i])
+                elif ok[i]:
+                    parts.append(self.out[int(self.offsets[i]):int(self.offsets[i + 1])])
+            v = self.proc.cfg.view_size
+            views = torch.cat(parts) if parts else self.out.new_zeros(0, 3, v, v)
+        return ImageBatch(views, torch.tensor(counts, dtype=torch.int64), self.sizes,
+                          self.errors, self.paths)

@@ -32,7 +32,6 @@ from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from megatron_sphinx.data.geometry import image_geometry
 from megatron_sphinx.data.images import ImageConfig, ImageProcessor
 from megatron_sphinx.data.layout import PackedBatch, Sample, build_packed_batch
 from megatron_sphinx.data.mix import BlendedMix
@@ -223,6 +222,8 @@ class PackedLoader:
             source.lengths, costs)
         self._planned = 0
         self._consumed = self._planner_state()
+        # Worker threads do not inherit the CUDA device: pin the one current now (the rank's).
+        self._gpu_index = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
         self._local = threading.local()
@@ -251,7 +252,7 @@ class PackedLoader:
         if p is None:
             p = self._local.proc = ImageProcessor(ImageConfig(
                 self.cfg.image_size, self.cfg.grid, device=self.cfg.image_device,
-                num_threads=self.cfg.image_threads))
+                device_id=self._gpu_index, num_threads=self.cfg.image_threads))
         return p
 
     def _skip(self, step: int, index: int, reason: str) -> None:

@@ -4,8 +4,9 @@ Layout of ``STORE.zarr`` (zarr format 3)::
 
     zarr.json                 root group; attrs["megatron_sphinx"] = store metadata (StoreMeta)
     shards/rNNNNN/            one group per writer (MPI rank), arrays:
-        text         int32 [T, 2]   (token id, target flag) of every sample, back to back
-        text_offsets int64 [n + 1]  sample j's text is text[text_offsets[j]:text_offsets[j + 1]]
+        input_ids    int32 [T]      token ids of every sample, back to back
+        target_mask  uint8 [T]      1 where the token is trained on
+        text_offsets int64 [n + 1]  sample j's tokens are [text_offsets[j], text_offsets[j + 1])
         image_data   uint8 [B]      original encoded image bytes (JPEG / PNG ...), back to back
         image_offsets int64 [n + 1] sample j's bytes (empty for a text-only sample)
         image_hw     int32 [n, 2]   (height, width) after EXIF orientation; (0, 0) when no image
@@ -20,8 +21,12 @@ Layout of ``STORE.zarr`` (zarr format 3)::
 The global order depends only on the input (source order, record order), never on how many ranks
 wrote it, so stores made by 1 and by 2 ranks read back sample for sample the same.
 
-zarr 3.1.6 is fast for single contiguous slices (about 1-2k reads/s per array here) and ~30x slower
-for batched fancy indexing, so :class:`StoreReader` reads one contiguous slice per array per sample.
+zarr 3.1.6 is ~30x slower for batched fancy indexing than for single contiguous slices, and even a
+slice costs ~0.5-1 ms of zarr machinery. The big flat arrays are therefore stored uncompressed
+(JPEG / PNG bytes do not compress; tokens would gain ~2x) and :class:`StoreReader` reads a sample's
+slices straight from the chunk files (``os.pread``-style, ~microseconds) when the array's metadata
+says they are raw little-endian bytes under zarr's default chunk keys in a local directory; any
+other layout is read through zarr.
 """
 from __future__ import annotations
 
@@ -29,20 +34,22 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
 
 from megatron_sphinx.data.layout import Sample
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = "megatron_sphinx.store/1"
+STORE_FORMAT = "megatron_sphinx.store/2"
 ATTR_KEY = "megatron_sphinx"
-TEXT_CHUNK = 1 << 16  # tokens per chunk of ``text``
+TEXT_CHUNK = 1 << 18  # tokens per chunk of ``input_ids`` / ``target_mask``
 IMAGE_CHUNK = 1 << 20  # bytes per chunk of ``image_data`` (JPEG/PNG: stored uncompressed)
 FLUSH_BYTES = 32 << 20  # writer buffer size before appending to the zarr arrays
 
@@ -129,7 +136,7 @@ def create_store(path: str | os.PathLike, meta: StoreMeta) -> None:
     root.attrs[ATTR_KEY] = {"meta": meta.to_json(), "complete": False}
 
 
-def _text_compressors():
+def _small_compressors():
     return [BloscCodec(cname="lz4", clevel=5)]
 
 
@@ -147,9 +154,12 @@ class ShardWriter:
         self.image_size, self.grid = image_size, grid
         shards = zarr.open_group(os.path.join(str(store_path), "shards"), mode="r+")
         self.group = shards.create_group(shard_name(rank).split("/", 1)[1], overwrite=True)
-        self._text = self.group.create_array(
-            "text", shape=(0, 2), dtype="int32", chunks=(TEXT_CHUNK, 2),
-            compressors=_text_compressors(), overwrite=True)
+        self._ids = self.group.create_array(
+            "input_ids", shape=(0,), dtype="int32", chunks=(TEXT_CHUNK,), compressors=None,
+            overwrite=True)
+        self._mask = self.group.create_array(
+            "target_mask", shape=(0,), dtype="uint8", chunks=(TEXT_CHUNK,), compressors=None,
+            overwrite=True)
         self._image = self.group.create_array(
             "image_data", shape=(0,), dtype="uint8", chunks=(IMAGE_CHUNK,), compressors=None,
             overwrite=True)
@@ -178,10 +188,9 @@ class ShardWriter:
         """
         if (image_bytes is None) != (sample.image_hw is None):
             raise ValueError("image_bytes must be given exactly when sample.image_hw is set")
-        text = np.stack([np.asarray(sample.input_ids, dtype=np.int32),
-                         np.asarray(sample.target_mask, dtype=np.int32)], axis=1)  # [n, 2]
-        self._text_buf.append(text)
-        self._text_off.append(self._text_off[-1] + len(text))
+        ids = np.asarray(sample.input_ids, dtype=np.int32)
+        self._text_buf.append((ids, np.asarray(sample.target_mask, dtype=np.uint8)))
+        self._text_off.append(self._text_off[-1] + len(ids))
         nbytes = len(image_bytes) if image_bytes is not None else 0
         if image_bytes is not None:
             self._image_buf.append(image_bytes)
@@ -191,13 +200,14 @@ class ShardWriter:
         self._src.append(sample.source_id)
         self._len.append(sample.length(self.image_size, self.grid))
         self._keys.append((int(key[0]), int(key[1])))
-        self._buf_bytes += text.nbytes + nbytes
+        self._buf_bytes += 5 * len(ids) + nbytes
         if self._buf_bytes >= FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._text_buf:
-            self._text.append(np.concatenate(self._text_buf), axis=0)
+            self._ids.append(np.concatenate([t[0] for t in self._text_buf]))
+            self._mask.append(np.concatenate([t[1] for t in self._text_buf]))
         if self._image_buf:
             self._image.append(np.frombuffer(b"".join(self._image_buf), dtype=np.uint8))
         self._text_buf, self._image_buf, self._buf_bytes = [], [], 0
@@ -229,7 +239,7 @@ class ShardWriter:
 def _write_array(group, name: str, arr: np.ndarray) -> None:
     chunks = (max(1, min(len(arr), 1 << 18)),) + arr.shape[1:]
     a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                           compressors=_text_compressors(), overwrite=True)
+                           compressors=_small_compressors(), overwrite=True)
     if arr.size:
         a[...] = arr
 
@@ -275,12 +285,58 @@ def write_index(store_path: str | os.PathLike, meta: StoreMeta) -> StoreMeta:
     return meta
 
 
+class _Flat:
+    """Contiguous slices of a 1-D zarr array, read straight from its chunk files when they hold
+    raw little-endian values (no compression, default ``c/N`` keys, local directory), else through
+    zarr. Files are opened per read, so the reader is safe to use after ``fork``."""
+
+    def __init__(self, arr):
+        self.arr = arr
+        self.dtype = np.dtype(arr.dtype)
+        self.chunk = int(arr.metadata.chunk_grid.chunk_shape[0])
+        self.root: str | None = None
+        try:
+            codecs = arr.metadata.codecs
+            endian = getattr(codecs[0], "endian", "x") if len(codecs) == 1 else "x"
+            endian = getattr(endian, "value", endian)
+            raw = (type(codecs[0]).__name__ == "BytesCodec" and sys.byteorder == "little"
+                   and (endian == "little" or (endian is None and self.dtype.itemsize == 1)))
+            cke = arr.metadata.chunk_key_encoding
+            store = arr.store_path.store
+            if (raw and isinstance(store, LocalStore) and getattr(cke, "name", "") == "default"
+                    and getattr(cke, "separator", "") == "/"):
+                self.root = os.path.join(str(store.root), arr.store_path.path)
+        except (AttributeError, IndexError, TypeError):
+            self.root = None
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        a, b = int(sl.start), int(sl.stop)
+        if self.root is None or b <= a:
+            return self.arr[a:b]
+        isz, parts, pos = self.dtype.itemsize, [], a
+        while pos < b:
+            c = pos // self.chunk
+            n = min(b, (c + 1) * self.chunk) - pos
+            try:
+                with open(os.path.join(self.root, "c", str(c)), "rb") as f:
+                    f.seek((pos - c * self.chunk) * isz)
+                    buf = f.read(n * isz)
+            except OSError:
+                buf = b""
+            if len(buf) != n * isz:  # not laid out as expected: let zarr read it
+                return self.arr[a:b]
+            parts.append(buf)
+            pos += n
+        return np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), dtype=self.dtype)
+
+
 class _Shard:
     """Lazily opened arrays of one shard (offsets held in memory)."""
 
     def __init__(self, group):
-        self.text = group["text"]
-        self.image = group["image_data"]
+        self.ids = _Flat(group["input_ids"])
+        self.mask = _Flat(group["target_mask"])
+        self.image = _Flat(group["image_data"])
         self.text_off = group["text_offsets"][...]
         self.image_off = group["image_offsets"][...]
         self.slot = group["image_slot"][...]
@@ -376,11 +432,11 @@ class StoreReader:
     def get_sample(self, i: int) -> Sample:
         """Sample ``i`` without its image bytes."""
         sh, j = self._locate(i)
-        text = sh.text[sh.text_off[j]:sh.text_off[j + 1]]  # [n, 2]
+        a, b = int(sh.text_off[j]), int(sh.text_off[j + 1])
         hw = self.image_hw[i]
         return Sample(
-            input_ids=np.ascontiguousarray(text[:, 0]),
-            target_mask=text[:, 1].astype(bool),
+            input_ids=np.array(sh.ids[a:b], dtype=np.int32),
+            target_mask=sh.mask[a:b].astype(bool),
             image_hw=(int(hw[0]), int(hw[1])) if hw[0] > 0 else None,
             image_slot=int(sh.slot[j]),
             source_id=int(self.source_ids[i]),

@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",
                    help="encode every sub-image, also fully padded ones")
-    p.add_argument("--exit-after-minutes", type=float, default=None)
+    p.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit with code 3 when the step is a multiple of N")
+    p.add_argument("--exit-after-minutes", type=float, default=None,
+                   help="save and exit with code 3 after this much wall time")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (a dead rank ends the job after this)")
     p.add_argument("--log-interval", type=int, default=1)

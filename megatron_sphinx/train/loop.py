@@ -204,7 +204,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
         metrics.write(record, console=step % rc.log_interval == 0 or step == rc.steps)
         if rc.save_interval and step % rc.save_interval == 0 and step < rc.steps:
             save(step)
-        if stop.agreed(device):
+        interval_exit = bool(rc.exit_interval) and step % rc.exit_interval == 0
+        if (interval_exit and step < rc.steps) or stop.agreed(device):
             save(step)
             if rank == 0:
                 log.warning("stopped at step %d after a stop request; exit %d to requeue",

@@ -48,6 +48,8 @@ class RunConfig:
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
     """Replace fully padded sub-images by one skip token (False: encode every sub-image)."""
+    exit_interval: int | None = None
+    """Save and exit (code 3, "requeue me") when the step count is a multiple of this."""
     exit_after_minutes: float | None = None
     """Save and exit after this much wall time (clusters without preemption signals)."""
     timeout_minutes: float = 10.0

@@ -1,0 +1,62 @@
+"""A resumed run reproduces an uninterrupted one, also on another parallel layout."""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tests.dist_harness import run_ranks
+
+COMMON = dict(recipe="debug", data="synthetic", steps=6, global_batch_size=2, seq_length=1400)
+
+
+def _train(rank, world_size, save, load=None, **kw):
+    from megatron_sphinx.train.loop import run
+    from megatron_sphinx.train.run_config import RunConfig
+
+    try:
+        run(RunConfig(save=save, load=load, **{**COMMON, **kw}))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def _losses(save) -> dict[int, float]:
+    lines = Path(save, "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("full"))
+    assert run_ranks(_train, 1, save, timeout=300) == [0]
+    return _losses(save)
+
+
+def test_resume_same_layout_is_exact(uninterrupted, tmp_path):
+    save = str(tmp_path / "run")
+    assert run_ranks(partial(_train, exit_interval=3), 1, save, timeout=300) == [3]
+    assert sorted(_losses(save)) == [1, 2, 3]
+    assert (Path(save) / "iter_0000003" / "meta.json").exists()
+    assert run_ranks(_train, 1, save, timeout=300) == [0]  # resumes from --save, no flag
+    resumed = _losses(save)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == uninterrupted[step], step
+
+
+@pytest.mark.parametrize("target", [dict(world=1, layout={}), dict(world=2, layout={"pp": 2})],
+                         ids=["tp2_to_tp1", "tp2_to_pp2"])
+def test_tp2_checkpoint_resumes_on_other_layouts(uninterrupted, tmp_path, target):
+    first = str(tmp_path / "tp2")
+    assert run_ranks(partial(_train, tp=2, exit_interval=3), 2, first, timeout=300) == [3, 3]
+    second = str(tmp_path / "other")
+    codes = run_ranks(partial(_train, load=first, **target["layout"]), target["world"], second,
+                      timeout=300)
+    assert set(codes) == {0}
+    resumed = _losses(second)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
