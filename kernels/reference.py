@@ -23,7 +23,8 @@ in chunk order (the Triton and CUDA backends; see their modules).
 The reference here is also the CPU implementation. It never concatenates the sources: the output
 is written by one ``index_copy_`` per source (from the source itself when its rows are used once
 each in a contiguous range, the normal case, else from a gathered copy), one ``index_fill_`` for
-padding and a small gather for the special rows.
+padding and a small gather for the special rows. Rows are moved as 16-byte elements (a
+``complex128`` view of the same bytes) where the row size and alignment allow.
 """
 from __future__ import annotations
 
@@ -111,6 +112,24 @@ def build_plan(index: torch.Tensor, num_text: int, num_visual: int, num_special:
     return PackPlan(num_text, num_visual, num_special, rows_sorted, order, offsets)
 
 
+_WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16)
+
+
+def _wide(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same bytes viewed with the widest element (16, 8, 4 or 2 bytes) the rows allow.
+
+    The forward only moves rows, so any element type will do; CPU ``index_copy_`` is per element
+    and runs up to ~2x faster on 16-byte elements than on bf16 (measured on the 2-core dev box).
+    """
+    es = tensors[0].element_size()
+    row = tensors[0].shape[-1] * es
+    for dtype in _WIDE:
+        w = torch.empty((), dtype=dtype).element_size()
+        if w > es and row % w == 0 and all(t.storage_offset() * es % w == 0 for t in tensors):
+            return tuple(t.view(dtype) for t in tensors)
+    return tensors
+
+
 def _consecutive(rows: torch.Tensor) -> bool:
     """Whether sorted ``rows`` are ``r0, r0 + 1, ...`` (each row once, one contiguous range)."""
     n = rows.numel()
@@ -125,9 +144,11 @@ def _copy_rows(out: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, src: to
         return
     if _consecutive(rows):
         r0 = int(rows[0]) - base
-        out.index_copy_(0, pos, src[r0:r0 + n])  # straight from the source: one pass
+        src = src[r0:r0 + n]  # straight from the source: one pass
     else:
-        out.index_copy_(0, pos, src.index_select(0, rows - base))
+        src = src.index_select(0, rows - base)
+    out, src = _wide(out, src)
+    out.index_copy_(0, pos, src)
 
 
 def _gather_rows(grad_out: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, base: int,
@@ -140,7 +161,8 @@ def _gather_rows(grad_out: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, 
     if _consecutive(rows):
         g = alloc((num_src, h), grad_out)
         r0 = int(rows[0]) - base
-        torch.index_select(grad_out, 0, pos, out=g[r0:r0 + n])
+        src, dst = _wide(grad_out, g[r0:r0 + n])
+        torch.index_select(src, 0, pos, out=dst)
         g[:r0].zero_()
         g[r0 + n:].zero_()
         return g
@@ -173,7 +195,8 @@ class ReferenceBackend:
         _copy_rows(out, order[b[0]:b[1]], rows[b[0]:b[1]], text, 0)
         _copy_rows(out, order[b[1]:b[2]], rows[b[1]:b[2]], visual, t)
         if b[-1] > b[2]:
-            out.index_copy_(0, order[b[2]:b[-1]], special.index_select(0, rows[b[2]:b[-1]] - t - r))
+            out_w, sp_w = _wide(out, special.index_select(0, rows[b[2]:b[-1]] - t - r))
+            out_w.index_copy_(0, order[b[2]:b[-1]], sp_w)
         if b[-1] < order.numel():  # rows past the table (only unchecked GPU input): zeros, as
             out.index_fill_(0, order[b[-1]:], 0)  # the CUDA and Triton kernels write
 

@@ -90,21 +90,20 @@ class CpuEvent:
         """Remember the wall time (for :meth:`elapsed_time`)."""
         self._time = time.perf_counter()
 
-    def wait(self, stream: Any = None) -> None:
-        """No-op: nothing is pending on CPU."""
-
-    def synchronize(self) -> None:
-        """No-op: nothing is pending on CPU."""
-
-    def query(self) -> bool:
-        """Always complete."""
-        return True
-
     def elapsed_time(self, end_event: "CpuEvent") -> float:
         """Milliseconds between two recorded events."""
         if self._time is None or end_event._time is None:
             raise RuntimeError("elapsed_time needs both events recorded: call record() first")
         return (end_event._time - self._time) * 1000.0
+
+    def wait(self, stream: Any = None) -> None:  # noqa: D102 - nothing is pending on CPU
+        pass
+
+    def synchronize(self) -> None:  # noqa: D102
+        pass
+
+    def query(self) -> bool:  # noqa: D102
+        return True
 
 
 class CpuStream:
@@ -119,23 +118,22 @@ class CpuStream:
         """CUDA's (least, greatest) priority pair; both 0 here."""
         return (0, 0)
 
-    def wait_stream(self, stream: Any) -> None:
-        """No-op: CPU work is already ordered."""
-
-    def wait_event(self, event: Any) -> None:
-        """No-op: CPU work is already ordered."""
-
     def record_event(self, event: CpuEvent | None = None) -> CpuEvent:
         """Record (and return) an always-complete event."""
         event = event if event is not None else CpuEvent()
         event.record(self)
         return event
 
-    def synchronize(self) -> None:
-        """No-op."""
+    def wait_stream(self, stream: Any) -> None:  # noqa: D102 - CPU work is already ordered
+        pass
 
-    def query(self) -> bool:
-        """Always idle."""
+    def wait_event(self, event: Any) -> None:  # noqa: D102
+        pass
+
+    def synchronize(self) -> None:  # noqa: D102
+        pass
+
+    def query(self) -> bool:  # noqa: D102
         return True
 
 
@@ -230,34 +228,19 @@ class _CpuDeviceMode(TorchFunctionMode):
             grad_tensors = params["grad_tensors"]
             if grad_tensors is None:
                 grad_tensors = params.get("grad_variables")
-        if isinstance(tensors, torch.Tensor):
-            tensors = (tensors,)
-        tensors = tuple(tensors)
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
         inputs = params["inputs"]
-        if inputs is None:
-            inputs_tuple: tuple = ()
-        elif isinstance(inputs, torch.Tensor):
-            inputs_tuple = (inputs,)
-        elif isinstance(inputs, dict):
-            inputs_tuple = tuple(inputs.values())
-        else:
-            inputs_tuple = tuple(inputs)
-        retain_graph = params["retain_graph"]
+        if isinstance(inputs, dict):
+            inputs = tuple(inputs.values())
+        inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) \
+            else tuple(inputs)
         create_graph = params["create_graph"]
-        if retain_graph is None:
-            retain_graph = create_graph
+        retain_graph = create_graph if params["retain_graph"] is None else params["retain_graph"]
         with self:
             grads = _tensor_or_tensors_to_tuple(grad_tensors, len(tensors))
             grads = _make_grads(tensors, grads, is_grads_batched=False)
-            _engine_run_backward(
-                tensors,
-                grads,
-                retain_graph,
-                create_graph,
-                inputs_tuple,
-                allow_unreachable=True,
-                accumulate_grad=True,
-            )
+            _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                                 allow_unreachable=True, accumulate_grad=True)
         return None
 
 
@@ -377,10 +360,7 @@ def _patch_gloo_all_to_all_split_sizes() -> None:
 class _DoneWork:
     """A finished ``Work`` handle for collectives that were run synchronously."""
 
-    def wait(self, timeout: Any = None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
+    def wait(self, timeout: Any = None) -> bool:  # noqa: D102
         return True
 
 
@@ -600,6 +580,14 @@ def apply() -> list[str]:
         if _applied:
             return list(_applied)
         _check_megatron_version()
+        import torch.autograd.graph
+
+        for owner, name in ((torch.autograd, "_make_grads"), (torch.autograd.graph,
+                            "_engine_run_backward"), (torch.overrides,
+                            "_get_current_function_mode_stack")):
+            if not hasattr(owner, name):
+                raise RuntimeError(f"cpu_compat needs {owner.__name__}.{name} (torch 2.14): "
+                                   "install the torch pinned in requirements.txt")
         try:
             import megatron.core  # noqa: F401  (imports triton-based MoE ops at import time)
         except ModuleNotFoundError as exc:

@@ -315,6 +315,7 @@ def init_distributed(
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    _prepare_checkpoint_writer()  # forks a manager process: before CUDA and gloo threads start
     if torch.cuda.is_available():
         backend = "nccl"
         torch.cuda.set_device(launch.local_rank)
@@ -323,7 +324,6 @@ def init_distributed(
         from megatron_sphinx import cpu_compat
 
         cpu_compat.apply()
-    _prepare_checkpoint_writer()
     timeout = timedelta(seconds=timeout_s)
     torch.distributed.init_process_group(
         backend=backend,

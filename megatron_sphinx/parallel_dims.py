@@ -75,7 +75,8 @@ class ParallelDims:
                     f"vpp {self.vpp} needs pipeline parallelism: set pp >= 2 or drop vpp"
                 )
             if self.vpp < 2:
-                raise ValueError("vpp must be >= 2 (virtual stages per rank): drop vpp for plain 1F1B")
+                raise ValueError(
+                    "vpp must be >= 2 (virtual stages per rank): drop vpp for plain 1F1B")
         if self.sequence_parallel and tp < 2:
             raise ValueError("sequence_parallel needs tp >= 2: raise tp or drop sequence parallel")
 

@@ -127,6 +127,17 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         RankFailure: A rank raised (first failure, with its traceback) or died silently.
         RankTimeout: Not all ranks finished in time.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout, env)
+        except RankFailure as exc:  # another process took the free port before rank 0 bound it
+            if "EADDRINUSE" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float,
+              env: dict[str, str] | None) -> list[Any]:
     if world_size < 1:
         raise ValueError(f"world_size {world_size} < 1: run at least one rank")
     ctx = multiprocessing.get_context("fork")
@@ -157,6 +168,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 try:
                     status, _, value = pickle.loads(conn.recv_bytes())
                 except EOFError:
+                    procs[rank].join(timeout=5)
                     code = procs[rank].exitcode
                     _kill(procs)
                     raise RankFailure(f"rank {rank} died without a result (exit code {code})")

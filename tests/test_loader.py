@@ -198,6 +198,8 @@ def test_bad_settings_are_refused(source):
         state = ld.state_dict()
     with pytest.raises(ValueError, match="global_batch_size"):
         PackedLoader(source, cfg(global_batch_size=8)).load_state_dict(state)
+    with pytest.raises(ValueError, match="other data"):
+        PackedLoader(make_source(n=50), cfg()).load_state_dict(state)
 
 
 def test_store_reader_feeds_the_loader(tmp_path):

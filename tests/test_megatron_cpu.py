@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -242,7 +241,7 @@ LAYOUTS = [
     ("tp2_sp", 2, dict(tp=2, sequence_parallel=True), False, None),
     ("pp2_1f1b", 2, dict(pp=2), False, dict(variable_seq_lengths=True)),
     ("dp2_distopt", 2, {}, False, None),
-    # world size 1 again, with selective recompute of norms (CheckpointWithoutOutput), MoE and attention
+    # world size 1 again, selective recompute: norms (CheckpointWithoutOutput), MoE, attention
     ("recompute_moe", 1, {}, True, dict(recompute_granularity="selective",
                                         recompute_modules=["layernorm", "moe", "core_attn"])),
     ("ep2_moe", 2, dict(ep=2), True, None),

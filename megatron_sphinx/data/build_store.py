@@ -92,6 +92,13 @@ class Comm:
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
+    @classmethod
+    def single(cls) -> "Comm":
+        """A one-process stand-in, whatever launcher started this process."""
+        comm = cls.__new__(cls)
+        comm.comm, comm.rank, comm.size = None, 0, 1
+        return comm
+
     def bcast(self, obj):
         """``obj`` from rank 0 on every rank."""
         return obj if self.comm is None else self.comm.bcast(obj, root=0)

@@ -124,7 +124,8 @@ class LoaderConfig:
     seed: int = 1234
     """Seed of the mix order."""
     weights: Sequence[float] | Mapping[str, float] | None = None
-    """Mix weights per source (list or ``{name: weight}``); None: proportional to size."""
+    """Mix weights per source (list or ``{name: weight}``); None: the store's recorded weights
+    (``meta.extra["weights"]``) if any, else proportional to the sources' sizes."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """Samples longer than ``seq_length``: truncate (cut part's loss dropped) or drop; counted."""
     lookahead: float = 2.0
@@ -214,13 +215,18 @@ class PackedLoader:
         self.rows_per_rank = cfg.global_batch_size // dp_size
         hw = getattr(source, "image_hw", None)
         costs = None if hw is None else views_per_sample(hw, cfg.image_size, cfg.grid)
-        self._mix = BlendedMix(source.source_ids, cfg.weights, cfg.seed,
-                               names=source.source_names)
+        weights = cfg.weights
+        if weights is None and meta is not None:  # the mix weights recorded in the store
+            weights = (getattr(meta, "extra", None) or {}).get("weights")
+        self._mix = BlendedMix(source.source_ids, weights, cfg.seed, names=source.source_names)
+        logger.info("mix over %d sources, weights %s", len(self._mix.names),
+                    dict(zip(self._mix.names, np.round(self._mix.weights, 4).tolist())))
         self._packer = SequencePacker(
             PackingConfig(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size,
                           cfg.lookahead, cfg.max_wait_steps, cfg.overlong),
             source.lengths, costs)
         self._planned = 0
+        self._fingerprint = str(getattr(meta, "fingerprint", "") or "")
         self._consumed = self._planner_state()
         # Worker threads do not inherit the CUDA device: pin the one current now (the rank's).
         self._gpu_index = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -235,6 +241,7 @@ class PackedLoader:
     # ------------------------------------------------------------------ planning (global)
     def _planner_state(self) -> dict:
         return {"version": STATE_VERSION, "step": self._planned,
+                "num_samples": len(self.source), "fingerprint": self._fingerprint,
                 "global_batch_size": self.cfg.global_batch_size,
                 "micro_batch_size": self.cfg.micro_batch_size,
                 "seq_length": self.cfg.seq_length, "mix": self._mix.state_dict(),
@@ -407,8 +414,9 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """The loader position after the last step returned (plain Python types, rank-free).
 
-        Keys: ``version``, ``step`` (steps consumed), ``global_batch_size``,
-        ``micro_batch_size``, ``seq_length``, ``mix`` (position, per-source counts, seed,
+        Keys: ``version``, ``step`` (steps consumed), ``num_samples`` and ``fingerprint`` (of the
+        data), ``global_batch_size``, ``micro_batch_size``, ``seq_length``, ``mix`` (position,
+        per-source counts, seed,
         weights) and ``packer`` (the packing window: sample index, positions, steps waited; and
         the packer's counters).
         """
@@ -424,12 +432,20 @@ class PackedLoader:
         """Resumes from :meth:`state_dict` (of a run with any data-parallel size).
 
         Raises:
-            ValueError: If the state was saved with another global batch, micro-batch size or
-                sequence length (those change the batches), or another seed or mix.
+            ValueError: If the state was saved over other data, with another global batch,
+                micro-batch size or sequence length (those change the batches), or another seed
+                or mix.
         """
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not "
                              f"{STATE_VERSION}: it was saved by other code")
+        if int(state["num_samples"]) != len(self.source) or (
+                state["fingerprint"] and self._fingerprint
+                and state["fingerprint"] != self._fingerprint):
+            raise ValueError("the checkpoint's loader state was saved over other data "
+                             f"({state['num_samples']} samples, fingerprint "
+                             f"{state['fingerprint'] or '-'}; this data has {len(self.source)}, "
+                             f"{self._fingerprint or '-'}): resume with the same store")
         for key in ("global_batch_size", "micro_batch_size", "seq_length"):
             if int(state[key]) != getattr(self.cfg, key):
                 raise ValueError(f"the checkpoint's loader used {key}={state[key]}, this run "

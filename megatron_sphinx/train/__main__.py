@@ -56,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from megatron_sphinx.train.checkpoint import CheckpointError
-    from megatron_sphinx.train.loop import run
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from megatron_sphinx.config import get_recipe
 
     try:
         rc = parse_args(argv)
+        get_recipe(rc.recipe)  # an unknown recipe fails before the heavy imports
+        from megatron_sphinx.train.loop import run
+
         run(rc)
-    except (ValueError, CheckpointError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

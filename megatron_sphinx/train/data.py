@@ -1,6 +1,9 @@
 """The training loop's data: which loader feeds this data-parallel rank, and step summaries."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from megatron_sphinx.config import SphinxConfig
@@ -23,7 +26,49 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
         return SyntheticLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
                                cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
                                packing=rc.packing)
-    raise NotImplementedError("store-backed loading lands with the data system")
+    from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
+    from megatron_sphinx.data.store import StoreReader
+
+    path = Path(rc.data) if rc.data else ensure_sample_store(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist: pass a store written by "
+                                "tools/preprocess_data.py")
+    reader = StoreReader(path, image_size=cfg.vision.image_size, grid=cfg.vision.grid)
+    lcfg = LoaderConfig(seq_length=t.seq_length, image_size=cfg.vision.image_size,
+                        grid=cfg.vision.grid, global_batch_size=t.global_batch_size,
+                        micro_batch_size=t.micro_batch_size, seed=t.seed)
+    return PackedLoader(reader, lcfg, dp_rank=dp_rank, dp_size=dp_size)
+
+
+#: Where the embedded sample data and its store are built on first use.
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
+
+
+def ensure_sample_store(cfg: SphinxConfig) -> Path:
+    """The store of the embedded sample data, generated and preprocessed once (rank 0 builds,
+    the other ranks wait)."""
+    import shutil
+
+    from megatron_sphinx.data import store as store_lib
+    from megatron_sphinx.data.build_store import Comm, StoreSpec, build_store
+    from megatron_sphinx.data.sample_data import generate
+
+    raw = SAMPLE_DIR / "raw"
+    store = SAMPLE_DIR / f"store_{cfg.vision.image_size}_{cfg.vision.grid}.zarr"
+    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if first:
+        if not (raw / "mix.yaml").exists():  # absent, or a generation that died half-way
+            shutil.rmtree(raw, ignore_errors=True)
+            logging.getLogger(__name__).info("generating the sample data in %s", raw)
+            generate(raw)
+        if store.exists() and not store_lib.read_meta(store)[1]:  # an interrupted build
+            shutil.rmtree(store)
+        build_store(StoreSpec(mix=raw / "mix.yaml", out=store, seq_length=4096,
+                              image_size=cfg.vision.image_size, grid=cfg.vision.grid,
+                              progress=False), comm=Comm.single())
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return store
 
 
 def loader_summary(micro: list[PackedBatch], dp_group, device: torch.device) -> dict:
