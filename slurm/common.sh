@@ -211,12 +211,12 @@ sphinx_train_args() {
     esac
     SAVE=$(_sphinx_abspath "$SAVE")
     [ -e "$SAVE" ] && [ ! -d "$SAVE" ] && sphinx_die "SAVE=$SAVE is a file: set SAVE to a directory"
-    mkdir -p "$SAVE" 2>/dev/null || sphinx_die "SAVE=$SAVE cannot be created: set SAVE to a writable directory on a file system every node sees"
     if [ -n "$LOAD" ]; then
         LOAD=$(_sphinx_abspath "$LOAD")
         [ -e "$LOAD" ] || sphinx_die "LOAD=$LOAD does not exist: set LOAD to a checkpoint or a save directory, or leave it empty"
     fi
     _sphinx_check_recipe
+    mkdir -p "$SAVE" 2>/dev/null || sphinx_die "SAVE=$SAVE cannot be created: set SAVE to a writable directory on a file system every node sees"
 
     TRAIN_ARGS=(-m megatron_sphinx.train --recipe "$RECIPE" --tp "$TP" --pp "$PP" --ep "$EP"
                 --steps "$STEPS" --save "$SAVE" --save-interval "$SAVE_INTERVAL"

@@ -74,25 +74,33 @@ def make_layout(b: int, s: int, skip_frac: float, seed: int):
     return build_packed_batch(rows, s, 448, 2)
 
 
-def timeit(fn, device: torch.device, repeat: int) -> float:
-    """Seconds of ``fn()`` after one warm-up: median of ``repeat`` runs on GPU, minimum on CPU
-    (the development machine is shared, so the minimum is the least disturbed run)."""
+def _once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
     fn()
-    times = []
+    return time.perf_counter() - t0
+
+
+def time_all(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
+    """Seconds per call of each ``fns`` entry, measured round-robin (every round runs each once,
+    so all see the same background load): median of ``repeat`` rounds on GPU, minimum on CPU (the
+    development machine is shared: the minimum is the least disturbed run)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (Triton JIT, extension load, allocator)
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) if device.type == "cuda" else min(times)
+        for k, fn in fns.items():
+            times[k].append(_once(fn, device))
+    pick = statistics.median if device.type == "cuda" else min
+    return {k: pick(v) for k, v in times.items()}
 
 
 def bench_case(args, device, impls, h, b, skip, dtype):
@@ -109,45 +117,40 @@ def bench_case(args, device, impls, h, b, skip, dtype):
     moved = (nonpad + n) * h * es + n * 8  # read source rows + index, write output
     src = torch.randn(n, h, generator=g).to(device, dtype)
     dst = torch.empty_like(src)
-    t_copy = timeit(lambda: dst.copy_(src), device, args.repeat)
-    bw_copy = 2 * n * h * es / t_copy
-    t_clone = timeit(lambda: src.clone(), device, args.repeat)
-    bw_clone = 2 * n * h * es / t_clone
-
+    grad = torch.randn(n, h, generator=g).to(device, dtype)
     zero = torch.zeros(1, h, device=device, dtype=dtype)
     m = t_rows + v_rows + NUM_SPECIAL
     idx_unfused = torch.where(index < 0, torch.full_like(index, m), index)
-    t_unf = timeit(lambda: torch.cat([text, visual, special, zero])[idx_unfused], device,
-                   args.repeat)
-    skipped = batch.num_skipped / max(1, 4 * batch.view_counts.numel())
-    rows = []
+    fns = {"copy": lambda: dst.copy_(src), "clone": lambda: src.clone(),
+           "unfused": lambda: torch.cat([text, visual, special, zero])[idx_unfused]}
+    plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL)
     for name in impls:
         backend = _backend(name)
         out = torch.empty(n, h, device=device, dtype=dtype)
 
-        def kern():
-            plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL) if backend.needs_plan_forward \
+        def kern(backend=backend, out=out):
+            p = build_plan(index, t_rows, v_rows, NUM_SPECIAL) if backend.needs_plan_forward \
                 else None
-            backend.forward(out, text, visual, special, index, plan)
+            backend.forward(out, text, visual, special, index, p)
 
-        t_k = timeit(kern, device, args.repeat)
-        t_op = timeit(lambda: pack_tokens(text, visual, special, index, impl=name), device,
-                      args.repeat)
-        plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL)
-        grad = torch.randn(n, h, generator=g).to(device, dtype)
-        t_bwd = timeit(lambda: backend.backward(grad, plan, (True, True, True)), device,
-                       max(1, args.repeat // 2))
-        rows.append((name, t_op, t_k, moved / t_k / 1e9, moved / t_k / bw_copy,
-                     moved / t_op / bw_clone, t_unf / t_op, t_bwd))
+        fns[f"{name}.kern"] = kern
+        fns[f"{name}.op"] = lambda name=name: pack_tokens(text, visual, special, index, impl=name)
+        fns[f"{name}.bwd"] = lambda backend=backend: backend.backward(grad, plan, (True,) * 3)
+    t = time_all(fns, device, args.repeat)
+    bw_copy = 2 * n * h * es / t["copy"]
+    bw_clone = 2 * n * h * es / t["clone"]
+    skipped = batch.num_skipped / max(1, 4 * batch.view_counts.numel())
     print(f"\nseq {args.seq} x batch {b}, hidden {h}, {str(dtype).replace('torch.', '')}, "
           f"skipped sub-images {100 * skipped:.0f}% (N={n}, T={t_rows}, R={v_rows}, "
-          f"padding {n - nonpad}); copy_ {1e3 * t_copy:.2f} ms = {bw_copy / 1e9:.1f} GB/s, "
-          f"clone {1e3 * t_clone:.2f} ms, unfused cat+index {1e3 * t_unf:.2f} ms")
+          f"padding {n - nonpad}); copy_ {1e3 * t['copy']:.2f} ms = {bw_copy / 1e9:.1f} GB/s, "
+          f"clone {1e3 * t['clone']:.2f} ms, unfused cat+index {1e3 * t['unfused']:.2f} ms")
     print(f"  {'impl':<7}{'op ms':>9}{'kern ms':>9}{'GB/s':>8}{'%copy':>7}{'op %clone':>10}"
           f"{'vs unfused':>11}{'bwd ms':>9}")
-    for name, t_op, t_k, bw, frac, frac_op, speed, t_bwd in rows:
-        print(f"  {name:<7}{1e3 * t_op:>9.2f}{1e3 * t_k:>9.2f}{bw:>8.1f}{100 * frac:>6.0f}%"
-              f"{100 * frac_op:>9.0f}%{speed:>10.2f}x{1e3 * t_bwd:>9.2f}")
+    for name in impls:
+        t_op, t_k, t_bwd = t[f"{name}.op"], t[f"{name}.kern"], t[f"{name}.bwd"]
+        print(f"  {name:<7}{1e3 * t_op:>9.2f}{1e3 * t_k:>9.2f}{moved / t_k / 1e9:>8.1f}"
+              f"{100 * moved / t_k / bw_copy:>6.0f}%{100 * moved / t_op / bw_clone:>9.0f}%"
+              f"{t['unfused'] / t_op:>10.2f}x{1e3 * t_bwd:>9.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.hidden, args.batch = [2048], [1, 2]
-    args.repeat = args.repeat or (5 if device.type == "cpu" else 50)
+    args.repeat = args.repeat or (10 if device.type == "cpu" else 50)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     status = impl_status(device)
     impls = args.impl or [k for k in ("torch", "triton", "cuda") if status[k][0]
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     how = "median" if device.type == "cuda" else "minimum"
-    print(f"device: {dev_name}; torch {torch.__version__}; timing: {how} of {args.repeat}")
+    print(f"device: {dev_name}; torch {torch.__version__}; timing: {how} of {args.repeat} "
+          "round-robin rounds")
     for h in args.hidden:
         for b in args.batch:
             for skip in args.skip:

@@ -1,0 +1,382 @@
+"""slurm/train.sbatch on a real one-node Slurm (scripts/local_slurm.sh, started once per module).
+
+What runs: the debug recipe at DP2 (two srun tasks, gloo on the CPU), 8 steps of 2 packed
+sequences of 1400 tokens on synthetic data, a checkpoint every 2 steps. The first test's run is
+the uninterrupted reference; every interrupted run below must reproduce its losses exactly.
+
+If Slurm is not installed and cannot be installed (no apt-get, not root), the tests FAIL: CI must
+provide it (``bash scripts/local_slurm.sh start`` installs Debian's slurm-wlm and munge).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+EXIT_REQUEUE = 3  # megatron_sphinx.train.loop.EXIT_REQUEUE
+
+STEPS = 8
+TIMEOUT_MIN = 0.5  # collective timeout of the test runs
+JOB_TIMEOUT_S = 420  # one job, generous: the 2 shared cores are often busy with other work
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+RUN_ENV = {  # the sbatch variables of every training run here
+    "RECIPE": "debug", "STEPS": str(STEPS), "DATA": "synthetic", "SAVE_INTERVAL": "2",
+    "KEEP_LAST": "2", "GLOBAL_BATCH_SIZE": "2", "SEQ_LENGTH": "1400",
+    "TIMEOUT_MINUTES": str(TIMEOUT_MIN), "OMP_NUM_THREADS": "1",
+}
+SBATCH_ARGS = ["--gpus-per-node=0", "--ntasks-per-node=2"]  # the CPU node has no GPUs
+
+
+@dataclass
+class Cluster:
+    """A running local Slurm: its directory and the environment that reaches it."""
+
+    dir: Path
+    env: dict
+
+    def run(self, *cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([str(c) for c in cmd], env=kw.pop("env", self.env), text=True,
+                              capture_output=True, check=check, timeout=timeout, **kw)
+
+    def job(self, job_id: int) -> dict:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm tests need root (slurmd starts the jobs): run them as root in CI")
+    d = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(d)], capture_output=True,
+                           text=True, timeout=900)
+    if start.returncode != 0:
+        pytest.fail("could not start a local Slurm (CI must install slurm-wlm and munge): "
+                    + (start.stderr.strip().splitlines() or ["no output"])[-1])
+    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+    try:
+        yield Cluster(d, env)
+    finally:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(d)], capture_output=True,
+                       timeout=120)
+
+
+def submit(cluster: Cluster, workdir: Path, save: Path, **variables) -> int:
+    """sbatch slurm/train.sbatch from ``workdir`` (its logs/ gets the job log); the job id."""
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(cluster.env, REPO=str(REPO), SAVE=str(save), **RUN_ENV,
+               **{k: str(v) for k, v in variables.items()})
+    out = cluster.run("sbatch", "--parsable", *SBATCH_ARGS, TRAIN_SBATCH, cwd=workdir, env=env)
+    return int(out.stdout.strip().split(";")[0])
+
+
+def log_of(workdir: Path, job_id: int) -> str:
+    path = workdir / "logs" / f"sphinx-train-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_until(what: str, cond, timeout: float, interval: float = 0.2, on_fail=lambda: ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"{what}: not within {timeout:.0f} s\n{on_fail()}")
+
+
+def wait_job(cluster: Cluster, workdir: Path, job_id: int, timeout=JOB_TIMEOUT_S,
+             restarts: int = 0) -> dict:
+    """Waits for the job's final state (after ``restarts`` requeues); its scontrol record."""
+    def done():
+        info = cluster.job(job_id)
+        if info.get("JobState") in FINAL_STATES and int(info.get("Restarts", 0)) >= restarts:
+            return info
+        return None
+
+    def tail():
+        cluster.run("scancel", job_id, check=False)
+        return "\n".join(log_of(workdir, job_id).splitlines()[-40:])
+
+    return wait_until(f"job {job_id} did not finish", done, timeout, 0.5, tail)
+
+
+def read_metrics(save: Path) -> list[dict]:
+    path = save / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def by_step(records: list[dict]) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad norm); a step run twice (before and after a crash) keeps the last."""
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records}
+
+
+def latest(save: Path) -> str | None:
+    pointer = save / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def rank_pid(job_id: int, rank: int) -> int | None:
+    """PID of training rank ``rank`` of ``job_id`` (its main process, not a forked helper)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            if b"megatron_sphinx.train" not in cmd:
+                continue
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0")
+                       if b"=" in item)
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == str(job_id).encode() and \
+                env.get(b"SLURM_PROCID") == str(rank).encode():
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # pid -> ppid
+    main = [pid for pid, ppid in found.items() if ppid not in found]
+    return main[0] if len(main) == 1 else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def assert_matches_reference(records: list[dict], reference: dict, first_step: int):
+    """``records`` (one run's metrics, in order) are steps first_step..STEPS with the
+    reference's losses and grad norms, exactly."""
+    got = by_step(records)
+    assert [r["step"] for r in records] == list(range(first_step, STEPS + 1)), records
+    for step, value in got.items():
+        assert value == reference[step], (
+            f"step {step}: loss/grad norm {value} after the interruption, "
+            f"{reference[step]} uninterrupted")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The uninterrupted run: (workdir, save dir, job record, step -> (loss, grad norm))."""
+    work = tmp_path_factory.mktemp("ref")
+    save = work / "save"
+    job = submit(cluster, work, save)
+    info = wait_job(cluster, work, job)
+    return work, save, job, info, by_step(read_metrics(save))
+
+
+def test_sbatch_two_tasks_trains_saves_and_logs(cluster, reference):
+    work, save, job, info, losses = reference
+    log = log_of(work, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    records = read_metrics(save)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive
+    # Both ranks ran under srun as one DP2 job (rank and world size from Slurm's variables).
+    assert "rank 0/2: tp1.pp1.dp2.ep1" in log and "rank 1/2: tp1.pp1.dp2.ep1" in log, log[-3000:]
+    assert "(slurm launch)" in log
+    # Saves every 2 steps, the newest 2 kept; `latest` names the final one; meta is complete.
+    assert latest(save) == f"iter_{STEPS:07d}"
+    kept = sorted(p.name for p in save.glob("iter_*"))
+    assert kept == [f"iter_{STEPS - 2:07d}", f"iter_{STEPS:07d}"]
+    meta = json.loads((save / f"iter_{STEPS:07d}" / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["recipe"] == "debug"
+    assert meta["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2}
+    assert (work / "logs" / f"sphinx-train-{job}.out").exists()
+
+
+def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference, tmp_path):
+    _, _, _, ref_info, ref = reference
+    assert ref_info["JobState"] == "COMPLETED"
+    save = tmp_path / "save"
+    job = submit(cluster, tmp_path, save)
+    # Once training runs, deliver what --signal=B:USR1@120 delivers: USR1 to the batch shell.
+    wait_until("step 2 of the first run", lambda: len(read_metrics(save)) >= 2, JOB_TIMEOUT_S,
+               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = wait_job(cluster, tmp_path, job, restarts=1)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["Restarts"] == "1", "the job was not requeued"
+    stopped = re.search(r"stopped at step (\d+) after a stop request; exit 3", log)
+    assert stopped, log[-3000:]
+    k = int(stopped.group(1))
+    assert 2 <= k < STEPS, "the signal must land mid-run"
+    assert "requeueing job" in log
+    assert re.search(rf"resumed from \S+/iter_{k:07d} at step {k}\b", log), log[-3000:]
+    records = read_metrics(save)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # nothing lost or redone
+    assert_matches_reference(records, ref, 1)
+
+
+def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, tmp_path):
+    _, _, _, _, ref = reference
+    save = tmp_path / "save"
+    job = submit(cluster, tmp_path, save, STEP_WAIT_S=600)  # only the training code may end it
+    wait_until("checkpoint 2 and step 3", lambda: latest(save) == "iter_0000002"
+               and len(read_metrics(save)) >= 3, JOB_TIMEOUT_S,
+               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+    victim = rank_pid(job, 1)
+    assert victim, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    info = wait_job(cluster, tmp_path, job)
+    ended_after = time.monotonic() - t0
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
+    # Rank 0 is left alone in a collective: it must error out, not hang (bound: the timeout).
+    assert ended_after < TIMEOUT_MIN * 60 + 30, f"job took {ended_after:.0f} s to end"
+    assert "requeueing" not in log_of(tmp_path, job)  # a crash is not a preemption
+    resume_from = latest(save)
+    done_before = len(read_metrics(save))
+    assert resume_from == "iter_0000002"
+
+    job2 = submit(cluster, tmp_path, save)
+    info2 = wait_job(cluster, tmp_path, job2)
+    log2 = log_of(tmp_path, job2)
+    assert info2["JobState"] == "COMPLETED", log2[-3000:]
+    assert re.search(rf"resumed from \S+/{resume_from} at step 2\b", log2), log2[-3000:]
+    assert_matches_reference(read_metrics(save)[done_before:], ref, 3)
+
+
+def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
+        cluster, reference, tmp_path):
+    """Rank 0 stops (SIGSTOP) inside a checkpoint save, before the rename: rank 1 hits the
+    collective timeout and exits; then rank 0 is killed (SIGKILL) mid-save."""
+    _, _, _, _, ref = reference
+    save = tmp_path / "save"
+    job = submit(cluster, tmp_path, save, STEP_WAIT_S=600)
+    wait_until("checkpoint 2", lambda: latest(save) == "iter_0000002", JOB_TIMEOUT_S,
+               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+    rank0, rank1 = rank_pid(job, 0), rank_pid(job, 1)
+    assert rank0 and rank1
+    frozen = None
+    for step in range(4, STEPS, 2):  # catch a save in progress (retry the next on a lost race)
+        tmp, final = save / f"iter_{step:07d}.tmp", save / f"iter_{step:07d}"
+        wait_until(f"save {step} starts", tmp.exists, JOB_TIMEOUT_S, interval=0.002,
+                   on_fail=lambda: log_of(tmp_path, job)[-3000:])
+        os.kill(rank0, signal.SIGSTOP)
+        if not final.exists() and latest(save) != final.name:
+            frozen = step
+            break
+        os.kill(rank0, signal.SIGCONT)
+    assert frozen, "could not stop rank 0 inside a save"
+    before = latest(save)
+    t0 = time.monotonic()
+    wait_until("rank 1 exits on the collective timeout", lambda: not alive(rank1),
+               TIMEOUT_MIN * 60 + 60, interval=0.5, on_fail=lambda: log_of(tmp_path, job))
+    waited = time.monotonic() - t0
+    os.kill(rank0, signal.SIGKILL)
+    info = wait_job(cluster, tmp_path, job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED", info
+    assert TIMEOUT_MIN * 60 - 5 < waited < TIMEOUT_MIN * 60 + 45, (
+        f"rank 1 ended {waited:.0f} s after rank 0 froze (timeout {TIMEOUT_MIN * 60:.0f} s)")
+    assert latest(save) == before == f"iter_{frozen - 2:07d}"
+    assert (save / f"iter_{frozen:07d}.tmp").is_dir()
+    assert not (save / f"iter_{frozen:07d}").exists()
+    assert not (save / f"iter_{frozen:07d}.tmp" / "meta.json").exists()
+    done_before = len(read_metrics(save))
+
+    job2 = submit(cluster, tmp_path, save)
+    info2 = wait_job(cluster, tmp_path, job2)
+    log2 = log_of(tmp_path, job2)
+    assert info2["JobState"] == "COMPLETED", log2[-3000:]
+    assert re.search(rf"resumed from \S+/{before} at step {frozen - 2}\b", log2), log2[-3000:]
+    assert_matches_reference(read_metrics(save)[done_before:], ref, frozen - 1)
+    assert not list(save.glob("*.tmp")), "the restarted run left a partial save behind"
+    assert latest(save) == f"iter_{STEPS:07d}"
+    assert "timeout" in log.lower() or "timed out" in log.lower(), log[-3000:]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("variables,expect", [
+    ({"TP": "4"}, "TP*PP = 4*1 = 4 does not divide the 2 tasks"),
+    ({"DATA": "/nonexistent/mix.zarr"}, "DATA=/nonexistent/mix.zarr does not exist"),
+])
+def test_sbatch_bad_input_fails_at_once_with_one_line(cluster, tmp_path, variables, expect):
+    job = submit(cluster, tmp_path, tmp_path / "save", **variables)
+    t0 = time.monotonic()
+    info = wait_job(cluster, tmp_path, job, timeout=120)
+    lines = _error_lines(log_of(tmp_path, job))
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, lines)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "save" / "metrics.jsonl").exists()
+
+
+def _fake_job_env(tmp_path: Path, **variables) -> tuple[dict, Path]:
+    """The batch script run directly with a job's variables and an `srun` that only records."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    called = tmp_path / "srun-called"
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {called}\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO=str(REPO),
+               SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+               SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(tmp_path),
+               SAVE=str(tmp_path / "save"), **RUN_ENV)
+    env.update(variables)
+    return env, called
+
+
+@pytest.mark.parametrize("variables,expect", [
+    ({"RECIPE": "nope"}, "unknown recipe 'nope'"),
+    ({"GLOBAL_BATCH_SIZE": "3"}, "global batch 3 is not divisible by the data-parallel size 2"),
+    ({"VENV": "/nonexistent/venv"}, "no Python at /nonexistent/venv/bin/python"),
+    ({"EP": "4"}, "EP=4 does not divide the data-parallel size 2"),
+    ({"STEPS": "ten"}, "STEPS=ten must be a positive integer"),
+    ({"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
+    ({"SLURM_GPUS_ON_NODE": "1"}, "2 tasks per node but only 1 GPUs per node"),
+])
+def test_bad_variables_stop_before_srun(tmp_path, variables, expect):
+    env, called = _fake_job_env(tmp_path, **variables)
+    out = subprocess.run(["bash", str(TRAIN_SBATCH)], env=env, text=True, capture_output=True,
+                         timeout=60, cwd=tmp_path)
+    lines = _error_lines(out.stdout + out.stderr)
+    assert out.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    assert not called.exists(), "srun ran despite bad input"
+
+
+def test_good_variables_reach_srun_with_the_layout(tmp_path):
+    """The same fake job with consistent variables does reach srun (the checks can pass)."""
+    env, called = _fake_job_env(tmp_path, TP="2")
+    out = subprocess.run(["bash", str(TRAIN_SBATCH)], env=env, text=True, capture_output=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert called.exists()
+    assert "TP=2 PP=1 EP=1" in out.stdout
+
+
+def test_scripts_parse():
+    for script in ["slurm/train.sbatch", "slurm/train_torchrun.sbatch", "slurm/preprocess.sbatch",
+                   "slurm/common.sh", "scripts/local_slurm.sh"]:
+        out = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{script}: {out.stderr}"
+    text = TRAIN_SBATCH.read_text()
+    for directive in ["--signal=B:USR1@120", "--requeue", "--output=logs/%x-%j.out",
+                      "--open-mode=append"]:
+        assert f"#SBATCH {directive}" in text
+    assert shutil.which("bash")
