@@ -458,100 +458,6 @@ def _patch_checkpoint_without_output() -> None:
     mc_random._get_share_storage = lambda: share_storage
 
 
-def _patch_distrib_optimizer_step_unshare() -> None:
-    """After loading, every parameter has its own Adam ``step`` tensor again.
-
-    ``optimizer/distrib_optimizer.py::DistributedOptimizer.load_state_dict`` (non-apex/TE path)
-    puts one ``step`` tensor object into every parameter's state; torch's ``AdamW`` increments
-    ``state['step']`` in place per parameter, so after a resume the shared step advances once
-    per parameter per iteration and bias correction drifts silently. Each state gets a clone.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer.load_state_dict
-
-    @functools.wraps(original)
-    def load_state_dict(self, state_dict):
-        result = original(self, state_dict)
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None:
-            for state in optimizer.state.values():
-                step = state.get("step")
-                if isinstance(step, torch.Tensor):
-                    state["step"] = step.detach().clone()
-        return result
-
-    DistributedOptimizer.load_state_dict = load_state_dict
-
-
-def _patch_distrib_optimizer_fresh_state() -> None:
-    """A never-stepped distributed optimizer can build its (checkpoint) state dict.
-
-    ``optimizer/distrib_optimizer.py::DistributedOptimizer.state_dict`` (non-apex/TE path)
-    asserts that all parameters share one Adam ``step``; a fresh torch ``AdamW`` has no state at
-    all, so the assert fails, and ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``:
-    resuming into a new process is impossible. An empty state is filled the way torch's
-    ``AdamW`` would on its first step (``step=0``, zero moments), which changes no update.
-    """
-    from megatron.core.optimizer import distrib_optimizer as mod
-
-    if mod.HAVE_APEX_OR_TE:
-        return
-    original = mod.DistributedOptimizer.state_dict
-
-    @functools.wraps(original)
-    def state_dict(self):
-        inner = self.optimizer
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and len(inner.state) == 0:
-            from torch.optim.optimizer import _get_scalar_dtype
-
-            step_dtype = _get_scalar_dtype()
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    state = inner.state[param]
-                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param,
-                                                           memory_format=torch.preserve_format)
-                    if group.get("amsgrad"):
-                        state["max_exp_avg_sq"] = torch.zeros_like(
-                            param, memory_format=torch.preserve_format)
-        return original(self)
-
-    mod.DistributedOptimizer.state_dict = state_dict
-
-
-def _patch_distrib_optimizer_load_skips_step() -> None:
-    """Loading parameter state leaves torch Adam's tensor ``step`` alone.
-
-    ``optimizer/distrib_optimizer.py::_set_main_param_and_optimizer_states`` copies every
-    *tensor* in the inner optimizer's per-parameter state from the loaded tensors; torch's
-    ``AdamW`` keeps ``step`` as a tensor, but the ``fully_reshardable`` (and model-space) loaders
-    skip ``step`` ("handled separately"), so the copy raises ``KeyError: 'step'``. Missing keys
-    are passed as None, which upstream already skips; ``step`` comes from the param groups.
-    """
-    from megatron.core.optimizer import distrib_optimizer as mod
-
-    if mod.HAVE_APEX_OR_TE:
-        return
-    cls = mod.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-
-    @functools.wraps(original)
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state[main_param]
-            missing = [k for k, v in state.items() if isinstance(v, torch.Tensor)
-                       and k not in tensors]
-            if missing:
-                tensors = dict(tensors, **{k: None for k in missing})
-        return original(self, model_param, tensors)
-
-    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-
-
 _PATCHES: tuple[Callable[[], None], ...] = (
     _patch_cuda_runtime_stand_ins,
     _patch_cuda_rng,
@@ -559,9 +465,6 @@ _PATCHES: tuple[Callable[[], None], ...] = (
     _patch_gloo_all_gather_uneven,
     _patch_torch_norm_sequence_parallel,
     _patch_checkpoint_without_output,
-    _patch_distrib_optimizer_step_unshare,
-    _patch_distrib_optimizer_fresh_state,
-    _patch_distrib_optimizer_load_skips_step,
 )
 
 

@@ -342,6 +342,9 @@ def init_distributed(
         create_gloo_process_groups=create_gloo_groups,
     )
     model_parallel_cuda_manual_seed(seed)
+    from megatron_sphinx import upstream_fixes
+
+    upstream_fixes.apply()
     collection = ProcessGroupCollection.use_mpu_process_groups()
     logger.info("rank %d/%d: %s on %s (%s launch)", launch.rank, launch.world_size,
                 dims.describe(), backend, launch.launcher)

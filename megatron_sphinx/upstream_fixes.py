@@ -1,39 +1,131 @@
 """Fixes for megatron-core 0.19.2 bugs that are not CPU-specific (applied on every device).
 
-They show where Megatron's distributed optimizer runs on plain ``torch.optim.AdamW`` (no Apex, no
-Transformer Engine): always on CPUs, and on GPU installs without TE. CPU-only patches live in
-:mod:`megatron_sphinx.cpu_compat`.
+They all concern Megatron's distributed optimizer running on plain ``torch.optim.AdamW`` (no Apex,
+no Transformer Engine): always the case on CPUs, and on GPU installs without TE. Each fix checks
+``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used. CPU-only patches live
+in :mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
+these.
 """
 from __future__ import annotations
 
-import collections
 import functools
+import threading
 
-_applied = False
+import torch
+
+_lock = threading.Lock()
+_applied: list[str] = []
 
 
-def _fix_fully_reshardable_load_with_torch_adam() -> None:
-    """Loading a ``fully_reshardable`` distributed-optimizer checkpoint into torch AdamW.
+def _fix_distrib_optimizer_step_unshare() -> None:
+    """After loading, every parameter has its own Adam ``step`` tensor again.
 
-    ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every tensor of the
-    parameter's optimizer state from the loaded tensors, but torch AdamW keeps ``step`` as a
-    tensor in that state while the checkpoint stores it separately: ``KeyError: 'step'``. The
-    function already skips non-tensor sources, so missing keys are presented as None.
+    ``optimizer/distrib_optimizer.py::DistributedOptimizer.load_state_dict`` (non-apex/TE path)
+    puts one ``step`` tensor object into every parameter's state; torch's ``AdamW`` increments
+    ``state['step']`` in place per parameter, so after a resume the shared step advances once
+    per parameter per iteration and bias correction drifts silently. Each state gets a clone.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer import distrib_optimizer as mod
 
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if mod.HAVE_APEX_OR_TE:
+        return
+    DistributedOptimizer = mod.DistributedOptimizer
+    original = DistributedOptimizer.load_state_dict
 
     @functools.wraps(original)
-    def patched(self, model_param, tensors):
-        return original(self, model_param, collections.defaultdict(lambda: None, tensors))
+    def load_state_dict(self, state_dict):
+        result = original(self, state_dict)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                step = state.get("step")
+                if isinstance(step, torch.Tensor):
+                    state["step"] = step.detach().clone()
+        return result
 
-    DistributedOptimizer._set_main_param_and_optimizer_states = patched
+    DistributedOptimizer.load_state_dict = load_state_dict
 
 
-def apply() -> None:
-    """Installs the fixes once."""
-    global _applied
-    if not _applied:
-        _fix_fully_reshardable_load_with_torch_adam()
-        _applied = True
+def _fix_distrib_optimizer_fresh_state() -> None:
+    """A never-stepped distributed optimizer can build its (checkpoint) state dict.
+
+    ``optimizer/distrib_optimizer.py::DistributedOptimizer.state_dict`` (non-apex/TE path)
+    asserts that all parameters share one Adam ``step``; a fresh torch ``AdamW`` has no state at
+    all, so the assert fails, and ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``:
+    resuming into a new process is impossible. An empty state is filled the way torch's
+    ``AdamW`` would on its first step (``step=0``, zero moments), which changes no update.
+    """
+    from megatron.core.optimizer import distrib_optimizer as mod
+
+    if mod.HAVE_APEX_OR_TE:
+        return
+    original = mod.DistributedOptimizer.state_dict
+
+    @functools.wraps(original)
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and len(inner.state) == 0:
+            from torch.optim.optimizer import _get_scalar_dtype
+
+            step_dtype = _get_scalar_dtype()
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    state = inner.state[param]
+                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(
+                            param, memory_format=torch.preserve_format)
+        return original(self)
+
+    mod.DistributedOptimizer.state_dict = state_dict
+
+
+def _fix_distrib_optimizer_load_skips_step() -> None:
+    """Loading parameter state leaves torch Adam's tensor ``step`` alone.
+
+    ``optimizer/distrib_optimizer.py::_set_main_param_and_optimizer_states`` copies every
+    *tensor* in the inner optimizer's per-parameter state from the loaded tensors; torch's
+    ``AdamW`` keeps ``step`` as a tensor, but the ``fully_reshardable`` (and model-space) loaders
+    skip ``step`` ("handled separately"), so the copy raises ``KeyError: 'step'``. Missing keys
+    are passed as None, which upstream already skips; ``step`` comes from the param groups.
+    """
+    from megatron.core.optimizer import distrib_optimizer as mod
+
+    if mod.HAVE_APEX_OR_TE:
+        return
+    cls = mod.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            missing = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+                       and k not in tensors]
+            if missing:
+                tensors = dict(tensors, **{k: None for k in missing})
+        return original(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+_FIXES = (
+    _fix_distrib_optimizer_step_unshare,
+    _fix_distrib_optimizer_fresh_state,
+    _fix_distrib_optimizer_load_skips_step,
+)
+
+
+def apply() -> list[str]:
+    """Installs the fixes once; returns their names."""
+    with _lock:
+        if not _applied:
+            for fix in _FIXES:
+                fix()
+                _applied.append(fix.__name__)
+        return list(_applied)

@@ -15,7 +15,7 @@
 # Needs root (slurmd starts jobs as their user; SlurmUser=root). Settings that work in a container
 # without cgroups or systemd: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none,
 # SelectType=select/cons_tres (CR_Core), the node at 127.0.0.1 named after `hostname -s`.
-# Variables: LOCAL_SLURM_CPUS (default: nproc) CPUs of the node.
+# Variables: LOCAL_SLURM_CPUS (default: all CPUs, at least 2) CPUs of the node.
 set -euo pipefail
 
 cmd=${1:-}
@@ -68,7 +68,10 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 write_config() {
     local host cpus mem ctld_port slurmd_port
     host=$(hostname -s)
-    cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+    # `nproc` alone honours OMP_NUM_THREADS; at least 2 CPUs so 2-task jobs fit (the configured
+    # count is trusted: SlurmdParameters=config_overrides).
+    cpus=${LOCAL_SLURM_CPUS:-$(nproc --all)}
+    [ "$cpus" -ge 2 ] || cpus=2
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     ctld_port=$(free_port)
     slurmd_port=$(free_port)
@@ -104,6 +107,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 ReturnToService=2
+SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=10
 InactiveLimit=0

@@ -95,19 +95,27 @@ sphinx_cluster_env() {
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 }
 
-# WORLD (tasks of the job), NNODES, TASKS_PER_NODE, GPUS_PER_NODE (maybe empty).
+# WORLD (training ranks), NNODES, TASKS_PER_NODE (ranks per node), GPUS_PER_NODE (maybe
+# empty). With an argument (torchrun: that many ranks per node) the Slurm tasks are not counted.
 sphinx_world() {
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-    WORLD=${SLURM_NTASKS:-}
-    _sphinx_is_uint "$WORLD" && [ "$WORLD" -ge 1 ] \
-        || sphinx_die "SLURM_NTASKS is not set: submit with --ntasks-per-node (one task per GPU) or --ntasks"
-    TASKS_PER_NODE=$((WORLD / NNODES))
-    [ $((TASKS_PER_NODE * NNODES)) -eq "$WORLD" ] \
-        || sphinx_die "$WORLD tasks do not split evenly over $NNODES nodes: use --ntasks-per-node instead of --ntasks"
+    if [ -n "${1:-}" ]; then
+        _sphinx_is_uint "$1" && [ "$1" -ge 1 ] \
+            || sphinx_die "NPROC_PER_NODE=$1 must be a positive integer (ranks per node, one per GPU)"
+        TASKS_PER_NODE=$1
+        WORLD=$((NNODES * TASKS_PER_NODE))
+    else
+        WORLD=${SLURM_NTASKS:-}
+        _sphinx_is_uint "$WORLD" && [ "$WORLD" -ge 1 ] \
+            || sphinx_die "SLURM_NTASKS is not set: submit with --ntasks-per-node (one task per GPU) or --ntasks"
+        TASKS_PER_NODE=$((WORLD / NNODES))
+        [ $((TASKS_PER_NODE * NNODES)) -eq "$WORLD" ] \
+            || sphinx_die "$WORLD tasks do not split evenly over $NNODES nodes: use --ntasks-per-node instead of --ntasks"
+    fi
     GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-}
     if [ -n "$GPUS_PER_NODE" ] && [ "$GPUS_PER_NODE" != 0 ] \
         && [ "$TASKS_PER_NODE" -gt "$GPUS_PER_NODE" ]; then
-        sphinx_die "$TASKS_PER_NODE tasks per node but only $GPUS_PER_NODE GPUs per node: set --ntasks-per-node equal to --gpus-per-node"
+        sphinx_die "$TASKS_PER_NODE ranks per node but only $GPUS_PER_NODE GPUs per node: start one rank per GPU (--ntasks-per-node, or NPROC_PER_NODE for torchrun, equal to --gpus-per-node)"
     fi
 }
 
@@ -129,7 +137,7 @@ _sphinx_check_layout() {
     fi
     local mp=$((TP * PP))
     [ $((WORLD % mp)) -eq 0 ] \
-        || sphinx_die "TP*PP = $TP*$PP = $mp does not divide the $WORLD tasks of this job: submit a multiple of $mp tasks (--nodes x --ntasks-per-node) or change TP/PP"
+        || sphinx_die "TP*PP = $TP*$PP = $mp does not divide the $WORLD ranks of this job: start a multiple of $mp ranks (--nodes x ranks per node) or change TP/PP"
     local dp=$((WORLD / mp))
     [ $(((dp * TP) % (TP * EP))) -eq 0 ] \
         || sphinx_die "EP=$EP does not divide the data-parallel size $dp (world $WORLD / TP*PP $mp): change EP or the task count"
@@ -249,10 +257,23 @@ sphinx_master() {
     export MASTER_ADDR MASTER_PORT
 }
 
+# Put before the rank's command on the srun line: it starts with SIGUSR1 and SIGTERM ignored
+# until the training loop installs its own handlers (megatron_sphinx.train.signals). Slurm signals
+# every process of a step, and helpers a rank forks during start-up (Megatron's checkpoint-writer
+# manager) would otherwise die of the stop signal and break the very save it asks for. A signal
+# that arrives while a rank is still starting is repeated (STOP_REPEAT_S) until the step ends.
+SPHINX_RANK_WRAPPER=(bash -c 'trap "" USR1 TERM; exec "$@"' sphinx-rank)
+
 _sphinx_forward_stop() {
     STOP_REQUESTED=1
+    [ -n "${STEP_PID:-}" ] || return 0
     sphinx_log "stop signal received: forwarding SIGUSR1 to the training step (it saves and exits $SPHINX_EXIT_REQUEUE)"
-    [ -n "${STEP_PID:-}" ] && kill -USR1 "$STEP_PID" 2>/dev/null
+    kill -USR1 "$STEP_PID" 2>/dev/null
+    local repeat=${STOP_REPEAT_S:-30}
+    if [ -z "${_SPHINX_TICKER:-}" ] && [ "$repeat" -gt 0 ]; then
+        ( while sleep "$repeat"; do kill -USR1 "$STEP_PID" 2>/dev/null || exit 0; done ) &
+        _SPHINX_TICKER=$!
+    fi
     return 0
 }
 
@@ -261,6 +282,7 @@ _sphinx_forward_stop() {
 # every task. Sets STEP_RC.
 sphinx_run_step() {
     STOP_REQUESTED=${STOP_REQUESTED:-0}
+    _SPHINX_TICKER=
     trap _sphinx_forward_stop USR1
     "$@" &
     STEP_PID=$!
@@ -271,7 +293,9 @@ sphinx_run_step() {
         kill -0 "$STEP_PID" 2>/dev/null || break
     done
     trap - USR1
+    [ -n "$_SPHINX_TICKER" ] && kill "$_SPHINX_TICKER" 2>/dev/null
     STEP_PID=
+    return 0
 }
 
 # After the step: requeue when the run stopped to be resumed, else end with the step's code.
@@ -284,10 +308,10 @@ sphinx_maybe_requeue() {
     [ "${STOP_REQUESTED:-0}" = 1 ] && [ "$STEP_RC" != 0 ] && stopped=1
     if [ "$stopped" = 1 ]; then
         if [ "$restarts" -ge "$max" ]; then
-            sphinx_log "stopped (exit $STEP_RC) but already restarted $restarts times (MAX_RESTARTS=$max): not requeueing"
+            sphinx_log "the step stopped on request (exit $STEP_RC) but the job already restarted $restarts times (MAX_RESTARTS=$max): not requeueing"
             exit "$STEP_RC"
         fi
-        sphinx_log "stopped after saving (exit $STEP_RC): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+        sphinx_log "the step stopped on request (exit $STEP_RC): requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from $SAVE"
         if scontrol requeue "$SLURM_JOB_ID"; then
             # Slurm now ends this run of the job and queues it again; it resumes from SAVE.
             sleep 60

@@ -34,6 +34,8 @@ from megatron_sphinx.data.layout import Sample, build_packed_batch
 from megatron_sphinx.model import hf_mapping as hm
 from megatron_sphinx.model.hf_sphinx import (MULTIMODAL_WEIGHTS, SphinxXConfig,
                                              SphinxXForConditionalGeneration)
+from megatron_sphinx.model.sphinx import SphinxModel  # noqa: F401  (imported here once:
+from megatron_sphinx.train import build, loop  # noqa: F401  forked ranks inherit the imports)
 from tests.dist_harness import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +167,8 @@ def _layout_worker(rank, world_size, recipe, dims, ckpt_in, ckpt_out):
         if model.pre_process and pgs.tp.rank() == 0:
             multimodal = {k: v.clone() for k, v in model.state_dict().items()
                           if not k.startswith("language_model.") and torch.is_tensor(v)}
-        meta = ckpt_lib.CheckpointMeta(step=0, recipe=cfg.name, layout=dict(dims, dp=groups.dims.dp),
+        meta = ckpt_lib.CheckpointMeta(step=0, recipe=cfg.name,
+                                       layout=dict(dims, dp=groups.dims.dp),
                                        code_version="test", consumed={}, has_optimizer=False)
         ckpt_lib.save_checkpoint(ckpt_out, 0, chunks, None, None, pgs, meta=meta, common={})
     return logits, multimodal
@@ -367,3 +370,93 @@ def test_from_hf_refusals_before_any_work(moe, dense, tmp_path):
             from_hf.convert(args)
         assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------- GPU: a Transformer Engine checkpoint
+
+
+def _te_gpu_main(tmp: str) -> None:
+    """Runs in a fresh interpreter on a GPU machine; prints one ``TE_CHECK`` JSON line.
+
+    Per recipe (dense and MoE): builds SPHINX-X with the TE spec on the GPU in fp32 (fused
+    norm+linear, grouped-GEMM experts: the checkpoint keys of GPU training), loads the tiny HF
+    LLM with ``hf_to_megatron(spec="te")``, computes the logits of the image sample, saves a
+    weights-only checkpoint, exports it with ``tools/convert_to_hf.py`` (CPU, local spec) and
+    compares: exported LLM tensors bit-exact, exported SPHINX-X logits vs the TE logits.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_sphinx.distributed import free_port, init_distributed, shutdown
+    from megatron_sphinx.model.llm import ParallelSizes, transformer_config
+    from megatron_sphinx.model.specs import transformer_engine_available
+    from megatron_sphinx.parallel_dims import ParallelDims
+    from megatron_sphinx.train import checkpoint as ckpt_lib
+
+    if not transformer_engine_available():
+        print("TE_CHECK_SKIP")
+        return
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    groups = init_distributed(ParallelDims(world_size=1), timeout_s=300, environ=env)
+    report = {}
+    for recipe in ("debug", "debug-moe"):
+        root = Path(tmp) / recipe
+        _make_hf_dir(recipe, root / "hf")
+        cfg = get_recipe(recipe)
+        tcfg = transformer_config(cfg.llm, ParallelSizes(), dtype=torch.float32, on_gpu=True)
+        torch.manual_seed(0)
+        model = SphinxModel(cfg, tcfg, "te", pg_collection=groups.collection).cuda().eval()
+        hf_state = load_file(str(root / "hf" / "model.safetensors"))
+        hm.load_megatron_state(model.language_model, hm.hf_to_megatron(hf_state, cfg.llm, "te"))
+        _, image, views = _samples()
+        n = image.length(cfg.vision.image_size, cfg.vision.grid)
+        batch = build_packed_batch([[image]], n, cfg.vision.image_size, cfg.vision.grid,
+                                   views).to("cuda")
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens,
+                                 cu_seqlens_kv=batch.cu_seqlens, max_seqlen_q=batch.max_seqlen,
+                                 max_seqlen_kv=batch.max_seqlen)
+        with torch.no_grad():
+            te_logits = model.language_model(
+                input_ids=None, position_ids=None, attention_mask=None,
+                decoder_input=model.embed(batch), labels=None,
+                packed_seq_params=packed)[..., : cfg.llm.vocab_size].float().cpu()
+        meta = ckpt_lib.CheckpointMeta(step=0, recipe=recipe, layout={"tp": 1, "pp": 1, "ep": 1},
+                                       code_version="test", consumed={}, has_optimizer=False)
+        ckpt_lib.save_checkpoint(root / "ckpt", 0, [model], None, None, groups.collection,
+                                 meta=meta, common={})
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"),
+                               "--load", str(root / "ckpt"), "--out", str(root / "out"),
+                               "--tokenizer", str(root / "hf")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        entry = {"rc": proc.returncode, "stderr": proc.stderr[-1500:]}
+        if proc.returncode == 0:
+            exported = load_file(str(root / "out" / "language_model" / "model.safetensors"))
+            entry["bit_exact"] = sorted(exported) == sorted(hf_state) and all(
+                torch.equal(exported[k], hf_state[k]) for k in hf_state)
+            sx = SphinxXForConditionalGeneration.from_pretrained(root / "out").eval()
+            with torch.no_grad():
+                hf_logits = sx(torch.tensor([TEXT_IDS]), views, [IMAGE_HW]).logits
+            entry["max_abs_diff"] = (hf_logits - te_logits).abs().max().item()
+        report[recipe] = entry
+    shutdown()
+    print("TE_CHECK " + json.dumps(report))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with Transformer Engine")
+def test_te_gpu_checkpoint_exports(tmp_path):
+    """A checkpoint of the TE-spec model (GPU training's keys) exports bit-exact on the CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         f"from tests.test_convert import _te_gpu_main; _te_gpu_main({str(tmp_path)!r})"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"GPU check failed:\n{proc.stderr[-3000:]}")
+    if "TE_CHECK_SKIP" in proc.stdout:
+        pytest.skip("Transformer Engine is not importable on this GPU machine")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TE_CHECK ")]
+    assert lines, f"no report from the GPU check:\n{proc.stderr[-3000:]}"
+    for recipe, r in json.loads(lines[-1][len("TE_CHECK "):]).items():
+        assert r["rc"] == 0, (recipe, r["stderr"])
+        assert r["bit_exact"], recipe
+        # fp32 on the GPU (TE kernels, TF32 off by default) vs CPU: far below a layout error.
+        assert r["max_abs_diff"] < 1e-3, (recipe, r)

@@ -48,3 +48,9 @@ def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="divisible"):
         image_geometry(10, 10, 448, 3)
     assert isinstance(image_geometry(3, 4), ImageGeometry)
+
+
+def test_no_skip_encodes_every_sub_image():
+    g = image_geometry(200, 400, 448, 2, skip_padded=False)
+    assert g.view_valid().tolist() == [True] * 5 and g.num_skipped() == 0
+    assert g.num_positions() == 5 * POSITIONS_PER_VIEW

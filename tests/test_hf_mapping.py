@@ -533,7 +533,7 @@ def _te_gpu_main() -> None:
     for arch, model in (("llama", _llama()), ("mixtral", _mixtral())):
         cfg = hm.llm_config_from_hf(model.config, name=arch)
         hf_state = _hf_state(model)
-        tc = transformer_config(cfg, ParallelSizes(), dtype=torch.float32, on_gpu=True)
+        tc = transformer_config(cfg, ParallelSizes(), dtype=torch.float32, on_gpu=True, backend="te")
         gpt = build_gpt(cfg, tc, "te", pre_process=True, post_process=True,
                         pg_collection=groups.collection).eval()
         hm.load_megatron_state(gpt, hm.hf_to_megatron(hf_state, cfg, "te"))

@@ -9,8 +9,9 @@ from PIL import Image
 
 from megatron_sphinx.config import CLIP_MEAN
 from megatron_sphinx.data.geometry import image_geometry
-from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, decode_rgb, probe_image,
-                                         reference_views, resolve_device)
+from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, _resize_plane, decode_rgb,
+                                         global_view, probe_image, reference_views,
+                                         resolve_device)
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
 if not IMAGES.is_dir():
@@ -31,17 +32,18 @@ def proc448():
     return ImageProcessor(ImageConfig(448, 2, device="cpu"))
 
 
-@pytest.mark.parametrize("image_size,grid", [(448, 2), (672, 3)])
-def test_dali_matches_pillow_reference(image_size, grid):
+@pytest.mark.parametrize("image_size,grid,interp",
+                         [(448, 2, "cubic"), (672, 3, "cubic"), (448, 2, "linear")])
+def test_dali_matches_pillow_reference(image_size, grid, interp):
     files = _files()
     assert len(PHOTOS) >= 6, f"test photos missing under {IMAGES}"
     datas = [f.read_bytes() for f in files]
-    proc = ImageProcessor(ImageConfig(image_size, grid, device="cpu"))
+    proc = ImageProcessor(ImageConfig(image_size, grid, device="cpu", interp=interp))
     batch = proc(datas)
     assert batch.errors == [None] * len(files)
     off = 0
     for f, data, cnt, hw in zip(files, datas, batch.view_counts.tolist(), batch.sizes):
-        ref, ref_hw = reference_views(data, image_size, grid)
+        ref, ref_hw = reference_views(data, image_size, grid, interp=interp)
         assert hw == ref_hw, f.name
         geo = image_geometry(*hw, image_size, grid)
         assert cnt == int(geo.view_valid().sum()) == ref.shape[0], f.name
@@ -54,6 +56,18 @@ def test_dali_matches_pillow_reference(image_size, grid):
     assert off == batch.views.shape[0]
     assert batch.views.dtype == torch.float32
     assert proc.stats["dali"] == len(files) - 1 and proc.stats["pillow:alpha"] == 1
+
+
+@pytest.mark.parametrize("grid,interp", [(2, "cubic"), (3, "cubic"), (2, "linear")])
+def test_global_view_filter_is_pillows(grid, interp):
+    rng = np.random.default_rng(grid)
+    sq = rng.random((2, 3, 224 * grid, 224 * grid), dtype=np.float32)
+    sq[:, :, 100:, 50:] = 0.3  # flat areas and edges
+    got = global_view(torch.from_numpy(sq), grid, interp).numpy()
+    for i in range(2):
+        for c in range(3):
+            ref = np.clip(_resize_plane(sq[i, c], (224, 224), interp), 0, 1)
+            assert np.abs(got[i, c] - ref).max() < 1e-4
 
 
 def test_pad_is_clip_mean_and_image_top_left(proc448):

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ TIMEOUT_MIN = 0.5  # collective timeout of the test runs
 JOB_TIMEOUT_S = 420  # one job, generous: the 2 shared cores are often busy with other work
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+NEVER_RUNS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "ReqNodeNotAvail",
+              "InvalidAccount", "InvalidQOS", "PartitionTimeLimit"}
 RUN_ENV = {  # the sbatch variables of every training run here
     "RECIPE": "debug", "STEPS": str(STEPS), "DATA": "synthetic", "SAVE_INTERVAL": "2",
     "KEEP_LAST": "2", "GLOBAL_BATCH_SIZE": "2", "SEQ_LENGTH": "1400",
@@ -57,10 +60,27 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def root():
+    """This module's own scratch directory (not pytest's basetemp: concurrent pytest runs on one
+    machine rotate old basetemps away, and these jobs run for minutes)."""
+    path = Path(tempfile.mkdtemp(prefix="sphinx_slurm_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def work(root, request) -> Path:
+    """A fresh directory per test (the job's working directory: logs/ and save/)."""
+    path = root / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(root):
     if os.geteuid() != 0:
         pytest.fail("the Slurm tests need root (slurmd starts the jobs): run them as root in CI")
-    d = tmp_path_factory.mktemp("slurm")
+    d = root / "cluster"
     start = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(d)], capture_output=True,
                            text=True, timeout=900)
     if start.returncode != 0:
@@ -105,6 +125,9 @@ def wait_job(cluster: Cluster, workdir: Path, job_id: int, timeout=JOB_TIMEOUT_S
         info = cluster.job(job_id)
         if info.get("JobState") in FINAL_STATES and int(info.get("Restarts", 0)) >= restarts:
             return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_RUNS:
+            cluster.run("scancel", job_id, check=False)
+            pytest.fail(f"job {job_id} can never run on the local cluster: {info.get('Reason')}")
         return None
 
     def tail():
@@ -173,9 +196,9 @@ def assert_matches_reference(records: list[dict], reference: dict, first_step: i
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
+def reference(cluster, root):
     """The uninterrupted run: (workdir, save dir, job record, step -> (loss, grad norm))."""
-    work = tmp_path_factory.mktemp("ref")
+    work = root / "reference"
     save = work / "save"
     job = submit(cluster, work, save)
     info = wait_job(cluster, work, job)
@@ -202,17 +225,17 @@ def test_sbatch_two_tasks_trains_saves_and_logs(cluster, reference):
     assert (work / "logs" / f"sphinx-train-{job}.out").exists()
 
 
-def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference, tmp_path):
+def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference, work):
     _, _, _, ref_info, ref = reference
     assert ref_info["JobState"] == "COMPLETED"
-    save = tmp_path / "save"
-    job = submit(cluster, tmp_path, save)
+    save = work / "save"
+    job = submit(cluster, work, save)
     # Once training runs, deliver what --signal=B:USR1@120 delivers: USR1 to the batch shell.
     wait_until("step 2 of the first run", lambda: len(read_metrics(save)) >= 2, JOB_TIMEOUT_S,
-               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+               on_fail=lambda: log_of(work, job)[-3000:])
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    info = wait_job(cluster, tmp_path, job, restarts=1)
-    log = log_of(tmp_path, job)
+    info = wait_job(cluster, work, job, restarts=1)
+    log = log_of(work, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert info["Restarts"] == "1", "the job was not requeued"
     stopped = re.search(r"stopped at step (\d+) after a stop request; exit 3", log)
@@ -226,51 +249,51 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference
     assert_matches_reference(records, ref, 1)
 
 
-def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, tmp_path):
+def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, work):
     _, _, _, _, ref = reference
-    save = tmp_path / "save"
-    job = submit(cluster, tmp_path, save, STEP_WAIT_S=600)  # only the training code may end it
+    save = work / "save"
+    job = submit(cluster, work, save, STEP_WAIT_S=600)  # only the training code may end it
     wait_until("checkpoint 2 and step 3", lambda: latest(save) == "iter_0000002"
                and len(read_metrics(save)) >= 3, JOB_TIMEOUT_S,
-               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+               on_fail=lambda: log_of(work, job)[-3000:])
     victim = rank_pid(job, 1)
     assert victim, "rank 1 not found"
     os.kill(victim, signal.SIGKILL)
     t0 = time.monotonic()
-    info = wait_job(cluster, tmp_path, job)
+    info = wait_job(cluster, work, job)
     ended_after = time.monotonic() - t0
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     # Rank 0 is left alone in a collective: it must error out, not hang (bound: the timeout).
     assert ended_after < TIMEOUT_MIN * 60 + 30, f"job took {ended_after:.0f} s to end"
-    assert "requeueing" not in log_of(tmp_path, job)  # a crash is not a preemption
+    assert "requeueing" not in log_of(work, job)  # a crash is not a preemption
     resume_from = latest(save)
     done_before = len(read_metrics(save))
     assert resume_from == "iter_0000002"
 
-    job2 = submit(cluster, tmp_path, save)
-    info2 = wait_job(cluster, tmp_path, job2)
-    log2 = log_of(tmp_path, job2)
+    job2 = submit(cluster, work, save)
+    info2 = wait_job(cluster, work, job2)
+    log2 = log_of(work, job2)
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
     assert re.search(rf"resumed from \S+/{resume_from} at step 2\b", log2), log2[-3000:]
     assert_matches_reference(read_metrics(save)[done_before:], ref, 3)
 
 
 def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
-        cluster, reference, tmp_path):
+        cluster, reference, work):
     """Rank 0 stops (SIGSTOP) inside a checkpoint save, before the rename: rank 1 hits the
     collective timeout and exits; then rank 0 is killed (SIGKILL) mid-save."""
     _, _, _, _, ref = reference
-    save = tmp_path / "save"
-    job = submit(cluster, tmp_path, save, STEP_WAIT_S=600)
+    save = work / "save"
+    job = submit(cluster, work, save, STEP_WAIT_S=600)
     wait_until("checkpoint 2", lambda: latest(save) == "iter_0000002", JOB_TIMEOUT_S,
-               on_fail=lambda: log_of(tmp_path, job)[-3000:])
+               on_fail=lambda: log_of(work, job)[-3000:])
     rank0, rank1 = rank_pid(job, 0), rank_pid(job, 1)
     assert rank0 and rank1
     frozen = None
     for step in range(4, STEPS, 2):  # catch a save in progress (retry the next on a lost race)
         tmp, final = save / f"iter_{step:07d}.tmp", save / f"iter_{step:07d}"
         wait_until(f"save {step} starts", tmp.exists, JOB_TIMEOUT_S, interval=0.002,
-                   on_fail=lambda: log_of(tmp_path, job)[-3000:])
+                   on_fail=lambda: log_of(work, job)[-3000:])
         os.kill(rank0, signal.SIGSTOP)
         if not final.exists() and latest(save) != final.name:
             frozen = step
@@ -280,11 +303,11 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     before = latest(save)
     t0 = time.monotonic()
     wait_until("rank 1 exits on the collective timeout", lambda: not alive(rank1),
-               TIMEOUT_MIN * 60 + 60, interval=0.5, on_fail=lambda: log_of(tmp_path, job))
+               TIMEOUT_MIN * 60 + 60, interval=0.5, on_fail=lambda: log_of(work, job))
     waited = time.monotonic() - t0
     os.kill(rank0, signal.SIGKILL)
-    info = wait_job(cluster, tmp_path, job)
-    log = log_of(tmp_path, job)
+    info = wait_job(cluster, work, job)
+    log = log_of(work, job)
     assert info["JobState"] == "FAILED", info
     assert TIMEOUT_MIN * 60 - 5 < waited < TIMEOUT_MIN * 60 + 45, (
         f"rank 1 ended {waited:.0f} s after rank 0 froze (timeout {TIMEOUT_MIN * 60:.0f} s)")
@@ -294,9 +317,9 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     assert not (save / f"iter_{frozen:07d}.tmp" / "meta.json").exists()
     done_before = len(read_metrics(save))
 
-    job2 = submit(cluster, tmp_path, save)
-    info2 = wait_job(cluster, tmp_path, job2)
-    log2 = log_of(tmp_path, job2)
+    job2 = submit(cluster, work, save)
+    info2 = wait_job(cluster, work, job2)
+    log2 = log_of(work, job2)
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
     assert re.search(rf"resumed from \S+/{before} at step {frozen - 2}\b", log2), log2[-3000:]
     assert_matches_reference(read_metrics(save)[done_before:], ref, frozen - 1)
@@ -312,18 +335,18 @@ def _error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("variables,expect", [
-    ({"TP": "4"}, "TP*PP = 4*1 = 4 does not divide the 2 tasks"),
+    ({"TP": "4"}, "TP*PP = 4*1 = 4 does not divide the 2 ranks"),
     ({"DATA": "/nonexistent/mix.zarr"}, "DATA=/nonexistent/mix.zarr does not exist"),
 ])
-def test_sbatch_bad_input_fails_at_once_with_one_line(cluster, tmp_path, variables, expect):
-    job = submit(cluster, tmp_path, tmp_path / "save", **variables)
+def test_sbatch_bad_input_fails_at_once_with_one_line(cluster, work, variables, expect):
+    job = submit(cluster, work, work / "save", **variables)
     t0 = time.monotonic()
-    info = wait_job(cluster, tmp_path, job, timeout=120)
-    lines = _error_lines(log_of(tmp_path, job))
+    info = wait_job(cluster, work, job, timeout=120)
+    lines = _error_lines(log_of(work, job))
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, lines)
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
     assert time.monotonic() - t0 < 60
-    assert not (tmp_path / "save" / "metrics.jsonl").exists()
+    assert not (work / "save" / "metrics.jsonl").exists()
 
 
 def _fake_job_env(tmp_path: Path, **variables) -> tuple[dict, Path]:
@@ -348,7 +371,7 @@ def _fake_job_env(tmp_path: Path, **variables) -> tuple[dict, Path]:
     ({"EP": "4"}, "EP=4 does not divide the data-parallel size 2"),
     ({"STEPS": "ten"}, "STEPS=ten must be a positive integer"),
     ({"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
-    ({"SLURM_GPUS_ON_NODE": "1"}, "2 tasks per node but only 1 GPUs per node"),
+    ({"SLURM_GPUS_ON_NODE": "1"}, "2 ranks per node but only 1 GPUs per node"),
 ])
 def test_bad_variables_stop_before_srun(tmp_path, variables, expect):
     env, called = _fake_job_env(tmp_path, **variables)

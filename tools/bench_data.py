@@ -55,17 +55,19 @@ from megatron_sphinx.data.packing import (PackingConfig, offline_efficiency,  # 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
 
 
-def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2) -> np.ndarray:
+def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2,
+                       interp: str = "cubic") -> np.ndarray:
     """The usual uint8 Pillow pipeline for the same views (speed baseline, not pixel-exact)."""
     with Image.open(io.BytesIO(data)) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
     geo = image_geometry(im.height, im.width, image_size, grid)
-    resized = im.resize((geo.resized_width, geo.resized_height), Image.BICUBIC)
+    flt = Image.BICUBIC if interp == "cubic" else Image.BILINEAR
+    resized = im.resize((geo.resized_width, geo.resized_height), flt)
     pad = tuple(int(round(c * 255)) for c in CLIP_MEAN)
     square = Image.new("RGB", (image_size, image_size), pad)
     square.paste(resized, (0, 0))
     v = image_size // grid
-    glob = np.asarray(square.resize((v, v), Image.BICUBIC), dtype=np.float32) / 255.0
+    glob = np.asarray(square.resize((v, v), flt), dtype=np.float32) / 255.0
     sq = np.asarray(square, dtype=np.float32) / 255.0
     views = [glob.transpose(2, 0, 1)]
     for t, ok in enumerate(geo.view_valid()[1:]):
@@ -75,14 +77,15 @@ def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2) -> np.
     return np.ascontiguousarray(np.stack(views))
 
 
-def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float) -> list[tuple]:
+def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
+                 interp: str = "cubic") -> list[tuple]:
     """images/s per pipeline: rounds of one pass over ``datas`` each, interleaved so that load
     from other processes hits all pipelines alike; reports the best and the median round."""
-    proc = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch))
+    proc = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch, interp=interp))
     pool = ThreadPoolExecutor(threads)
     # As the loader runs it: one processor (1 DALI thread) per worker thread, so one worker's
     # torch post-processing overlaps the other's decoding.
-    procs = [ImageProcessor(ImageConfig(num_threads=1, max_batch_size=batch))
+    procs = [ImageProcessor(ImageConfig(num_threads=1, max_batch_size=batch, interp=interp))
              for _ in range(threads)]
 
     def per_worker(xs):
@@ -91,8 +94,10 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float) -
 
     fns = {f"DALI {proc.device} {threads}x1 workers": per_worker,
            f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs),
-           "Pillow plain uint8": lambda xs: list(pool.map(pillow_plain_views, xs)),
-           "Pillow reference (exact)": lambda xs: list(pool.map(reference_views, xs))}
+           "Pillow plain uint8": lambda xs: list(pool.map(
+               lambda d: pillow_plain_views(d, interp=interp), xs)),
+           "Pillow reference (exact)": lambda xs: list(pool.map(
+               lambda d: reference_views(d, interp=interp), xs))}
     rates: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -167,6 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="decode threads (DALI and Pillow)")
     p.add_argument("--batch", type=int, default=32, help="images per DALI run")
+    p.add_argument("--interp", nargs="+", default=["cubic", "linear"],
+                   choices=["cubic", "linear"], help="resampling kernels to measure")
     p.add_argument("--seconds", type=float, default=4.0, help="time per measurement")
     p.add_argument("--store", help="a preprocessed store: loader and packing on its samples")
     p.add_argument("--mix", help="its mix YAML (weights); default: the one recorded in the store")
@@ -187,10 +194,12 @@ def main(argv=None) -> int:
 
     print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "
           f"{len(photos)} photos ({os.cpu_count()} CPUs)")
-    print(f"{'pipeline':28s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
+    print(f"{'pipeline':28s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
           f"{'CPU ms/img':>10s}")
-    for name, best, med, ratio, cpu_ms in bench_images(datas, args.threads, args.batch, secs):
-        print(f"{name:28s} {best:8.1f} {med:8.1f} {ratio:7.2f} {cpu_ms:10.2f}")
+    for interp in args.interp:
+        for name, best, med, ratio, cpu_ms in bench_images(datas, args.threads, args.batch, secs,
+                                                           interp):
+            print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {cpu_ms:10.2f}")
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
           "this row's best;\n CPU ms/img: process CPU time per image, all threads, median round:"
           " robust to other load)")

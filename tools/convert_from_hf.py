@@ -83,7 +83,6 @@ def read_source(hf_dir: str) -> dict:
         ConversionError: Not a directory, no config, an unsupported architecture.
     """
     from megatron_sphinx.model.hf_io import CheckpointError, read_hf_config
-    from megatron_sphinx.model.hf_sphinx import LANGUAGE_MODEL_FOLDER, MULTIMODAL_WEIGHTS
 
     path = Path(hf_dir)
     cfg_file = path / "config.json"
@@ -94,6 +93,8 @@ def read_source(hf_dir: str) -> dict:
         except json.JSONDecodeError as exc:
             raise ConversionError(f"{cfg_file} is not valid JSON ({exc})") from None
     if raw is not None and raw.get("model_type") == "sphinx_x":
+        from megatron_sphinx.model.hf_sphinx import LANGUAGE_MODEL_FOLDER, MULTIMODAL_WEIGHTS
+
         llm_dir = path / raw.get("language_model_folder", LANGUAGE_MODEL_FOLDER)
         if not (path / MULTIMODAL_WEIGHTS).is_file():
             raise ConversionError(f"{path} is a SPHINX-X directory without {MULTIMODAL_WEIGHTS}")
@@ -143,6 +144,16 @@ def encoder_plan(recipe, args, from_sphinx: bool) -> list[str | None]:
     return plan
 
 
+def auto_dtype(hf_config: dict) -> str:
+    """``--dtype auto``: bf16 / fp32 as stored; anything else (fp16) converts exactly to fp32."""
+    stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if stored in ("bfloat16", "float32"):
+        return stored
+    log.info("HF dtype %s: the checkpoint is written in float32 (exact); pass --dtype to "
+             "choose", stored)
+    return "float32"
+
+
 def convert(args: argparse.Namespace) -> Path:
     """Writes the weights-only checkpoint; see the module docstring.
 
@@ -178,9 +189,7 @@ def convert(args: argparse.Namespace) -> Path:
     from megatron_sphinx.train import checkpoint as ckpt_lib
     from megatron_sphinx.train.loop import run_identity
 
-    stored = source["config"].get("dtype") or source["config"].get("torch_dtype")
-    dtype = torch_dtype(stored if args.dtype == "auto" and stored else
-                        ("fp32" if args.dtype == "auto" else args.dtype))
+    dtype = torch_dtype(args.dtype if args.dtype != "auto" else auto_dtype(source["config"]))
     seed = recipe.train.seed if args.seed is None else args.seed
     log.info("%s (%s) -> recipe %s in %s; layout to train: %s", args.hf, source["kind"],
              recipe.name, dtype, dims.describe())

@@ -216,6 +216,27 @@ def write_hf_dir(tmp: Path, cfg, llm_state: dict, mm_state: dict, out_dtype, *,
     (tmp / "conversion.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
 
+def locate_checkpoint(load: str | Path) -> Path:
+    """The checkpoint folder of ``--load`` (a folder with ``meta.json`` or a save directory).
+
+    The common cases are resolved here without importing Megatron (bad input fails fast); a
+    save directory without a valid ``latest`` pointer goes to
+    :func:`megatron_sphinx.train.checkpoint.resolve_load` (scan for the newest ``iter_*``).
+    """
+    p = Path(load)
+    if (p / "meta.json").is_file():
+        return p
+    pointer = p / "latest"
+    if pointer.is_file() and (p / pointer.read_text().strip() / "meta.json").is_file():
+        return p / pointer.read_text().strip()
+    from megatron_sphinx.train.checkpoint import CheckpointError, resolve_load
+
+    try:
+        return resolve_load(p)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+
+
 def convert(load: str, out: str, *, tokenizer: str | None = None, dtype: str = "auto",
             overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Exports the checkpoint at ``load`` to ``out``; see the module docstring.
@@ -226,19 +247,24 @@ def convert(load: str, out: str, *, tokenizer: str | None = None, dtype: str = "
         ConversionError: Unknown recipe, missing shard, occupied output, missing tokenizer...
     """
     from megatron_sphinx.config import get_recipe
-    from megatron_sphinx.train.checkpoint import CheckpointError, read_meta, resolve_load
 
+    ckpt = locate_checkpoint(load)
     try:
-        ckpt = resolve_load(load)
-        meta = read_meta(ckpt)
-    except (CheckpointError, TypeError) as exc:
-        raise ConversionError(f"--load {load}: {exc}") from None
+        recipe = json.loads((ckpt / "meta.json").read_text())["recipe"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConversionError(f"{ckpt}/meta.json is unreadable or has no recipe ({exc})") from None
     try:
-        cfg = get_recipe(meta.recipe)
+        cfg = get_recipe(recipe)
     except ValueError as exc:
         raise ConversionError(f"{ckpt}/meta.json: {exc}") from None
     check_output_dir(out, overwrite)
     check_shards(ckpt)
+    from megatron_sphinx.train.checkpoint import CheckpointError, read_meta
+
+    try:
+        meta = read_meta(ckpt)
+    except (CheckpointError, TypeError) as exc:
+        raise ConversionError(f"--load {load}: {exc}") from None
     token_ids = tokenizer_ids(tokenizer)
     if tokenizer is None:
         log.warning("no --tokenizer: the export has no tokenizer files (generate() will need "

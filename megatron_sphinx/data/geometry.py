@@ -34,6 +34,8 @@ class ImageGeometry:
         grid: Sub-images per side (2 or 3); ``image_size == grid * view_size``.
         resized_height: Image height after the aspect-preserving resize (>= 1).
         resized_width: Image width after the aspect-preserving resize (>= 1).
+        skip_padded: Replace fully padded sub-images by a skip token (SPHINX-X). False encodes
+            every sub-image, as the reference implementation does (for comparisons).
     """
 
     height: int
@@ -42,6 +44,7 @@ class ImageGeometry:
     grid: int
     resized_height: int
     resized_width: int
+    skip_padded: bool = True
 
     @property
     def view_size(self) -> int:
@@ -58,6 +61,8 @@ class ImageGeometry:
 
         A sub-image is valid (encoded) iff it overlaps the resized image's pixels.
         """
+        if not self.skip_padded:
+            return np.ones(self.num_views, dtype=bool)
         v = self.view_size
         rows = np.arange(self.grid) * v < self.resized_height  # [grid]
         cols = np.arange(self.grid) * v < self.resized_width  # [grid]
@@ -74,7 +79,8 @@ class ImageGeometry:
         return n_valid * POSITIONS_PER_VIEW + (self.num_views - n_valid) * POSITIONS_PER_SKIP
 
 
-def image_geometry(height: int, width: int, image_size: int = 448, grid: int = 2) -> ImageGeometry:
+def image_geometry(height: int, width: int, image_size: int = 448, grid: int = 2,
+                   skip_padded: bool = True) -> ImageGeometry:
     """Geometry of an ``(height, width)`` image resized (longer side to ``image_size``) and padded.
 
     Args:
@@ -82,6 +88,7 @@ def image_geometry(height: int, width: int, image_size: int = 448, grid: int = 2
         width: Image width in pixels (>= 1).
         image_size: Side of the padded square.
         grid: Sub-images per side.
+        skip_padded: Whether fully padded sub-images are skipped (see :class:`ImageGeometry`).
 
     Raises:
         ValueError: On a non-positive size or an ``image_size`` not divisible by ``grid``.
@@ -93,4 +100,4 @@ def image_geometry(height: int, width: int, image_size: int = 448, grid: int = 2
     scale = image_size / max(height, width)
     rh = min(image_size, max(1, int(round(height * scale))))
     rw = min(image_size, max(1, int(round(width * scale))))
-    return ImageGeometry(height, width, image_size, grid, rh, rw)
+    return ImageGeometry(height, width, image_size, grid, rh, rw, skip_padded)

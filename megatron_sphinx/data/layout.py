@@ -56,15 +56,15 @@ class Sample:
         if self.image_hw is not None and not 0 <= self.image_slot <= len(self.input_ids):
             raise ValueError(f"image_slot {self.image_slot} outside the text")
 
-    def image_positions(self, image_size: int, grid: int) -> int:
+    def image_positions(self, image_size: int, grid: int, skip_padded: bool = True) -> int:
         """LLM positions the image takes (0 for text-only)."""
         if self.image_hw is None:
             return 0
-        return image_geometry(*self.image_hw, image_size, grid).num_positions()
+        return image_geometry(*self.image_hw, image_size, grid, skip_padded).num_positions()
 
-    def length(self, image_size: int, grid: int) -> int:
+    def length(self, image_size: int, grid: int, skip_padded: bool = True) -> int:
         """Sequence length after image expansion."""
-        return len(self.input_ids) + self.image_positions(image_size, grid)
+        return len(self.input_ids) + self.image_positions(image_size, grid, skip_padded)
 
 
 @dataclass
@@ -118,7 +118,8 @@ class PackedBatch:
 
 
 def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: int, grid: int,
-                       views: torch.Tensor | None = None) -> PackedBatch:
+                       views: torch.Tensor | None = None,
+                       skip_padded: bool = True) -> PackedBatch:
     """Lays rows of samples into one packed micro-batch.
 
     Args:
@@ -128,6 +129,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
         grid: Sub-images per side.
         views: Encoded views in packed order ``[V, 3, v, v]``; None builds the layout only, with an
             empty ``[0, 3, v, v]`` tensor (text-only batches, or when views come later).
+        skip_padded: Skip fully padded sub-images (False encodes every sub-image).
 
     Raises:
         ValueError: If a row is longer than ``seq_length`` or ``views`` has the wrong count.
@@ -154,7 +156,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
         for seg, smp in enumerate(row):
             ids = np.asarray(smp.input_ids, dtype=np.int64)
             tmask = np.asarray(smp.target_mask, dtype=bool)
-            n = smp.length(image_size, grid)
+            n = smp.length(image_size, grid, skip_padded)
             if pos + n > s:
                 raise ValueError(f"row {r} needs more than seq_length={s} positions")
             src = np.empty(n, dtype=np.int64)  # source row per position
@@ -165,7 +167,8 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
             src[:k], kind[:k], tok[:k], trg[:k] = n_text + np.arange(k), 0, ids[:k], tmask[:k]
             p = k
             if smp.image_hw is not None:
-                valid = image_geometry(*smp.image_hw, image_size, grid).view_valid()
+                valid = image_geometry(*smp.image_hw, image_size, grid,
+                                       skip_padded).view_valid()
                 for ok in valid:
                     if ok:
                         src[p] = SPECIAL_START
@@ -218,7 +221,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(max(seg_lengths)) if seg_lengths else 0,
         num_samples=n_samples,
-        num_tokens=int(sum(r.length(image_size, grid) for row in rows for r in row)),
+        num_tokens=int(sum(r.length(image_size, grid, skip_padded) for row in rows for r in row)),
         num_skipped=n_skipped,
         view_counts=torch.tensor(view_counts, dtype=torch.int64),
     )

@@ -138,6 +138,8 @@ class LoaderConfig:
     """Steps planned and loaded ahead of the training loop (with ``num_workers > 0``)."""
     image_threads: int = 2
     """DALI decode threads per worker."""
+    image_interp: Literal["cubic", "linear"] = "cubic"
+    """Antialiased resampling kernel of the image resize and global view."""
     image_device: Literal["auto", "cpu", "gpu"] = "auto"
     """DALI decoding device; ``auto``: ``mixed`` on a GPU when CUDA is available, else CPU."""
     pad_to_multiple: int | None = None
@@ -259,7 +261,8 @@ class PackedLoader:
         if p is None:
             p = self._local.proc = ImageProcessor(ImageConfig(
                 self.cfg.image_size, self.cfg.grid, device=self.cfg.image_device,
-                device_id=self._gpu_index, num_threads=self.cfg.image_threads))
+                interp=self.cfg.image_interp, device_id=self._gpu_index,
+                num_threads=self.cfg.image_threads))
         return p
 
     def _skip(self, step: int, index: int, reason: str) -> None:

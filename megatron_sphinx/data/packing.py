@@ -68,6 +68,9 @@ class PackingConfig:
     """A sample left out this many steps is placed before all others."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with a sample longer than ``seq_length`` (never silent: counted and logged)."""
+    algorithm: Literal["best", "bfd", "subset"] = "best"
+    """``bfd``: best-fit decreasing; ``subset``: row by row, longest sample then the best-filling
+    subset of the window; ``best``: plan both each step, keep the fuller."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -84,6 +87,8 @@ class PackingConfig:
             raise ValueError("max_wait_steps must be >= 1")
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        if self.algorithm not in ("best", "bfd", "subset"):
+            raise ValueError(f"algorithm must be best, bfd or subset, got {self.algorithm!r}")
 
 
 #: One placed sample: ``(sample index, positions used)``; ``positions < lengths[index]`` means
@@ -155,29 +160,89 @@ class SequencePacker:
             before = len(self._idx)
             self._intake(np.asarray(feed(self._chunk), dtype=np.int64))
             have += sum(self._len[before:])
+        plans = []
+        if cfg.algorithm in ("best", "bfd"):
+            plans.append(self._plan_bfd())
+        if cfg.algorithm in ("best", "subset"):
+            plans.append(self._plan_subset())
+        # The fuller plan (ties: the first, BFD); both are deterministic.
+        plan = max(plans, key=lambda rows: sum(self._len[k] for r in rows for k in r))
+        return self._commit(plan)
+
+    def _plan_bfd(self) -> list[list[int]]:
+        """Best-fit decreasing: rows of window positions."""
+        cfg = self.cfg
+        g, s = cfg.rows_per_step, cfg.seq_length
         order = sorted(range(len(self._idx)),
                        key=lambda k: (self._wait[k] < cfg.max_wait_steps, -self._len[k], k))
         free = [(s, b) for b in range(g)]  # sorted (free positions, row)
-        rows: list[list[Item]] = [[] for _ in range(g)]
-        placed = [False] * len(self._idx)
+        rows: list[list[int]] = [[] for _ in range(g)]
         for k in order:
             n = self._len[k]
             if not free or free[-1][0] < n:
                 continue
             pos = bisect.bisect_left(free, (n, -1))
             room, b = free.pop(pos)
-            rows[b].append((self._idx[k], n))
-            placed[k] = True
+            rows[b].append(k)
             if room - n > 0:
                 bisect.insort(free, (room - n, b))
-        keep = [k for k in range(len(self._idx)) if not placed[k]]
+        return rows
+
+    def _plan_subset(self) -> list[list[int]]:
+        """Row by row: waited-too-long samples, the longest sample left, then the subset of the
+        window that fills the rest best (exact subset sum over bit sets)."""
+        cfg = self.cfg
+        g, s = cfg.rows_per_step, cfg.seq_length
+        buckets: dict[int, list[int]] = {}  # length -> window positions, arrival order
+        for k in range(len(self._idx)):
+            buckets.setdefault(self._len[k], []).append(k)
+        used = [False] * len(self._idx)
+        aged = sorted((k for k in range(len(self._idx)) if self._wait[k] >= cfg.max_wait_steps),
+                      key=lambda k: (-self._len[k], k))
+
+        def take(n: int) -> int:
+            b = buckets[n]
+            while used[b[0]]:
+                b.pop(0)
+            k = b.pop(0)
+            used[k] = True
+            if not b:
+                del buckets[n]
+            return k
+
+        rows: list[list[int]] = []
+        for _ in range(g):
+            row, room = [], s
+            for k in aged:
+                if not used[k] and self._len[k] <= room:
+                    buckets[self._len[k]].remove(k)
+                    if not buckets[self._len[k]]:
+                        del buckets[self._len[k]]
+                    used[k] = True
+                    row.append(k)
+                    room -= self._len[k]
+            if not row and buckets:
+                n = max(buckets)
+                row.append(take(n))
+                room -= n
+            cand = [n for n in sorted((n for n in buckets if n <= room), reverse=True)
+                    for _ in range(min(len(buckets[n]), room // n))]
+            for n in _best_subset(cand, room):
+                row.append(take(n))
+                room -= n
+            rows.append(row)
+        return rows
+
+    def _commit(self, plan: list[list[int]]) -> list[list[Item]]:
+        placed = {k for r in plan for k in r}
+        rows = [[(self._idx[k], self._len[k]) for k in r] for r in plan]
+        keep = [k for k in range(len(self._idx)) if k not in placed]
         self._idx = [self._idx[k] for k in keep]
         self._len = [self._len[k] for k in keep]
         self._wait = [self._wait[k] + 1 for k in keep]
-        n_placed = sum(len(r) for r in rows)
-        self.stats["samples"] += n_placed
+        self.stats["samples"] += len(placed)
         self.stats["tokens"] += sum(n for r in rows for _, n in r)
-        self.stats["rows"] += g
+        self.stats["rows"] += self.cfg.rows_per_step
         self.stats["steps"] += 1
         return self._balance(rows)
 
@@ -212,6 +277,27 @@ class SequencePacker:
         self._len = [int(x) for x in state["length"]]
         self._wait = [int(x) for x in state["wait"]]
         self.stats = {k: int(v) for k, v in state["stats"].items()}
+
+
+def _best_subset(lengths: list[int], room: int) -> list[int]:
+    """The sub-multiset of ``lengths`` with the largest sum <= ``room`` (exact subset sum on
+    Python-int bit sets; ties resolved deterministically)."""
+    if room <= 0 or not lengths:
+        return []
+    mask = (1 << (room + 1)) - 1
+    hist = [1]  # hist[i]: sums reachable with the first i lengths (bit t = sum t)
+    for n in lengths:
+        hist.append((hist[-1] | (hist[-1] << n)) & mask)
+        if hist[-1] >> room & 1:
+            break
+    t = hist[-1].bit_length() - 1
+    out = []
+    for i in range(len(hist) - 1, 0, -1):
+        if not hist[i - 1] >> t & 1:  # t needs length i-1
+            n = lengths[i - 1]
+            out.append(n)
+            t -= n
+    return out
 
 
 # ----------------------------------------------------------------------------- efficiencies

@@ -30,11 +30,12 @@ class SyntheticLoader:
         seed: Seed of the whole stream.
         image_fraction: Fraction of samples with an image.
         packing: Pack several samples per row (False: one sample per row).
+        skip_padded: Skip fully padded sub-images (False: encode every sub-image).
     """
 
     def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 image_fraction: float = 0.5, packing: bool = True):
+                 image_fraction: float = 0.5, packing: bool = True, skip_padded: bool = True):
         if global_batch_size % dp_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                              f"data-parallel size {dp_size}")
@@ -42,6 +43,7 @@ class SyntheticLoader:
         self.image_size, self.grid = image_size, grid
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.seed, self.image_fraction, self.packing = seed, image_fraction, packing
+        self.skip_padded = skip_padded
         self.step = 0
 
     def _sample(self, rng: np.random.Generator, room: int) -> Sample | None:
@@ -50,7 +52,8 @@ class SyntheticLoader:
         if rng.random() < self.image_fraction:
             a, b = ASPECTS[rng.integers(len(ASPECTS))]
             hw = (int(100 * a), int(100 * b))
-            if image_geometry(*hw, self.image_size, self.grid).num_positions() + n_text > room:
+            geo = image_geometry(*hw, self.image_size, self.grid, self.skip_padded)
+            if geo.num_positions() + n_text > room:
                 hw = None
         n_text = min(n_text, room)
         if n_text < 4:
@@ -68,13 +71,14 @@ class SyntheticLoader:
             if smp is None:
                 return row
             row.append(smp)
-            used += smp.length(self.image_size, self.grid)
+            used += smp.length(self.image_size, self.grid, self.skip_padded)
             if not self.packing or self.seq_length - used < 16:
                 return row
 
     def _views(self, rng: np.random.Generator, rows: list[list[Sample]]) -> torch.Tensor:
         v = self.image_size // self.grid
-        n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid).view_valid().sum())
+        n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
+                                   self.skip_padded).view_valid().sum())
                 for row in rows for s in row if s.image_hw is not None)
         return torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
 
@@ -87,7 +91,7 @@ class SyntheticLoader:
             rng = np.random.default_rng([self.seed, self.step, row_id])
             rows = [self._row(rng)]
             out.append(build_packed_batch(rows, self.seq_length, self.image_size, self.grid,
-                                          self._views(rng, rows)))
+                                          self._views(rng, rows), self.skip_padded))
         self.step += 1
         return out
 

@@ -208,7 +208,8 @@ class SphinxXForConditionalGeneration(PreTrainedModel):
             config: Use this config instead of ``config.json``.
             dtype: dtype of the whole model (``torch.bfloat16``, ``"auto"``...); default: the LLM
                 loads in its stored dtype and the multimodal part follows it.
-            **kwargs: Passed to the LLM's ``from_pretrained`` (e.g. ``attn_implementation``).
+            **kwargs: Passed to the LLM's ``from_pretrained`` (e.g. ``attn_implementation``,
+                ``device_map``); the multimodal part goes where the LLM's embedding is.
 
         Raises:
             OSError: Not a SPHINX-X directory, or a file missing (the message names it).
@@ -243,9 +244,9 @@ class SphinxXForConditionalGeneration(PreTrainedModel):
             raise OSError(f"{weights} does not fit the config: {len(missing)} tensors missing "
                           f"(e.g. {missing[:2]}), {len(unexpected)} unexpected "
                           f"(e.g. {unexpected[:2]})")
-        llm_dtype = next(llm.parameters()).dtype
+        embed = llm.get_input_embeddings().weight  # the multimodal part follows the LLM's input
         for part in (model.vision, model.projector, model.image_embeddings):
-            part.to(llm_dtype)
+            part.to(device=embed.device, dtype=embed.dtype)
         model.name_or_path = str(path)
         model.eval()
         return model

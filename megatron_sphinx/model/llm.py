@@ -42,7 +42,8 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype,
-                       on_gpu: bool, recompute: str | None = None) -> TransformerConfig:
+                       on_gpu: bool, backend: str = "local",
+                       recompute: str | None = None) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for ``llm`` at the given parallel sizes.
 
     Args:
@@ -50,6 +51,7 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         par: Parallel sizes.
         dtype: Parameter and activation dtype (float32 on CPU, bfloat16 on GPUs).
         on_gpu: Enables the CUDA-only fusions.
+        backend: ``te`` enables the Transformer Engine-only options (grouped GEMM for experts).
         recompute: None, ``"selective"`` (core attention) or ``"full"`` activation recompute.
     """
     kwargs = {}
@@ -60,7 +62,7 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
             moe_token_dispatcher_type="alltoall",
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
-            moe_grouped_gemm=on_gpu,
+            moe_grouped_gemm=backend == "te",
             moe_permute_fusion=False,
         )
     if recompute == "full":
@@ -95,8 +97,8 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         perform_initialization=True,
         calculate_per_token_loss=True,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        masked_softmax_fusion=False,  # packed attention does not use Megatron's fused softmax
+        persist_layer_norm=False,  # needs apex
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

@@ -25,12 +25,15 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     Returns:
         A one-element list of model chunks, as Megatron's schedules expect.
     """
-    tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, recompute=recompute)
+    tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
+                              recompute=recompute)
     pp = pg_collection.pp
-    model = SphinxModel(cfg, tcfg, backend, pre_process=pp.rank() == 0,
-                        post_process=pp.rank() == pp.size() - 1, pg_collection=pg_collection)
-    if on_gpu:
-        model.cuda(torch.cuda.current_device())
+    # On GPUs, modules that do not place their parameters themselves (timm encoders, the
+    # projector) are created and initialised on the device directly.
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    with device:
+        model = SphinxModel(cfg, tcfg, backend, pre_process=pp.rank() == 0,
+                            post_process=pp.rank() == pp.size() - 1, pg_collection=pg_collection)
     if dtype != torch.float32:
         model = Float16Module(tcfg, model)
     ddp_cfg = DistributedDataParallelConfig(
@@ -56,9 +59,6 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     Returns:
         ``(optimizer, scheduler)``.
     """
-    from megatron_sphinx import upstream_fixes
-
-    upstream_fixes.apply()
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,

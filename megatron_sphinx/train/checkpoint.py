@@ -145,25 +145,11 @@ def _core(chunk):
     return chunk
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Gives a fresh distributed optimizer its state tensors before a load.
-
-    Loading fills existing state tensors in place, and on installs without Apex/TE Megatron's
-    ``DistributedOptimizer.state_dict`` needs one ``step`` per parameter; a fresh optimizer has
-    none, so it takes Megatron's own dummy step (zero gradients) first.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not opt.optimizer.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-
-
 def _sharded_state(model_chunks, optimizer, pgs, *, is_loading: bool, with_optimizer: bool,
                    with_rng: bool) -> dict:
     model_sd = _core(model_chunks[0]).sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
-        if is_loading:
-            _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=OPT_METADATA)
     if with_rng:

@@ -418,59 +418,6 @@ def instrument(model_chunks: list, optimizer, recorder: StepRecorder,
         patches.undo()
 
 
-# ------------------------------------------------------------------------------ data switches
-
-@contextlib.contextmanager
-def all_views_encoded() -> Iterator[None]:
-    """Within the body, no sub-image is skipped: every one counts as a valid (encoded) view.
-
-    The measurement switch behind ``--no-skip``: it replaces
-    :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid`, which decides skipping for
-    the whole data path (sequence lengths, the packed layout, which views the image pipeline
-    returns), so everything stays consistent. Not for training: the model would see padded
-    sub-images where it was trained on skip tokens.
-    """
-    from megatron_sphinx.data import geometry
-
-    original = geometry.ImageGeometry.view_valid
-
-    def view_valid(self) -> np.ndarray:
-        return np.ones(1 + self.grid * self.grid, dtype=bool)
-
-    geometry.ImageGeometry.view_valid = view_valid
-    try:
-        yield
-    finally:
-        geometry.ImageGeometry.view_valid = original
-
-
-class NoSkipSource:
-    """A store reader whose sample lengths count every sub-image as encoded (for ``--no-skip``).
-
-    The store's lengths were computed with skipping; under :func:`all_views_encoded` each
-    skipped sub-image takes ``POSITIONS_PER_VIEW`` positions instead of one.
-    """
-
-    def __init__(self, source: Any, image_size: int, grid: int):
-        from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW
-        from megatron_sphinx.data.loader import views_per_sample
-
-        self._source = source
-        hw = np.asarray(source.image_hw).reshape(-1, 2)
-        encoded = views_per_sample(hw, image_size, grid)
-        skipped = np.where(hw[:, 0] > 0, 1 + grid * grid - encoded, 0)
-        self.lengths = (np.asarray(source.lengths)
-                        + skipped * (POSITIONS_PER_VIEW - POSITIONS_PER_SKIP))
-        self.source_ids = source.source_ids
-        self.image_hw = source.image_hw
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-
 # ------------------------------------------------------------------------------ memory, machine
 
 class RssSampler:

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_sphinx.data.layout import PackedBatch
 
@@ -65,7 +66,11 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    fwd_bwd = get_forward_backward_func()
+    pp = pg_collection.pp
+    fwd_bwd = get_forward_backward_func(pp_size=pp.size())
+    extra = {"pg_collection": pg_collection}
+    if pp.size() > 1:
+        extra["p2p_communicator"] = P2PCommunicator(pp_group=pp, config=model_chunks[0].config)
     reports = fwd_bwd(
         forward_step_func=partial(forward_step, device),
         data_iterator=iter(microbatches),
@@ -74,6 +79,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
         seq_length=seq_length,
         micro_batch_size=1,
         forward_only=False,
+        **extra,
     )
     update_successful, grad_norm, _ = optimizer.step()
     # Reports exist on the last pipeline stage only: sum them, reduce over DP, share over PP.
@@ -81,7 +87,6 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
     for r in reports:
         totals += r["lm loss"].to(totals)
     torch.distributed.all_reduce(totals, group=dp_group)
-    pp = pg_collection.pp
     if pp.size() > 1:
         last = torch.distributed.get_global_rank(pp, pp.size() - 1)
         torch.distributed.broadcast(totals, src=last, group=pp)

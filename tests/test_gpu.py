@@ -1,0 +1,63 @@
+"""GPU path of training (skipped without a CUDA GPU): bf16 on the GPU against fp32 on the CPU,
+and the Transformer Engine layer spec against the local spec, from the same initial weights.
+
+Runs the real training command in subprocesses (no CUDA in forked workers)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sphinx.model.specs import transformer_engine_available
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+COMMON = ["--data", "synthetic", "--steps", "4", "--global-batch-size", "4",
+          "--seq-length", "1400"]
+
+
+def _run(args: list[str], save: Path, cpu: bool = False) -> list[float]:
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1")
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", *args, "--save",
+                           str(save)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp("init") / "debug"
+    proc = subprocess.run([sys.executable, "tools/init_checkpoint.py", "--recipe", "debug",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, tmp_path):
+    gpu = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+                "--backend", "local", *COMMON], tmp_path / "gpu")
+    cpu = _run(["--recipe", "debug", "--load", str(init_weights), *COMMON], tmp_path / "cpu",
+               cpu=True)
+    assert len(gpu) == len(cpu) == 4
+    for g, c in zip(gpu, cpu):
+        assert abs(g - c) < 2e-2 * abs(c), (gpu, cpu)  # bf16 tolerance
+
+
+@pytest.mark.skipif(not transformer_engine_available(),
+                    reason="Transformer Engine is not importable on this machine")
+def test_te_spec_matches_local_spec(init_weights, tmp_path):
+    te = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+               "--backend", "te", *COMMON], tmp_path / "te")
+    local = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+                  "--backend", "local", *COMMON], tmp_path / "local")
+    for a, b in zip(te, local):
+        assert abs(a - b) < 2e-2 * abs(b), (te, local)

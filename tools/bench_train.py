@@ -1,0 +1,100 @@
+"""Training benchmark: step time, tokens/s, TFLOP/s and MFU of the real training command.
+
+Runs ``python -m megatron_sphinx.train`` under torchrun on synthetic data for each layout and
+variant in one invocation and prints one table:
+
+* step time: median over the steps after the first (which pays one-off set-up costs);
+* tokens/s: real (non-padding) LLM tokens per second; TFLOP/s and MFU as the training command
+  counts them (megatron_sphinx/train/flops.py);
+* launch overhead: process wall time minus the time spent in steps (imports, process groups,
+  model and optimizer construction, the first step's one-off costs).
+
+Variants: ``packed`` (the default: packing and skip tokens) and ``reference`` (``--no-packing
+--no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
+implementation does).
+
+Usage:
+  python tools/bench_train.py --recipe debug --layouts tp1 tp2                # CPU
+  python tools/bench_train.py --recipe sphinx-tiny --variants packed reference \
+      --seq-length 4096 --global-batch-size 8                               # one GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
+VARIANTS = {"packed": [], "reference": ["--no-packing", "--no-skip"]}
+
+
+def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str]) -> dict:
+    nproc, args = LAYOUTS[name]
+    args = args + VARIANTS[variant]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
+               "--data", "synthetic", "--steps", str(steps), "--save", tmp, *args, *extra]
+        env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            sys.exit(f"{name}/{variant} failed:\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
+    times = [r["step_time_s"] for r in rows]
+    mfu = [r["mfu"] for r in rows[1:] if r.get("mfu") is not None]
+    return {"layout": name, "variant": variant, "processes": nproc, "first_step_s": times[0],
+            "step_s": statistics.median(times[1:]), "tokens_per_step": rows[-1]["tokens"],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]),
+            "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in rows[1:]),
+            "mfu": statistics.median(mfu) if mfu else None,
+            "packing_efficiency": statistics.median(r["packing_efficiency"] for r in rows),
+            "wall_s": wall, "launch_overhead_s": wall - sum(times)}
+
+
+def machine() -> str:
+    """The device the benchmark ran on."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()} (1 of {torch.cuda.device_count()})"
+    except ImportError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="debug")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS))
+    p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS))
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args, extra = p.parse_known_args()
+    rows = [run_layout(args.recipe, name, variant, args.steps, extra)
+            for name in args.layouts for variant in args.variants]
+    print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
+          f"extra args {' '.join(extra) or '-'}")
+    print(f"{'layout':7} {'variant':9} {'procs':>5} {'step s':>8} {'1st step s':>10} "
+          f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['layout']:7} {r['variant']:9} {r['processes']:>5} {r['step_s']:>8.3f} "
+              f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
+              f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,574 @@
+"""Throughput profiler: real training steps of a recipe, timed part by part.
+
+    python tools/profile_throughput.py --recipe debug --steps 5 --json runs/profile.json \\
+        [--plot runs/profile.png] [--tp N --pp N --ep N --sp] [--data PATH|synthetic] \\
+        [--seq-length S] [--global-batch-size G] [--peak-tflops X] [--warmup N] \\
+        [--no-packing] [--no-skip] [--compare]
+    torchrun --nproc-per-node 8 tools/profile_throughput.py --recipe sphinx-tiny ...
+
+The model, optimizer and loader are the training command's own (``build_model``,
+``build_optimizer``, ``build_loader``) and each step is :func:`~megatron_sphinx.train.step.train_step`
+(Megatron's schedule, then the optimizer). :mod:`megatron_sphinx.train.profiler` times it:
+waiting for data, image decoding, vision encoding, the pack kernel, LLM forward/backward,
+optimizer, communication, other. FLOPs are counted by :mod:`megatron_sphinx.train.flops`, as the
+training command's metrics count them. ``--compare`` profiles, in one process and on one model,
+the baseline and the variants without packing, without skip tokens, and without both (the
+reference implementation's way), and prints one table. Rank 0 writes the JSON (every figure, the
+machine) and the PNG of the breakdown.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not os.path.exists("/dev/nvidia0"):  # read when torch is imported; costs seconds on CPUs
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger("megatron_sphinx.profile")
+
+VARIANTS = {  # name -> (packing, skip padded sub-images)
+    "baseline": (True, True),
+    "no-packing": (False, True),
+    "no-skip": (True, False),
+    "no-packing+no-skip": (False, False),
+}
+
+
+@contextlib.contextmanager
+def all_views_encoded() -> Iterator[None]:
+    """Within the body, no sub-image is skipped: every one counts as a valid (encoded) view.
+
+    The measurement switch behind ``--no-skip``: it replaces
+    :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid`, which decides skipping for
+    the whole data path (sequence lengths, the packed layout, which views the image pipeline
+    returns), so everything stays consistent. Not for training: the model would see padded
+    sub-images where it was trained on skip tokens.
+    """
+    from megatron_sphinx.data import geometry
+
+    original = geometry.ImageGeometry.view_valid
+
+    def view_valid(self) -> np.ndarray:
+        return np.ones(1 + self.grid * self.grid, dtype=bool)
+
+    geometry.ImageGeometry.view_valid = view_valid
+    try:
+        yield
+    finally:
+        geometry.ImageGeometry.view_valid = original
+
+
+class NoSkipSource:
+    """A store reader whose sample lengths count every sub-image as encoded (for ``--no-skip``).
+
+    The store's lengths were computed with skipping; under :func:`all_views_encoded` each
+    skipped sub-image takes ``POSITIONS_PER_VIEW`` positions instead of one.
+    """
+
+    def __init__(self, source: Any, image_size: int, grid: int):
+        from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW
+        from megatron_sphinx.data.loader import views_per_sample
+
+        self._source = source
+        hw = np.asarray(source.image_hw).reshape(-1, 2)
+        encoded = views_per_sample(hw, image_size, grid)
+        skipped = np.where(hw[:, 0] > 0, 1 + grid * grid - encoded, 0)
+        self.lengths = (np.asarray(source.lengths)
+                        + skipped * (POSITIONS_PER_VIEW - POSITIONS_PER_SKIP))
+        self.source_ids = source.source_ids
+        self.image_hw = source.image_hw
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
+class StreamLoader:
+    """Packed micro-batches from one fixed stream of random samples, for comparing variants.
+
+    Sample ``k`` is a pure function of ``(seed, k)``, drawn from the distribution of
+    :class:`~megatron_sphinx.data.synthetic.SyntheticLoader` (8-95 text tokens, half of them with
+    an image of a random aspect ratio), but independently of how rows are filled. The training
+    command's synthetic loader decides whether a sample gets an image from the room left in its
+    row, so its samples change with packing and skipping; here every variant reads the same
+    samples: the project's packer (:class:`~megatron_sphinx.data.packing.SequencePacker`, best
+    fit over a window of the stream) fills the rows, or each row takes the next sample
+    (``packing=False``); lengths follow the active geometry (:func:`all_views_encoded` for
+    ``--no-skip``). Each step is a global batch of ``global_batch_size`` rows; data-parallel
+    rank ``r`` of ``D`` takes rows ``r * G/D ... (r + 1) * G/D - 1`` as one-row micro-batches.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
+                 global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 packing: bool = True, image_fraction: float = 0.5):
+        if global_batch_size % dp_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
+                             f"data-parallel size {dp_size}: change --global-batch-size")
+        self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.image_size, self.grid = image_size, grid
+        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
+        self.seed, self.packing, self.image_fraction = seed, packing, image_fraction
+        self._next = 0  # index of the next sample of the stream
+        self._packer = None
+        self.samples_seen = 0
+
+    def sample(self, k: int):
+        """Sample ``k`` of the stream (text truncated, image dropped, if it exceeds a row)."""
+        from megatron_sphinx.data.layout import Sample
+        from megatron_sphinx.data.synthetic import ASPECTS
+
+        rng = np.random.default_rng([self.seed, k])
+        n_text = int(rng.integers(8, 96))
+        hw = None
+        if rng.random() < self.image_fraction:
+            a, b = ASPECTS[rng.integers(len(ASPECTS))]
+            hw = (int(100 * a), int(100 * b))
+        ids = rng.integers(3, self.vocab_size, n_text).astype(np.int32)
+        ids[0] = 1  # BOS
+        target = np.zeros(n_text, dtype=bool)
+        target[n_text // 2:] = True
+        smp = Sample(ids, target, hw)
+        if smp.length(self.image_size, self.grid) > self.seq_length:
+            keep = min(n_text, self.seq_length)
+            smp = Sample(ids[:keep], target[:keep], None)
+        return smp
+
+    def _length(self, k: int) -> int:
+        return self.sample(k).length(self.image_size, self.grid)
+
+    def _feed(self, n: int) -> np.ndarray:
+        """The next ``n`` stream indices, their lengths appended to the packer's table."""
+        idx = np.arange(self._next, self._next + n)
+        self._next += n
+        more = np.array([self._length(int(k)) for k in idx], dtype=np.int64)
+        self._packer.lengths = np.concatenate([self._packer.lengths, more])
+        return idx
+
+    def _rows(self) -> list[list]:
+        if not self.packing:  # one sample per row, in stream order
+            rows = [[self.sample(self._next + b)] for b in range(self.global_batch_size)]
+            self._next += self.global_batch_size
+            return rows
+        if self._packer is None:
+            from megatron_sphinx.data.packing import PackingConfig, SequencePacker
+
+            cfg = PackingConfig(self.seq_length, self.global_batch_size)
+            self._packer = SequencePacker(cfg, np.array([self._length(0)], dtype=np.int64))
+            self._packer.lengths = self._packer.lengths[:0]
+        return [[self.sample(i) for i, _ in row] for row in self._packer.pack_step(self._feed)]
+
+    def next_step(self) -> list:
+        """This rank's micro-batches (one row each) of the next global batch."""
+        from megatron_sphinx.data.geometry import image_geometry
+        from megatron_sphinx.data.layout import build_packed_batch
+
+        rows = self._rows()
+        self.samples_seen += sum(len(r) for r in rows)
+        per_rank = self.global_batch_size // self.dp_size
+        v = self.image_size // self.grid
+        out = []
+        for i in range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank):
+            n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid).view_valid().sum())
+                    for s in rows[i] if s.image_hw is not None)
+            rng = np.random.default_rng([self.seed, self._next, i])
+            views = torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
+            out.append(build_packed_batch([rows[i]], self.seq_length, self.image_size,
+                                          self.grid, views))
+        return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description="Profile the training throughput of a recipe.")
+    p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--sp", action="store_true", help="sequence parallelism (on for MoE with TP)")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first, per variant")
+    p.add_argument("--json", required=True, help="output JSON (rank 0 writes it)")
+    p.add_argument("--plot", default=None, help="output PNG of the time breakdown")
+    p.add_argument("--data", default=None,
+                   help="'stream' (one fixed random sample stream: the default with --compare), "
+                        "'synthetic' (the training command's random data: the default "
+                        "otherwise), 'sample' (the embedded sample data's store) or a store path")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: known GPUs, e.g. H100 989; none on CPU)")
+    p.add_argument("--no-packing", action="store_true", help="one padded sample per sequence")
+    p.add_argument("--no-skip", action="store_true", help="encode every sub-image")
+    p.add_argument("--compare", action="store_true",
+                   help="baseline, --no-packing, --no-skip and both, side by side")
+    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--recompute", default=None, choices=["selective", "full"])
+    p.add_argument("--timeout-minutes", type=float, default=10.0)
+    return p.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: measure at least 1 step")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: give 0 or more warm-up steps")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops {args.peak_tflops}: give a positive peak")
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path and Path(path).is_dir():
+            raise ValueError(f"--{flag} {path} is a directory: give a file path")
+    if args.compare and (args.no_packing or args.no_skip):
+        raise ValueError("--compare already runs --no-packing and --no-skip: drop those flags")
+    if args.data is None:
+        args.data = "stream" if args.compare else "synthetic"
+    if args.data not in ("stream", "synthetic", "sample") and not Path(args.data).exists():
+        raise ValueError(f"--data {args.data} does not exist: pass a store written by "
+                         "tools/preprocess_data.py, or stream, synthetic or sample")
+
+
+def _variants(args: argparse.Namespace) -> list[str]:
+    if args.compare:
+        return list(VARIANTS)
+    for name, (packing, skip) in VARIANTS.items():
+        if packing != args.no_packing and skip != args.no_skip:
+            return [name]
+    raise AssertionError("unreachable")
+
+
+def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = True):
+    from megatron_sphinx.train.run_config import RunConfig
+
+    data = {"sample": None, "stream": "synthetic"}.get(args.data, args.data)
+    return RunConfig(recipe=args.recipe, tp=args.tp, pp=args.pp, ep=args.ep,
+                     sequence_parallel=args.sp, steps=args.warmup + args.steps, data=data,
+                     global_batch_size=args.global_batch_size, seq_length=args.seq_length,
+                     backend=args.backend, dtype=args.dtype, recompute=args.recompute,
+                     packing=packing, skip_padded_views=skip,
+                     timeout_minutes=args.timeout_minutes)
+
+
+def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: int):
+    """This variant's loader; runs inside :func:`all_views_encoded` when ``skip`` is False.
+
+    ``stream``: :class:`StreamLoader`. ``synthetic``: the training command's loader with its
+    packing and skip switches. A store (``sample`` or a path): the training command's loader,
+    which always packs; for ``--no-skip`` it reads the store through :class:`NoSkipSource`.
+    """
+    from megatron_sphinx.train.data import build_loader
+
+    t = cfg.train
+    if args.data == "stream":
+        return StreamLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
+                            cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
+                            packing=packing)
+    if args.data == "synthetic":
+        return build_loader(_run_config(args, packing, skip), cfg, dp_rank=dp_rank,
+                            dp_size=dp_size)
+    if not packing:
+        raise ValueError("the store loader has no switch for one sample per sequence "
+                         "(LoaderConfig): profile --no-packing with --data stream or synthetic")
+    loader = build_loader(_run_config(args), cfg, dp_rank=dp_rank, dp_size=dp_size)
+    if skip:
+        return loader
+    from megatron_sphinx.data.loader import PackedLoader
+
+    source = NoSkipSource(loader.source, cfg.vision.image_size, cfg.vision.grid)
+    return PackedLoader(source, loader.cfg, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, recorder, device,
+                     peak) -> dict:
+    from megatron_sphinx.train.data import loader_summary
+    from megatron_sphinx.train.flops import step_flops
+    from megatron_sphinx.train.profiler import RssSampler, VariantStats
+    from megatron_sphinx.train.step import train_step
+
+    packing, skip = VARIANTS[name]
+    world = torch.distributed.get_world_size()
+    t = cfg.train
+    stats = VariantStats()
+    losses = []
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    rss = RssSampler() if not on_gpu else contextlib.nullcontext()
+    skip_ctx = contextlib.nullcontext() if skip else all_views_encoded()
+    with skip_ctx, rss:
+        loader = _build_loader(args, cfg, packing, skip, pgs.dp.rank(), pgs.dp.size())
+        try:
+            for i in range(args.warmup + args.steps):
+                recorder.begin_step()
+                with recorder.in_phase("data"):
+                    micro = loader.next_step()
+                res = train_step(model, optimizer, micro, num_microbatches=len(micro),
+                                 seq_length=t.seq_length, pg_collection=pgs, device=device,
+                                 dp_group=pgs.dp)
+                scheduler.step(increment=1)
+                times = recorder.end_step()
+                summary = loader_summary(micro, pgs.dp, device)
+                if i < args.warmup:
+                    continue
+                summary["flops"] = step_flops(cfg, summary["tokens"], summary["attention_pairs"],
+                                              summary["views"])
+                stats.steps.append(times)
+                stats.summaries.append(summary)
+                losses.append(res.loss)
+        finally:
+            if hasattr(loader, "close"):
+                loader.close()
+    # The step ends when the slowest rank ends: take each step's longest time over all ranks.
+    step_times = torch.tensor([s["step_time"] for s in stats.steps], dtype=torch.float64,
+                              device=device)
+    torch.distributed.all_reduce(step_times, op=torch.distributed.ReduceOp.MAX)
+    mem = float(torch.cuda.max_memory_allocated() if on_gpu else rss.peak)
+    mem_t = torch.tensor([mem], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, stats.mean_breakdown())
+    n = len(stats.steps)
+    total_s = float(step_times.sum())
+    tokens = sum(s["tokens"] for s in stats.summaries)
+    samples = sum(s["samples"] for s in stats.summaries)
+    flops = {k: sum(s["flops"][k] for s in stats.summaries) for k in stats.summaries[0]["flops"]}
+    tflops = flops["total"] / total_s / world / 1e12
+    skipped = sum(s["skipped"] for s in stats.summaries)
+    breakdown = stats.mean_breakdown()
+    return {
+        "name": name, "packing": packing, "skip_padded_views": skip, "steps": n,
+        "step_time_s": total_s / n, "step_times_s": step_times.tolist(),
+        "tokens_per_step": tokens / n, "samples_per_step": samples / n,
+        "tokens_per_s": tokens / total_s, "tokens_per_s_per_gpu": tokens / total_s / world,
+        "samples_per_s": samples / total_s,
+        "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+        "flops_per_step": {k: v / n for k, v in flops.items()},
+        "packing_efficiency": tokens / (n * t.global_batch_size * t.seq_length),
+        "views_per_step": sum(s["views"] for s in stats.summaries) / n,
+        "skipped_sub_images_per_step": skipped / n,
+        "visual_tokens_saved_per_step": skipped * cfg.vision.tokens_per_view / n,
+        "llm_positions_saved_per_step": sum(s["visual_tokens_saved"]
+                                            for s in stats.summaries) / n,
+        "peak_memory_bytes": float(mem_t.item()),
+        "breakdown_s": breakdown,
+        "breakdown_fraction": {k: breakdown[k] / breakdown["step_time"] for k in breakdown
+                               if k != "step_time" and breakdown["step_time"] > 0},
+        "breakdown_by_rank_s": per_rank,
+        "losses": losses,
+    }
+
+
+def run_profile(args: argparse.Namespace) -> dict | None:
+    """Profiles every variant on this rank; returns the report on rank 0 (None elsewhere)."""
+    from megatron.core import tensor_parallel
+
+    from megatron_sphinx import cpu_compat, distributed
+    from megatron_sphinx.model.llm import ParallelSizes
+    from megatron_sphinx.model.specs import choose_backend
+    from megatron_sphinx.parallel_dims import ParallelDims
+    from megatron_sphinx.train.build import build_model, build_optimizer
+    from megatron_sphinx.train.flops import device_peak_tflops
+    from megatron_sphinx.train.loop import resolve_recipe
+    from megatron_sphinx.train.profiler import (PARTS, StepRecorder, instrument,
+                                                machine_info)
+
+    rc = _run_config(args)
+    cfg = resolve_recipe(rc)
+    env = distributed.detect_launch_env()
+    sp = args.sp or (cfg.llm.is_moe and args.tp > 1)
+    dims = ParallelDims(world_size=env.world_size, tp=args.tp, pp=args.pp, ep=args.ep,
+                        sequence_parallel=sp)
+    if cfg.train.global_batch_size % dims.dp:
+        raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
+                         f"data-parallel size {dims.dp}: change --global-batch-size")
+    dims.validate_model(num_layers=cfg.llm.num_layers, num_heads=cfg.llm.num_attention_heads,
+                        num_kv_heads=cfg.llm.num_query_groups, num_experts=cfg.llm.num_experts,
+                        seq_length=cfg.train.seq_length,
+                        num_microbatches=cfg.train.global_batch_size // dims.dp,
+                        model_name=cfg.name)
+    on_gpu = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    groups = distributed.init_distributed(dims, timeout_s=60.0 * args.timeout_minutes,
+                                          seed=cfg.train.seed)
+    try:
+        with cpu_compat.cpu_device_mode():
+            pgs = groups.collection
+            device = (torch.device("cuda", torch.cuda.current_device()) if on_gpu
+                      else torch.device("cpu"))
+            torch.manual_seed(cfg.train.seed)
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+            backend = choose_backend(args.backend)
+            model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep, sp), pgs,
+                                backend=backend, dtype=dtype, on_gpu=on_gpu,
+                                recompute=args.recompute)
+            names = _variants(args)
+            optimizer, scheduler = build_optimizer(
+                cfg, model, pgs, dtype=dtype,
+                total_steps=len(names) * (args.warmup + args.steps))
+            peak = device_peak_tflops(args.peak_tflops)
+            recorder = StepRecorder(on_gpu)
+            variants = []
+            with instrument(model, optimizer, recorder, scheduler):
+                for name in names:
+                    try:
+                        variants.append(_profile_variant(name, args, cfg, dims, pgs, model,
+                                                         optimizer, scheduler, recorder, device,
+                                                         peak))
+                    except ValueError as exc:
+                        if not args.compare:
+                            raise
+                        variants.append({"name": name, "error": str(exc)})
+                    if torch.distributed.get_rank() == 0:
+                        log.info("variant %s done", name)
+            if torch.distributed.get_rank() != 0:
+                return None
+            return {
+                "recipe": cfg.name, "machine": machine_info(),
+                "layout": {"world_size": dims.world_size, "tp": dims.tp, "pp": dims.pp,
+                           "ep": dims.ep, "dp": dims.dp, "sequence_parallel": sp},
+                "settings": {"seq_length": cfg.train.seq_length,
+                             "global_batch_size": cfg.train.global_batch_size,
+                             "micro_batch_size": 1, "steps": args.steps,
+                             "warmup": args.warmup, "data": args.data, "backend": backend,
+                             "dtype": str(dtype).replace("torch.", ""),
+                             "recompute": args.recompute, "peak_tflops": peak},
+                "parts": list(PARTS),
+                "variants": variants,
+                "comm_calls": dict(recorder.comm_calls),
+                "notes": NOTES,
+            }
+    finally:
+        distributed.shutdown()
+
+
+NOTES = {
+    "breakdown": "mean seconds per step on rank 0 (first pipeline stage); breakdown_by_rank_s "
+                 "has every rank. Parts are exclusive; unaccounted = step time minus the parts.",
+    "communication": "time inside torch.distributed collectives / p2p calls and Megatron's "
+                     "coalesced gradient reduce-scatter, measured on the calling side "
+                     "(asynchronous calls: at their wait()); overlapped communication that is "
+                     "never waited for is not visible.",
+    "image_decode": "main-thread decoding (inside the data wait); image_decode_background is "
+                    "loader-worker time overlapped with training, not part of the step.",
+    "flops": "megatron_sphinx.train.flops.step_flops: LLM 6*N_active*tokens, causal attention "
+             "from packed sample lengths, projector, frozen encoders forward only.",
+    "memory": "GPU: torch.cuda.max_memory_allocated; CPU: process RSS sampled every 10 ms "
+              "(includes everything the process holds; does not drop between variants).",
+    "skip": "--no-skip counts every sub-image as valid (ImageGeometry.view_valid), so padded "
+            "sub-images are encoded and take 259 positions each.",
+    "data": "stream: one fixed random sample stream, the same samples for every variant (use it "
+            "to compare); synthetic: the training command's random data, whose samples change "
+            "with packing and skipping; sample / a path: the preprocessed store.",
+    "throughput": "samples_per_s compares variants (tokens include padded sub-images under "
+                  "--no-skip); tokens exclude padding.",
+}
+
+
+def format_table(report: dict) -> str:
+    """One row per variant: throughput figures, then the mean breakdown in ms per step."""
+    from megatron_sphinx.train.profiler import PARTS
+
+    short = {"data_wait": "data", "image_decode": "decode", "vision_encode": "vision",
+             "pack_kernel": "pack", "llm_fwd_bwd": "llm", "optimizer": "optim",
+             "communication": "comm", "other": "other"}
+    head = (f"{'variant':<19} {'step_s':>7} {'tok/s':>8} {'tok/s/gpu':>9} {'samp/s':>7} "
+            f"{'TFLOP/s':>8} {'MFU':>6} {'pack_eff':>8} {'views':>6} {'skip':>5} "
+            f"{'mem_GiB':>7} | " + " ".join(f"{short[p]:>7}" for p in PARTS) + f" {'unacc':>6}")
+    lines = [head, "-" * len(head)]
+    base = report["variants"][0] if report["variants"] else None
+    for v in report["variants"]:
+        if "error" in v:
+            lines.append(f"{v['name']:<19} not run: {v['error']}")
+            continue
+        b = v["breakdown_s"]
+        mfu = f"{v['mfu']:.3f}" if v["mfu"] is not None else "-"
+        lines.append(
+            f"{v['name']:<19} {v['step_time_s']:>7.3f} {v['tokens_per_s']:>8.0f} "
+            f"{v['tokens_per_s_per_gpu']:>9.0f} {v['samples_per_s']:>7.2f} "
+            f"{v['tflops_per_gpu']:>8.4f} {mfu:>6} {v['packing_efficiency']:>8.3f} "
+            f"{v['views_per_step']:>6.1f} {v['skipped_sub_images_per_step']:>5.1f} "
+            f"{v['peak_memory_bytes'] / 2 ** 30:>7.2f} | "
+            + " ".join(f"{1e3 * b[p]:>7.1f}" for p in PARTS) + f" {1e3 * b['unaccounted']:>6.1f}")
+    if base is not None and "error" not in base and len(report["variants"]) > 1:
+        lines.append("samples/s relative to baseline: " + ", ".join(
+            f"{v['name']} {v['samples_per_s'] / base['samples_per_s']:.2f}x"
+            for v in report["variants"][1:] if "error" not in v))
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, path: str) -> None:
+    """A stacked bar per variant: mean ms per step of every part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in report["variants"] if "error" not in v]
+    parts = report["parts"] + ["unaccounted"]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(variants)))
+    left = [0.0] * len(variants)
+    colors = plt.get_cmap("tab10").colors
+    for i, part in enumerate(parts):
+        widths = [max(0.0, 1e3 * v["breakdown_s"][part]) for v in variants]
+        ax.barh([v["name"] for v in variants], widths, left=left, label=part,
+                color=colors[i % len(colors)])
+        left = [a + w for a, w in zip(left, widths)]
+    m = report["machine"]
+    where = m["gpu"] or m["cpu"]
+    lay = report["layout"]
+    ax.set_xlabel("ms per step")
+    ax.set_title(f"{report['recipe']} tp{lay['tp']} pp{lay['pp']} ep{lay['ep']} dp{lay['dp']} "
+                 f"on {where}", fontsize=9)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.05 * (
+        len(variants) < 3)))
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input ends with one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("megatron", "megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    try:
+        _check_args(args)
+        from megatron_sphinx.config import get_recipe
+
+        get_recipe(args.recipe)
+        report = run_profile(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if report is None:
+        return 0
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        write_plot(report, args.plot)
+    m = report["machine"]
+    print(f"{report['recipe']} | {report['layout']} | {m['gpu'] or m['cpu']} "
+          f"x{m['gpu_count'] or m['cpu_count']} | {report['settings']}")
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
