@@ -67,11 +67,25 @@ def test_uniform_mix_at_4096_reaches_098():
     assert res["efficiency"] >= 0.98
 
 
-def test_no_sample_lost_or_duplicated_and_rows_fit():
+def test_subset_planner_fills_rows_bfd_cannot():
+    lengths = np.array([5, 4, 3, 3, 3, 2] + [99] * 10)  # the 99s are dropped as overlong
+    res = {}
+    for alg in ("bfd", "subset", "best"):
+        pk = SequencePacker(PackingConfig(10, 2, 1, lookahead=1.0, algorithm=alg,
+                                          overlong="drop"), lengths)
+        rows = pk.pack_step(_Feed(len(lengths)))
+        res[alg] = sorted(sorted(n for _, n in r) for r in rows)
+    assert res["bfd"] == [[3, 3, 3], [4, 5]]  # 18 of 20 positions
+    assert res["subset"] == res["best"] == [[2, 3, 5], [3, 3, 4]]  # full
+
+
+@pytest.mark.parametrize("algorithm", ["bfd", "subset", "best"])
+def test_no_sample_lost_or_duplicated_and_rows_fit(algorithm):
     rng = np.random.default_rng(3)
     lengths = rng.integers(10, 1500, 5000)
     feed = _Feed(len(lengths))
-    pk = SequencePacker(PackingConfig(2048, 16, 2, lookahead=1.5, max_wait_steps=3), lengths)
+    pk = SequencePacker(PackingConfig(2048, 16, 2, lookahead=1.5, max_wait_steps=3,
+                                      algorithm=algorithm), lengths)
     placed = []
     for _ in range(40):
         rows = pk.pack_step(feed)
@@ -154,3 +168,5 @@ def test_config_validation():
         PackingConfig(4096, 8, 1, lookahead=0.5)
     with pytest.raises(ValueError, match="overlong"):
         PackingConfig(4096, 8, 1, overlong="cut")
+    with pytest.raises(ValueError, match="algorithm"):
+        PackingConfig(4096, 8, 1, algorithm="magic")

@@ -324,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 with one line on stderr on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("megatron", "torch.distributed", "transformers"):
+    for quiet in ("megatron", "torch.utils.cpp_extension"):  # deprecation / no-CUDA notices
+        logging.getLogger(quiet).setLevel(logging.ERROR)
+    for noisy in ("torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers)(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # ShardedTensor deprecation
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the conversion runs on the CPU (see the docstring)
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

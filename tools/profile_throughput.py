@@ -366,6 +366,7 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
         "breakdown_fraction": {k: breakdown[k] / breakdown["step_time"] for k in breakdown
                                if k != "step_time" and breakdown["step_time"] > 0},
         "breakdown_by_rank_s": per_rank,
+        "breakdown_steps_s": stats.steps,
         "losses": losses,
     }
 

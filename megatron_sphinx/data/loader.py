@@ -130,6 +130,8 @@ class LoaderConfig:
     """Samples longer than ``seq_length``: truncate (cut part's loss dropped) or drop; counted."""
     lookahead: float = 2.0
     """Packing window, in steps' worth of tokens."""
+    packing_algorithm: Literal["best", "bfd", "subset"] = "best"
+    """Packing planner (:class:`~.packing.PackingConfig`); ``best`` keeps the fuller plan."""
     max_wait_steps: int = 4
     """A sample the packer left out this many steps is placed first."""
     num_workers: int = 2
@@ -156,8 +158,13 @@ class LoaderConfig:
             raise ValueError("num_workers must be >= 0 and prefetch_steps >= 1")
         if self.pad_to_multiple is not None and self.pad_to_multiple < 1:
             raise ValueError("pad_to_multiple must be None or >= 1")
-        PackingConfig(self.seq_length, self.global_batch_size, self.micro_batch_size,
-                      self.lookahead, self.max_wait_steps, self.overlong)  # validates the rest
+        self.packing_config()  # validates the rest
+
+    def packing_config(self) -> PackingConfig:
+        """The packer's settings."""
+        return PackingConfig(self.seq_length, self.global_batch_size, self.micro_batch_size,
+                             self.lookahead, self.max_wait_steps, self.overlong,
+                             self.packing_algorithm)
 
 
 def views_per_sample(image_hw: np.ndarray, image_size: int, grid: int) -> np.ndarray:
@@ -223,10 +230,7 @@ class PackedLoader:
         self._mix = BlendedMix(source.source_ids, weights, cfg.seed, names=source.source_names)
         logger.info("mix over %d sources, weights %s", len(self._mix.names),
                     dict(zip(self._mix.names, np.round(self._mix.weights, 4).tolist())))
-        self._packer = SequencePacker(
-            PackingConfig(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size,
-                          cfg.lookahead, cfg.max_wait_steps, cfg.overlong),
-            source.lengths, costs)
+        self._packer = SequencePacker(cfg.packing_config(), source.lengths, costs)
         self._planned = 0
         self._fingerprint = str(getattr(meta, "fingerprint", "") or "")
         self._consumed = self._planner_state()

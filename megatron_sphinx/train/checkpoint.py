@@ -153,11 +153,11 @@ def _sharded_state(model_chunks, optimizer, pgs, *, is_loading: bool, with_optim
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=OPT_METADATA)
     if with_rng:
-        # One RNG state per (pp, tp, ep) rank; data-parallel replicas are identical.
+        # One RNG state per (pp, tp, ep) coordinate; its expert-data-parallel replicas match.
         state["rng"] = ShardedObject(
             "rng_state", None if is_loading else _rng_state(),
             (pgs.pp.size(), pgs.tp.size(), pgs.ep.size()),
-            (pgs.pp.rank(), pgs.tp.rank(), pgs.ep.rank()), replica_id=pgs.dp.rank())
+            (pgs.pp.rank(), pgs.tp.rank(), pgs.ep.rank()), replica_id=pgs.expt_dp.rank())
     return state
 
 

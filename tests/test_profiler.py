@@ -1,0 +1,136 @@
+"""The throughput profiler: its step breakdown arithmetic and a real 2-step CPU run of ``debug``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_sphinx.config import get_recipe
+from megatron_sphinx.train.flops import encoder_flops_per_view, llm_linear_params
+from megatron_sphinx.train.profiler import PARTS, StepRecorder
+from tests.dist_harness import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("profile_throughput",
+                                                  ROOT / "tools" / "profile_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recorder_parts_are_exclusive_and_nested_comm_counts_once():
+    rec = StepRecorder(on_gpu=False)
+    rec.begin_step()
+    with rec.in_phase("data"):
+        time.sleep(0.01)
+    with rec.in_phase("schedule"):
+        with rec.span("vision"):
+            time.sleep(0.01)
+        with rec.comm("all_reduce"):
+            with rec.comm("all_gather_into_tensor"):  # nested inside another call
+                time.sleep(0.005)
+        time.sleep(0.01)
+    with rec.in_phase("optimizer"):
+        with rec.comm("reduce_scatter_tensor"):
+            time.sleep(0.002)
+        time.sleep(0.005)
+    with rec.span("other"):
+        time.sleep(0.002)
+    spans = list(rec._spans)
+    b = rec.end_step()
+    assert sum(s.kind == "comm" for s in spans) == 2  # the nested call is not a second span
+    assert rec.comm_calls == {"all_reduce": 1, "all_gather_into_tensor": 1,
+                              "reduce_scatter_tensor": 1}
+    dur = {}
+    for s in spans:
+        dur.setdefault((s.kind, s.phase), 0.0)
+        dur[(s.kind, s.phase)] += s.end - s.start
+    sched = dur[("phase:schedule", "schedule")]
+    assert b["llm_fwd_bwd"] == pytest.approx(
+        sched - dur[("vision", "schedule")] - dur[("comm", "schedule")])
+    assert b["optimizer"] == pytest.approx(dur[("phase:optimizer", "optimizer")]
+                                           - dur[("comm", "optimizer")])
+    assert b["communication"] == pytest.approx(dur[("comm", "schedule")]
+                                               + dur[("comm", "optimizer")])
+    assert all(b[p] >= 0 for p in PARTS)
+    assert sum(b[p] for p in PARTS) + b["unaccounted"] == pytest.approx(b["step_time"])
+    assert 0 <= b["unaccounted"] < 0.1 * b["step_time"]
+
+
+def _profile(rank, world_size, argv):
+    return _tool().main(argv)
+
+
+VARIANT_KEYS = {"name", "packing", "skip_padded_views", "steps", "step_time_s", "tokens_per_step",
+                "samples_per_step", "tokens_per_s", "tokens_per_s_per_gpu", "samples_per_s",
+                "tflops_per_gpu", "mfu", "flops_per_step", "packing_efficiency",
+                "views_per_step", "skipped_sub_images_per_step", "visual_tokens_saved_per_step",
+                "llm_positions_saved_per_step", "peak_memory_bytes", "breakdown_s",
+                "breakdown_fraction", "breakdown_by_rank_s", "breakdown_steps_s", "losses"}
+
+
+def test_two_step_compare_run_of_debug(tmp_path):
+    out, png = tmp_path / "profile.json", tmp_path / "profile.png"
+    argv = ["--recipe", "debug", "--steps", "2", "--warmup", "0", "--global-batch-size", "2",
+            "--compare", "--peak-tflops", "0.5", "--json", str(out), "--plot", str(png)]
+    assert run_ranks(_profile, 1, argv, timeout=240) == [0]
+    report = json.loads(out.read_text())
+    assert {"recipe", "machine", "layout", "settings", "parts", "variants", "comm_calls",
+            "notes"} <= set(report)
+    assert report["machine"]["cpu"] and report["machine"]["cpu_count"] >= 1
+    assert report["settings"]["data"] == "stream" and report["layout"]["world_size"] == 1
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants) == ["baseline", "no-packing", "no-skip", "no-packing+no-skip"]
+    cfg = get_recipe("debug")
+    enc = sum(encoder_flops_per_view(e) for e in cfg.vision.encoders)
+    for v in variants.values():
+        assert VARIANT_KEYS <= set(v), VARIANT_KEYS - set(v)
+        assert v["steps"] == 2 and len(v["breakdown_steps_s"]) == 2
+        for step in v["breakdown_steps_s"]:  # the parts cover the measured step time
+            parts = sum(step[p] for p in PARTS)
+            assert abs(parts - step["step_time"]) <= 0.1 * step["step_time"], step
+        b = v["breakdown_s"]
+        assert b["llm_fwd_bwd"] > 0 and b["vision_encode"] > 0 and b["pack_kernel"] > 0
+        assert b["optimizer"] > 0 and b["communication"] > 0
+        assert v["tokens_per_s"] > 0 and v["tflops_per_gpu"] > 0
+        assert v["mfu"] == pytest.approx(v["tflops_per_gpu"] / 0.5)
+        # FLOPs are flops.py's: 6 N tokens for the LLM, frozen encoders forward only.
+        f = v["flops_per_step"]
+        assert f["llm"] == pytest.approx(6 * llm_linear_params(cfg.llm) * v["tokens_per_step"])
+        assert f["encoders"] == pytest.approx(enc * v["views_per_step"])
+        assert v["peak_memory_bytes"] > 0 and all(loss > 1.0 for loss in v["losses"])
+    base = variants["baseline"]
+    # One padded sample per sequence: the rows hold one sample each and more padding.
+    assert variants["no-packing"]["samples_per_step"] == 2
+    assert variants["no-packing"]["packing_efficiency"] < base["packing_efficiency"]
+    # Skip tokens: with skipping on, padded sub-images were skipped (in these first steps the
+    # packer places the long, unskipped image samples first, so check the unpacked rows too);
+    # --no-skip encoded them all.
+    skipped = variants["no-packing"]["skipped_sub_images_per_step"]
+    assert skipped > 0
+    assert variants["no-packing"]["visual_tokens_saved_per_step"] == 257 * skipped
+    for name in ("no-skip", "no-packing+no-skip"):
+        assert variants[name]["skipped_sub_images_per_step"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _tool().format_table(report).splitlines()
+    assert sum(line.split()[0] in variants for line in table[2:]) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "nope", "--steps", "1"], "unknown recipe"),
+    (["--steps", "0"], "--steps"),
+    (["--compare", "--no-skip"], "--compare"),
+    (["--data", "/nonexistent/store.zarr"], "--data"),
+])
+def test_bad_input_one_line_nothing_written(argv, message, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert _tool().main(argv + ["--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not out.exists()
