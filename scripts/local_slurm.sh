@@ -13,7 +13,7 @@
 # picked at start, so several clusters (or helpers) on one machine do not collide and nothing in
 # /etc is touched. Clients find the cluster through SLURM_CONF=DIR/slurm.conf (DIR/env.sh).
 # Needs root (slurmd starts jobs as their user; SlurmUser=root). Settings that work in a container
-# without cgroups or systemd: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none,
+# without cgroups or systemd: ProctrackType=proctrack/pgid, TaskPlugin=task/none,
 # SelectType=select/cons_tres (CR_Core), the node at 127.0.0.1 named after `hostname -s`.
 # Variables: LOCAL_SLURM_CPUS (default: all CPUs, at least 2) CPUs of the node.
 set -euo pipefail
@@ -96,7 +96,7 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core

@@ -207,6 +207,7 @@ def build_store(spec: StoreSpec, comm: Comm | None = None) -> dict | None:
                         tokenizer_path=str(tok_dir), tokenizer_hash=tokenizer_hash(tok_dir),
                         template=spec.template, fingerprint=fp,
                         extra={"mix": str(mix.path), "overlong": spec.overlong,
+                               "weights": {src.name: src.weight for src in mix.sources},
                                "vocab_size": len(tok), "summary": summary})
     meta = st.write_index(out, meta)
     logger.info("summary:\n%s", format_summary(summary))

@@ -34,11 +34,17 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
         raise FileNotFoundError(f"--data {path} does not exist: pass a store written by "
                                 "tools/preprocess_data.py")
     reader = StoreReader(path, image_size=cfg.vision.image_size, grid=cfg.vision.grid)
+    # Without pipeline parallelism a packed row is only padded to a multiple of 64 positions
+    # (THD attention takes any length); pipelines exchange fixed [seq_length, b, h] tensors.
     lcfg = LoaderConfig(seq_length=t.seq_length, image_size=cfg.vision.image_size,
                         grid=cfg.vision.grid, global_batch_size=t.global_batch_size,
-                        micro_batch_size=t.micro_batch_size, seed=t.seed)
+                        micro_batch_size=t.micro_batch_size, seed=t.seed,
+                        pad_to_multiple=TRIM_MULTIPLE if rc.pp == 1 else None)
     return PackedLoader(reader, lcfg, dp_rank=dp_rank, dp_size=dp_size)
 
+
+#: Packed rows are padded to a multiple of this many positions (when not pipelining).
+TRIM_MULTIPLE = 64
 
 #: Where the embedded sample data and its store are built on first use.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
@@ -80,9 +86,10 @@ def loader_summary(micro: list[PackedBatch], dp_group, device: torch.device) -> 
         sum(int(m.view_counts.sum()) for m in micro),
         sum(causal_pairs((m.cu_seqlens[1:] - m.cu_seqlens[:-1])[:m.num_samples].tolist())
             for m in micro),
+        sum(m.labels.numel() for m in micro),
     ], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(local, group=dp_group)
-    tokens, samples, skipped, views, pairs = local.tolist()
+    tokens, samples, skipped, views, pairs, positions = local.tolist()
     return {"tokens": int(tokens), "samples": int(samples), "skipped": int(skipped),
-            "views": int(views), "attention_pairs": pairs,
+            "views": int(views), "attention_pairs": pairs, "positions": int(positions),
             "visual_tokens_saved": int(skipped) * (TOKENS_PER_VIEW + 1)}

@@ -196,8 +196,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
             "lr": optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
             "tokens": summary["tokens"], "loss_tokens": res.num_loss_tokens,
             "samples": summary["samples"], "skipped_views": summary["skipped"],
-            "packing_efficiency": summary["tokens"] / (cfg.train.global_batch_size
-                                                       * cfg.train.seq_length),
+            "packing_efficiency": summary["tokens"] / summary["positions"],
             "tokens_per_s": summary["tokens"] / dt, "step_time_s": dt,
             "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
         }
