@@ -1,5 +1,6 @@
 """DALI image views against the Pillow reference; geometry of the views; bad files reported."""
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, _resize_pl
                                          global_view, probe_image, reference_views,
                                          resolve_device)
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
+IMAGES = Path(os.environ.get("MEGATRON_SPHINX_TESTDATA", "")
+              or Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images")
 if not IMAGES.is_dir():
     IMAGES = Path("/work/shared/testdata/images")
 PHOTOS = sorted(IMAGES.glob("*.jpg"))

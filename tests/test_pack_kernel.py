@@ -374,7 +374,9 @@ def test_gpu_impls_on_arbitrary_indices(impl, case, hidden, dtype):
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_gpu_auto_selection_prefers_cuda():
-    assert resolve_impl(None, "cuda") == "cuda"
+    from kernels import impl_status
+    assert resolve_impl(None, "cuda") == "cuda", impl_status("cuda")["cuda"][1]
+    assert resolve_impl(None, "cuda", torch.float64) == "torch"
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the GPU kernels, not the interpreted ones")

@@ -134,3 +134,24 @@ def test_bad_input_one_line_nothing_written(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists()
+
+
+def _profile_then_train(rank, world_size, out):
+    from megatron_sphinx.train.loop import run
+    from megatron_sphinx.train.run_config import RunConfig
+
+    rc = _tool().main(["--recipe", "debug", "--data", "synthetic", "--steps", "2", "--warmup", "0",
+                       "--global-batch-size", "2", "--json", out])
+    results = run(RunConfig(recipe="debug", data="synthetic", steps=2, global_batch_size=2))
+    return rc, [r.loss for r in results]
+
+
+def test_profiled_steps_are_the_training_commands_steps(tmp_path):
+    """Same seed, data and schedule: the instrumented steps give the training command's losses."""
+    out = tmp_path / "p.json"
+    rc, train_losses = run_ranks(_profile_then_train, 1, str(out), timeout=240)[0]
+    assert rc == 0
+    report = json.loads(out.read_text())
+    variant = report["variants"][0]
+    assert variant["name"] == "baseline" and report["settings"]["data"] == "synthetic"
+    assert variant["losses"] == pytest.approx(train_losses, rel=1e-6, abs=0)

@@ -25,6 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+TORCHRUN_SBATCH = REPO / "slurm" / "train_torchrun.sbatch"
+PREPROCESS_SBATCH = REPO / "slurm" / "preprocess.sbatch"
 EXIT_REQUEUE = 3  # megatron_sphinx.train.loop.EXIT_REQUEUE
 
 STEPS = 8
@@ -40,6 +42,7 @@ RUN_ENV = {  # the sbatch variables of every training run here
     "TIMEOUT_MINUTES": str(TIMEOUT_MIN), "OMP_NUM_THREADS": "1",
 }
 SBATCH_ARGS = ["--gpus-per-node=0", "--ntasks-per-node=2"]  # the CPU node has no GPUs
+TORCHRUN_ARGS = ["--gpus-per-node=0", "--ntasks-per-node=1"]  # + NPROC_PER_NODE=2
 
 
 @dataclass
@@ -94,18 +97,20 @@ def cluster(root):
                        timeout=120)
 
 
-def submit(cluster: Cluster, workdir: Path, save: Path, **variables) -> int:
-    """sbatch slurm/train.sbatch from ``workdir`` (its logs/ gets the job log); the job id."""
+def submit(cluster: Cluster, workdir: Path, save: Path, script: Path = TRAIN_SBATCH,
+           sbatch_args=SBATCH_ARGS, **variables) -> int:
+    """sbatch a training script from ``workdir`` (its logs/ gets the job log); the job id."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(cluster.env, REPO=str(REPO), SAVE=str(save), **RUN_ENV,
-               **{k: str(v) for k, v in variables.items()})
-    out = cluster.run("sbatch", "--parsable", *SBATCH_ARGS, TRAIN_SBATCH, cwd=workdir, env=env)
+    env = dict(cluster.env, REPO=str(REPO), SAVE=str(save), **RUN_ENV)
+    env.update({k: str(v) for k, v in variables.items()})
+    out = cluster.run("sbatch", "--parsable", *sbatch_args, script, cwd=workdir, env=env)
     return int(out.stdout.strip().split(";")[0])
 
 
 def log_of(workdir: Path, job_id: int) -> str:
-    path = workdir / "logs" / f"sphinx-train-{job_id}.out"
-    return path.read_text(errors="replace") if path.exists() else ""
+    """The job's log (the #SBATCH --output=logs/%x-%j.out of whichever script ran)."""
+    found = list((workdir / "logs").glob(f"*-{job_id}.out"))
+    return found[0].read_text(errors="replace") if found else ""
 
 
 def wait_until(what: str, cond, timeout: float, interval: float = 0.2, on_fail=lambda: ""):
@@ -155,22 +160,25 @@ def latest(save: Path) -> str | None:
 
 
 def rank_pid(job_id: int, rank: int) -> int | None:
-    """PID of training rank ``rank`` of ``job_id`` (its main process, not a forked helper)."""
+    """PID of training rank ``rank`` of ``job_id`` (its main process, not a forked helper).
+
+    The rank is torchrun's ``RANK`` where torchrun started it, else Slurm's ``SLURM_PROCID``.
+    """
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes()
-            if b"megatron_sphinx.train" not in cmd:
+            if b"megatron_sphinx.train" not in cmd or b"torch.distributed.run" in cmd:
                 continue
             env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0")
                        if b"=" in item)
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if env.get(b"SLURM_JOB_ID") == str(job_id).encode() and \
-                env.get(b"SLURM_PROCID") == str(rank).encode():
+        is_rank = env.get(b"RANK", env.get(b"SLURM_PROCID")) == str(rank).encode()
+        if env.get(b"SLURM_JOB_ID") == str(job_id).encode() and is_rank:
             found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # pid -> ppid
     main = [pid for pid, ppid in found.items() if ppid not in found]
     return main[0] if len(main) == 1 else None
@@ -281,10 +289,13 @@ def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, wor
 def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
         cluster, reference, work):
     """Rank 0 stops (SIGSTOP) inside a checkpoint save, before the rename: rank 1 hits the
-    collective timeout and exits; then rank 0 is killed (SIGKILL) mid-save."""
+    collective timeout and exits; then rank 0 is killed (SIGKILL) mid-save. Run with the
+    one-torchrun-per-node variant (slurm/train_torchrun.sbatch), which must give the same
+    losses as the srun variant's reference run."""
     _, _, _, _, ref = reference
     save = work / "save"
-    job = submit(cluster, work, save, STEP_WAIT_S=600)
+    torchrun = dict(script=TORCHRUN_SBATCH, sbatch_args=TORCHRUN_ARGS, NPROC_PER_NODE=2)
+    job = submit(cluster, work, save, STEP_WAIT_S=600, SHUTDOWN_TIMEOUT_S=600, **torchrun)
     wait_until("checkpoint 2", lambda: latest(save) == "iter_0000002", JOB_TIMEOUT_S,
                on_fail=lambda: log_of(work, job)[-3000:])
     rank0, rank1 = rank_pid(job, 0), rank_pid(job, 1)
@@ -317,15 +328,37 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     assert not (save / f"iter_{frozen:07d}.tmp" / "meta.json").exists()
     done_before = len(read_metrics(save))
 
-    job2 = submit(cluster, work, save)
+    job2 = submit(cluster, work, save, **torchrun)
     info2 = wait_job(cluster, work, job2)
     log2 = log_of(work, job2)
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
+    assert "(torchrun launch)" in log2
     assert re.search(rf"resumed from \S+/{before} at step {frozen - 2}\b", log2), log2[-3000:]
     assert_matches_reference(read_metrics(save)[done_before:], ref, frozen - 1)
     assert not list(save.glob("*.tmp")), "the restarted run left a partial save behind"
     assert latest(save) == f"iter_{STEPS:07d}"
     assert "timeout" in log.lower() or "timed out" in log.lower(), log[-3000:]
+
+
+def test_preprocess_sbatch_runs_mpi_ranks_under_srun(cluster, work):
+    """slurm/preprocess.sbatch: tools/preprocess_data.py on 2 MPI ranks started by srun."""
+    from megatron_sphinx.data.sample_data import generate
+    from megatron_sphinx.data.store import StoreReader
+
+    mix = generate(work / "raw")
+    out, summary = work / "mix.zarr", work / "summary.json"
+    (work / "logs").mkdir()
+    env = dict(cluster.env, REPO=str(REPO), MIX=str(mix), OUT=str(out), SEQ_LENGTH="4096",
+               TOKENIZER=str(work / "raw" / "tokenizer"), SUMMARY_JSON=str(summary))
+    job = int(cluster.run("sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          PREPROCESS_SBATCH, cwd=work, env=env).stdout.strip().split(";")[0])
+    info = wait_job(cluster, work, job)
+    log = log_of(work, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 rank(s)" in log and "srun --mpi=" in log, log[-3000:]
+    written = json.loads(summary.read_text())["total"]["written"]
+    store = StoreReader(out, image_size=448, grid=2)
+    assert store.meta.num_shards == 2 and len(store) == written > 0
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -53,7 +53,8 @@ from megatron_sphinx.data.packing import (PackingConfig, offline_efficiency,  # 
                                           simulate_packing, synthetic_paper_lengths,
                                           trimmed_efficiency)
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images"
+IMAGES = Path(os.environ.get("MEGATRON_SPHINX_TESTDATA", "")
+              or Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images")
 
 
 def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2,

@@ -15,6 +15,7 @@ PY=${PY:-python3}
 SITE=/tmp/site
 export HF_HUB_OFFLINE=1 TORCH_COMPILE_DISABLE=1 PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions CUDA_DEVICE_MAX_CONNECTIONS=1
+[ -d .testdata/images ] && export MEGATRON_SPHINX_TESTDATA=$PWD/.testdata/images
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 section() { echo; echo "=== $1 ($(date +%T))"; }
@@ -49,14 +50,15 @@ for name in ["torch", "triton", "megatron.core", "transformer_engine", "nvidia.d
         print(f"{name:20s} MISSING ({type(exc).__name__}: {str(exc)[:80]})")
 PYEOF
 
-run tests_gpu 420 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_pack_kernel.py \
-  tests/test_gpu.py tests/test_images.py -rs
+TESTS="tests/test_pack_kernel.py tests/test_gpu.py"
+$PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py"
+run tests_gpu 420 $PY -m pytest -q -p no:cacheprovider -o addopts="" $TESTS -rs
 run bench_pack 120 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.0 0.4
 run bench_train 420 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants packed reference --steps 6 --seq-length 4096 --global-batch-size 8 \
   --json "$OUT/train.json"
 if $PY -c "import nvidia.dali" 2> /dev/null; then
-  run bench_images 150 $PY tools/bench_data.py --images-only --device gpu --threads 16
+  run bench_images 150 $PY tools/bench_data.py --threads 16 --seconds 3
 fi
 
 section "summary"
