@@ -112,7 +112,7 @@ def build_plan(index: torch.Tensor, num_text: int, num_visual: int, num_special:
     return PackPlan(num_text, num_visual, num_special, rows_sorted, order, offsets)
 
 
-_WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16)
+_WIDE = ((torch.complex128, 16), (torch.int64, 8), (torch.int32, 4), (torch.int16, 2))
 
 
 def _wide(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -123,8 +123,7 @@ def _wide(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     es = tensors[0].element_size()
     row = tensors[0].shape[-1] * es
-    for dtype in _WIDE:
-        w = torch.empty((), dtype=dtype).element_size()
+    for dtype, w in _WIDE:
         if w > es and row % w == 0 and all(t.storage_offset() * es % w == 0 for t in tensors):
             return tuple(t.view(dtype) for t in tensors)
     return tensors

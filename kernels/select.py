@@ -97,7 +97,9 @@ def resolve_impl(impl: str | None, device: torch.device | str,
     return chosen
 
 
-def _backend(name: str):
+def backend_for(name: str):
+    """The kernel object of implementation ``name`` (``forward`` into a given output and
+    ``backward`` from a :class:`~kernels.reference.PackPlan`; see ``PackTokensFunction``)."""
     if name == "cuda":
         from kernels.cuda_pack import CudaBackend
         return CudaBackend()
@@ -147,4 +149,4 @@ def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
         check_index(index, text.shape[0] + visual.shape[0] + special.shape[0])
     name = resolve_impl(impl, text.device, text.dtype)
     text, visual, special, index = (t.contiguous() for t in (text, visual, special, index))
-    return PackTokensFunction.apply(text, visual, special, index, _backend(name))
+    return PackTokensFunction.apply(text, visual, special, index, backend_for(name))

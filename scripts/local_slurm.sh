@@ -112,6 +112,7 @@ JobRequeue=1
 KillWait=10
 InactiveLimit=0
 MinJobAge=600
+MailProg=/bin/true
 NodeName=${host} NodeAddr=127.0.0.1 NodeHostname=${host} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF

@@ -126,7 +126,7 @@ _sphinx_check_layout() {
         _sphinx_is_uint "${!name}" && [ "${!name}" -ge 1 ] \
             || sphinx_die "$name=${!name} must be a positive integer"
     done
-    for name in SAVE_INTERVAL KEEP_LAST; do
+    for name in SAVE_INTERVAL KEEP_LAST ${EXIT_INTERVAL:+EXIT_INTERVAL}; do
         _sphinx_is_uint "${!name}" || sphinx_die "$name=${!name} must be an integer >= 0"
     done
     _sphinx_is_number "$TIMEOUT_MINUTES" && [ "$(awk "BEGIN{print ($TIMEOUT_MINUTES > 0)}")" = 1 ] \
@@ -205,6 +205,7 @@ sphinx_train_args() {
     SEED=${SEED:-}
     TIMEOUT_MINUTES=${TIMEOUT_MINUTES:-5}
     EXIT_AFTER_MINUTES=${EXIT_AFTER_MINUTES:-}
+    EXIT_INTERVAL=${EXIT_INTERVAL:-}
     LOG_INTERVAL=${LOG_INTERVAL:-1}
     EXTRA_ARGS=${EXTRA_ARGS:-}
 
@@ -238,6 +239,7 @@ sphinx_train_args() {
     [ -n "$LR" ] && TRAIN_ARGS+=(--lr "$LR")
     [ -n "$SEED" ] && TRAIN_ARGS+=(--seed "$SEED")
     [ -n "$EXIT_AFTER_MINUTES" ] && TRAIN_ARGS+=(--exit-after-minutes "$EXIT_AFTER_MINUTES")
+    [ -n "$EXIT_INTERVAL" ] && [ "$EXIT_INTERVAL" != 0 ] && TRAIN_ARGS+=(--exit-interval "$EXIT_INTERVAL")
     if [ -n "$EXTRA_ARGS" ]; then
         local extra
         read -r -a extra <<<"$EXTRA_ARGS"

@@ -95,6 +95,8 @@ def cluster(root):
     finally:
         subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(d)], capture_output=True,
                        timeout=120)
+        for pid in job_processes(conf=env["SLURM_CONF"]):  # the tests' own leftovers, if any
+            os.kill(pid, signal.SIGKILL)
 
 
 def submit(cluster: Cluster, workdir: Path, save: Path, script: Path = TRAIN_SBATCH,
@@ -184,6 +186,32 @@ def rank_pid(job_id: int, rank: int) -> int | None:
     return main[0] if len(main) == 1 else None
 
 
+def job_processes(job_id: int | None = None, conf: str | None = None) -> list[int]:
+    """PIDs of training processes of ``job_id`` (or of any job of the cluster at ``conf``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"megatron_sphinx.train" not in (entry / "cmdline").read_bytes():
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if job_id is not None and f"SLURM_JOB_ID={job_id}".encode() in env and alive(
+                int(entry.name)):
+            pids.append(int(entry.name))
+        elif conf is not None and f"SLURM_CONF={conf}".encode() in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+def assert_nothing_left(job_id: int) -> None:
+    """No process of the ended job survives it (a forked helper of a killed rank included)."""
+    wait_until(f"processes of job {job_id} to end", lambda: not job_processes(job_id), 30,
+               interval=0.5, on_fail=lambda: f"left: {job_processes(job_id)}")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -231,6 +259,7 @@ def test_sbatch_two_tasks_trains_saves_and_logs(cluster, reference):
     assert meta["step"] == STEPS and meta["recipe"] == "debug"
     assert meta["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2}
     assert (work / "logs" / f"sphinx-train-{job}.out").exists()
+    assert_nothing_left(job)
 
 
 def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference, work):
@@ -255,6 +284,7 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference
     records = read_metrics(save)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # nothing lost or redone
     assert_matches_reference(records, ref, 1)
+    assert_nothing_left(job)
 
 
 def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, work):
@@ -274,6 +304,7 @@ def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, wor
     # Rank 0 is left alone in a collective: it must error out, not hang (bound: the timeout).
     assert ended_after < TIMEOUT_MIN * 60 + 30, f"job took {ended_after:.0f} s to end"
     assert "requeueing" not in log_of(work, job)  # a crash is not a preemption
+    assert_nothing_left(job)  # also the killed rank's forked helper
     resume_from = latest(save)
     done_before = len(read_metrics(save))
     assert resume_from == "iter_0000002"
@@ -284,6 +315,7 @@ def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, wor
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
     assert re.search(rf"resumed from \S+/{resume_from} at step 2\b", log2), log2[-3000:]
     assert_matches_reference(read_metrics(save)[done_before:], ref, 3)
+    assert_nothing_left(job2)
 
 
 def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
@@ -316,8 +348,11 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     wait_until("rank 1 exits on the collective timeout", lambda: not alive(rank1),
                TIMEOUT_MIN * 60 + 60, interval=0.5, on_fail=lambda: log_of(work, job))
     waited = time.monotonic() - t0
-    os.kill(rank0, signal.SIGKILL)
+    # torchrun puts each rank in its own process group, with the helper process it forked.
+    assert os.getpgid(rank0) == rank0
+    os.killpg(rank0, signal.SIGKILL)
     info = wait_job(cluster, work, job)
+    assert_nothing_left(job)
     log = log_of(work, job)
     assert info["JobState"] == "FAILED", info
     assert TIMEOUT_MIN * 60 - 5 < waited < TIMEOUT_MIN * 60 + 45, (
@@ -338,6 +373,7 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     assert not list(save.glob("*.tmp")), "the restarted run left a partial save behind"
     assert latest(save) == f"iter_{STEPS:07d}"
     assert "timeout" in log.lower() or "timed out" in log.lower(), log[-3000:]
+    assert_nothing_left(job2)
 
 
 def test_preprocess_sbatch_runs_mpi_ranks_under_srun(cluster, work):

@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import impl_status  # noqa: E402
-from kernels.reference import ReferenceBackend, build_plan  # noqa: E402
-from kernels.select import _backend, pack_tokens  # noqa: E402
+from kernels.reference import build_plan  # noqa: E402
+from kernels.select import backend_for, pack_tokens  # noqa: E402
 from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
 from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
 
@@ -125,7 +125,7 @@ def bench_case(args, device, impls, h, b, skip, dtype):
            "unfused": lambda: torch.cat([text, visual, special, zero])[idx_unfused]}
     plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL)
     for name in impls:
-        backend = _backend(name)
+        backend = backend_for(name)
         out = torch.empty(n, h, device=device, dtype=dtype)
 
         def kern(backend=backend, out=out):

@@ -52,7 +52,7 @@ PYEOF
 
 TESTS="tests/test_pack_kernel.py tests/test_gpu.py"
 $PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py"
-run tests_gpu 420 $PY -m pytest -q -p no:cacheprovider -o addopts="" $TESTS -rs
+run tests_gpu 420 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" $TESTS -rs
 run bench_pack 120 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.0 0.4
 run bench_train 420 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants packed reference --steps 6 --seq-length 4096 --global-batch-size 8 \

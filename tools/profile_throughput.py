@@ -1,20 +1,23 @@
 """Throughput profiler: real training steps of a recipe, timed part by part.
 
     python tools/profile_throughput.py --recipe debug --steps 5 --json runs/profile.json \\
-        [--plot runs/profile.png] [--tp N --pp N --ep N --sp] [--data PATH|synthetic] \\
+        [--plot runs/profile.png] [--tp N --pp N --ep N --sp] \\
+        [--data stream|synthetic|sample|PATH] [--backend auto|te|local] [--recompute R] \\
         [--seq-length S] [--global-batch-size G] [--peak-tflops X] [--warmup N] \\
         [--no-packing] [--no-skip] [--compare]
     torchrun --nproc-per-node 8 tools/profile_throughput.py --recipe sphinx-tiny ...
 
 The model, optimizer and loader are the training command's own (``build_model``,
-``build_optimizer``, ``build_loader``) and each step is :func:`~megatron_sphinx.train.step.train_step`
-(Megatron's schedule, then the optimizer). :mod:`megatron_sphinx.train.profiler` times it:
-waiting for data, image decoding, vision encoding, the pack kernel, LLM forward/backward,
-optimizer, communication, other. FLOPs are counted by :mod:`megatron_sphinx.train.flops`, as the
-training command's metrics count them. ``--compare`` profiles, in one process and on one model,
-the baseline and the variants without packing, without skip tokens, and without both (the
-reference implementation's way), and prints one table. Rank 0 writes the JSON (every figure, the
-machine) and the PNG of the breakdown.
+``build_optimizer``, ``build_loader``) and each step is
+:func:`~megatron_sphinx.train.step.train_step` (Megatron's schedule, then the optimizer);
+:mod:`megatron_sphinx.train.profiler` times it: waiting for data, image decoding, vision
+encoding, the pack kernel, LLM forward/backward, optimizer, communication, other. FLOPs are
+counted by :mod:`megatron_sphinx.train.flops`, as the training command's metrics count them.
+``--compare`` profiles, in one process and on one model, the baseline and the variants without
+packing, without skip tokens, and without both (the reference implementation's way), and prints
+one table; its default data, ``stream``, feeds every variant the same samples
+(:class:`StreamLoader`). Rank 0 writes the JSON (every figure, the machine) and the PNG of the
+breakdown.
 """
 from __future__ import annotations
 
@@ -461,7 +464,8 @@ NOTES = {
     "communication": "time inside torch.distributed collectives / p2p calls and Megatron's "
                      "coalesced gradient reduce-scatter, measured on the calling side "
                      "(asynchronous calls: at their wait()); overlapped communication that is "
-                     "never waited for is not visible.",
+                     "never waited for is not visible. With PP > 1 the p2p waits include the "
+                     "pipeline bubble. The micro-batch's host-to-device copy is in llm_fwd_bwd.",
     "image_decode": "main-thread decoding (inside the data wait); image_decode_background is "
                     "loader-worker time overlapped with training, not part of the step.",
     "flops": "megatron_sphinx.train.flops.step_flops: LLM 6*N_active*tokens, causal attention "
@@ -519,7 +523,7 @@ def write_plot(report: dict, path: str) -> None:
 
     variants = [v for v in report["variants"] if "error" not in v]
     parts = report["parts"] + ["unaccounted"]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(variants)))
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.6 * len(variants)))
     left = [0.0] * len(variants)
     colors = plt.get_cmap("tab10").colors
     for i, part in enumerate(parts):
@@ -534,8 +538,7 @@ def write_plot(report: dict, path: str) -> None:
     ax.set_title(f"{report['recipe']} tp{lay['tp']} pp{lay['pp']} ep{lay['ep']} dp{lay['dp']} "
                  f"on {where}", fontsize=9)
     ax.invert_yaxis()
-    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.05 * (
-        len(variants) < 3)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

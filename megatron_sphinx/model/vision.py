@@ -62,6 +62,10 @@ class FrozenEncoder(nn.Module):
         if x.shape[-1] != self.cfg.input_size:
             x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear",
                               align_corners=False)
+        if self.cfg.kind == "convnext" and x.is_cuda:
+            # cuDNN's depthwise and pointwise convolutions are much faster in NHWC.
+            self.model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         if self.cfg.kind == "convnext":
             tokens = feats.flatten(2).transpose(1, 2)  # [V, C, 16, 16] -> [V, 256, C]

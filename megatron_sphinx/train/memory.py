@@ -168,8 +168,6 @@ class StageParams:
     """Trainable expert parameters, sharded over the expert-data-parallel group."""
     frozen: int
     """Frozen encoder parameters (first stage only)."""
-    largest: int
-    """The largest single trainable parameter (its gradient is one transient tensor)."""
 
     @property
     def trainable(self) -> int:
@@ -198,29 +196,16 @@ def stage_params(cfg: SphinxConfig, dims: ParallelDims, stage: int,
         mlp_dense, expert = 3 * h * f // tp, 0
     n = stage_layers(cfg, dims.pp, stage)
     dense = n * (attn + norms + mlp_dense)
-    largest = max(h * (h + 2 * kv) // tp, 3 * h * f // tp if not llm.is_moe else 0)
     first, last = stage == 0, stage == dims.pp - 1
     if first:
         c = cfg.vision.channels
         dense += vocab * h // tp + c * h + h + 2 * h + 3 * h  # embedding, projector, image emb.
-        largest = max(largest, vocab * h // tp, c * h)
     if last:
         dense += vocab * h // tp + h  # output layer, final norm
-        largest = max(largest, vocab * h // tp)
-    return StageParams(dense, n * expert, frozen_params if first else 0, largest)
+    return StageParams(dense, n * expert, frozen_params if first else 0)
 
 
 # ------------------------------------------------------------------------------ activations
-
-@dataclass(frozen=True)
-class ActivationShape:
-    """What one micro-batch looks like to the activation model."""
-
-    seq_length: int
-    """Positions of the packed row (micro-batch of one row)."""
-    views: int
-    """Encoded views in the row (each takes 259 positions); bounds the visual tokens."""
-
 
 def layer_activation_bytes(cfg: SphinxConfig, dims: ParallelDims, seq_length: int, *,
                            act_bytes: int, path: KernelPath, recompute: Recompute) -> float:
