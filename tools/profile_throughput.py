@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if not os.path.exists("/dev/nvidia0"):  # read when torch is imported; costs seconds on CPUs
@@ -47,57 +46,6 @@ VARIANTS = {  # name -> (packing, skip padded sub-images)
 }
 
 
-@contextlib.contextmanager
-def all_views_encoded() -> Iterator[None]:
-    """Within the body, no sub-image is skipped: every one counts as a valid (encoded) view.
-
-    The measurement switch behind ``--no-skip``: it replaces
-    :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid`, which decides skipping for
-    the whole data path (sequence lengths, the packed layout, which views the image pipeline
-    returns), so everything stays consistent. Not for training: the model would see padded
-    sub-images where it was trained on skip tokens.
-    """
-    from megatron_sphinx.data import geometry
-
-    original = geometry.ImageGeometry.view_valid
-
-    def view_valid(self) -> np.ndarray:
-        return np.ones(1 + self.grid * self.grid, dtype=bool)
-
-    geometry.ImageGeometry.view_valid = view_valid
-    try:
-        yield
-    finally:
-        geometry.ImageGeometry.view_valid = original
-
-
-class NoSkipSource:
-    """A store reader whose sample lengths count every sub-image as encoded (for ``--no-skip``).
-
-    The store's lengths were computed with skipping; under :func:`all_views_encoded` each
-    skipped sub-image takes ``POSITIONS_PER_VIEW`` positions instead of one.
-    """
-
-    def __init__(self, source: Any, image_size: int, grid: int):
-        from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW
-        from megatron_sphinx.data.loader import views_per_sample
-
-        self._source = source
-        hw = np.asarray(source.image_hw).reshape(-1, 2)
-        encoded = views_per_sample(hw, image_size, grid)
-        skipped = np.where(hw[:, 0] > 0, 1 + grid * grid - encoded, 0)
-        self.lengths = (np.asarray(source.lengths)
-                        + skipped * (POSITIONS_PER_VIEW - POSITIONS_PER_SKIP))
-        self.source_ids = source.source_ids
-        self.image_hw = source.image_hw
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-
 class StreamLoader:
     """Packed micro-batches from one fixed stream of random samples, for comparing variants.
 
@@ -108,14 +56,15 @@ class StreamLoader:
     row, so its samples change with packing and skipping; here every variant reads the same
     samples: the project's packer (:class:`~megatron_sphinx.data.packing.SequencePacker`, best
     fit over a window of the stream) fills the rows, or each row takes the next sample
-    (``packing=False``); lengths follow the active geometry (:func:`all_views_encoded` for
-    ``--no-skip``). Each step is a global batch of ``global_batch_size`` rows; data-parallel
-    rank ``r`` of ``D`` takes rows ``r * G/D ... (r + 1) * G/D - 1`` as one-row micro-batches.
+    (``packing=False``); with ``skip_padded=False`` every sub-image is encoded (lengths, layout
+    and views all follow :func:`~megatron_sphinx.data.geometry.image_geometry`'s switch). Each
+    step is a global batch of ``global_batch_size`` rows; data-parallel rank ``r`` of ``D`` takes
+    rows ``r * G/D ... (r + 1) * G/D - 1`` as one-row micro-batches.
     """
 
     def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 packing: bool = True, image_fraction: float = 0.5):
+                 packing: bool = True, image_fraction: float = 0.5, skip_padded: bool = True):
         if global_batch_size % dp_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                              f"data-parallel size {dp_size}: change --global-batch-size")
@@ -123,6 +72,7 @@ class StreamLoader:
         self.image_size, self.grid = image_size, grid
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.seed, self.packing, self.image_fraction = seed, packing, image_fraction
+        self.skip_padded = skip_padded
         self._next = 0  # index of the next sample of the stream
         self._packer = None
         self.samples_seen = 0
@@ -143,13 +93,13 @@ class StreamLoader:
         target = np.zeros(n_text, dtype=bool)
         target[n_text // 2:] = True
         smp = Sample(ids, target, hw)
-        if smp.length(self.image_size, self.grid) > self.seq_length:
+        if smp.length(self.image_size, self.grid, self.skip_padded) > self.seq_length:
             keep = min(n_text, self.seq_length)
             smp = Sample(ids[:keep], target[:keep], None)
         return smp
 
     def _length(self, k: int) -> int:
-        return self.sample(k).length(self.image_size, self.grid)
+        return self.sample(k).length(self.image_size, self.grid, self.skip_padded)
 
     def _feed(self, n: int) -> np.ndarray:
         """The next ``n`` stream indices, their lengths appended to the packer's table."""
@@ -183,12 +133,13 @@ class StreamLoader:
         v = self.image_size // self.grid
         out = []
         for i in range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank):
-            n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid).view_valid().sum())
+            n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
+                                       self.skip_padded).view_valid().sum())
                     for s in rows[i] if s.image_hw is not None)
             rng = np.random.default_rng([self.seed, self._next, i])
             views = torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
             out.append(build_packed_batch([rows[i]], self.seq_length, self.image_size,
-                                          self.grid, views))
+                                          self.grid, views, self.skip_padded))
         return out
 
 
@@ -265,11 +216,10 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
 
 
 def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: int):
-    """This variant's loader; runs inside :func:`all_views_encoded` when ``skip`` is False.
+    """This variant's loader.
 
-    ``stream``: :class:`StreamLoader`. ``synthetic``: the training command's loader with its
-    packing and skip switches. A store (``sample`` or a path): the training command's loader,
-    which always packs; for ``--no-skip`` it reads the store through :class:`NoSkipSource`.
+    ``stream``: :class:`StreamLoader`. ``synthetic`` and a store (``sample`` or a path): the
+    training command's loader (``build_loader``) with its packing and skip switches.
     """
     from megatron_sphinx.train.data import build_loader
 
@@ -277,20 +227,8 @@ def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: i
     if args.data == "stream":
         return StreamLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
                             cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
-                            packing=packing)
-    if args.data == "synthetic":
-        return build_loader(_run_config(args, packing, skip), cfg, dp_rank=dp_rank,
-                            dp_size=dp_size)
-    if not packing:
-        raise ValueError("the store loader has no switch for one sample per sequence "
-                         "(LoaderConfig): profile --no-packing with --data stream or synthetic")
-    loader = build_loader(_run_config(args), cfg, dp_rank=dp_rank, dp_size=dp_size)
-    if skip:
-        return loader
-    from megatron_sphinx.data.loader import PackedLoader
-
-    source = NoSkipSource(loader.source, cfg.vision.image_size, cfg.vision.grid)
-    return PackedLoader(source, loader.cfg, dp_rank=dp_rank, dp_size=dp_size)
+                            packing=packing, skip_padded=skip)
+    return build_loader(_run_config(args, packing, skip), cfg, dp_rank=dp_rank, dp_size=dp_size)
 
 
 def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, recorder, device,
@@ -309,8 +247,7 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     rss = RssSampler() if not on_gpu else contextlib.nullcontext()
-    skip_ctx = contextlib.nullcontext() if skip else all_views_encoded()
-    with skip_ctx, rss:
+    with rss:
         loader = _build_loader(args, cfg, packing, skip, pgs.dp.rank(), pgs.dp.size())
         try:
             for i in range(args.warmup + args.steps):
@@ -472,7 +409,7 @@ NOTES = {
              "from packed sample lengths, projector, frozen encoders forward only.",
     "memory": "GPU: torch.cuda.max_memory_allocated; CPU: process RSS sampled every 10 ms "
               "(includes everything the process holds; does not drop between variants).",
-    "skip": "--no-skip counts every sub-image as valid (ImageGeometry.view_valid), so padded "
+    "skip": "--no-skip encodes every sub-image (image_geometry(skip_padded=False)): padded "
             "sub-images are encoded and take 259 positions each.",
     "data": "stream: one fixed random sample stream, the same samples for every variant (use it "
             "to compare); synthetic: the training command's random data, whose samples change "

@@ -19,8 +19,9 @@ One encoded image (JPEG / PNG / ... bytes from the store) becomes its encoded vi
 4. **Views**, CHW: the global view (the whole square downsampled by ``grid`` to ``view_size``:
    Pillow's antialiased kernel at an integer factor, done as a separable strided filter in torch,
    clamped to [0, 1]) then the sub-images row-major, keeping only those that
-   :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid` marks valid. Skipped sub-images
-   are never copied out. Each image's views are written straight into one ``[V, 3, v, v]`` output.
+   :meth:`~megatron_sphinx.data.geometry.ImageGeometry.view_valid` marks valid (all of them with
+   ``ImageConfig.skip_padded=False``). Skipped sub-images are never copied out. Each image's
+   views are written straight into one ``[V, 3, v, v]`` output.
 
 :func:`reference_views` is the same transform in Pillow + numpy; DALI matches it within 2/255
 (``tests/test_images.py``; measured: at most 1/255 on every test photo and hard file). What makes
@@ -104,6 +105,8 @@ class ImageConfig:
     """DALI CPU worker threads."""
     max_batch_size: int = 32
     """Images per DALI run (larger requests are split)."""
+    skip_padded: bool = True
+    """Leave out fully padded sub-images (SPHINX-X); False emits all ``1 + grid**2`` views."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.grid:
@@ -281,7 +284,8 @@ def reference_square(rgb: np.ndarray, image_size: int = 448, grid: int = 2,
 def reference_views(data: bytes, image_size: int = 448, grid: int = 2,
                     pad_color: Sequence[float] = CLIP_MEAN,
                     alpha_background: tuple[int, int, int] = (255, 255, 255),
-                    interp: str = "cubic") -> tuple[np.ndarray, tuple[int, int]]:
+                    interp: str = "cubic", skip_padded: bool = True
+                    ) -> tuple[np.ndarray, tuple[int, int]]:
     """The whole transform in Pillow + numpy: the reference DALI is tested against.
 
     Args:
@@ -291,6 +295,7 @@ def reference_views(data: bytes, image_size: int = 448, grid: int = 2,
         pad_color: Padding colour in [0, 1].
         alpha_background: Colour transparent images are composited over.
         interp: ``cubic`` or ``linear`` antialiased resampling.
+        skip_padded: Leave out fully padded sub-images (False: every sub-image).
 
     Returns:
         ``(views, (height, width))``: float32 ``[n_valid, 3, v, v]`` views (global first, then
@@ -305,7 +310,7 @@ def reference_views(data: bytes, image_size: int = 448, grid: int = 2,
     v = image_size // grid
     glob = np.stack([_resize_plane(square[..., c], (v, v), interp) for c in range(3)], axis=0)
     views = [np.clip(glob, 0.0, 1.0)]
-    valid = image_geometry(h, w, image_size, grid).view_valid()
+    valid = image_geometry(h, w, image_size, grid, skip_padded).view_valid()
     for t, ok in enumerate(valid[1:]):
         if ok:
             r, c = divmod(t, grid)
@@ -540,7 +545,8 @@ class ImageProcessor:
                 # DALI oriented the image differently from the header: trust the reference.
                 call.fallback(i, "orientation")
                 continue
-            valid = image_geometry(*hws[k], cfg.image_size, cfg.grid).view_valid()
+            valid = image_geometry(*hws[k], cfg.image_size, cfg.grid,
+                                   cfg.skip_padded).view_valid()
             tiles = [glob[k]]
             for t, ok in enumerate(valid[1:]):
                 if ok:
@@ -568,7 +574,8 @@ class _Call:
             except ImageDecodeError as e:
                 self.errors[i] = str(e)
                 continue
-            planned[i] = int(image_geometry(*p.hw, cfg.image_size, cfg.grid).view_valid().sum())
+            geo = image_geometry(*p.hw, cfg.image_size, cfg.grid, cfg.skip_padded)
+            planned[i] = int(geo.view_valid().sum())
         self.planned = planned
         self.offsets = np.concatenate([[0], np.cumsum(planned)]).astype(int)
         v = cfg.view_size
@@ -585,10 +592,10 @@ class _Call:
         self.sizes[i], self.paths[i] = hw, path
 
     def fallback(self, i: int, reason: str) -> None:
+        c = self.proc.cfg
         try:
-            views, hw = reference_views(self.datas[i], self.proc.cfg.image_size,
-                                        self.proc.cfg.grid, self.proc.cfg.pad_color,
-                                        self.proc.cfg.alpha_background, self.proc.cfg.interp)
+            views, hw = reference_views(self.datas[i], c.image_size, c.grid, c.pad_color,
+                                        c.alpha_background, c.interp, c.skip_padded)
         except ImageDecodeError as e:
             self.errors[i] = ("DALI and " if reason == "dali_error" else "") + str(e)
             return

@@ -11,6 +11,12 @@ pool of ``num_workers`` threads that read samples from the source, decode images
 :class:`~.images.ImageProcessor` per thread; DALI has its own decode threads) and build the
 :class:`~.layout.PackedBatch` micro-batches. Steps come out in order.
 
+Two switches reproduce the reference implementation's batches for comparisons
+(``LoaderConfig``): ``packing=False`` puts exactly one sample, the next of the mix order, in each
+row (padded to ``seq_length``, or trimmed with ``pad_to_multiple``); ``skip_padded=False`` encodes
+every sub-image, fully padded ones included (lengths are recomputed from the stored image sizes,
+each skipped sub-image costing ``POSITIONS_PER_VIEW`` positions instead of one).
+
 A sample whose image fails to decode (or whose decoded size differs from the stored one) is left
 out of its row with a logged, counted reason; the row keeps its other samples and the run goes on.
 
@@ -32,6 +38,7 @@ from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW
 from megatron_sphinx.data.images import ImageConfig, ImageProcessor
 from megatron_sphinx.data.layout import PackedBatch, Sample, build_packed_batch
 from megatron_sphinx.data.mix import BlendedMix
@@ -147,6 +154,10 @@ class LoaderConfig:
     pad_to_multiple: int | None = None
     """None: every micro-batch is ``seq_length`` long. An int: pad each micro-batch only to its
     longest row rounded up to this multiple (variable shapes; for the THD / varlen path)."""
+    packing: bool = True
+    """Pack several samples per row; False: exactly one sample per row, in mix order."""
+    skip_padded: bool = True
+    """Replace fully padded sub-images by one skip token; False encodes every sub-image."""
 
     def __post_init__(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -167,10 +178,14 @@ class LoaderConfig:
                              self.packing_algorithm)
 
 
-def views_per_sample(image_hw: np.ndarray, image_size: int, grid: int) -> np.ndarray:
-    """Encoded views per sample (0 for text-only) from ``(h, w)`` pairs, vectorised geometry."""
+def views_per_sample(image_hw: np.ndarray, image_size: int, grid: int,
+                     skip_padded: bool = True) -> np.ndarray:
+    """Encoded views per sample (0 for text-only) from ``(h, w)`` pairs, vectorised geometry
+    (with ``skip_padded=False`` every image has ``1 + grid**2``)."""
     hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)
     has = hw[:, 0] > 0
+    if not skip_padded:
+        return np.where(has, 1 + grid * grid, 0).astype(np.int64)
     longer = np.maximum(hw.max(axis=1), 1.0)
     scale = image_size / longer
     rh = np.clip(np.round(hw[:, 0] * scale), 1, image_size)
@@ -178,6 +193,80 @@ def views_per_sample(image_hw: np.ndarray, image_size: int, grid: int) -> np.nda
     v = image_size // grid
     n = 1 + np.ceil(rh / v) * np.ceil(rw / v)
     return np.where(has, n, 0).astype(np.int64)
+
+
+def unskipped_lengths(lengths: np.ndarray, image_hw: np.ndarray, image_size: int,
+                      grid: int) -> np.ndarray:
+    """Sample lengths with every sub-image encoded, from lengths computed with skipping."""
+    skipped = (views_per_sample(image_hw, image_size, grid, skip_padded=False)
+               - views_per_sample(image_hw, image_size, grid))  # [N]
+    extra = POSITIONS_PER_VIEW - POSITIONS_PER_SKIP  # per sub-image encoded instead of skipped
+    return np.asarray(lengths, dtype=np.int64) + skipped * extra
+
+
+class OneSamplePerRow:
+    """The planner of ``packing=False``: each row holds the next sample of the mix order alone.
+
+    Same interface as :class:`~.packing.SequencePacker` (``pack_step``, ``stats``, state); the mix
+    position is its whole state, so it keeps no window. Overlong samples are truncated or dropped
+    (``PackingConfig.overlong``), counted and logged, as the packer does.
+
+    Args:
+        cfg: Packing settings (``seq_length``, ``rows_per_step``, ``overlong``).
+        lengths: int ``[N]`` every sample's length after image expansion.
+    """
+
+    def __init__(self, cfg: PackingConfig, lengths: np.ndarray):
+        self.cfg = cfg
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.stats = {"samples": 0, "tokens": 0, "rows": 0, "steps": 0, "truncated": 0,
+                      "dropped_overlong": 0}
+
+    def pack_step(self, feed) -> list[list[Item]]:
+        """``rows_per_step`` rows of one ``(sample index, positions)`` item each.
+
+        Args:
+            feed: ``feed(n)`` returns the next ``n`` sample indices of the mix order.
+        """
+        g, s = self.cfg.rows_per_step, self.cfg.seq_length
+        rows: list[list[Item]] = []
+        dropped_in_a_row = 0
+        while len(rows) < g:
+            for i in np.asarray(feed(g - len(rows)), dtype=np.int64).tolist():
+                n = int(self.lengths[i])
+                if n > s:
+                    drop = self.cfg.overlong == "drop"
+                    key = "dropped_overlong" if drop else "truncated"
+                    self.stats[key] += 1
+                    if self.stats[key] <= 10:
+                        logger.warning("sample %d (%d positions) is longer than seq_length %d: "
+                                       "%s", i, n, s, "dropped (overlong='drop')" if drop
+                                       else "truncated, the cut part's loss dropped")
+                    if drop:
+                        dropped_in_a_row += 1
+                        if dropped_in_a_row > len(self.lengths):
+                            raise ValueError(f"no sample fits seq_length {s} with overlong="
+                                             "'drop': raise the sequence length")
+                        continue
+                    n = s
+                dropped_in_a_row = 0
+                rows.append([(i, n)])
+        self.stats["samples"] += g
+        self.stats["tokens"] += sum(n for r in rows for _, n in r)
+        self.stats["rows"] += g
+        self.stats["steps"] += 1
+        return rows
+
+    def state_dict(self) -> dict:
+        """The counters (the window is always empty)."""
+        return {"index": [], "length": [], "wait": [], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`."""
+        if state["index"]:
+            raise ValueError("the loader state holds a packing window: it was saved with "
+                             "packing on; resume with packing on")
+        self.stats = {k: int(v) for k, v in state["stats"].items()}
 
 
 @dataclass
@@ -223,14 +312,23 @@ class PackedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.rows_per_rank = cfg.global_batch_size // dp_size
         hw = getattr(source, "image_hw", None)
-        costs = None if hw is None else views_per_sample(hw, cfg.image_size, cfg.grid)
+        self.lengths = np.asarray(source.lengths, dtype=np.int64)
+        """int ``[N]`` sample lengths under this loader's geometry (``skip_padded``)."""
+        if not cfg.skip_padded:
+            if hw is None:
+                raise ValueError("skip_padded=False needs the source's image sizes (image_hw), "
+                                 "which this source lacks: use a store or an InMemorySource")
+            self.lengths = unskipped_lengths(self.lengths, hw, cfg.image_size, cfg.grid)
+        costs = (None if hw is None
+                 else views_per_sample(hw, cfg.image_size, cfg.grid, cfg.skip_padded))
         weights = cfg.weights
         if weights is None and meta is not None:  # the mix weights recorded in the store
             weights = (getattr(meta, "extra", None) or {}).get("weights")
         self._mix = BlendedMix(source.source_ids, weights, cfg.seed, names=source.source_names)
         logger.info("mix over %d sources, weights %s", len(self._mix.names),
                     dict(zip(self._mix.names, np.round(self._mix.weights, 4).tolist())))
-        self._packer = SequencePacker(cfg.packing_config(), source.lengths, costs)
+        self._packer = (SequencePacker(cfg.packing_config(), self.lengths, costs) if cfg.packing
+                        else OneSamplePerRow(cfg.packing_config(), self.lengths))
         self._planned = 0
         self._fingerprint = str(getattr(meta, "fingerprint", "") or "")
         self._consumed = self._planner_state()
@@ -250,7 +348,8 @@ class PackedLoader:
                 "num_samples": len(self.source), "fingerprint": self._fingerprint,
                 "global_batch_size": self.cfg.global_batch_size,
                 "micro_batch_size": self.cfg.micro_batch_size,
-                "seq_length": self.cfg.seq_length, "mix": self._mix.state_dict(),
+                "seq_length": self.cfg.seq_length, "packing": self.cfg.packing,
+                "skip_padded": self.cfg.skip_padded, "mix": self._mix.state_dict(),
                 "packer": self._packer.state_dict()}
 
     def _plan_next(self) -> _StepPlan:
@@ -266,7 +365,7 @@ class PackedLoader:
             p = self._local.proc = ImageProcessor(ImageConfig(
                 self.cfg.image_size, self.cfg.grid, device=self.cfg.image_device,
                 interp=self.cfg.image_interp, device_id=self._gpu_index,
-                num_threads=self.cfg.image_threads))
+                num_threads=self.cfg.image_threads, skip_padded=self.cfg.skip_padded))
         return p
 
     def _skip(self, step: int, index: int, reason: str) -> None:
@@ -281,13 +380,13 @@ class PackedLoader:
         """Reads sample ``index``; truncates it to ``n`` positions when the plan says so."""
         cfg = self.cfg
         smp, img = self.source.get(index)
-        full = smp.length(cfg.image_size, cfg.grid)
-        if full != int(self.source.lengths[index]):
-            self._skip(step, index, f"length_mismatch: source says {self.source.lengths[index]}"
+        full = smp.length(cfg.image_size, cfg.grid, cfg.skip_padded)
+        if full != int(self.lengths[index]):
+            self._skip(step, index, f"length_mismatch: source says {self.lengths[index]}"
                        f", sample has {full}")
             return None
         if n < full:  # truncated by the packer: keep the first n positions
-            keep = n - smp.image_positions(cfg.image_size, cfg.grid)
+            keep = n - smp.image_positions(cfg.image_size, cfg.grid, cfg.skip_padded)
             if smp.image_hw is not None and keep <= smp.image_slot:
                 self._skip(step, index, f"overlong_image: the image alone needs more than "
                            f"seq_length {cfg.seq_length}")
@@ -335,11 +434,12 @@ class PackedLoader:
         sample_rows = [[x[1] for x in row] for row in got]
         s = cfg.seq_length
         if cfg.pad_to_multiple:
-            longest = max([sum(x.length(cfg.image_size, cfg.grid) for x in r)
+            longest = max([sum(x.length(cfg.image_size, cfg.grid, cfg.skip_padded) for x in r)
                            for r in sample_rows] + [1])
             m = cfg.pad_to_multiple
             s = min(s, -(-longest // m) * m)
-        pb = build_packed_batch(sample_rows, s, cfg.image_size, cfg.grid, views)
+        pb = build_packed_batch(sample_rows, s, cfg.image_size, cfg.grid, views,
+                                skip_padded=cfg.skip_padded)
         with self._stats_lock:
             self.stats["samples"] += pb.num_samples
             self.stats["tokens"] += pb.num_tokens
@@ -422,7 +522,8 @@ class PackedLoader:
         """The loader position after the last step returned (plain Python types, rank-free).
 
         Keys: ``version``, ``step`` (steps consumed), ``num_samples`` and ``fingerprint`` (of the
-        data), ``global_batch_size``, ``micro_batch_size``, ``seq_length``, ``mix`` (position,
+        data), ``global_batch_size``, ``micro_batch_size``, ``seq_length``, ``packing``,
+        ``skip_padded``, ``mix`` (position,
         per-source counts, seed,
         weights) and ``packer`` (the packing window: sample index, positions, steps waited; and
         the packer's counters).
@@ -440,8 +541,8 @@ class PackedLoader:
 
         Raises:
             ValueError: If the state was saved over other data, with another global batch,
-                micro-batch size or sequence length (those change the batches), or another seed
-                or mix.
+                micro-batch size, sequence length, packing or skip switch (those change the
+                batches), or another seed or mix.
         """
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not "
@@ -457,6 +558,11 @@ class PackedLoader:
             if int(state[key]) != getattr(self.cfg, key):
                 raise ValueError(f"the checkpoint's loader used {key}={state[key]}, this run "
                                  f"uses {getattr(self.cfg, key)}: use the same value to resume")
+        for key in ("packing", "skip_padded"):  # states from before the switches: both on
+            if bool(state.get(key, True)) != getattr(self.cfg, key):
+                raise ValueError(f"the checkpoint's loader used {key}={state.get(key, True)}, "
+                                 f"this run uses {getattr(self.cfg, key)}: use the same value "
+                                 "to resume")
         self.close()
         self._restore_planner(state)
 

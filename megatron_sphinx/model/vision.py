@@ -125,6 +125,10 @@ class MixtureOfVisualExperts(nn.Module):
         self.num_calls = 0
         self.num_views_encoded = 0
 
+    def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
+        """Stays in eval mode whatever the caller asks: the encoders are frozen."""
+        return super().train(False)
+
     @property
     def channels(self) -> int:
         """Concatenated output channels."""

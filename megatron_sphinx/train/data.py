@@ -39,7 +39,8 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
     lcfg = LoaderConfig(seq_length=t.seq_length, image_size=cfg.vision.image_size,
                         grid=cfg.vision.grid, global_batch_size=t.global_batch_size,
                         micro_batch_size=t.micro_batch_size, seed=t.seed,
-                        pad_to_multiple=TRIM_MULTIPLE if rc.pp == 1 else None)
+                        pad_to_multiple=TRIM_MULTIPLE if rc.pp == 1 else None,
+                        packing=rc.packing, skip_padded=rc.skip_padded_views)
     return PackedLoader(reader, lcfg, dp_rank=dp_rank, dp_size=dp_size)
 
 

@@ -1,0 +1,54 @@
+"""The frozen encoders: 257 tokens per view, frozen in eval mode, local pretrained weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megatron_sphinx.config import get_recipe
+from megatron_sphinx.model.vision import FrozenEncoder, MixtureOfVisualExperts
+
+
+@pytest.fixture(scope="module")
+def debug_vision():
+    return get_recipe("debug").vision
+
+
+def test_mov_tokens_channels_and_frozen(debug_vision):
+    mov = MixtureOfVisualExperts(debug_vision).train()  # asking for train mode changes nothing
+    views = torch.rand(3, 3, 224, 224)
+    out = mov(views)
+    assert out.shape == (3, 257, debug_vision.channels)
+    assert not any(p.requires_grad for p in mov.parameters())
+    assert not any(m.training for m in mov.modules())
+    assert mov.num_views_encoded == 3 and mov.num_calls == 1
+    # ConvNeXt's "cls" token is the mean of its 16x16 map
+    conv = mov.encoders[0](views)
+    torch.testing.assert_close(conv[:, 0], conv[:, 1:].mean(1))
+
+
+def test_loads_timm_and_open_clip_weights(debug_vision, tmp_path):
+    enc_cfg = debug_vision.encoders[0]
+    torch.manual_seed(1)
+    src = FrozenEncoder(enc_cfg)
+    state = src.model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "timm.safetensors")
+    torch.save({"state_dict": {f"visual.trunk.{k}": v for k, v in state.items()}},
+               tmp_path / "open_clip.pt")
+    for path in ("timm.safetensors", "open_clip.pt"):
+        torch.manual_seed(2)
+        dst = FrozenEncoder(enc_cfg)
+        assert not torch.equal(dst.model.stem[0].weight, src.model.stem[0].weight)
+        dst.load_pretrained(str(tmp_path / path))
+        for k, v in dst.model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_mismatched_or_missing_weights_say_what_to_change(debug_vision, tmp_path):
+    conv_cfg, vit_cfg = debug_vision.encoders
+    vit_state = FrozenEncoder(vit_cfg).model.state_dict()
+    save_file({k: v.contiguous() for k, v in vit_state.items()}, tmp_path / "vit.safetensors")
+    with pytest.raises(ValueError, match="does not match convnext_xxlarge.*pass the weights"):
+        FrozenEncoder(conv_cfg).load_pretrained(str(tmp_path / "vit.safetensors"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FrozenEncoder(conv_cfg).load_pretrained(str(tmp_path / "nope.safetensors"))
