@@ -221,17 +221,26 @@ class ReferenceBackend:
         return g_text, g_vis, g_sp
 
 
+def pack_forward(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
+                 index: torch.Tensor, backend) -> tuple[torch.Tensor, PackPlan | None]:
+    """Allocates the ``[N, h]`` output and runs ``backend``'s forward; returns it and the plan
+    (None when the backend needs none)."""
+    sizes = (text.shape[0], visual.shape[0], special.shape[0])
+    plan = build_plan(index, *sizes) if backend.needs_plan_forward else None
+    out = alloc((index.shape[0], text.shape[1]), text)  # [N, h]
+    backend.forward(out, text, visual, special, index, plan)
+    return out, plan
+
+
 class PackTokensFunction(torch.autograd.Function):
     """``out = table[index]`` with pluggable forward/backward kernels (see module docstring)."""
 
     @staticmethod
     def forward(ctx, text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
                 index: torch.Tensor, backend) -> torch.Tensor:
-        sizes = (text.shape[0], visual.shape[0], special.shape[0])
-        plan = build_plan(index, *sizes) if backend.needs_plan_forward else None
-        out = alloc((index.shape[0], text.shape[1]), text)  # [N, h]
-        backend.forward(out, text, visual, special, index, plan)
-        ctx.backend, ctx.sizes, ctx.plan = backend, sizes, plan
+        out, plan = pack_forward(text, visual, special, index, backend)
+        ctx.backend, ctx.plan = backend, plan
+        ctx.sizes = (text.shape[0], visual.shape[0], special.shape[0])
         ctx.save_for_backward(index)
         return out
 

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from kernels.reference import PackTokensFunction, ReferenceBackend, check_index, debug_enabled
+from kernels.reference import (PackTokensFunction, ReferenceBackend, check_index, debug_enabled,
+                               pack_forward)
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ IMPLS = ("cuda", "triton", "torch")
 #: Dtypes of the CUDA and Triton kernels (float64 runs on the reference only).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _logged: set[tuple[str, str]] = set()
-_REFERENCE = ReferenceBackend()
+_resolved: dict[tuple, str] = {}
+_backends: dict[str, object] = {"torch": ReferenceBackend()}
 
 
 def _dtype_reason(dtype: torch.dtype | None) -> str:
@@ -72,6 +74,11 @@ def resolve_impl(impl: str | None, device: torch.device | str,
     """
     device = torch.device(device)
     name = impl if impl is not None else os.environ.get(IMPL_ENV, "auto") or "auto"
+    # Availability is fixed for a process (the extension builds once; TRITON_INTERPRET counts at
+    # import), so a choice is cached per request; failures are not cached and raise every time.
+    cache_key = (name, device.type, dtype, os.environ.get("TRITON_INTERPRET"))
+    if (hit := _resolved.get(cache_key)) is not None:
+        return hit
     if name not in IMPLS + ("auto",):
         raise ValueError(f"unknown pack implementation {name!r} (from "
                          f"{'impl=' if impl is not None else IMPL_ENV}): use one of "
@@ -94,19 +101,25 @@ def resolve_impl(impl: str | None, device: torch.device | str,
     if key not in _logged:
         _logged.add(key)
         logger.info("pack_tokens: using the %s implementation on %s (%s)", chosen, device.type, why)
+    _resolved[cache_key] = chosen
     return chosen
 
 
 def backend_for(name: str):
     """The kernel object of implementation ``name`` (``forward`` into a given output and
     ``backward`` from a :class:`~kernels.reference.PackPlan`; see ``PackTokensFunction``)."""
-    if name == "cuda":
-        from kernels.cuda_pack import CudaBackend
-        return CudaBackend()
-    if name == "triton":
-        from kernels.triton_pack import TritonBackend
-        return TritonBackend()
-    return _REFERENCE
+    backend = _backends.get(name)
+    if backend is None:
+        if name == "cuda":
+            from kernels.cuda_pack import CudaBackend
+            backend = CudaBackend()
+        elif name == "triton":
+            from kernels.triton_pack import TritonBackend
+            backend = TritonBackend()
+        else:
+            raise ValueError(f"unknown pack implementation {name!r}: use one of {IMPLS}")
+        _backends[name] = backend
+    return backend
 
 
 def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
@@ -149,4 +162,8 @@ def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
         check_index(index, text.shape[0] + visual.shape[0] + special.shape[0])
     name = resolve_impl(impl, text.device, text.dtype)
     text, visual, special, index = (t.contiguous() for t in (text, visual, special, index))
-    return PackTokensFunction.apply(text, visual, special, index, backend_for(name))
+    backend = backend_for(name)
+    if torch.is_grad_enabled() and (text.requires_grad or visual.requires_grad
+                                    or special.requires_grad):
+        return PackTokensFunction.apply(text, visual, special, index, backend)
+    return pack_forward(text, visual, special, index, backend)[0]  # no autograd node needed

@@ -22,6 +22,8 @@ Under the interpreter each program costs ~1 ms, so tiles are made as large as al
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels.reference import PackPlan, alloc
@@ -43,10 +45,17 @@ def interpret_env() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
+_interpreted: bool | None = None
+
+
 def interpreted() -> bool:
-    """Whether this module's kernels were decorated for Triton's CPU interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_pack_fwd_kernel, InterpretedFunction)
+    """Whether this module's kernels were decorated for Triton's CPU interpreter (fixed at
+    import)."""
+    global _interpreted
+    if _interpreted is None:
+        from triton.runtime.interpreter import InterpretedFunction
+        _interpreted = isinstance(_pack_fwd_kernel, InterpretedFunction)
+    return _interpreted
 
 
 def available(device: torch.device | str) -> tuple[bool, str]:
@@ -164,14 +173,34 @@ if triton is not None:
                  mask=cmask)
 
 
+#: Env override of the GPU row-copy tile, ``"ELEMENTS,WARPS"`` (default ``4096,4``): elements per
+#: program (``BLOCK_R * BLOCK_H``, a power of two) and warps per program, to tune on a new GPU.
+TILE_ENV = "MEGATRON_SPHINX_TRITON_TILE"
+
+
+def _gpu_tile() -> tuple[int, int]:
+    raw = os.environ.get(TILE_ENV, "")
+    if not raw:
+        return 4096, 4
+    try:
+        elems, warps = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{TILE_ENV}={raw!r}: expected ELEMENTS,WARPS such as 8192,8") from None
+    if elems < 1 or elems & (elems - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{TILE_ENV}={raw!r}: ELEMENTS must be a power of two and WARPS one "
+                         "of 1, 2, 4, 8, 16, 32")
+    return elems, warps
+
+
 def _tiles(hidden: int, rows_hint: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_H, num_warps)`` for a row-gather over ``hidden`` columns."""
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), 1024 if not interpreted() else 4096)
     if interpreted():  # ~1 ms per program: few, large programs
+        block_h = min(triton.next_power_of_2(max(hidden, 1)), 4096)
         block_r = max(1, min(triton.next_power_of_2(max(rows_hint, 1)), 65536 // block_h))
         return block_r, block_h, 4
-    block_r = max(1, 4096 // block_h)
-    return block_r, block_h, 4
+    elems, warps = _gpu_tile()
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), 1024, elems)
+    return max(1, elems // block_h), block_h, warps
 
 
 class TritonBackend:

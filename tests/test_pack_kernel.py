@@ -246,6 +246,9 @@ def test_grads_only_where_required_and_empty_sources():
     out = pack_tokens(text, visual, special, index, impl="torch")
     out.sum().backward()
     assert torch.equal(text.grad, torch.ones(5, 8))
+    with torch.no_grad():  # no autograd node: the kernels run directly
+        again = pack_tokens(text, visual, special, index, impl="torch")
+    assert not again.requires_grad and torch.equal(again, out.detach())
     assert torch.equal(out[6], special[0]) and torch.equal(out[8], special[2])
     assert pack_tokens(text, visual, special, index[:0]).shape == (0, 8)
     visual3d = torch.randn(2, TOKENS_PER_VIEW, 8)  # [V, 257, h] is flattened
@@ -417,6 +420,17 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
             compile_ptx(tp._special_partial_kernel, dtype,
                         dict(CHUNK_SIZE=tp.CHUNK, BLOCK_P=16, BLOCK_H=256))
             compile_ptx(tp._special_sum_kernel, dtype, dict(CHUNK_SIZE=tp.CHUNK, BLOCK_H=256))
+
+
+def test_triton_gpu_tile_override():
+    from kernels import triton_pack as tp
+    with env(**{tp.TILE_ENV: None}):
+        assert tp._gpu_tile() == (4096, 4)
+    with env(**{tp.TILE_ENV: "16384,8"}):
+        assert tp._gpu_tile() == (16384, 8)
+    for bad in ("3000,4", "4096", "4096,3"):
+        with env(**{tp.TILE_ENV: bad}), pytest.raises(ValueError, match=tp.TILE_ENV):
+            tp._gpu_tile()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -155,3 +155,53 @@ def test_profiled_steps_are_the_training_commands_steps(tmp_path):
     variant = report["variants"][0]
     assert variant["name"] == "baseline" and report["settings"]["data"] == "synthetic"
     assert variant["losses"] == pytest.approx(train_losses, rel=1e-6, abs=0)
+
+
+def _tiny_store(path):
+    from megatron_sphinx.data import store
+    from tests.test_loader_switches import make_source
+
+    src = make_source(n=16, seed=5)
+    meta = store.StoreMeta(image_size=448, grid=2, seq_length=4096, source_names=["0", "1"])
+    store.create_store(path, meta)
+    w = store.ShardWriter(path, 0, 448, 2)
+    for k, (smp, img) in enumerate(zip(src.samples, src.images)):
+        w.add(smp, img, (smp.source_id, k))
+    w.close()
+    store.write_index(path, meta)
+    return src
+
+
+def test_store_variants_use_the_loaders_own_switches(tmp_path):
+    """--data STORE with --no-packing / --no-skip: the training command's store loader, switched."""
+    from megatron_sphinx.data.loader import PackedLoader
+    from megatron_sphinx.train.loop import resolve_recipe
+
+    path = tmp_path / "s.zarr"
+    _tiny_store(path)
+    tool = _tool()
+    args = tool.parse_args(["--data", str(path), "--global-batch-size", "2", "--json",
+                            str(tmp_path / "p.json")])
+    tool._check_args(args)
+    cfg = resolve_recipe(tool._run_config(args))
+    got = {}
+    for name, (packing, skip) in tool.VARIANTS.items():
+        loader = tool._build_loader(args, cfg, packing, skip, 0, 1)
+        try:
+            assert isinstance(loader, PackedLoader)
+            assert (loader.cfg.packing, loader.cfg.skip_padded) == (packing, skip)
+            micro = [pb for _ in range(2) for pb in loader.next_step()]
+        finally:
+            loader.close()
+        images = sum(len(pb.view_counts) for pb in micro)
+        assert images > 0
+        got[name] = (sum(pb.num_samples for pb in micro), sum(pb.num_skipped for pb in micro))
+        if not packing:
+            assert all(pb.num_samples == 1 for pb in micro)
+        for pb in micro:
+            assert pb.views.shape[0] == int(pb.view_counts.sum())
+            if not skip:  # every sub-image encoded (the store's images are all wide)
+                assert pb.num_skipped == 0 and pb.view_counts.tolist() == [5] * len(pb.view_counts)
+            else:
+                assert pb.num_skipped == 2 * len(pb.view_counts)
+    assert got["baseline"][0] > got["no-packing"][0] == 4

@@ -3,7 +3,8 @@
 For realistic packed layouts (built with ``build_packed_batch``: rows of text-only and image
 samples, 448 px images cut 2x2, a given fraction of sub-images skipped), prints per implementation:
 
-* ``op ms``: ``pack_tokens`` forward as the model calls it (allocates its output);
+* ``op ms``: ``pack_tokens`` forward as the model calls it (sources requiring grad, so with the
+  autograd node; allocates its output);
 * ``kern ms``: the implementation's forward into a preallocated output (plan included);
 * ``GB/s``: effective bandwidth of ``kern``: bytes read (non-padding source rows + index) plus
   bytes written (the output), divided by time;
@@ -124,6 +125,8 @@ def bench_case(args, device, impls, h, b, skip, dtype):
     fns = {"copy": lambda: dst.copy_(src), "clone": lambda: src.clone(),
            "unfused": lambda: torch.cat([text, visual, special, zero])[idx_unfused]}
     plan = build_plan(index, t_rows, v_rows, NUM_SPECIAL)
+    # The op as training calls it: sources that need gradients (autograd node, saved index).
+    text_g, visual_g, special_g = (x.detach().requires_grad_() for x in (text, visual, special))
     for name in impls:
         backend = backend_for(name)
         out = torch.empty(n, h, device=device, dtype=dtype)
@@ -134,7 +137,8 @@ def bench_case(args, device, impls, h, b, skip, dtype):
             backend.forward(out, text, visual, special, index, p)
 
         fns[f"{name}.kern"] = kern
-        fns[f"{name}.op"] = lambda name=name: pack_tokens(text, visual, special, index, impl=name)
+        fns[f"{name}.op"] = lambda name=name: pack_tokens(text_g, visual_g, special_g, index,
+                                                          impl=name)
         fns[f"{name}.bwd"] = lambda backend=backend: backend.backward(grad, plan, (True,) * 3)
     t = time_all(fns, device, args.repeat)
     bw_copy = 2 * n * h * es / t["copy"]

@@ -558,11 +558,12 @@ class PackedLoader:
             if int(state[key]) != getattr(self.cfg, key):
                 raise ValueError(f"the checkpoint's loader used {key}={state[key]}, this run "
                                  f"uses {getattr(self.cfg, key)}: use the same value to resume")
-        for key in ("packing", "skip_padded"):  # states from before the switches: both on
-            if bool(state.get(key, True)) != getattr(self.cfg, key):
-                raise ValueError(f"the checkpoint's loader used {key}={state.get(key, True)}, "
-                                 f"this run uses {getattr(self.cfg, key)}: use the same value "
-                                 "to resume")
+        for key, flag in (("packing", "--no-packing"), ("skip_padded", "--no-skip")):
+            saved = bool(state.get(key, True))  # states from before the switches: both on
+            if saved != getattr(self.cfg, key):
+                raise ValueError(f"the checkpoint's loader used {key}={saved}, this run uses "
+                                 f"{getattr(self.cfg, key)}: resume with {flag} "
+                                 f"{'given' if not saved else 'left out'}")
         self.close()
         self._restore_planner(state)
 
