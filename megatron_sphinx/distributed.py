@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -357,10 +359,37 @@ def _prepare_checkpoint_writer() -> None:
     ``dist_checkpointing``'s torch_dist writer otherwise creates it lazily on the first save
     with a *spawned* manager, which costs seconds and re-imports ``__main__`` (scripts without an
     ``if __name__ == "__main__":`` guard run twice). Megatron's own trainer does the same call.
+
+    The manager must survive the stop signal (Slurm and torchrun signal every process of a step,
+    and the rank still has to save), and must die with its rank (a ``kill -9`` would otherwise
+    orphan it): it is forked with SIGUSR1/SIGTERM ignored and a parent-death signal.
     """
+    global _FORKING_WRITER
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async.get_write_results_queue(mp_mode="fork")
+    ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    _FORKING_WRITER = True
+    try:
+        filesystem_async.get_write_results_queue(mp_mode="fork")
+    finally:
+        _FORKING_WRITER = False
+        for sig, handler in ignored.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+_FORKING_WRITER = False
+
+
+def _after_fork_in_child() -> None:
+    """The checkpoint-writer manager gets SIGKILL when its rank dies (Linux prctl)."""
+    if _FORKING_WRITER and sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shutdown() -> None:

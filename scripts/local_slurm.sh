@@ -29,8 +29,10 @@ install_slurm() {
         && command -v munged >/dev/null && command -v sbatch >/dev/null \
         && ls /usr/lib/*/pmix2/lib/libpmix.so >/dev/null 2>&1 && return 0
     command -v apt-get >/dev/null \
-        || die "slurm-wlm is not installed and there is no apt-get: install Debian/Ubuntu's slurm-wlm and munge"
-    [ "$(id -u)" = 0 ] || die "slurm-wlm is not installed: run as root so apt-get can install slurm-wlm and munge"
+        || die "slurm-wlm is not installed and there is no apt-get:" \
+               "install Debian/Ubuntu's slurm-wlm and munge"
+    [ "$(id -u)" = 0 ] || die "slurm-wlm is not installed:" \
+                              "run as root so apt-get can install slurm-wlm and munge"
     echo "local_slurm: installing slurm-wlm and munge with apt-get" >&2
     export DEBIAN_FRONTEND=noninteractive
     if ! apt-get install -y -q --no-install-recommends slurm-wlm munge libpmix-dev >"$DIR/apt.log" 2>&1; then

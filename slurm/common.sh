@@ -50,7 +50,8 @@ sphinx_find_repo() {
         fi
     fi
     [ -n "${REPO:-}" ] && [ -d "$REPO/megatron_sphinx" ] \
-        || sphinx_die "REPO=${REPO:-} is not a megatron_sphinx checkout: submit from the repository root or set REPO=/path/to/megatron_sphinx"
+        || sphinx_die "REPO=${REPO:-} is not a megatron_sphinx checkout:" \
+               "submit from the repository root or set REPO=/path/to/megatron_sphinx"
     export REPO
 }
 
@@ -60,7 +61,8 @@ sphinx_python_env() {
     if [ -n "${CONTAINER_IMAGE:-}" ]; then
         # pyxis/enroot: the image brings Python and the libraries; the checkout is mounted.
         srun --help 2>/dev/null | grep -q -- '--container-image' \
-            || sphinx_die "CONTAINER_IMAGE is set but this srun has no --container-image (pyxis is not installed): unset CONTAINER_IMAGE and use VENV"
+            || sphinx_die "CONTAINER_IMAGE is set but this srun has no --container-image (pyxis" \
+                   "is not installed): unset CONTAINER_IMAGE and use VENV"
         local mounts="$REPO:$REPO"
         [ -n "${CONTAINER_MOUNTS:-}" ] && mounts="$mounts,$CONTAINER_MOUNTS"
         CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
@@ -70,7 +72,8 @@ sphinx_python_env() {
         VENV=${VENV:-$REPO/.venv}
         PY=${PYTHON:-$VENV/bin/python}
         [ -x "$PY" ] \
-            || sphinx_die "no Python at $PY: create the venv with 'bash scripts/setup.sh', or set VENV=/path/to/venv, PYTHON=..., or CONTAINER_IMAGE=..."
+            || sphinx_die "no Python at $PY: create the venv with 'bash scripts/setup.sh', or" \
+                   "set VENV=/path/to/venv, PYTHON=..., or CONTAINER_IMAGE=..."
     fi
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 }
@@ -101,21 +104,25 @@ sphinx_world() {
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     if [ -n "${1:-}" ]; then
         _sphinx_is_uint "$1" && [ "$1" -ge 1 ] \
-            || sphinx_die "NPROC_PER_NODE=$1 must be a positive integer (ranks per node, one per GPU)"
+            || sphinx_die "NPROC_PER_NODE=$1 must be a positive integer:" \
+                   "the ranks torchrun starts per node, one per GPU"
         TASKS_PER_NODE=$1
         WORLD=$((NNODES * TASKS_PER_NODE))
     else
         WORLD=${SLURM_NTASKS:-}
         _sphinx_is_uint "$WORLD" && [ "$WORLD" -ge 1 ] \
-            || sphinx_die "SLURM_NTASKS is not set: submit with --ntasks-per-node (one task per GPU) or --ntasks"
+            || sphinx_die "SLURM_NTASKS is not set:" \
+                   "submit with --ntasks-per-node (one task per GPU) or --ntasks"
         TASKS_PER_NODE=$((WORLD / NNODES))
         [ $((TASKS_PER_NODE * NNODES)) -eq "$WORLD" ] \
-            || sphinx_die "$WORLD tasks do not split evenly over $NNODES nodes: use --ntasks-per-node instead of --ntasks"
+            || sphinx_die "$WORLD tasks do not split evenly over $NNODES nodes:" \
+                   "use --ntasks-per-node instead of --ntasks"
     fi
     GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-}
     if [ -n "$GPUS_PER_NODE" ] && [ "$GPUS_PER_NODE" != 0 ] \
         && [ "$TASKS_PER_NODE" -gt "$GPUS_PER_NODE" ]; then
-        sphinx_die "$TASKS_PER_NODE ranks per node but only $GPUS_PER_NODE GPUs per node: start one rank per GPU (--ntasks-per-node, or NPROC_PER_NODE for torchrun, equal to --gpus-per-node)"
+        sphinx_die "$TASKS_PER_NODE ranks per node but only $GPUS_PER_NODE GPUs per node:" \
+            "start one rank per GPU (--ntasks-per-node, or NPROC_PER_NODE for torchrun, equal to --gpus-per-node)"
     fi
 }
 
@@ -137,15 +144,18 @@ _sphinx_check_layout() {
     fi
     local mp=$((TP * PP))
     [ $((WORLD % mp)) -eq 0 ] \
-        || sphinx_die "TP*PP = $TP*$PP = $mp does not divide the $WORLD ranks of this job: start a multiple of $mp ranks (--nodes x ranks per node) or change TP/PP"
+        || sphinx_die "TP*PP = $TP*$PP = $mp does not divide the $WORLD ranks of this job:" \
+               "start a multiple of $mp ranks (--nodes x ranks per node) or change TP/PP"
     local dp=$((WORLD / mp))
     [ $(((dp * TP) % (TP * EP))) -eq 0 ] \
-        || sphinx_die "EP=$EP does not divide the data-parallel size $dp (world $WORLD / TP*PP $mp): change EP or the task count"
+        || sphinx_die "EP=$EP does not divide the data-parallel size $dp (world $WORLD / TP*PP" \
+               "$mp): change EP or the task count"
     if [ "$SP" = 1 ] && [ "$TP" -lt 2 ]; then
         sphinx_die "SP=1 needs TP >= 2: set TP >= 2 or SP=0"
     fi
     if [ "$TP" -gt "$TASKS_PER_NODE" ]; then
-        sphinx_log "warning: TP=$TP spans nodes ($TASKS_PER_NODE tasks per node): tensor parallelism across nodes is slow"
+        sphinx_log "warning: TP=$TP spans nodes ($TASKS_PER_NODE tasks per node):" \
+            "tensor parallelism across nodes is slow"
     fi
 }
 
@@ -215,17 +225,20 @@ sphinx_train_args() {
         *)
             DATA=$(_sphinx_abspath "$DATA")
             [ -e "$DATA" ] \
-                || sphinx_die "DATA=$DATA does not exist: preprocess it first (slurm/preprocess.sbatch), or set DATA=synthetic, or leave DATA empty for the sample data"
+                || sphinx_die "DATA=$DATA does not exist:" \
+                       "preprocess it first (slurm/preprocess.sbatch), or set DATA=synthetic, or leave DATA empty for the sample data"
             ;;
     esac
     SAVE=$(_sphinx_abspath "$SAVE")
     [ -e "$SAVE" ] && [ ! -d "$SAVE" ] && sphinx_die "SAVE=$SAVE is a file: set SAVE to a directory"
     if [ -n "$LOAD" ]; then
         LOAD=$(_sphinx_abspath "$LOAD")
-        [ -e "$LOAD" ] || sphinx_die "LOAD=$LOAD does not exist: set LOAD to a checkpoint or a save directory, or leave it empty"
+        [ -e "$LOAD" ] || sphinx_die "LOAD=$LOAD does not exist:" \
+                              "set LOAD to a checkpoint or a save directory, or leave it empty"
     fi
     _sphinx_check_recipe
-    mkdir -p "$SAVE" 2>/dev/null || sphinx_die "SAVE=$SAVE cannot be created: set SAVE to a writable directory on a file system every node sees"
+    mkdir -p "$SAVE" 2>/dev/null || sphinx_die "SAVE=$SAVE cannot be created:" \
+                                        "set SAVE to a writable directory on a file system every node sees"
 
     TRAIN_ARGS=(-m megatron_sphinx.train --recipe "$RECIPE" --tp "$TP" --pp "$PP" --ep "$EP"
                 --steps "$STEPS" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
@@ -269,7 +282,8 @@ SPHINX_RANK_WRAPPER=(bash -c 'trap "" USR1 TERM; exec "$@"' sphinx-rank)
 _sphinx_forward_stop() {
     STOP_REQUESTED=1
     [ -n "${STEP_PID:-}" ] || return 0
-    sphinx_log "stop signal received: forwarding SIGUSR1 to the training step (it saves and exits $SPHINX_EXIT_REQUEUE)"
+    sphinx_log "stop signal received:" \
+        "forwarding SIGUSR1 to the training step (it saves and exits $SPHINX_EXIT_REQUEUE)"
     kill -USR1 "$STEP_PID" 2>/dev/null
     local repeat=${STOP_REPEAT_S:-30}
     if [ -z "${_SPHINX_TICKER:-}" ] && [ "$repeat" -gt 0 ]; then
@@ -310,7 +324,8 @@ sphinx_maybe_requeue() {
     [ "${STOP_REQUESTED:-0}" = 1 ] && [ "$STEP_RC" != 0 ] && stopped=1
     if [ "$stopped" = 1 ]; then
         if [ "$restarts" -ge "$max" ]; then
-            sphinx_log "the step stopped on request (exit $STEP_RC) but the job already restarted $restarts times (MAX_RESTARTS=$max): not requeueing"
+            sphinx_log "the step stopped on request (exit $STEP_RC) but the job already" \
+                "restarted $restarts times (MAX_RESTARTS=$max): not requeueing"
             exit "$STEP_RC"
         fi
         sphinx_log "the step stopped on request (exit $STEP_RC): requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from $SAVE"
@@ -325,7 +340,8 @@ sphinx_maybe_requeue() {
     if [ "$STEP_RC" = 0 ]; then
         sphinx_log "finished"
     else
-        sphinx_log "training step failed with exit code $STEP_RC: resubmit to resume from the newest complete checkpoint in SAVE"
+        sphinx_log "training step failed with exit code $STEP_RC:" \
+            "resubmit to resume from the newest complete checkpoint in SAVE"
     fi
     exit "$STEP_RC"
 }

@@ -1,8 +1,10 @@
-"""slurm/train.sbatch on a real one-node Slurm (scripts/local_slurm.sh, started once per module).
+"""The sbatch scripts in slurm/ on a real one-node Slurm (scripts/local_slurm.sh, started once
+for the module and stopped after it).
 
-What runs: the debug recipe at DP2 (two srun tasks, gloo on the CPU), 8 steps of 2 packed
-sequences of 1400 tokens on synthetic data, a checkpoint every 2 steps. The first test's run is
-the uninterrupted reference; every interrupted run below must reproduce its losses exactly.
+What trains: the debug recipe at DP2 (two srun tasks, or one torchrun with two ranks; gloo on the
+CPU), 8 steps of 2 packed sequences of 1400 tokens on synthetic data, a checkpoint every 2 steps.
+The first test's run is the uninterrupted reference; every interrupted run below must reproduce
+its losses exactly. docs/SLURM.md says what each test proves.
 
 If Slurm is not installed and cannot be installed (no apt-get, not root), the tests FAIL: CI must
 provide it (``bash scripts/local_slurm.sh start`` installs Debian's slurm-wlm and munge).
@@ -238,7 +240,10 @@ def reference(cluster, root):
     save = work / "save"
     job = submit(cluster, work, save)
     info = wait_job(cluster, work, job)
-    return work, save, job, info, by_step(read_metrics(save))
+    losses = by_step(read_metrics(save))
+    if info["JobState"] != "COMPLETED" or sorted(losses) != list(range(1, STEPS + 1)):
+        pytest.fail(f"the reference run failed: {info['JobState']}\n{log_of(work, job)[-3000:]}")
+    return work, save, job, info, losses
 
 
 def test_sbatch_two_tasks_trains_saves_and_logs(cluster, reference):
@@ -275,7 +280,7 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(cluster, reference
     log = log_of(work, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert info["Restarts"] == "1", "the job was not requeued"
-    stopped = re.search(r"stopped at step (\d+) after a stop request; exit 3", log)
+    stopped = re.search(rf"stopped at step (\d+) after a stop request; exit {EXIT_REQUEUE}", log)
     assert stopped, log[-3000:]
     k = int(stopped.group(1))
     assert 2 <= k < STEPS, "the signal must land mid-run"
@@ -471,4 +476,3 @@ def test_scripts_parse():
     for directive in ["--signal=B:USR1@120", "--requeue", "--output=logs/%x-%j.out",
                       "--open-mode=append"]:
         assert f"#SBATCH {directive}" in text
-    assert shutil.which("bash")

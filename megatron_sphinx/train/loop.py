@@ -166,9 +166,13 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
     per_rank_rows = cfg.train.global_batch_size // dims.dp
     results: list[StepResult] = []
 
+    saved_at = start
+
     def save(step: int) -> None:
-        if not rc.save:
+        nonlocal saved_at
+        if not rc.save or step == saved_at:  # never save (delete and rewrite) a step twice
             return
+        saved_at = step
         meta = ckpt_lib.CheckpointMeta(
             step=step, recipe=cfg.name,
             layout={"tp": dims.tp, "pp": dims.pp, "ep": dims.ep, "dp": dims.dp},
@@ -204,7 +208,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
         if rc.save_interval and step % rc.save_interval == 0 and step < rc.steps:
             save(step)
         interval_exit = bool(rc.exit_interval) and step % rc.exit_interval == 0
-        if (interval_exit and step < rc.steps) or stop.agreed(device):
+        if step < rc.steps and (interval_exit or stop.agreed(device)):
             save(step)
             if rank == 0:
                 log.warning("stopped at step %d after a stop request; exit %d to requeue",
