@@ -29,9 +29,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -292,17 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 with one line on stderr on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    for quiet in ("megatron", "torch.utils.cpp_extension"):  # deprecation / no-CUDA notices
-        logging.getLogger(quiet).setLevel(logging.ERROR)
-    for noisy in ("torch.distributed", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers)(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # ShardedTensor deprecation
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the conversion runs on the CPU (see the docstring)
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from megatron_sphinx.cli import setup_cpu_tool
+
+    setup_cpu_tool()  # one CPU process (see the docstring), quiet library notices
     args = parse_args(argv)
     try:
         convert(args)

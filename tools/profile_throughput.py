@@ -318,27 +318,15 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     from megatron_sphinx import cpu_compat, distributed
     from megatron_sphinx.model.llm import ParallelSizes
     from megatron_sphinx.model.specs import choose_backend
-    from megatron_sphinx.parallel_dims import ParallelDims
     from megatron_sphinx.train.build import build_model, build_optimizer
     from megatron_sphinx.train.flops import device_peak_tflops
-    from megatron_sphinx.train.loop import resolve_recipe
+    from megatron_sphinx.train.loop import resolve_recipe, validated_dims
     from megatron_sphinx.train.profiler import (PARTS, StepRecorder, instrument,
                                                 machine_info)
 
     rc = _run_config(args)
     cfg = resolve_recipe(rc)
-    env = distributed.detect_launch_env()
-    sp = args.sp or (cfg.llm.is_moe and args.tp > 1)
-    dims = ParallelDims(world_size=env.world_size, tp=args.tp, pp=args.pp, ep=args.ep,
-                        sequence_parallel=sp)
-    if cfg.train.global_batch_size % dims.dp:
-        raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
-                         f"data-parallel size {dims.dp}: change --global-batch-size")
-    dims.validate_model(num_layers=cfg.llm.num_layers, num_heads=cfg.llm.num_attention_heads,
-                        num_kv_heads=cfg.llm.num_query_groups, num_experts=cfg.llm.num_experts,
-                        seq_length=cfg.train.seq_length,
-                        num_microbatches=cfg.train.global_batch_size // dims.dp,
-                        model_name=cfg.name)
+    dims = validated_dims(cfg, args.tp, args.pp, args.ep, args.sp)
     on_gpu = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if on_gpu else torch.float32)
@@ -352,7 +340,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             torch.manual_seed(cfg.train.seed)
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
             backend = choose_backend(args.backend)
-            model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep, sp), pgs,
+            model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep,
+                                                    dims.sequence_parallel), pgs,
                                 backend=backend, dtype=dtype, on_gpu=on_gpu,
                                 recompute=args.recompute)
             names = _variants(args)
@@ -379,7 +368,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             return {
                 "recipe": cfg.name, "machine": machine_info(),
                 "layout": {"world_size": dims.world_size, "tp": dims.tp, "pp": dims.pp,
-                           "ep": dims.ep, "dp": dims.dp, "sequence_parallel": sp},
+                           "ep": dims.ep, "dp": dims.dp,
+                           "sequence_parallel": dims.sequence_parallel},
                 "settings": {"seq_length": cfg.train.seq_length,
                              "global_batch_size": cfg.train.global_batch_size,
                              "micro_batch_size": 1, "steps": args.steps,

@@ -84,18 +84,22 @@ def _check_load_matches(ckpt: Path, cfg: SphinxConfig) -> ckpt_lib.CheckpointMet
     return meta
 
 
-def run(rc: RunConfig) -> list[StepResult]:
-    """Trains according to ``rc``; returns the results of the steps run (on every rank)."""
+def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parallel: bool):
+    """The parallel layout of this launch, checked against the recipe (before any process group).
+
+    MoE layers with tensor parallelism need sequence parallelism in Megatron: it is switched on.
+
+    Raises:
+        ValueError: One line saying what to change.
+    """
     from megatron_sphinx import distributed
     from megatron_sphinx.parallel_dims import ParallelDims
 
-    cfg = resolve_recipe(rc)
-    env = distributed.detect_launch_env()
-    if cfg.llm.is_moe and rc.tp > 1 and not rc.sequence_parallel:
-        log.info("MoE with --tp %d: enabling sequence parallelism (Megatron requires it)", rc.tp)
-        rc = dataclasses.replace(rc, sequence_parallel=True)
-    dims = ParallelDims(tp=rc.tp, pp=rc.pp, ep=rc.ep, world_size=env.world_size,
-                        sequence_parallel=rc.sequence_parallel)
+    if cfg.llm.is_moe and tp > 1 and not sequence_parallel:
+        log.info("MoE with --tp %d: enabling sequence parallelism (Megatron requires it)", tp)
+        sequence_parallel = True
+    dims = ParallelDims(tp=tp, pp=pp, ep=ep, world_size=distributed.detect_launch_env().world_size,
+                        sequence_parallel=sequence_parallel)
     if cfg.train.global_batch_size % dims.dp:
         raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
                          f"data-parallel size {dims.dp}: change --global-batch-size")
@@ -104,6 +108,16 @@ def run(rc: RunConfig) -> list[StepResult]:
                         seq_length=cfg.train.seq_length,
                         num_microbatches=cfg.train.global_batch_size // dims.dp,
                         model_name=cfg.name)
+    return dims
+
+
+def run(rc: RunConfig) -> list[StepResult]:
+    """Trains according to ``rc``; returns the results of the steps run (on every rank)."""
+    from megatron_sphinx import distributed
+
+    cfg = resolve_recipe(rc)
+    dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel)
+    rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
     check_save_dir(rc.save, cfg)
     load_from = None
     if rc.save and ckpt_lib.find_latest(rc.save) is not None:
