@@ -249,7 +249,7 @@ def sphinx_moe() -> SphinxConfig:
 def debug() -> SphinxConfig:
     """``sphinx-tiny``'s shape at toy size: trains on a CPU in well under a second per step."""
     llm = LLMConfig("debug-llama", 4, 64, 176, 4, 2, 512, max_position_embeddings=2048)
-    train = TrainConfig(lr=2e-3, global_batch_size=4, micro_batch_size=1, seq_length=2048)
+    train = TrainConfig(lr=2e-3, global_batch_size=2, micro_batch_size=1, seq_length=2048)
     return SphinxConfig("debug", llm, VisionConfig(_debug_encoders()), train)
 
 
