@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,7 +114,8 @@ def test_real_mpiexec_launch_rendezvous():
         "dist.init_process_group('gloo', init_method=f'tcp://{e.master_addr}:{e.master_port}',"
         " rank=e.rank, world_size=e.world_size)\n"
         "t = torch.tensor([e.rank + 1.0]); dist.all_reduce(t)\n"
-        "print('RESULT', e.launcher, e.rank, e.world_size, e.local_rank, float(t), flush=True)\n"
+        "import os; os.write(1, f'RESULT {e.launcher} {e.rank} {e.world_size} {e.local_rank} "
+        "{float(t)};'.encode())\n"
         "dist.destroy_process_group()\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
@@ -121,8 +123,9 @@ def test_real_mpiexec_launch_rendezvous():
                           script], capture_output=True, text=True, timeout=120, env=env,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
-    assert lines == ["RESULT mpi 0 2 0 3.0", "RESULT mpi 1 2 1 3.0"]
+    # both ranks share the pipe: one write() each, parsed by pattern (lines may interleave)
+    results = sorted(re.findall(r"RESULT [^;]*", out.stdout))
+    assert results == ["RESULT mpi 0 2 0 3.0", "RESULT mpi 1 2 1 3.0"], out.stdout
 
 
 # ---- init_distributed / shutdown at world size 2 (forked ranks) ------------------------------
