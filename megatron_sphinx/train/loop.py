@@ -162,6 +162,17 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
                         recompute=rc.recompute)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
+    try:
+        return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
+                          on_gpu, load_from)
+    finally:
+        if hasattr(loader, "close"):  # background data workers
+            loader.close()
+
+
+def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
+               load_from) -> list[StepResult]:
+    rank = torch.distributed.get_rank()
     start = 0
     if load_from is not None:
         state = ckpt_lib.load_checkpoint(load_from, model, optimizer, scheduler, pgs)
