@@ -177,3 +177,35 @@ def test_gpu_mixed_matches_cpu():
     assert gpu.view_counts.tolist() == cpu.view_counts.tolist()
     # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
     assert float((gpu.views.cpu() - cpu.views).abs().max()) <= 3.0 / 255.0
+
+
+@pytest.mark.parametrize("image_size,grid,interp",
+                         [(448, 2, "cubic"), (672, 3, "cubic"), (448, 2, "linear")])
+def test_trimmed_global_view_equals_full(image_size, grid, interp):
+    """The per-image global view filters only where the image reaches: same as the full one."""
+    proc = ImageProcessor(ImageConfig(image_size, grid, device="cpu", interp=interp))
+    rng = np.random.default_rng(0)
+    pad = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    for rh, rw in [(image_size, image_size), (image_size, 1), (1, image_size), (7, image_size),
+                   (image_size, 299), (301, image_size), (image_size - 1, 5), (2, 3)]:
+        sq = pad.expand(3, image_size, image_size).clone()
+        sq[:, :rh, :rw] = torch.from_numpy(rng.random((3, rh, rw), dtype=np.float32))
+        want = global_view(sq[None], grid, interp)[0]
+        got = proc._global_view(sq, rh, rw)
+        assert float((got - want).abs().max()) < 1e-6, (rh, rw)
+
+
+def test_output_memory_reused_only_when_released(proc448):
+    """Outputs share memory with earlier ones only after those are gone."""
+    a, b = (PHOTOS[0].read_bytes(), PHOTOS[1].read_bytes())
+    first = proc448([a, a])
+    held = first.views[2:4]  # a view the caller keeps
+    keep = held.clone()
+    second = proc448([b, b])
+    assert held.data_ptr() != second.views.data_ptr()
+    assert torch.equal(held, keep)  # not overwritten
+    ptr = second.views.data_ptr()
+    del second
+    third = proc448([a, a])
+    assert third.views.data_ptr() == ptr  # released: its memory is reused
+    assert torch.equal(third.views, first.views)

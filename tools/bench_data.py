@@ -114,8 +114,12 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
             cpu[name].append((time.process_time() - c0) / len(datas) * 1e3)
     pool.shutdown()
     first = next(iter(rates))
+    ref = np.asarray(rates["Pillow reference (exact)"])
+    # vs ref: median over rounds of (this pipeline's rate / the reference's rate in the same
+    # round): robust to load that comes and goes between rounds.
     return [(name, max(r), float(np.median(r)), max(rates[first]) / max(r),
-             float(np.median(cpu[name]))) for name, r in rates.items()]
+             float(np.median(np.asarray(r) / ref)), float(np.median(cpu[name])))
+            for name, r in rates.items()]
 
 
 def photo_source(datas: list[bytes], n: int, seed: int = 0) -> InMemorySource:
@@ -199,14 +203,16 @@ def main(argv=None) -> int:
     print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "
           f"{len(photos)} photos ({os.cpu_count()} CPUs)")
     print(f"{'pipeline':28s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
-          f"{'CPU ms/img':>10s}")
+          f"{'vs ref':>6s} {'CPU ms/img':>10s}")
     for interp in args.interp:
-        for name, best, med, ratio, cpu_ms in bench_images(datas, args.threads, args.batch, secs,
-                                                           interp):
-            print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {cpu_ms:10.2f}")
+        for name, best, med, ratio, vs_ref, cpu_ms in bench_images(datas, args.threads,
+                                                                   args.batch, secs, interp):
+            print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
+                  f"{cpu_ms:10.2f}")
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
-          "this row's best;\n CPU ms/img: process CPU time per image, all threads, median round:"
-          " robust to other load)")
+          "this row's best;\n vs ref: median over rounds of this row's rate over the exact "
+          "reference's in the same round;\n CPU ms/img: process CPU time per image, all threads,"
+          " median round: robust to other load)")
 
     reader = None
     if args.store:
