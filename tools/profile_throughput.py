@@ -320,7 +320,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     from megatron_sphinx.model.specs import choose_backend
     from megatron_sphinx.train.build import build_model, build_optimizer
     from megatron_sphinx.train.flops import device_peak_tflops
-    from megatron_sphinx.train.loop import resolve_recipe, validated_dims
+    from megatron_sphinx.train.loop import resolve_recipe, train_dtype, validated_dims
     from megatron_sphinx.train.profiler import (PARTS, StepRecorder, instrument,
                                                 machine_info)
 
@@ -328,8 +328,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     cfg = resolve_recipe(rc)
     dims = validated_dims(cfg, args.tp, args.pp, args.ep, args.sp)
     on_gpu = torch.cuda.is_available()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    dtype = train_dtype(args.dtype)
     groups = distributed.init_distributed(dims, timeout_s=60.0 * args.timeout_minutes,
                                           seed=cfg.train.seed)
     try:

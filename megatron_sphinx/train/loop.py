@@ -84,6 +84,12 @@ def _check_load_matches(ckpt: Path, cfg: SphinxConfig) -> ckpt_lib.CheckpointMet
     return meta
 
 
+def train_dtype(name: str) -> torch.dtype:
+    """``--dtype``: bf16, fp32, or auto (bf16 on GPUs, fp32 on CPUs)."""
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name, auto)
+
+
 def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parallel: bool):
     """The parallel layout of this launch, checked against the recipe (before any process group).
 
@@ -128,8 +134,7 @@ def run(rc: RunConfig) -> list[StepResult]:
         _check_load_matches(load_from, cfg)
 
     on_gpu = torch.cuda.is_available()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        rc.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    dtype = train_dtype(rc.dtype)
     from megatron_sphinx import cpu_compat
 
     groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
