@@ -1,9 +1,11 @@
-"""Fixes for megatron-core 0.19.2 bugs that are not CPU-specific (applied on every device).
+"""Fixes for megatron-core 0.19.2 problems that are not CPU-specific (applied on every device).
 
-They all concern Megatron's distributed optimizer running on plain ``torch.optim.AdamW`` (no Apex,
-no Transformer Engine): always the case on CPUs, and on GPU installs without TE. Each fix checks
-``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used. CPU-only patches live
-in :mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
+Three concern Megatron's distributed optimizer running on plain ``torch.optim.AdamW`` (no Apex,
+no Transformer Engine): always the case on CPUs, and on GPU installs without TE. Each of those
+checks ``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used. The fourth makes
+the unfused RoPE of packed (THD) sequences one vectorised op instead of a Python loop over
+segments with host syncs (it matters on GPUs without TE's fused RoPE). CPU-only patches live in
+:mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
 these.
 """
 from __future__ import annotations
@@ -114,10 +116,54 @@ def _fix_distrib_optimizer_load_skips_step() -> None:
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
+def thd_rope_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """int64 ``[num_tokens]`` position of each packed token within its segment (no host sync).
+
+    Empty segments (repeated boundaries) are allowed; tokens past ``cu_seqlens[-1]`` continue
+    the last segment's positions.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    tok = torch.arange(num_tokens, device=cu.device, dtype=torch.int64)
+    seg = torch.searchsorted(cu, tok, right=True) - 1  # last boundary <= token
+    return tok - cu[seg.clamp_(0, cu.numel() - 1)]
+
+
+def _fix_thd_rope_loop() -> None:
+    """Unfused RoPE on packed sequences in one gather instead of a loop over segments.
+
+    ``models/common/embeddings/rope_utils.py::_apply_rotary_pos_emb_thd`` (used without TE's
+    fused RoPE) calls ``cu_seqlens.tolist()`` and ``.item()``, then runs the rotation once per
+    segment: on a GPU, a host sync plus ~8 kernels per packed sample, for queries and keys, in
+    every layer. Without context parallelism the result equals rotating every token with the
+    frequencies of its position inside its segment, which is what this does (one gather of
+    ``freqs`` by position, then Megatron's own ``_apply_rotary_pos_emb_bshd``). Context
+    parallelism keeps the upstream path.
+    """
+    from megatron.core.models.common.embeddings import rope_utils as mod
+
+    original = mod._apply_rotary_pos_emb_thd
+
+    @functools.wraps(original)
+    def _apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False,
+                                  mla_rotary_interleaved=False, mscale=1.0, cp_group=None,
+                                  multi_latent_attention=None):
+        if cp_group is None or cp_group.size() != 1 or multi_latent_attention is not None:
+            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                            mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale,
+                            cp_group=cp_group, multi_latent_attention=multi_latent_attention)
+        pos = thd_rope_positions(cu_seqlens, t.shape[0])
+        return mod._apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs[pos], rotary_interleaved=rotary_interleaved,
+            mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
+
+    mod._apply_rotary_pos_emb_thd = _apply_rotary_pos_emb_thd
+
+
 _FIXES = (
     _fix_distrib_optimizer_step_unshare,
     _fix_distrib_optimizer_fresh_state,
     _fix_distrib_optimizer_load_skips_step,
+    _fix_thd_rope_loop,
 )
 
 

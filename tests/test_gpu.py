@@ -61,3 +61,18 @@ def test_te_spec_matches_local_spec(init_weights, tmp_path):
                   "--backend", "local", *COMMON], tmp_path / "local")
     for a, b in zip(te, local):
         assert abs(a - b) < 2e-2 * abs(b), (te, local)
+
+
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not transformer_engine_available() or not _fp8_gpu(),
+                    reason="needs Transformer Engine and an FP8 GPU (compute capability 8.9+)")
+def test_te_fp8_tracks_te_bf16(init_weights, tmp_path):
+    fp8 = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+                "--backend", "te", "--fp8", *COMMON], tmp_path / "fp8")
+    bf16 = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+                 "--backend", "te", *COMMON], tmp_path / "bf16")
+    for a, b in zip(fp8, bf16):
+        assert abs(a - b) < 5e-2 * abs(b), (fp8, bf16)  # FP8 GEMMs: a few percent

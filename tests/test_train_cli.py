@@ -70,3 +70,12 @@ def test_command_line_exit_code_and_single_line():
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown recipe 'nope'")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("argv,needle", [
+    (["--fp8"], "drop --fp8"),
+    (["--fp8", "--backend", "local"], "drop --backend local"),
+])
+def test_fp8_where_it_cannot_run(capsys, argv, needle):
+    assert needle in _err(capsys, ["--recipe", "debug", *argv])

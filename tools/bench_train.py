@@ -9,7 +9,9 @@ variant in one invocation and prints one table:
 * launch overhead: process wall time minus the time spent in steps (imports, process groups,
   model and optimizer construction, the first step's one-off costs).
 
-Variants: ``packed`` (the default: packing and skip tokens) and ``reference`` (``--no-packing
+Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
+local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
+varlen call, see ``megatron_sphinx/model/attention.py``) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
@@ -33,17 +35,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
-VARIANTS = {"packed": [], "reference": ["--no-packing", "--no-skip"]}
+#: variant -> (extra training arguments, extra environment)
+VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
+            "reference": (["--no-packing", "--no-skip"], {})}
 
 
 def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str]) -> dict:
     nproc, args = LAYOUTS[name]
-    args = args + VARIANTS[variant]
+    variant_args, variant_env = VARIANTS[variant]
+    args = args + variant_args
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
                "--data", "synthetic", "--steps", str(steps), "--save", tmp, *args, *extra]
-        env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+        env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)),
+                   **variant_env)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -85,11 +91,11 @@ def main() -> None:
             for name in args.layouts for variant in args.variants]
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
           f"extra args {' '.join(extra) or '-'}")
-    print(f"{'layout':7} {'variant':9} {'procs':>5} {'step s':>8} {'1st step s':>10} "
+    print(f"{'layout':7} {'variant':11} {'procs':>5} {'step s':>8} {'1st step s':>10} "
           f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['layout']:7} {r['variant']:9} {r['processes']:>5} {r['step_s']:>8.3f} "
+        print(f"{r['layout']:7} {r['variant']:11} {r['processes']:>5} {r['step_s']:>8.3f} "
               f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
               f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f}")
     if args.json:

@@ -170,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
+    p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (TE layers, FP8 GPU)")
     p.add_argument("--timeout-minutes", type=float, default=10.0)
     return p.parse_args(argv)
 
@@ -329,6 +330,9 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     dims = validated_dims(cfg, args.tp, args.pp, args.ep, args.sp)
     on_gpu = torch.cuda.is_available()
     dtype = train_dtype(args.dtype)
+    if args.fp8:
+        from megatron_sphinx.model.specs import check_fp8
+        check_fp8(args.backend, dtype)
     groups = distributed.init_distributed(dims, timeout_s=60.0 * args.timeout_minutes,
                                           seed=cfg.train.seed)
     try:
@@ -342,7 +346,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep,
                                                     dims.sequence_parallel), pgs,
                                 backend=backend, dtype=dtype, on_gpu=on_gpu,
-                                recompute=args.recompute)
+                                recompute=args.recompute, fp8=args.fp8)
             names = _variants(args)
             optimizer, scheduler = build_optimizer(
                 cfg, model, pgs, dtype=dtype,
@@ -374,7 +378,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                              "micro_batch_size": 1, "steps": args.steps,
                              "warmup": args.warmup, "data": args.data, "backend": backend,
                              "dtype": str(dtype).replace("torch.", ""),
-                             "recompute": args.recompute, "peak_tflops": peak},
+                             "recompute": args.recompute, "fp8": args.fp8,
+                             "peak_tflops": peak},
                 "parts": list(PARTS),
                 "variants": variants,
                 "comm_calls": dict(recorder.comm_calls),

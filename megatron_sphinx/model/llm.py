@@ -43,7 +43,7 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype,
                        on_gpu: bool, backend: str = "local",
-                       recompute: str | None = None) -> TransformerConfig:
+                       recompute: str | None = None, fp8: bool = False) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for ``llm`` at the given parallel sizes.
 
     Args:
@@ -53,6 +53,8 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         on_gpu: Enables the CUDA-only fusions.
         backend: ``te`` enables the Transformer Engine-only options (grouped GEMM for experts).
         recompute: None, ``"selective"`` (core attention) or ``"full"`` activation recompute.
+        fp8: FP8 GEMMs in the TE layers (hybrid: E4M3 forward, E5M2 gradients; delayed scaling
+            over a 1024-step amax history). Needs ``backend="te"`` (see ``specs.check_fp8``).
     """
     kwargs = {}
     if llm.is_moe:
@@ -70,6 +72,11 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
                       recompute_num_layers=1)
     elif recompute == "selective":
         kwargs.update(recompute_granularity="selective")
+    if fp8:
+        if backend != "te":
+            raise ValueError("FP8 needs the Transformer Engine layers: use --backend te")
+        kwargs.update(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
+                      fp8_amax_compute_algo="max")
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -100,7 +107,7 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         masked_softmax_fusion=False,  # packed attention does not use Megatron's fused softmax
         persist_layer_norm=False,  # needs apex
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
+        apply_rope_fusion=backend == "te",  # TE's fused (THD) RoPE; else upstream_fixes
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,

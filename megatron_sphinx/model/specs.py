@@ -45,6 +45,21 @@ def choose_backend(requested: str = "auto") -> str:
     return requested
 
 
+def check_fp8(requested_backend: str, dtype: torch.dtype) -> None:
+    """Raises ValueError (saying what to change) unless FP8 training can run on this machine."""
+    if requested_backend == "local":
+        raise ValueError("--fp8 needs the Transformer Engine layers: drop --backend local")
+    if not transformer_engine_available():
+        raise ValueError("--fp8 needs Transformer Engine on a CUDA GPU, and this machine has "
+                         "none: drop --fp8")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ValueError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                         f"{torch.cuda.get_device_name()} is {major}.{minor}: drop --fp8")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"--fp8 keeps the other maths in bf16, not {dtype}: use --dtype bf16")
+
+
 def layer_spec(llm: LLMConfig, backend: str) -> ModuleSpec:
     """The transformer-layer spec of ``llm`` for ``backend`` (``te`` or ``local``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs

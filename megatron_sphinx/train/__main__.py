@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 GEMMs (Transformer Engine layers on an FP8 GPU such as H100)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",

@@ -19,14 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
-                dtype: torch.dtype, on_gpu: bool, recompute: str | None = None) -> list:
+                dtype: torch.dtype, on_gpu: bool, recompute: str | None = None,
+                fp8: bool = False) -> list:
     """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
 
     Returns:
         A one-element list of model chunks, as Megatron's schedules expect.
     """
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
-                              recompute=recompute)
+                              recompute=recompute, fp8=fp8)
     pp = pg_collection.pp
     # On GPUs, modules that do not place their parameters themselves (timm encoders, the
     # projector) are created and initialised on the device directly.

@@ -135,6 +135,9 @@ def run(rc: RunConfig) -> list[StepResult]:
 
     on_gpu = torch.cuda.is_available()
     dtype = train_dtype(rc.dtype)
+    if rc.fp8:
+        from megatron_sphinx.model.specs import check_fp8
+        check_fp8(rc.backend, dtype)
     from megatron_sphinx import cpu_compat
 
     groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
@@ -164,7 +167,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
                  backend, dtype, device)
     par = ParallelSizes(dims.tp, dims.pp, dims.ep, dims.sequence_parallel)
     model = build_model(cfg, par, pgs, backend=backend, dtype=dtype, on_gpu=on_gpu,
-                        recompute=rc.recompute)
+                        recompute=rc.recompute, fp8=rc.fp8)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     try:

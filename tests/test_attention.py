@@ -1,0 +1,158 @@
+"""Packed causal attention (both kernels) and the vectorised packed RoPE.
+
+Against a float64 reference with an explicit block-diagonal causal mask; the RoPE fix against
+Megatron's own per-segment loop. GPU cases (FlashAttention varlen, fused SDPA kernels) skip here.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+
+from megatron_sphinx import upstream_fixes
+from megatron_sphinx.model import attention
+from megatron_sphinx.model.attention import (ATTENTION_ENV, choose_kernel,
+                                             packed_causal_attention)
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _layout(lengths: list[int], device="cpu") -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _reference(q, k, v, cu, scale):
+    """float64 attention with a block-diagonal causal mask (a token sees its segment's past)."""
+    t, heads, _ = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    seg = torch.searchsorted(cu.long(), torch.arange(t), right=True)
+    pos = torch.arange(t)
+    allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # [t, t]
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
+
+
+LAYOUTS = [[7], [3, 0, 5, 1], [1, 1, 1], [9, 4, 0], [16, 2, 11]]
+
+
+@pytest.mark.parametrize("lengths", LAYOUTS)
+@pytest.mark.parametrize("groups", [4, 1])
+def test_sdpa_kernel_matches_masked_reference(lengths, groups, monkeypatch):
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")
+    torch.manual_seed(sum(lengths) + groups)
+    t, heads, d = sum(lengths), 4, 8
+    cu = _layout(lengths)
+    q = torch.randn(t, heads, d, requires_grad=True)
+    k = torch.randn(t, groups, d, requires_grad=True)
+    v = torch.randn(t, groups, d, requires_grad=True)
+    scale = 1 / math.sqrt(d)
+    out = packed_causal_attention(q, k, v, cu, max(lengths), scale=scale)
+    ref = _reference(q, k, v, cu, scale)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_choice_and_bad_settings(monkeypatch):
+    q = torch.zeros(4, 2, 8)
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    if not CUDA:
+        assert choose_kernel(q, 0.0, 0.125) == "sdpa"
+        monkeypatch.setenv(ATTENTION_ENV, "varlen")
+        with pytest.raises(RuntimeError, match="varlen was forced but cannot run"):
+            choose_kernel(q, 0.0, 0.125)
+    monkeypatch.setenv(ATTENTION_ENV, "flash3")
+    with pytest.raises(ValueError, match="use one of varlen, sdpa or auto"):
+        choose_kernel(q, 0.0, 0.125)
+    # the reasons varlen cannot run are spelled out (dtype, dropout, device)
+    ok, why = attention.varlen_status(q, 0.0, 0.125)
+    assert not ok and why
+
+
+class _OneRank:
+    """Stands in for a context-parallel group of size 1."""
+
+    def size(self):
+        return 1
+
+    def rank(self):
+        return 0
+
+
+@pytest.mark.parametrize("lengths", LAYOUTS + [[33, 0, 0, 2, 40]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vectorised_thd_rope_equals_megatron_loop(lengths, dtype):
+    upstream_fixes.apply()
+    patched = rope_utils._apply_rotary_pos_emb_thd
+    original = patched.__wrapped__  # Megatron's per-segment loop
+    assert original is not patched
+    torch.manual_seed(len(lengths))
+    t, heads, d = sum(lengths), 3, 16
+    cu = _layout(lengths)
+    x = torch.randn(t, heads, d, dtype=dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(max(lengths)).float(), inv)
+    freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]  # [max_s, 1, 1, d]
+    got = patched(x, cu, freqs, cp_group=_OneRank())
+    want = original(x, cu, freqs, cp_group=_OneRank())
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # same elementwise maths
+
+
+def test_thd_positions_restart_per_segment():
+    cu = torch.tensor([0, 3, 3, 5, 9], dtype=torch.int32)
+    pos = upstream_fixes.thd_rope_positions(cu, 9)
+    assert pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+
+
+@needs_cuda
+@pytest.mark.parametrize("groups", [4, 1])
+def test_varlen_kernel_matches_sdpa_on_gpu(groups, monkeypatch):
+    ok, why = attention.varlen_status(torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16),
+                                      0.0, 0.125)
+    if not ok:
+        pytest.skip(f"varlen attention unavailable: {why}")
+    torch.manual_seed(0)
+    lengths = [700, 1, 0, 1300, 96, 2000]
+    t, heads, d = sum(lengths), 32, 64
+    cu = _layout(lengths, "cuda")
+    ng = heads // groups
+    # strided views of one fused projection, as Megatron's attention splits its QKV output
+    qkv = torch.randn(t, ng, groups + 2, d, device="cuda", dtype=torch.bfloat16,
+                      requires_grad=True)
+    q, k, v = torch.split(qkv, [groups, 1, 1], dim=2)
+    q = q.reshape(t, heads, d)
+    k, v = k.squeeze(2), v.squeeze(2)  # [t, ng, d], not contiguous
+    w = torch.randn(t, heads, d, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for name in ("varlen", "sdpa"):
+        monkeypatch.setenv(ATTENTION_ENV, name)
+        out = packed_causal_attention(q, k, v, cu, max(lengths), scale=d ** -0.5)
+        (grad,) = torch.autograd.grad((out.float() * w).sum(), (qkv,))
+        results[name] = (out, grad)
+    for a, b in zip(results["varlen"], results["sdpa"]):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_segment_sdpa_uses_a_fused_kernel_on_gpu(monkeypatch):
+    """The per-segment path must not fall back to the unfused maths (3-D inputs would)."""
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")
+    q = torch.randn(256, 8, 64, device="cuda", dtype=torch.bfloat16)
+    cu = _layout([100, 156], "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        packed_causal_attention(q, q[:, :2], q[:, :2], cu, 156, scale=0.125)
+    names = {e.name for e in prof.events()}
+    assert not any("_scaled_dot_product_attention_math" in n for n in names), names
+    assert any("flash" in n or "efficient" in n or "cudnn" in n for n in names), names
