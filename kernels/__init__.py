@@ -2,10 +2,13 @@
 
 ``pack_tokens(text, visual, special, index)`` writes ``[text; visual; special][index]`` (zeros for
 index -1) in one pass, with autograd. Implementations: CUDA C++ extension, Triton, torch reference
-(:mod:`kernels.select` chooses; ``MEGATRON_SPHINX_PACK_IMPL`` forces).
+(:mod:`kernels.select` chooses; ``MEGATRON_SPHINX_PACK_IMPL`` forces). The environment is read
+once per process: call :func:`refresh_settings` after changing it in-process.
 """
-from kernels.reference import DEBUG_ENV, PackPlan, PackTokensFunction, build_plan
-from kernels.select import IMPL_ENV, IMPLS, impl_status, pack_tokens, resolve_impl
+from kernels.reference import PackPlan, PackTokensFunction, build_plan
+from kernels.select import IMPLS, impl_status, pack_tokens, resolve_impl
+from kernels.settings import DEBUG_ENV, IMPL_ENV
+from kernels.settings import refresh as refresh_settings
 
 __all__ = ["DEBUG_ENV", "IMPL_ENV", "IMPLS", "PackPlan", "PackTokensFunction", "build_plan",
-           "impl_status", "pack_tokens", "resolve_impl"]
+           "impl_status", "pack_tokens", "refresh_settings", "resolve_impl"]

@@ -28,28 +28,25 @@ padding and a small gather for the special rows. Rows are moved as 16-byte eleme
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-#: Env flag: fill outputs and gradients with NaN before the kernels write them, and validate the
-#: index even on GPU (a host sync). Tests set it so that an unwritten position fails.
-DEBUG_ENV = "MEGATRON_SPHINX_PACK_DEBUG"
+from kernels.settings import settings
 
 
 def debug_enabled() -> bool:
-    """Whether :data:`DEBUG_ENV` is set to a true value."""
-    return os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
+    """Whether ``MEGATRON_SPHINX_PACK_DEBUG`` is set to a true value (read once per process:
+    see :mod:`kernels.settings`)."""
+    return settings().debug
 
 
 def alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
           ) -> torch.Tensor:
     """Uninitialised tensor on ``like``'s device (NaN-filled when debugging)."""
-    dtype = dtype or like.dtype
-    if debug_enabled() and dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    if settings().debug and (dtype or like.dtype).is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+    return like.new_empty(shape, dtype=dtype)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +58,8 @@ def check_index(index: torch.Tensor, num_rows: int) -> None:
     """Raises ValueError unless every entry is -1 or a row in ``[0, num_rows)`` (host sync)."""
     if index.numel() == 0:
         return
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
     if lo < -1 or hi >= num_rows:
         raise ValueError(f"pack index values must lie in [-1, {num_rows}) (text + visual + special "
                          f"rows), got min {lo} max {hi}: rebuild the index for these sources")
@@ -225,8 +223,8 @@ def pack_forward(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor
                  index: torch.Tensor, backend) -> tuple[torch.Tensor, PackPlan | None]:
     """Allocates the ``[N, h]`` output and runs ``backend``'s forward; returns it and the plan
     (None when the backend needs none)."""
-    sizes = (text.shape[0], visual.shape[0], special.shape[0])
-    plan = build_plan(index, *sizes) if backend.needs_plan_forward else None
+    plan = build_plan(index, text.shape[0], visual.shape[0], special.shape[0]) \
+        if backend.needs_plan_forward else None
     out = alloc((index.shape[0], text.shape[1]), text)  # [N, h]
     backend.forward(out, text, visual, special, index, plan)
     return out, plan
@@ -240,17 +238,29 @@ class PackTokensFunction(torch.autograd.Function):
                 index: torch.Tensor, backend) -> torch.Tensor:
         out, plan = pack_forward(text, visual, special, index, backend)
         ctx.backend, ctx.plan = backend, plan
-        ctx.sizes = (text.shape[0], visual.shape[0], special.shape[0])
-        ctx.save_for_backward(index)
+        if plan is None:  # built in backward (one sort of the index there)
+            ctx.sizes = (text.shape[0], visual.shape[0], special.shape[0])
+            ctx.save_for_backward(index)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: gradients that refuse a double backward
+            return _backward_once(ctx, grad_out)
+        return _backward(ctx, grad_out)  # the usual case, without once_differentiable's cost
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    """:class:`PackTokensFunction`'s backward (the kernels are not differentiable)."""
+    plan = ctx.plan
+    if plan is None:
         (index,) = ctx.saved_tensors
-        plan = ctx.plan if ctx.plan is not None else build_plan(index, *ctx.sizes)
-        grads = ctx.backend.backward(grad_out.contiguous(), plan, ctx.needs_input_grad[:3])
-        return (*grads, None, None)
+        plan = build_plan(index, *ctx.sizes)
+    grads = ctx.backend.backward(grad_out.contiguous(), plan, ctx.needs_input_grad[:3])
+    return (*grads, None, None)
+
+
+_backward_once = torch.autograd.function.once_differentiable(_backward)
 
 
 def pack_tokens_reference(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,

@@ -5,27 +5,33 @@ then ``triton`` (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``), then
 reference). Force one with ``impl=`` or the environment variable ``MEGATRON_SPHINX_PACK_IMPL``
 (``torch``, ``triton``, ``cuda``; ``auto`` or unset = the order above). A forced implementation that
 cannot run raises with the reason. The choice is logged once per (implementation, device type).
+
+The environment is read once (:mod:`kernels.settings`; call :func:`kernels.settings.refresh` after
+changing it in-process) and the implementation chosen for an ``(impl, device type, dtype)`` is kept,
+so that a call on the hot path costs a few dict lookups besides the kernels and the autograd node.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+from collections.abc import Iterator
 
 import torch
 
-from kernels.reference import (PackTokensFunction, ReferenceBackend, check_index, debug_enabled,
-                               pack_forward)
+from kernels.reference import PackTokensFunction, ReferenceBackend, check_index, pack_forward
+from kernels.settings import IMPL_ENV, Settings, settings
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable that forces an implementation.
-IMPL_ENV = "MEGATRON_SPHINX_PACK_IMPL"
 IMPLS = ("cuda", "triton", "torch")
 #: Dtypes of the CUDA and Triton kernels (float64 runs on the reference only).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _logged: set[tuple[str, str]] = set()
 _resolved: dict[tuple, str] = {}
 _backends: dict[str, object] = {"torch": ReferenceBackend()}
+#: ``(impl, device type, dtype) -> backend`` of :func:`pack_tokens`, valid for ``_fast_for``.
+_fast: dict[tuple, object] = {}
+_fast_for: Settings | None = None
 
 
 def _dtype_reason(dtype: torch.dtype | None) -> str:
@@ -63,8 +69,8 @@ def resolve_impl(impl: str | None, device: torch.device | str,
     """The implementation that runs for tensors on ``device``.
 
     Args:
-        impl: ``"cuda"``, ``"triton"``, ``"torch"``, ``"auto"`` or None (None reads
-            :data:`IMPL_ENV`, default ``auto``).
+        impl: ``"cuda"``, ``"triton"``, ``"torch"``, ``"auto"`` or None (None: the value of
+            :data:`IMPL_ENV` in :func:`kernels.settings.settings`, default ``auto``).
         device: Device of the op's tensors.
         dtype: Their dtype (float64 runs on the reference only); None = do not check.
 
@@ -73,10 +79,11 @@ def resolve_impl(impl: str | None, device: torch.device | str,
         RuntimeError: If a forced implementation cannot run here (with the reason).
     """
     device = torch.device(device)
-    name = impl if impl is not None else os.environ.get(IMPL_ENV, "auto") or "auto"
+    env = settings()
+    name = impl if impl is not None else env.impl
     # Availability is fixed for a process (the extension builds once; TRITON_INTERPRET counts at
     # import), so a choice is cached per request; failures are not cached and raise every time.
-    cache_key = (name, device.type, dtype, os.environ.get("TRITON_INTERPRET"))
+    cache_key = (name, device.type, dtype, env.triton_interpret)
     if (hit := _resolved.get(cache_key)) is not None:
         return hit
     if name not in IMPLS + ("auto",):
@@ -146,6 +153,28 @@ def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
     """
     if visual.dim() > 2:
         visual = visual.reshape(-1, visual.shape[-1])
+    # One short-circuit test on the hot path; the messages come from _check_inputs on failure.
+    device, dtype = text.device, text.dtype
+    if not (text.dim() == 2 and visual.dim() == 2 and special.dim() == 2 and index.dim() == 1
+            and visual.dtype == dtype and special.dtype == dtype and dtype.is_floating_point
+            and index.dtype == torch.int64 and visual.device == device
+            and special.device == device and index.device == device
+            and visual.shape[1] == text.shape[1] and special.shape[1] == text.shape[1]):
+        _check_inputs(text, visual, special, index)
+    if device.type == "cpu" or settings().debug:
+        check_index(index, text.shape[0] + visual.shape[0] + special.shape[0])
+    backend = _backend(impl, device, dtype)
+    text, visual, special, index = (text.contiguous(), visual.contiguous(), special.contiguous(),
+                                    index.contiguous())
+    if torch.is_grad_enabled() and (text.requires_grad or visual.requires_grad
+                                    or special.requires_grad):
+        return PackTokensFunction.apply(text, visual, special, index, backend)
+    return pack_forward(text, visual, special, index, backend)[0]  # no autograd node needed
+
+
+def _check_inputs(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
+                  index: torch.Tensor) -> None:
+    """Raises ValueError naming the first problem of :func:`pack_tokens`' inputs."""
     for name, t in (("text", text), ("visual", visual), ("special", special)):
         if t.dim() != 2:
             raise ValueError(f"pack_tokens: {name} must be [rows, hidden], got {tuple(t.shape)}")
@@ -158,12 +187,36 @@ def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
     if index.dim() != 1 or index.dtype != torch.int64 or index.device != text.device:
         raise ValueError(f"pack_tokens: index must be int64 [N] on {text.device}, got "
                          f"{index.dtype} {tuple(index.shape)} on {index.device}")
-    if index.device.type == "cpu" or debug_enabled():
-        check_index(index, text.shape[0] + visual.shape[0] + special.shape[0])
-    name = resolve_impl(impl, text.device, text.dtype)
-    text, visual, special, index = (t.contiguous() for t in (text, visual, special, index))
-    backend = backend_for(name)
-    if torch.is_grad_enabled() and (text.requires_grad or visual.requires_grad
-                                    or special.requires_grad):
-        return PackTokensFunction.apply(text, visual, special, index, backend)
-    return pack_forward(text, visual, special, index, backend)[0]  # no autograd node needed
+
+
+def _backend(impl: str | None, device: torch.device, dtype: torch.dtype):
+    """The backend :func:`pack_tokens` runs (cached per request and settings snapshot)."""
+    global _fast_for
+    env = settings()
+    if _fast_for is not env:  # the environment was re-read: choose again
+        _fast.clear()
+        _fast_for = env
+    key = (impl, device.type, dtype)
+    backend = _fast.get(key)
+    if backend is None:
+        backend = _fast[key] = backend_for(resolve_impl(impl, device, dtype))
+    return backend
+
+
+@contextlib.contextmanager
+def override_backend(name: str, backend) -> Iterator[None]:
+    """Runs ``backend`` wherever implementation ``name`` is chosen, for the block (benchmarks and
+    tests: e.g. a do-nothing backend shows the host cost of everything around the kernels)."""
+    if name not in IMPLS:
+        raise ValueError(f"unknown pack implementation {name!r}: use one of {IMPLS}")
+    old = _backends.get(name)
+    _backends[name] = backend
+    _fast.clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            _backends.pop(name, None)
+        else:
+            _backends[name] = old
+        _fast.clear()

@@ -94,9 +94,7 @@ class _OneRank:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vectorised_thd_rope_equals_megatron_loop(lengths, dtype):
     upstream_fixes.apply()
-    patched = rope_utils._apply_rotary_pos_emb_thd
-    original = patched.__wrapped__  # Megatron's per-segment loop
-    assert original is not patched
+    original = rope_utils._apply_rotary_pos_emb_thd.__wrapped__  # Megatron's per-segment loop
     torch.manual_seed(len(lengths))
     t, heads, d = sum(lengths), 3, 16
     cu = _layout(lengths)
@@ -104,7 +102,7 @@ def test_vectorised_thd_rope_equals_megatron_loop(lengths, dtype):
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     freqs = torch.outer(torch.arange(max(lengths)).float(), inv)
     freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]  # [max_s, 1, 1, d]
-    got = patched(x, cu, freqs, cp_group=_OneRank())
+    got = upstream_fixes.thd_rope_one_gather(x, cu, freqs)  # what GPUs run
     want = original(x, cu, freqs, cp_group=_OneRank())
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # same elementwise maths
@@ -143,6 +141,21 @@ def test_varlen_kernel_matches_sdpa_on_gpu(groups, monkeypatch):
         results[name] = (out, grad)
     for a, b in zip(results["varlen"], results["sdpa"]):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_rope_dispatch_cpu_loop_gpu_gather(monkeypatch):
+    upstream_fixes.apply()
+    calls = []
+    monkeypatch.setattr(upstream_fixes, "thd_rope_one_gather",
+                        lambda *a, **k: calls.append(a[0].device.type) or a[0])
+    cu = _layout([3, 2])
+    freqs = torch.zeros(3, 1, 1, 4)
+    rope_utils._apply_rotary_pos_emb_thd(torch.zeros(5, 1, 4), cu, freqs, cp_group=_OneRank())
+    assert calls == []  # CPU: Megatron's loop (faster there)
+    if CUDA:
+        rope_utils._apply_rotary_pos_emb_thd(torch.zeros(5, 1, 4, device="cuda"), cu.cuda(),
+                                             freqs.cuda(), cp_group=_OneRank())
+        assert calls == ["cuda"]
 
 
 @needs_cuda

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels import DEBUG_ENV, IMPL_ENV, pack_tokens, resolve_impl  # noqa: E402
+from kernels import (DEBUG_ENV, IMPL_ENV, pack_tokens, refresh_settings,  # noqa: E402
+                     resolve_impl)
 from kernels.reference import PackTokensFunction, ReferenceBackend  # noqa: E402
 from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
 from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
@@ -42,6 +43,7 @@ needs_interpreter = pytest.mark.skipif(
     "test_triton_interpreter_suite (triton reads the variable at import)")
 INTERPRETER_TESTS = ["test_triton_interpreter_on_packed_layouts",
                      "test_triton_interpreter_on_arbitrary_indices",
+                     "test_triton_interpreter_small_tiles",
                      "test_triton_interpreter_selection"]
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device on this machine (CUDA and GPU-Triton paths need one)"
@@ -55,13 +57,15 @@ IMAGE_SIZES = {2: [(448, 448), (300, 310), (200, 448), (448, 100), (90, 448)],
 
 @contextlib.contextmanager
 def env(**values: str | None):
-    """Sets (or with None, removes) environment variables for the block."""
+    """Sets (or with None, removes) environment variables for the block; the pack op re-reads
+    them (it reads the environment once per process otherwise)."""
     old = {k: os.environ.get(k) for k in values}
     for k, v in values.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    refresh_settings()
     try:
         yield
     finally:
@@ -70,6 +74,7 @@ def env(**values: str | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        refresh_settings()
 
 
 @pytest.fixture(autouse=True)
@@ -256,6 +261,19 @@ def test_grads_only_where_required_and_empty_sources():
     assert torch.equal(out, visual3d.reshape(-1, 8)[[0, -1]])
 
 
+def test_double_backward_is_refused():
+    """The kernels' backward is not differentiable: create_graph works, differentiating the
+    gradients raises (as with once_differentiable) instead of giving wrong second derivatives."""
+    text, visual, special = (torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+                             for n in (3, 4, NUM_SPECIAL))
+    grad = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = pack_tokens(text, visual, special, torch.tensor([0, 5, -1, 8, 2]))
+    g_text, = torch.autograd.grad(out, text, grad, create_graph=True)
+    assert torch.equal(g_text.detach()[[0, 2]], grad.detach()[[0, 4]])
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g_text.sum().backward()
+
+
 def test_bad_inputs_say_what_to_change():
     text, visual, special = torch.randn(3, 4), torch.randn(4, 4), torch.randn(NUM_SPECIAL, 4)
     with pytest.raises(ValueError, match=r"\[-1, 10\)"):
@@ -268,6 +286,16 @@ def test_bad_inputs_say_what_to_change():
         pack_tokens(text, torch.randn(4, 5), special, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown pack implementation"):
         pack_tokens(text, visual, special, torch.tensor([0]), impl="fast")
+    with pytest.raises(ValueError, match=r"text must be \[rows, hidden\], got \(3,\)"):
+        pack_tokens(text[:, 0], visual, special, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"special must be \[rows, hidden\]"):
+        pack_tokens(text, visual, special[0], torch.tensor([0]))
+    with pytest.raises(ValueError, match="special is torch.float16.*cast the sources"):
+        pack_tokens(text, visual, special.half(), torch.tensor([0]))
+    with pytest.raises(ValueError, match="floating point"):
+        pack_tokens(*(x.long() for x in (text, visual, special)), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"index must be int64 \[N\].*\(1, 2\)"):
+        pack_tokens(text, visual, special, torch.tensor([[0, 1]]))
 
 
 @pytest.mark.skipif(INTERPRETED, reason="checks the selection without the interpreter")
@@ -317,6 +345,25 @@ def test_triton_interpreter_on_arbitrary_indices(case, hidden, dtype):
 
 
 @needs_interpreter
+@settings(max_examples=6, **SETTINGS)
+@given(case=random_indices(), hidden=st.sampled_from([3, 40]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_triton_interpreter_small_tiles(case, hidden, dtype):
+    """GPU-like small tiles: many programs along rows and (hidden 40 > 32) columns, so the row
+    and column masks of every kernel's partial tiles are exercised."""
+    from kernels.select import override_backend
+    from kernels.triton_pack import TritonBackend, _tiles
+    backend = TritonBackend(tile=(32, 1))
+    assert _tiles(hidden, 200, backend.tile)[:2] == ((8, 4) if hidden == 3 else (1, 32))
+    t, r, index = case
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+                             for n in (t, r, NUM_SPECIAL))
+    with override_backend("triton", backend):
+        check_against_oracle("triton", index, text, visual, special, dtype)
+
+
+@needs_interpreter
 def test_triton_interpreter_selection():
     assert resolve_impl(None, "cpu") == "triton"
     assert resolve_impl(None, "cpu", torch.float64) == "torch"  # kernels: 16/32-bit only
@@ -335,8 +382,10 @@ def test_triton_interpreter_selection():
 def test_triton_interpreter_suite():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
     res = subprocess.run(
+        # addopts emptied: the parent's own limit applies, and pytest.ini's --timeout needs a
+        # plugin that GPU images without plugin autoload (tools/gpu_check.sh) do not load
         [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
-         "-k", " or ".join(INTERPRETER_TESTS)],
+         "-o", "addopts=", "-k", " or ".join(INTERPRETER_TESTS)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "TRITON_INTERPRET": "1"})
     tail = res.stdout[-3000:] + res.stderr[-2000:]
@@ -431,6 +480,45 @@ def test_triton_gpu_tile_override():
     for bad in ("3000,4", "4096", "4096,3"):
         with env(**{tp.TILE_ENV: bad}), pytest.raises(ValueError, match=tp.TILE_ENV):
             tp._gpu_tile()
+    assert tp.TritonBackend(tile=(8192, 8)).tile == (8192, 8)
+    assert tp.TritonBackend().tile is None
+    with pytest.raises(ValueError, match="tile='3000,4'"):
+        tp.TritonBackend(tile=(3000, 4))
+
+
+def test_settings_are_read_once_until_refreshed():
+    """The environment is read once (hot path); refresh_settings() makes a change count."""
+    text, visual, special = torch.randn(2, 4), torch.randn(3, 4), torch.randn(NUM_SPECIAL, 4)
+    index = torch.tensor([0, 4, -1])
+    assert pack_tokens(text, visual, special, index).isfinite().all()
+    os.environ[IMPL_ENV] = "bogus"
+    try:
+        pack_tokens(text, visual, special, index)  # not re-read: still the automatic choice
+        refresh_settings()
+        with pytest.raises(ValueError, match=f"unknown pack implementation 'bogus'.*{IMPL_ENV}"):
+            pack_tokens(text, visual, special, index)
+    finally:
+        del os.environ[IMPL_ENV]
+        refresh_settings()
+    assert torch.equal(pack_tokens(text, visual, special, index)[1], visual[2])
+
+
+def test_override_backend_runs_the_given_kernels():
+    from kernels.select import override_backend
+
+    class Ones(ReferenceBackend):
+        def forward(self, out, text, visual, special, index, plan):
+            out.fill_(1)
+
+    text, visual, special = torch.randn(2, 4), torch.randn(3, 4), torch.randn(NUM_SPECIAL, 4)
+    index = torch.tensor([0, 4, -1])
+    want = pack_tokens(text, visual, special, index)
+    with override_backend("torch", Ones()):
+        assert (pack_tokens(text, visual, special, index) == 1).all()
+    assert torch.equal(pack_tokens(text, visual, special, index), want)
+    with pytest.raises(ValueError, match="unknown pack implementation"):
+        with override_backend("fast", Ones()):
+            pass
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -454,3 +542,20 @@ def test_bench_script_runs_and_rejects_bad_input():
     assert bench_pack_kernel.main(["--seq", "1400", "--hidden", "16", "--batch", "1", "--skip",
                                    "0.4", "--repeat", "1", "--impl", "torch"]) == 0
     assert bench_pack_kernel.main(["--skip", "0.9", "--quick"]) == 2
+    assert bench_pack_kernel.main(["--overhead", "--repeat", "1", "--calls", "2"]) == 0
+    if not INTERPRETED:  # Triton cannot run on CPU tensors without the interpreter: refused
+        assert bench_pack_kernel.main(["--quick", "--triton-tiles", "4096,4"]) == 2
+
+
+@pytest.mark.skipif(INTERPRETED, reason="starts its own interpreter process")
+def test_bench_triton_tile_sweep_under_the_interpreter():
+    cmd = [sys.executable, "tools/bench_pack_kernel.py", "--seq", "1400", "--hidden", "16",
+           "--batch", "1", "--skip", "0", "--repeat", "1", "--impl", "torch"]
+    res = subprocess.run(cmd + ["--triton-tiles", "4096,4", "8192,8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "triton fwd by tile" in res.stdout and "8192,8 " in res.stdout, res.stdout[-2000:]
+    res = subprocess.run(cmd + ["--triton-tiles", "3000,4"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 2 and "ELEMENTS must be a power of two" in res.stderr, res.stderr

@@ -5,8 +5,8 @@
 #   2. runs, most needed first, each under its own time limit: the kernel tests (pack kernels and
 #      packed attention against their references); the sphinx-tiny full-size training step (seq
 #      4096: packed + skip tokens, --no-packing --no-skip, and packed with per-segment SDPA
-#      instead of FlashAttention varlen); the pack kernel against a device-to-device copy with a
-#      Triton tile sweep; the training tests (GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI
+#      instead of FlashAttention varlen); RoPE and attention of one packed row; the pack op's host
+#      overhead and the kernel against a device-to-device copy with a Triton tile sweep; the training tests (GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI
 #      mixed vs CPU: each skips with its reason when its piece is missing); DALI images/s;
 #   3. prints one summary at the end. Logs and JSON go to $OUT (default /tmp/gpu_check).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
@@ -53,19 +53,21 @@ for name in ["torch", "triton", "megatron.core", "transformer_engine", "nvidia.d
 PYEOF
 
 # In order of what the open issues need most; the limits add up to under 9 minutes.
-run tests_kernels 120 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
+run tests_kernels 100 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
   -o addopts="" tests/test_pack_kernel.py tests/test_attention.py -rs
-run bench_train 240 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
+run bench_train 210 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants packed reference packed-sdpa --steps 5 --seq-length 4096 --global-batch-size 8 \
   --json "$OUT/train.json"
-run bench_pack 60 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.0 0.4 \
+run bench_packed_layers 30 $PY tools/bench_packed_layers.py --dtype bf16
+run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
+run bench_pack 100 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
 TESTS="tests/test_gpu.py"
 $PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py"
-run tests_train 150 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
+run tests_train 120 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
   -o addopts="" $TESTS -rs
 if $PY -c "import nvidia.dali" 2> /dev/null; then
-  run bench_images 60 $PY tools/bench_data.py --threads 16 --seconds 3
+  run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
 fi
 
 section "summary"
@@ -74,6 +76,8 @@ for log in tests_kernels tests_train; do
   grep -E "passed|failed|skipped|error" "$OUT/$log.log" | tail -2
 done
 grep -A 20 "^machine:" "$OUT/bench_train.log" | head -8
+tail -n 8 "$OUT/bench_packed_layers.log"
+tail -n 12 "$OUT/bench_pack_overhead.log"
 tail -n 30 "$OUT/bench_pack.log"
 [ -f "$OUT/bench_images.log" ] && tail -n 12 "$OUT/bench_images.log"
 exit 0

@@ -1,0 +1,53 @@
+"""Environment settings of the pack op, read once per process.
+
+``pack_tokens`` runs on the model's hot path at every micro-batch, where each ``os.environ`` read
+costs ~0.7 us of host time. The variables below are therefore read at first use and kept in a
+:class:`Settings` snapshot. A process that changes them after its first ``pack_tokens`` call must
+call :func:`refresh` (the tests do, and so does ``tools/bench_pack_kernel.py``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: Env flag: fill outputs and gradients with NaN before the kernels write them, and validate the
+#: index even on GPU (a host sync). Tests set it so that an unwritten position fails.
+DEBUG_ENV = "MEGATRON_SPHINX_PACK_DEBUG"
+#: Environment variable that forces an implementation (``torch``, ``triton``, ``cuda``, ``auto``).
+IMPL_ENV = "MEGATRON_SPHINX_PACK_IMPL"
+#: Env override of the GPU Triton row-copy tile, ``"ELEMENTS,WARPS"`` (see ``kernels.triton_pack``).
+TILE_ENV = "MEGATRON_SPHINX_TRITON_TILE"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One snapshot of the environment variables the pack op reads."""
+
+    impl: str
+    """``MEGATRON_SPHINX_PACK_IMPL`` (``auto`` when unset or empty)."""
+    debug: bool
+    """``MEGATRON_SPHINX_PACK_DEBUG`` is set to a true value."""
+    triton_tile: str
+    """``MEGATRON_SPHINX_TRITON_TILE`` as written (empty when unset)."""
+    triton_interpret: str | None
+    """``TRITON_INTERPRET`` as written (part of the implementation choice's cache key)."""
+
+
+_current: Settings | None = None
+
+
+def refresh() -> Settings:
+    """Re-reads the environment; later ``pack_tokens`` calls and choices use the new values."""
+    global _current
+    env = os.environ
+    _current = Settings(
+        impl=env.get(IMPL_ENV, "") or "auto",
+        debug=env.get(DEBUG_ENV, "0") not in ("", "0", "false", "False"),
+        triton_tile=env.get(TILE_ENV, ""),
+        triton_interpret=env.get("TRITON_INTERPRET"))
+    return _current
+
+
+def settings() -> Settings:
+    """The current snapshot (read from the environment at the first call)."""
+    return _current if _current is not None else refresh()
