@@ -58,3 +58,17 @@ def test_sequence_first_order_for_several_rows():
 def test_overlong_row_raises():
     with pytest.raises(ValueError, match="seq_length"):
         build_packed_batch([[_sample(10, 1)]], 8, 448, 2)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="page-locked memory needs a CUDA device")
+def test_pinned_batch_is_equal_and_pinned():
+    import torch
+
+    rows = [[Sample(np.arange(5, dtype=np.int32), np.ones(5, dtype=bool))]]
+    pb = build_packed_batch(rows, 16, 448, 2)
+    pinned = pb.pin_memory()
+    for name, value in vars(pb).items():
+        if torch.is_tensor(value):
+            assert getattr(pinned, name).is_pinned()
+            assert torch.equal(getattr(pinned, name), value)
