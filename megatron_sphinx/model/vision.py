@@ -40,6 +40,7 @@ class FrozenEncoder(nn.Module):
         if channels != cfg.channels:
             raise ValueError(f"{cfg.timm_name} has {channels} output channels, the config says "
                              f"{cfg.channels}: fix EncoderConfig.channels")
+        self._channels_last = False  # weights moved to NHWC (once, at the first CUDA call)
         self.requires_grad_(False)
         self.eval()
 
@@ -64,7 +65,9 @@ class FrozenEncoder(nn.Module):
                               align_corners=False)
         if self.cfg.kind == "convnext" and x.is_cuda:
             # cuDNN's depthwise and pointwise convolutions are much faster in NHWC.
-            self.model.to(memory_format=torch.channels_last)
+            if not self._channels_last:
+                self.model.to(memory_format=torch.channels_last)
+                self._channels_last = True
             x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         if self.cfg.kind == "convnext":
