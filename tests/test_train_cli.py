@@ -79,3 +79,16 @@ def test_command_line_exit_code_and_single_line():
 ])
 def test_fp8_where_it_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
+
+
+def test_kernel_choices_are_logged_once_at_start_up(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", "--recipe", "debug",
+                           "--steps", "1", "--global-batch-size", "1", "--save",
+                           str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    if not __import__("torch").cuda.is_available():
+        assert lines[0].endswith("kernels: layers local | attention sdpa | pack_tokens torch | "
+                                 "images DALI cpu | adam torch AdamW | communication gloo")

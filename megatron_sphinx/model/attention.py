@@ -68,6 +68,8 @@ def varlen_status(query: torch.Tensor, dropout: float, scale: float) -> tuple[bo
         return False, f"tensors are on {query.device.type}; FlashAttention needs CUDA"
     if query.dtype not in (torch.bfloat16, torch.float16):
         return False, f"{query.dtype} activations; FlashAttention needs bf16 or fp16"
+    if query.shape[-1] % 8 or query.shape[-1] > 256:
+        return False, f"head dim {query.shape[-1]}; FlashAttention takes multiples of 8 up to 256"
     if dropout > 0:
         return False, f"attention dropout {dropout}; varlen_attn has none"
     if not takes_scale and not math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])):

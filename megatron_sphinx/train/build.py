@@ -78,3 +78,35 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
         # The schedule follows this run's --steps; a checkpoint only supplies the step count.
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
     return optimizer, scheduler
+
+
+def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
+                   device: torch.device, fp8: bool = False, images: str | None = None) -> dict:
+    """Which implementation backs each performance-critical part on this rank, resolved now
+    (so that a forced choice that cannot run fails at start-up, not at the first step).
+
+    Args:
+        cfg: The recipe.
+        backend: ``te`` or ``local`` layers.
+        dtype: Activation dtype.
+        device: The rank's device.
+        fp8: FP8 GEMMs in the TE layers.
+        images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
+    """
+    from megatron.core import optimizer as megatron_optimizer
+
+    from kernels import resolve_impl
+    from megatron_sphinx.model.attention import choose_kernel
+
+    head_dim = cfg.llm.hidden_size // cfg.llm.num_attention_heads
+    if backend == "te":
+        attention = "Transformer Engine fused THD"
+    else:
+        probe = torch.empty(0, 1, head_dim, device=device, dtype=dtype)
+        attention = choose_kernel(probe, 0.0, head_dim ** -0.5)
+    adam = megatron_optimizer.Adam
+    return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
+            "pack_tokens": resolve_impl(None, device, dtype),
+            "images": f"DALI {images}" if images else "none decoded (synthetic data)",
+            "adam": f"{adam.__module__.split('.')[0]} {adam.__name__}",
+            "communication": torch.distributed.get_backend()}

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from megatron_sphinx.config import SphinxConfig, get_recipe
+from megatron_sphinx.data.loader import PackedLoader
 from megatron_sphinx.train import checkpoint as ckpt_lib
-from megatron_sphinx.train.build import build_model, build_optimizer
+from megatron_sphinx.train.build import build_model, build_optimizer, kernel_choices
 from megatron_sphinx.train.data import build_loader, loader_summary
 from megatron_sphinx.train.flops import device_peak_tflops, step_flops
 from megatron_sphinx.train.metrics import MetricsWriter
@@ -170,6 +171,14 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
                         recompute=rc.recompute, fp8=rc.fp8)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
+    images = None
+    if isinstance(loader, PackedLoader):  # decodes the store's images (synthetic data: none)
+        from megatron_sphinx.data.images import resolve_device
+        images = resolve_device(loader.cfg.image_device)
+    choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
+                             images=images)
+    if rank == 0:
+        log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     try:
         return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
                           on_gpu, load_from)
