@@ -58,7 +58,7 @@ run tests_kernels 100 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p n
 run bench_train 210 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants packed reference packed-sdpa --steps 5 --seq-length 4096 --global-batch-size 8 \
   --json "$OUT/train.json"
-run bench_packed_layers 30 $PY tools/bench_packed_layers.py --dtype bf16
+run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
 run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 run bench_pack 100 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
