@@ -319,7 +319,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     from megatron_sphinx import cpu_compat, distributed
     from megatron_sphinx.model.llm import ParallelSizes
     from megatron_sphinx.model.specs import choose_backend
-    from megatron_sphinx.train.build import build_model, build_optimizer
+    from megatron_sphinx.train.build import build_model, build_optimizer, kernel_choices
     from megatron_sphinx.train.flops import device_peak_tflops
     from megatron_sphinx.train.loop import resolve_recipe, train_dtype, validated_dims
     from megatron_sphinx.train.profiler import (PARTS, StepRecorder, instrument,
@@ -352,6 +352,11 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 cfg, model, pgs, dtype=dtype,
                 total_steps=len(names) * (args.warmup + args.steps))
             peak = device_peak_tflops(args.peak_tflops)
+            images = "gpu" if on_gpu else "cpu"
+            if args.data in ("stream", "synthetic"):
+                images = None  # generated pixels, nothing decoded
+            kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
+                                     fp8=args.fp8, images=images)
             recorder = StepRecorder(on_gpu)
             variants = []
             with instrument(model, optimizer, recorder, scheduler):
@@ -380,6 +385,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                              "dtype": str(dtype).replace("torch.", ""),
                              "recompute": args.recompute, "fp8": args.fp8,
                              "peak_tflops": peak},
+                "kernels": kernels,
                 "parts": list(PARTS),
                 "variants": variants,
                 "comm_calls": dict(recorder.comm_calls),
@@ -501,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     print(f"{report['recipe']} | {report['layout']} | {m['gpu'] or m['cpu']} "
           f"x{m['gpu_count'] or m['cpu_count']} | {report['settings']}")
+    print("kernels: " + " | ".join(f"{k} {v}" for k, v in report["kernels"].items()))
     print(format_table(report))
     return 0
 
