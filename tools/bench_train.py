@@ -11,7 +11,9 @@ variant in one invocation and prints one table:
 
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
-varlen call, see ``megatron_sphinx/model/attention.py``) and ``reference`` (``--no-packing
+varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled`` (with Megatron's
+torch.compile'd fusions, SwiGLU and bias-dropout-add, which the other variants turn off for
+start-up time; training on a GPU has them on) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
+            "packed-compiled": ([], {"TORCH_COMPILE_DISABLE": "0"}),
             "reference": (["--no-packing", "--no-skip"], {})}
 
 
@@ -48,13 +51,16 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
                "--data", "synthetic", "--steps", str(steps), "--save", tmp, *args, *extra]
-        env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS=str(max(1, 2 // nproc)),
-                   **variant_env)
+        env = {**os.environ, "TORCH_COMPILE_DISABLE": "1",
+               "OMP_NUM_THREADS": str(max(1, 2 // nproc)), **variant_env}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        if proc.returncode:
-            sys.exit(f"{name}/{variant} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode:  # reported, and the other rows still measured
+            print(f"{name}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+                  file=sys.stderr)
+            return {"layout": name, "variant": variant, "processes": nproc,
+                    "error": f"exit {proc.returncode}"}
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
     times = [r["step_time_s"] for r in rows]
     mfu = [r["mfu"] for r in rows[1:] if r.get("mfu") is not None]
@@ -79,7 +85,7 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="debug")
     p.add_argument("--steps", type=int, default=8)
@@ -91,16 +97,20 @@ def main() -> None:
             for name in args.layouts for variant in args.variants]
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
           f"extra args {' '.join(extra) or '-'}")
-    print(f"{'layout':7} {'variant':11} {'procs':>5} {'step s':>8} {'1st step s':>10} "
+    print(f"{'layout':7} {'variant':15} {'procs':>5} {'step s':>8} {'1st step s':>10} "
           f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['layout']:7} {r['variant']:15} {r['processes']:>5} failed ({r['error']})")
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['layout']:7} {r['variant']:11} {r['processes']:>5} {r['step_s']:>8.3f} "
+        print(f"{r['layout']:7} {r['variant']:15} {r['processes']:>5} {r['step_s']:>8.3f} "
               f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
               f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
