@@ -169,3 +169,45 @@ def test_segment_sdpa_uses_a_fused_kernel_on_gpu(monkeypatch):
     names = {e.name for e in prof.events()}
     assert not any("_scaled_dot_product_attention_math" in n for n in names), names
     assert any("flash" in n or "efficient" in n or "cudnn" in n for n in names), names
+
+
+@pytest.mark.parametrize("api", ["window_size+gqa", "is_causal"])
+def test_varlen_call_plumbing_for_both_torch_signatures(api, monkeypatch):
+    """The varlen path's arguments (causality, GQA, scale, cu_seqlens) for torch 2.10's and later
+    ``varlen_attn`` signatures, with a stand-in kernel computing the masked reference."""
+    seen = {}
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        seen.update(kwargs, cu_dtype=cu_q.dtype, max_q=max_q, kv_heads=k.shape[1])
+        causal = kwargs.get("window_size") == (-1, 0) or kwargs.get("is_causal") is True
+        assert causal and cu_q is cu_k
+        if k.shape[1] != q.shape[1]:
+            assert kwargs.get("enable_gqa") is True
+        return _reference(q, k, v, cu_q, kwargs.get("scale", q.shape[-1] ** -0.5)).to(q.dtype)
+
+    if api == "window_size+gqa":
+        monkeypatch.setattr(attention, "_varlen_api", lambda: (
+            fake_varlen, {"window_size": (-1, 0)}, True, True, ""))
+    else:
+        monkeypatch.setattr(attention, "_varlen_api", lambda: (
+            fake_varlen, {"is_causal": True}, False, False, ""))
+    torch.manual_seed(0)
+    lengths = [5, 0, 9, 2]
+    cu = _layout(lengths).to(torch.int64)  # converted to int32 for the kernel
+    q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    out = attention._varlen(q, k, v, cu, 9, 8 ** -0.5)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, cu, 8 ** -0.5))
+    assert seen["cu_dtype"] == torch.int32 and seen["max_q"] == 9
+    # GQA: passed through where the signature takes enable_gqa, else K/V repeated to 4 heads
+    assert seen["kv_heads"] == (2 if api == "window_size+gqa" else 4)
+    assert ("scale" in seen) == (api == "window_size+gqa")
+
+
+def test_varlen_signature_detected_on_the_installed_torch():
+    fn, causal, takes_gqa, takes_scale, why = attention._varlen_api()
+    if fn is None:
+        pytest.skip(f"this torch has no varlen attention: {why}")
+    # torch 2.10: is_causal=True; later: window_size=(-1, 0) (requirements.txt pins 2.14)
+    assert causal in ({"window_size": (-1, 0)}, {"is_causal": True})
+    if "window_size" in causal:
+        assert takes_gqa and takes_scale
