@@ -81,12 +81,15 @@ def test_fp8_where_it_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 
 
-def test_kernel_choices_are_logged_once_at_start_up(tmp_path):
+def test_kernel_choices_logged_and_no_final_save(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", "--recipe", "debug",
-                           "--steps", "1", "--global-batch-size", "1", "--save",
-                           str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+                           "--steps", "1", "--global-batch-size", "1", "--no-final-save",
+                           "--save", str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # --no-final-save: the step's metrics, no checkpoint
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not list((tmp_path / "run").glob("iter_*"))
     lines = [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     assert len(lines) == 1, proc.stderr[-2000:]
     if not __import__("torch").cuda.is_available():

@@ -7,7 +7,8 @@ variant in one invocation and prints one table:
 * tokens/s: real (non-padding) LLM tokens per second; TFLOP/s and MFU as the training command
   counts them (megatron_sphinx/train/flops.py);
 * launch overhead: process wall time minus the time spent in steps (imports, process groups,
-  model and optimizer construction, the first step's one-off costs).
+  model and optimizer construction, the first step's one-off costs). No checkpoint is written
+  (``--no-final-save``): saving a full-size model would dominate it.
 
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
@@ -50,7 +51,8 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
-               "--data", "synthetic", "--steps", str(steps), "--save", tmp, *args, *extra]
+               "--data", "synthetic", "--steps", str(steps), "--save", tmp, "--no-final-save",
+               *args, *extra]
         env = {**os.environ, "TORCH_COMPILE_DISABLE": "1",
                "OMP_NUM_THREADS": str(max(1, 2 // nproc)), **variant_env}
         t0 = time.perf_counter()

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--load", default=None, help="checkpoint or save directory to start from")
     p.add_argument("--save-interval", type=int, default=0, help="save every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep the newest N checkpoints")
+    p.add_argument("--no-final-save", dest="final_save", action="store_false",
+                   help="no checkpoint at the last step (benchmarks: metrics.jsonl only)")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

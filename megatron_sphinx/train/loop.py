@@ -257,7 +257,8 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
                             step, EXIT_REQUEUE)
             raise SystemExit(EXIT_REQUEUE)
     if step > start:
-        save(step)
+        if rc.final_save:
+            save(step)
     elif rank == 0:
         log.info("nothing to do: the run is already at step %d of %d", start, rc.steps)
     with contextlib.suppress(Exception):

@@ -30,6 +30,8 @@ class RunConfig:
     """Save every N steps (0: only at the end and on a stop signal)."""
     keep_last: int = 0
     """Keep only the newest N checkpoints (0 keeps all)."""
+    final_save: bool = True
+    """Save a checkpoint when the run reaches ``steps`` (False: metrics only, for benchmarks)."""
     global_batch_size: int | None = None
     """Packed sequences per step; None takes the recipe's."""
     seq_length: int | None = None
