@@ -22,7 +22,8 @@ from types import ModuleType
 
 import torch
 
-from kernels.reference import PackPlan, alloc
+from kernels.reference import PackPlan, PackTokensFunction, alloc
+from kernels.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,16 @@ class CudaBackend:
                 special: torch.Tensor, index: torch.Tensor, plan: PackPlan | None) -> None:
         """Writes ``out[i] = table[index[i]]``."""
         self.ext.forward(out, text, visual, special, index)
+
+    def autograd_apply(self, text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
+                       index: torch.Tensor) -> torch.Tensor:
+        """The op with its autograd node: the extension's C++ function (allocation, launch,
+        node, and in backward plan + gradient kernels, no Python per call), or with
+        ``MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD=python`` the shared ``PackTokensFunction``."""
+        env = settings()
+        if env.cuda_autograd == "python":
+            return PackTokensFunction.apply(text, visual, special, index, self)
+        return self.ext.pack_tokens(text, visual, special, index, CHUNK, env.debug)
 
     def backward(self, grad_out: torch.Tensor, plan: PackPlan, needs: tuple[bool, bool, bool]
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -168,6 +168,9 @@ def pack_tokens(text: torch.Tensor, visual: torch.Tensor, special: torch.Tensor,
                                     index.contiguous())
     if torch.is_grad_enabled() and (text.requires_grad or visual.requires_grad
                                     or special.requires_grad):
+        native = getattr(backend, "autograd_apply", None)  # a backend's own autograd node
+        if native is not None:
+            return native(text, visual, special, index)
         return PackTokensFunction.apply(text, visual, special, index, backend)
     return pack_forward(text, visual, special, index, backend)[0]  # no autograd node needed
 

@@ -17,6 +17,9 @@ DEBUG_ENV = "MEGATRON_SPHINX_PACK_DEBUG"
 IMPL_ENV = "MEGATRON_SPHINX_PACK_IMPL"
 #: Env override of the GPU Triton row-copy tile, ``"ELEMENTS,WARPS"`` (see ``kernels.triton_pack``).
 TILE_ENV = "MEGATRON_SPHINX_TRITON_TILE"
+#: Where the CUDA implementation's autograd node lives: ``cpp`` (default: the extension's own
+#: C++ autograd function, no Python per call) or ``python`` (the shared ``PackTokensFunction``).
+CUDA_AUTOGRAD_ENV = "MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Settings:
     """``MEGATRON_SPHINX_TRITON_TILE`` as written (empty when unset)."""
     triton_interpret: str | None
     """``TRITON_INTERPRET`` as written (part of the implementation choice's cache key)."""
+    cuda_autograd: str = "cpp"
+    """``MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD``: ``cpp`` or ``python``."""
 
 
 _current: Settings | None = None
@@ -44,7 +49,11 @@ def refresh() -> Settings:
         impl=env.get(IMPL_ENV, "") or "auto",
         debug=env.get(DEBUG_ENV, "0") not in ("", "0", "false", "False"),
         triton_tile=env.get(TILE_ENV, ""),
-        triton_interpret=env.get("TRITON_INTERPRET"))
+        triton_interpret=env.get("TRITON_INTERPRET"),
+        cuda_autograd=env.get(CUDA_AUTOGRAD_ENV, "") or "cpp")
+    if _current.cuda_autograd not in ("cpp", "python"):
+        bad, _current = _current.cuda_autograd, None
+        raise ValueError(f"{CUDA_AUTOGRAD_ENV}={bad!r}: use cpp or python")
     return _current
 
 

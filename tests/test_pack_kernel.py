@@ -425,6 +425,22 @@ def test_gpu_impls_on_arbitrary_indices(impl, case, hidden, dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@settings(max_examples=8, **SETTINGS)
+@given(batch=layouts(), hidden=st.sampled_from([8, 2048]))
+def test_gpu_cuda_cpp_and_python_autograd_nodes_agree(batch, hidden):
+    text, visual, special = sources(batch, hidden, torch.bfloat16, device="cuda")
+    index = batch.pack_index.cuda()
+    grad = torch.randn(index.numel(), hidden, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for node in ("cpp", "python"):
+        with env(MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD=node):
+            results.append(run("cuda", text, visual, special, index, grad))
+    (out_c, grads_c), (out_p, grads_p) = results
+    assert torch.equal(out_c, out_p)
+    assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_p))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_gpu_auto_selection_prefers_cuda():
     from kernels import impl_status
     assert resolve_impl(None, "cuda") == "cuda", impl_status("cuda")["cuda"][1]
@@ -559,3 +575,79 @@ def test_bench_triton_tile_sweep_under_the_interpreter():
     res = subprocess.run(cmd + ["--triton-tiles", "3000,4"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 2 and "ELEMENTS must be a power of two" in res.stderr, res.stderr
+
+
+# ------------------------------------------- the CUDA extension's C++ autograd glue, on the CPU
+
+@pytest.fixture(scope="module")
+def cpu_glue_ext():
+    """``pack_tokens.cpp`` (its C++ autograd function) over CPU stand-ins of the CUDA launchers
+    (``pack_tokens_cpu.cpp``): the allocation, plan and gradient dispatch of the extension,
+    checked without a GPU. The kernels themselves are checked by the GPU tests above."""
+    from torch.utils import cpp_extension
+    csrc = ROOT / "kernels" / "csrc"
+    try:
+        return cpp_extension.load(
+            name="megatron_sphinx_pack_tokens_cpu_glue",
+            sources=[str(csrc / "pack_tokens.cpp"), str(csrc / "pack_tokens_cpu.cpp")],
+            extra_cflags=["-O1", "-DPACK_TOKENS_CPU_REFERENCE"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no C++ compiler: say so
+        pytest.skip(f"the C++ extension does not build here: {str(exc).splitlines()[0]}")
+
+
+def _glue_check(ext, text, visual, special, index, dtype, needs=(True, True, True)):
+    for x, need in zip((text, visual, special), needs):
+        x.grad = None
+        x.requires_grad_(need)
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(index.numel(), text.shape[1], generator=g).to(dtype)
+    out = ext.pack_tokens(text, visual, special, index, 4, True)  # poisoned allocations
+    assert out.grad_fn is not None
+    out.backward(grad)
+    ref_out, ref_grads = oracle(text, visual, special, index, grad)
+    assert torch.equal(out.detach().double(), ref_out)
+    for name, x, want, need in zip(("text", "visual", "special"), (text, visual, special),
+                                   ref_grads, needs):
+        if not need:
+            assert x.grad is None, name
+            continue
+        assert x.grad is not None and not x.grad.isnan().any(), name
+        torch.testing.assert_close(x.grad.double(), want, **TOL[dtype], msg=f"grad_{name}")
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(batch=layouts(max_rows=2, max_images=3), hidden=st.sampled_from([1, 8, 24]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpp_autograd_glue_on_packed_layouts(cpu_glue_ext, batch, hidden, dtype):
+    text, visual, special = sources(batch, hidden, dtype)
+    _glue_check(cpu_glue_ext, text, visual, special, batch.pack_index, dtype)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(case=random_indices(), needs=st.tuples(st.booleans(), st.booleans(), st.booleans())
+       .filter(any))
+def test_cpp_autograd_glue_on_arbitrary_indices(cpu_glue_ext, case, needs):
+    t, r, index = case
+    g = torch.Generator().manual_seed(0)
+    text, visual, special = (torch.randn(n, 5, generator=g) for n in (t, r, NUM_SPECIAL))
+    _glue_check(cpu_glue_ext, text, visual, special, index, torch.float32, needs)
+
+
+def test_cpp_autograd_glue_refuses_double_backward_and_bad_input(cpu_glue_ext):
+    text, visual, special = (torch.randn(n, 4, requires_grad=True) for n in (2, 3, NUM_SPECIAL))
+    index = torch.tensor([0, 4, -1, 2, 5, 5])
+    out = cpu_glue_ext.pack_tokens(text, visual, special, index, 4, False)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(out.square().sum(), text, create_graph=True)
+    with pytest.raises(RuntimeError, match="hidden size"):
+        cpu_glue_ext.pack_tokens(text, visual, torch.zeros(3, 5), index, 4, False)
+
+
+def test_cuda_autograd_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD", "rust")
+    with pytest.raises(ValueError, match="use cpp or python"):
+        refresh_settings()
+    monkeypatch.setenv("MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD", "python")
+    assert refresh_settings().cuda_autograd == "python"
+    monkeypatch.delenv("MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD")
+    assert refresh_settings().cuda_autograd == "cpp"

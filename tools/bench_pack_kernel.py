@@ -263,6 +263,9 @@ def overhead(args, device: torch.device, impls: list[str], dtype: torch.dtype) -
 
     calls = {f"pack_tokens impl={k}": (plain, lambda k=k: pack_tokens(*leaves, index, impl=k))
              for k in impls}
+    if "cuda" in impls:  # its C++ autograd node (the default) against the Python Function
+        calls["cuda kernels, Python autograd node"] = (
+            plain, lambda: PackTokensFunction.apply(*leaves, index, backend_for("cuda")))
     calls[f"pack_tokens, no-op kernels ({auto})"] = (nulled, lambda: pack_tokens(*leaves, index))
     calls["Function.apply, no-op kernels"] = (
         plain, lambda: PackTokensFunction.apply(*leaves, index, null))
