@@ -33,3 +33,11 @@ def test_bench_train_rows_per_variant(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["packed", "packed-sdpa"]
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows)
+
+
+def test_audit_host_syncs_lists_call_sites():
+    proc = _run(["tools/audit_host_syncs.py", "--recipe", "debug"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("by call site:")[-1]
+    # the step's own loss read, attributed to its line in the project
+    assert "megatron_sphinx/train/step.py:" in table, table
