@@ -153,7 +153,8 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of "
-                f"micro_batch_size {self.micro_batch_size}")
+                f"micro_batch_size {self.micro_batch_size}: change --global-batch-size or "
+                "--micro-batch-size")
 
 
 @dataclass

@@ -25,9 +25,12 @@ def small_recipe(name: str):
     return cfg
 
 
-def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234):
-    """Process groups, model, optimizer, scheduler and synthetic loader of one rank."""
+def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234,
+          mbs=1):
+    """Process groups, model, optimizer, scheduler and synthetic loader of one rank
+    (``mbs`` packed rows per micro-batch)."""
     cfg = small_recipe(recipe)
+    cfg.train.micro_batch_size = mbs
     dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)
     groups = init_distributed(dims, timeout_s=120, seed=seed)
     pgs = groups.collection
@@ -36,7 +39,8 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
                         dtype=torch.float32, on_gpu=False)
     opt, sched = build_optimizer(cfg, model, pgs, dtype=torch.float32, total_steps=steps)
     loader = SyntheticLoader(cfg.llm.vocab_size, SEQ, cfg.vision.image_size, cfg.vision.grid,
-                             GLOBAL_BATCH, pgs.dp.rank(), pgs.dp.size(), seed=7)
+                             GLOBAL_BATCH, pgs.dp.rank(), pgs.dp.size(), seed=7,
+                             micro_batch_size=mbs)
     return cfg, dims, pgs, model, opt, sched, loader
 
 
@@ -57,7 +61,9 @@ def train_layout(rank, world_size, recipe, layout, init_ckpt, steps=3):
         out = []
         for _ in range(steps):
             micro = loader.next_step()
-            res = train_step(model, opt, micro, num_microbatches=len(micro), seq_length=SEQ,
+            assert all(m.shape[0] == cfg.train.micro_batch_size for m in micro)
+            res = train_step(model, opt, micro, num_microbatches=len(micro),
+                             seq_length=SEQ * cfg.train.micro_batch_size,
                              pg_collection=pgs, device=torch.device("cpu"), dp_group=pgs.dp)
             sched.step(1)
             out.append((res.loss, res.grad_norm))

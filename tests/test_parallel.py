@@ -2,7 +2,8 @@
 
 The world-size-1 model's weights are saved once per recipe and loaded onto each layout
 (Megatron reshards them), then three training steps run on the same global batches; losses and
-gradient norms must match the single-process run within 1e-5 relative.
+gradient norms must match the single-process run within 1e-5 relative. Micro-batches of several
+packed rows (one THD sequence each) must reproduce it too.
 """
 from __future__ import annotations
 
@@ -18,10 +19,15 @@ LAYOUTS = {
         ("pp2", 2, dict(pp=2)),
         ("dp2", 2, dict()),
         ("tp2_pp2", 4, dict(tp=2, pp=2)),
+        # micro-batches of 2 rows run as one THD sequence of 2 x seq_length tokens
+        ("mbs2", 1, dict(mbs=2)),
+        ("tp2_sp_mbs2", 2, dict(tp=2, sp=True, mbs=2)),
+        ("pp2_mbs2", 2, dict(pp=2, mbs=2)),
     ],
     "debug-moe": [
         ("ep2", 2, dict(ep=2)),
         ("tp2_sp_ep2", 4, dict(tp=2, ep=2, sp=True)),  # Megatron: MoE + TP needs SP
+        ("ep2_mbs2", 2, dict(ep=2, mbs=2)),
     ],
 }
 

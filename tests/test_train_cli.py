@@ -29,6 +29,8 @@ def test_unknown_recipe(capsys):
     (["--tp", "3"], "tp"),
     (["--recipe", "debug-moe", "--ep", "3"], "ep"),
     (["--pp", "3"], "pp"),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], "--micro-batch-size"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
 ])
 def test_parallel_sizes_that_do_not_divide(capsys, argv, needle):
     # checked before any process group exists: the layout is compared with the launcher's

@@ -14,7 +14,8 @@ Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (th
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
 varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled`` (with Megatron's
 torch.compile'd fusions, SwiGLU and bias-dropout-add, which the other variants turn off for
-start-up time; training on a GPU has them on) and ``reference`` (``--no-packing
+start-up time; training on a GPU has them on), ``packed-mbs2`` (two packed rows per forward
+pass, one THD sequence) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
@@ -41,6 +42,7 @@ LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2,
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": ([], {"TORCH_COMPILE_DISABLE": "0"}),
+            "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "reference": (["--no-packing", "--no-skip"], {})}
 
 

@@ -59,15 +59,18 @@ class StreamLoader:
     (``packing=False``); with ``skip_padded=False`` every sub-image is encoded (lengths, layout
     and views all follow :func:`~megatron_sphinx.data.geometry.image_geometry`'s switch). Each
     step is a global batch of ``global_batch_size`` rows; data-parallel rank ``r`` of ``D`` takes
-    rows ``r * G/D ... (r + 1) * G/D - 1`` as one-row micro-batches.
+    rows ``r * G/D ... (r + 1) * G/D - 1`` as micro-batches of ``micro_batch_size`` rows.
     """
 
     def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 packing: bool = True, image_fraction: float = 0.5, skip_padded: bool = True):
-        if global_batch_size % dp_size:
-            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
-                             f"data-parallel size {dp_size}: change --global-batch-size")
+                 packing: bool = True, image_fraction: float = 0.5, skip_padded: bool = True,
+                 micro_batch_size: int = 1):
+        if global_batch_size % dp_size or (global_batch_size // dp_size) % micro_batch_size:
+            raise ValueError(f"global batch {global_batch_size} does not split into "
+                             f"{dp_size} data-parallel ranks x micro-batches of "
+                             f"{micro_batch_size}: change --global-batch-size")
+        self.micro_batch_size = micro_batch_size
         self.vocab_size, self.seq_length = vocab_size, seq_length
         self.image_size, self.grid = image_size, grid
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
@@ -123,7 +126,7 @@ class StreamLoader:
         return [[self.sample(i) for i, _ in row] for row in self._packer.pack_step(self._feed)]
 
     def next_step(self) -> list:
-        """This rank's micro-batches (one row each) of the next global batch."""
+        """This rank's micro-batches (``micro_batch_size`` rows each) of the next global batch."""
         from megatron_sphinx.data.geometry import image_geometry
         from megatron_sphinx.data.layout import build_packed_batch
 
@@ -131,15 +134,18 @@ class StreamLoader:
         self.samples_seen += sum(len(r) for r in rows)
         per_rank = self.global_batch_size // self.dp_size
         v = self.image_size // self.grid
-        out = []
-        for i in range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank):
-            n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
-                                       self.skip_padded).view_valid().sum())
-                    for s in rows[i] if s.image_hw is not None)
-            rng = np.random.default_rng([self.seed, self._next, i])
-            views = torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
-            out.append(build_packed_batch([rows[i]], self.seq_length, self.image_size,
-                                          self.grid, views, self.skip_padded))
+        out, mbs = [], self.micro_batch_size
+        for first in range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank, mbs):
+            views = []
+            for i in range(first, first + mbs):
+                n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
+                                           self.skip_padded).view_valid().sum())
+                        for s in rows[i] if s.image_hw is not None)
+                rng = np.random.default_rng([self.seed, self._next, i])
+                views.append(torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32)))
+            out.append(build_packed_batch(rows[first:first + mbs], self.seq_length,
+                                          self.image_size, self.grid, torch.cat(views),
+                                          self.skip_padded))
         return out
 
 
@@ -161,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "otherwise), 'sample' (the embedded sample data's store) or a store path")
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="packed rows per forward pass (one THD sequence)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: known GPUs, e.g. H100 989; none on CPU)")
     p.add_argument("--no-packing", action="store_true", help="one padded sample per sequence")
@@ -211,6 +219,7 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
     return RunConfig(recipe=args.recipe, tp=args.tp, pp=args.pp, ep=args.ep,
                      sequence_parallel=args.sp, steps=args.warmup + args.steps, data=data,
                      global_batch_size=args.global_batch_size, seq_length=args.seq_length,
+                     micro_batch_size=args.micro_batch_size,
                      backend=args.backend, dtype=args.dtype, recompute=args.recompute,
                      packing=packing, skip_padded_views=skip,
                      timeout_minutes=args.timeout_minutes)
@@ -228,7 +237,8 @@ def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: i
     if args.data == "stream":
         return StreamLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
                             cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
-                            packing=packing, skip_padded=skip)
+                            packing=packing, skip_padded=skip,
+                            micro_batch_size=t.micro_batch_size)
     return build_loader(_run_config(args, packing, skip), cfg, dp_rank=dp_rank, dp_size=dp_size)
 
 
@@ -256,7 +266,8 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
                 with recorder.in_phase("data"):
                     micro = loader.next_step()
                 res = train_step(model, optimizer, micro, num_microbatches=len(micro),
-                                 seq_length=t.seq_length, pg_collection=pgs, device=device,
+                                 seq_length=t.seq_length * t.micro_batch_size,
+                                 pg_collection=pgs, device=device,
                                  dp_group=pgs.dp)
                 scheduler.step(increment=1)
                 times = recorder.end_step()
@@ -380,7 +391,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                            "sequence_parallel": dims.sequence_parallel},
                 "settings": {"seq_length": cfg.train.seq_length,
                              "global_batch_size": cfg.train.global_batch_size,
-                             "micro_batch_size": 1, "steps": args.steps,
+                             "micro_batch_size": cfg.train.micro_batch_size,
+                             "steps": args.steps,
                              "warmup": args.warmup, "data": args.data, "backend": backend,
                              "dtype": str(dtype).replace("torch.", ""),
                              "recompute": args.recompute, "fp8": args.fp8,

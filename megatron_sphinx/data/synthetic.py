@@ -31,11 +31,14 @@ class SyntheticLoader:
         image_fraction: Fraction of samples with an image.
         packing: Pack several samples per row (False: one sample per row).
         skip_padded: Skip fully padded sub-images (False: encode every sub-image).
+        micro_batch_size: Rows per micro-batch (each row drawn as with one row per micro-batch,
+            so the stream of rows does not depend on it).
     """
 
     def __init__(self, vocab_size: int, seq_length: int, image_size: int, grid: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 image_fraction: float = 0.5, packing: bool = True, skip_padded: bool = True):
+                 image_fraction: float = 0.5, packing: bool = True, skip_padded: bool = True,
+                 micro_batch_size: int = 1):
         if global_batch_size % dp_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                              f"data-parallel size {dp_size}")
@@ -44,6 +47,10 @@ class SyntheticLoader:
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.seed, self.image_fraction, self.packing = seed, image_fraction, packing
         self.skip_padded = skip_padded
+        if (global_batch_size // dp_size) % micro_batch_size:
+            raise ValueError(f"{global_batch_size // dp_size} rows per data-parallel rank do not "
+                             f"split into micro-batches of {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
         self.step = 0
 
     def _sample(self, rng: np.random.Generator, room: int) -> Sample | None:
@@ -83,15 +90,18 @@ class SyntheticLoader:
         return torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
 
     def next_step(self) -> list[PackedBatch]:
-        """This rank's micro-batches (one row each) of the next global batch."""
+        """This rank's micro-batches (``micro_batch_size`` rows each) of the next global batch."""
         per_rank = self.global_batch_size // self.dp_size
         out = []
-        for i in range(per_rank):
-            row_id = self.dp_rank * per_rank + i
-            rng = np.random.default_rng([self.seed, self.step, row_id])
-            rows = [self._row(rng)]
+        for first in range(0, per_rank, self.micro_batch_size):
+            rows, views = [], []
+            for i in range(first, first + self.micro_batch_size):
+                row_id = self.dp_rank * per_rank + i
+                rng = np.random.default_rng([self.seed, self.step, row_id])
+                rows.append(self._row(rng))
+                views.append(self._views(rng, rows[-1:]))
             out.append(build_packed_batch(rows, self.seq_length, self.image_size, self.grid,
-                                          self._views(rng, rows), self.skip_padded))
+                                          torch.cat(views), self.skip_padded))
         self.step += 1
         return out
 

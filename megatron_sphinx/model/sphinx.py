@@ -72,7 +72,8 @@ class SphinxModel(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        """Builds the LLM input ``[s, b, h]`` (``[s / tp, b, h]`` with sequence parallelism)."""
+        """Builds the LLM input ``[b * s, 1, h]``: the micro-batch's rows one after the other as
+        one THD sequence (``[b * s / tp, 1, h]`` with sequence parallelism)."""
         b, s = batch.shape
         words = self.language_model.embedding.word_embeddings
         text = words(batch.text_ids.unsqueeze(0)).squeeze(0)  # [T, h]
@@ -85,6 +86,8 @@ class SphinxModel(MegatronModule):
         visual = visual.to(text.dtype)
         special = special.to(text.dtype)
         index = batch.pack_index  # [s * b], sequence-first
+        if b > 1:  # rows one after the other, as cu_seqlens counts them
+            index = index.view(s, b).t().reshape(-1)  # [b * s]
         if self.config.sequence_parallel:
             tp = self.tp_group.size()
             chunk = index.numel() // tp
@@ -93,22 +96,24 @@ class SphinxModel(MegatronModule):
             # Each rank writes its sequence chunk; backward all-reduces the sources' gradients.
             text, visual, special = (copy_to_tensor_model_parallel_region(t, group=self.tp_group)
                                      for t in (text, visual, special))
-        out = pack_tokens(text, visual, special, index)  # [s * b (/ tp), h]
-        return out.view(-1, b, out.shape[-1])  # [s, b, h]
+        out = pack_tokens(text, visual, special, index)  # [b * s (/ tp), h]
+        return out.view(-1, 1, out.shape[-1])  # [b * s, 1, h]
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Runs this stage on a packed micro-batch.
 
+        The ``b`` rows of the micro-batch run as one THD sequence of ``b * s`` tokens
+        (``cu_seqlens`` already counts row by row), so a row is only a packing unit.
+
         Returns:
-            Per-token losses ``[b, s]`` on the last stage, hidden states ``[s, b, h]`` elsewhere.
+            Per-token losses ``[1, b * s]`` (row after row) on the last stage, hidden states
+            ``[b * s, 1, h]`` elsewhere.
         """
-        if batch.shape[0] != 1:
-            raise ValueError("packed micro-batches have one row (THD format): "
-                             "use micro_batch_size 1 and more micro-batches")
         decoder_input = self.embed(batch) if self.pre_process else None
         packed = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
             max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
         return self.language_model(
             input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input,
-            labels=batch.labels if self.post_process else None, packed_seq_params=packed)
+            labels=batch.labels.reshape(1, -1) if self.post_process else None,
+            packed_seq_params=packed)

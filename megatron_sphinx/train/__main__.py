@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="no checkpoint at the last step (benchmarks: metrics.jsonl only)")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="packed rows per forward pass (run as one THD sequence)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])

@@ -25,7 +25,8 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
 
         return SyntheticLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
                                cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
-                               packing=rc.packing, skip_padded=rc.skip_padded_views)
+                               packing=rc.packing, skip_padded=rc.skip_padded_views,
+                               micro_batch_size=t.micro_batch_size)
     from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
     from megatron_sphinx.data.store import StoreReader
 

@@ -40,6 +40,10 @@ def resolve_recipe(rc: RunConfig) -> SphinxConfig:
         t.global_batch_size = rc.global_batch_size
     if rc.seq_length is not None:
         t.seq_length = rc.seq_length
+    if rc.micro_batch_size is not None:
+        if rc.micro_batch_size < 1:
+            raise ValueError("--micro-batch-size must be at least 1")
+        t.micro_batch_size = rc.micro_batch_size
     if rc.lr is not None:
         t.lr = rc.lr
     if rc.seed is not None:
@@ -110,10 +114,15 @@ def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parall
     if cfg.train.global_batch_size % dims.dp:
         raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
                          f"data-parallel size {dims.dp}: change --global-batch-size")
+    mbs = cfg.train.micro_batch_size
+    if (cfg.train.global_batch_size // dims.dp) % mbs:
+        raise ValueError(f"{cfg.train.global_batch_size // dims.dp} rows per data-parallel rank "
+                         f"do not split into micro-batches of {mbs}: change --micro-batch-size "
+                         "or --global-batch-size")
     dims.validate_model(num_layers=cfg.llm.num_layers, num_heads=cfg.llm.num_attention_heads,
                         num_kv_heads=cfg.llm.num_query_groups, num_experts=cfg.llm.num_experts,
                         seq_length=cfg.train.seq_length,
-                        num_microbatches=cfg.train.global_batch_size // dims.dp,
+                        num_microbatches=cfg.train.global_batch_size // dims.dp // mbs,
                         model_name=cfg.name)
     return dims
 
@@ -205,7 +214,6 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
     stop = StopRequest(rc.exit_after_minutes)
     peak = device_peak_tflops()
     world = torch.distributed.get_world_size()
-    per_rank_rows = cfg.train.global_batch_size // dims.dp
     results: list[StepResult] = []
 
     saved_at = start
@@ -226,8 +234,9 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
     for step in range(start + 1, rc.steps + 1):
         t0 = time.perf_counter()
         micro = loader.next_step()
-        res = train_step(model, optimizer, micro, num_microbatches=per_rank_rows,
-                         seq_length=cfg.train.seq_length, pg_collection=pgs, device=device,
+        res = train_step(model, optimizer, micro, num_microbatches=len(micro),
+                         seq_length=cfg.train.seq_length * cfg.train.micro_batch_size,
+                         pg_collection=pgs, device=device,
                          dp_group=pgs.dp)
         scheduler.step(increment=1)
         if on_gpu:

@@ -36,6 +36,8 @@ class RunConfig:
     """Packed sequences per step; None takes the recipe's."""
     seq_length: int | None = None
     """Packed sequence length; None takes the recipe's."""
+    micro_batch_size: int | None = None
+    """Packed rows per micro-batch, run as one THD sequence; None takes the recipe's (1)."""
     lr: float | None = None
     """Peak learning rate; None takes the recipe's."""
     seed: int | None = None

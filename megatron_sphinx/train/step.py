@@ -58,7 +58,8 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
         optimizer: The Megatron optimizer over those chunks.
         microbatches: This rank's micro-batches (every pipeline stage iterates its own copy).
         num_microbatches: Micro-batches per step on this rank.
-        seq_length: Packed sequence length (pipeline p2p shapes).
+        seq_length: Tokens per micro-batch, ``rows x packed sequence length`` (pipeline p2p
+            shapes: a micro-batch's rows run as one THD sequence).
         pg_collection: Megatron process groups.
         device: Where batches go.
         dp_group: Data-parallel group over which the reported loss is summed.
