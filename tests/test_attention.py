@@ -139,8 +139,11 @@ def test_varlen_kernel_matches_sdpa_on_gpu(groups, monkeypatch):
         out = packed_causal_attention(q, k, v, cu, max(lengths), scale=d ** -0.5)
         (grad,) = torch.autograd.grad((out.float() * w).sum(), (qkv,))
         results[name] = (out, grad)
-    for a, b in zip(results["varlen"], results["sdpa"]):
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(("out", "grad"), results["varlen"], results["sdpa"]):
+        a, b = a.float(), b.float()
+        assert torch.isfinite(a).all(), name
+        rel = float((a - b).norm() / b.norm())
+        assert rel < 1e-2, (name, rel)  # bf16 operands: 1e-3 to 1e-2 relative
 
 
 def test_rope_dispatch_cpu_loop_gpu_gather(monkeypatch):
