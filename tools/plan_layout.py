@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU in GiB")
     p.add_argument("--seq-length", type=int, default=None, help="default: the recipe's")
     p.add_argument("--global-batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--micro-batch-size", type=int, default=1,
+                   help="packed rows per forward pass (one THD sequence)")
     p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak the compute reaches")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU (H100: 989)")
@@ -54,7 +56,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: give a positive peak")
     if not 0 <= args.headroom < 1:
         raise ValueError(f"--headroom {args.headroom}: give a fraction in [0, 1)")
-    for name in ("seq_length", "global_batch_size"):
+    for name in ("seq_length", "global_batch_size", "micro_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
@@ -115,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     gbs = args.global_batch_size or cfg.train.global_batch_size
     plans = plan_layouts(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib, seq_length=seq,
                          global_batch_size=gbs, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                         headroom=args.headroom, max_tp=args.max_tp)
+                         headroom=args.headroom, max_tp=args.max_tp,
+                         micro_batch_size=args.micro_batch_size)
     shown = [p for p in plans if p.fits or args.all]
     records = [plan_record(p, seq, gbs) for p in shown]
     if args.top:
         records = records[:args.top]
     print(f"{cfg.name} on {args.gpus} x {args.gpu_mem_gib:g} GiB (usable "
           f"{(1 - args.headroom) * args.gpu_mem_gib:.1f} GiB), seq {seq}, global batch {gbs}, "
-          f"micro-batch 1, bf16, MFU {args.mfu} of {args.peak_tflops:g} TFLOP/s")
+          f"micro-batch {args.micro_batch_size}, bf16, MFU {args.mfu} of {args.peak_tflops:g} TFLOP/s")
     print(f"{sum(p.fits for p in plans)} of {len(plans)} valid layout x recompute options fit")
     if records:
         print(format_table(records))

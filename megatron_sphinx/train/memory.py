@@ -463,14 +463,15 @@ def plan_layouts(cfg: SphinxConfig, *, gpus: int, gpu_mem_gib: float, seq_length
                  headroom: float = 0.1, max_tp: int = 8, dtype: torch.dtype = torch.bfloat16,
                  path: KernelPath = "te", views: int | None = None,
                  recompute_options: tuple[Recompute, ...] = ("none", "selective", "full"),
-                 ) -> list[LayoutPlan]:
+                 micro_batch_size: int = 1) -> list[LayoutPlan]:
     """Every valid TP/PP/EP/DP layout and recompute option, sorted by estimated step time.
 
     A layout is valid when :class:`ParallelDims` and its ``validate_model`` accept it
     (Megatron-Core 0.19 rules: ``etp * ep`` divides ``dp * tp``, ep divides the experts, MoE with
     TP needs sequence parallelism...), tp is a power of two up to ``max_tp`` (one node),
     sequence parallelism is on whenever tp > 1, and the global batch splits over dp into
-    micro-batches of one row. It fits when its busiest stage needs at most
+    micro-batches of ``micro_batch_size`` rows (run as one THD sequence, so estimated as one row
+    of ``micro_batch_size * seq_length`` positions; ``views`` is per row). It fits when its busiest stage needs at most
     ``(1 - headroom) * gpu_mem_gib`` (the headroom covers the CUDA context, NCCL buffers and
     fragmentation, which are not modelled).
 
@@ -490,9 +491,10 @@ def plan_layouts(cfg: SphinxConfig, *, gpus: int, gpu_mem_gib: float, seq_length
                 try:
                     dims = ParallelDims(world_size=gpus, tp=tp, pp=pp, ep=ep,
                                         sequence_parallel=tp > 1)
-                    if global_batch_size % dims.dp:
+                    if global_batch_size % dims.dp or \
+                            (global_batch_size // dims.dp) % micro_batch_size:
                         continue
-                    m = global_batch_size // dims.dp
+                    m = global_batch_size // dims.dp // micro_batch_size
                     dims.validate_model(num_layers=llm.num_layers,
                                         num_heads=llm.num_attention_heads,
                                         num_kv_heads=llm.num_query_groups,
@@ -501,12 +503,15 @@ def plan_layouts(cfg: SphinxConfig, *, gpus: int, gpu_mem_gib: float, seq_length
                 except ValueError:
                     continue
                 for rc in recompute_options:
-                    stages = estimate_memory(cfg, dims, seq_length=seq_length,
-                                             num_microbatches=m, dtype=dtype, path=path,
-                                             recompute=rc, views=views)
-                    time = estimate_step_time(cfg, dims, seq_length=seq_length,
-                                              global_batch_size=global_batch_size, mfu=mfu,
-                                              peak_tflops=peak_tflops, recompute=rc)
+                    tokens = seq_length * micro_batch_size  # per micro-batch
+                    stages = estimate_memory(
+                        cfg, dims, seq_length=tokens, num_microbatches=m, dtype=dtype,
+                        path=path, recompute=rc,
+                        views=None if views is None else views * micro_batch_size)
+                    time = estimate_step_time(
+                        cfg, dims, seq_length=tokens,
+                        global_batch_size=global_batch_size // micro_batch_size, mfu=mfu,
+                        peak_tflops=peak_tflops, recompute=rc)
                     peak = max(s.total for s in stages)
                     plans.append(LayoutPlan(dims, rc, stages, time, peak <= usable))
     plans.sort(key=lambda p: (p.time.seconds, p.peak.total))
