@@ -282,7 +282,9 @@ def convert(load: str, out: str, *, tokenizer: str | None = None, dtype: str = "
     try:
         with cpu_compat.cpu_device_mode(), torch.no_grad():
             model = build_tp1_model(cfg, groups, out_dtype, initialise=False)
+            log.info("reading the checkpoint's weights (resharded to one process)")
             load_model_weights(model, ckpt)
+            log.info("mapping %d tensors to Hugging Face names", len(model.state_dict()))
             llm_state, mm_state = export_states(model, out_dtype)
             del model
     finally:

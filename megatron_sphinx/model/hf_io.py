@@ -205,8 +205,10 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def write_hf_files(out: Path, state: Mapping[str, torch.Tensor], config: Any,
                    max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes ``config.json`` and safetensors shards (+ index when more than one) into ``out``."""
+    """Writes ``config.json`` and safetensors shards (+ index when more than one) into ``out``,
+    with a progress bar over the shards (stderr) when there are several."""
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     config_dict = config if isinstance(config, Mapping) else config.to_dict()
     config_dict = dict(config_dict)
@@ -220,7 +222,8 @@ def write_hf_files(out: Path, state: Mapping[str, torch.Tensor], config: Any,
         save_file(dict(shards[0]), str(out / "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+    for i, shard in enumerate(tqdm(shards, desc=f"writing {out.name}", unit="shard",
+                                   mininterval=5.0)):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(dict(shard), str(out / name), metadata={"format": "pt"})
         for key, t in shard.items():
