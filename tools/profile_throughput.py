@@ -143,9 +143,10 @@ class StreamLoader:
                         for s in rows[i] if s.image_hw is not None)
                 rng = np.random.default_rng([self.seed, self._next, i])
                 views.append(torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32)))
-            out.append(build_packed_batch(rows[first:first + mbs], self.seq_length,
-                                          self.image_size, self.grid, torch.cat(views),
-                                          self.skip_padded))
+            batch = build_packed_batch(rows[first:first + mbs], self.seq_length,
+                                       self.image_size, self.grid, torch.cat(views),
+                                       self.skip_padded)
+            out.append(batch.pin_memory() if torch.cuda.is_available() else batch)
         return out
 
 
