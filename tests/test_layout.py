@@ -60,14 +60,15 @@ def test_overlong_row_raises():
         build_packed_batch([[_sample(10, 1)]], 8, 448, 2)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
-                    reason="page-locked memory needs a CUDA device")
 def test_pinned_batch_is_equal_and_pinned():
     import torch
 
     rows = [[Sample(np.arange(5, dtype=np.int32), np.ones(5, dtype=bool))]]
     pb = build_packed_batch(rows, 16, 448, 2)
     pinned = pb.pin_memory()
+    if not torch.cuda.is_available():  # nothing to copy to: the batch itself
+        assert pinned is pb
+        return
     for name, value in vars(pb).items():
         if torch.is_tensor(value):
             assert getattr(pinned, name).is_pinned()

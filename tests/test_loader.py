@@ -206,15 +206,11 @@ def test_bad_settings_are_refused(source):
 
 def test_store_reader_feeds_the_loader(tmp_path):
     store = pytest.importorskip("megatron_sphinx.data.store")
+    from tests.stores import write_source_store
+
     src = make_source(n=24, seed=4)
-    meta = store.StoreMeta(image_size=448, grid=2, seq_length=4096, source_names=src.source_names)
     path = tmp_path / "s.zarr"
-    store.create_store(path, meta)
-    w = store.ShardWriter(path, 0, 448, 2)
-    for k, (smp, img) in enumerate(zip(src.samples, src.images)):
-        w.add(smp, img, (smp.source_id, k))
-    w.close()
-    store.write_index(path, meta)
+    write_source_store(path, src, src.source_names)
     reader = store.StoreReader(path, image_size=448, grid=2)
     assert isinstance(reader, SampleSource)
     # the store orders by (source, record): compare against the same order in memory

@@ -158,17 +158,11 @@ def test_profiled_steps_are_the_training_commands_steps(tmp_path):
 
 
 def _tiny_store(path):
-    from megatron_sphinx.data import store
+    from tests.stores import write_source_store
     from tests.test_loader_switches import make_source
 
     src = make_source(n=16, seed=5)
-    meta = store.StoreMeta(image_size=448, grid=2, seq_length=4096, source_names=["0", "1"])
-    store.create_store(path, meta)
-    w = store.ShardWriter(path, 0, 448, 2)
-    for k, (smp, img) in enumerate(zip(src.samples, src.images)):
-        w.add(smp, img, (smp.source_id, k))
-    w.close()
-    store.write_index(path, meta)
+    write_source_store(path, src, ["0", "1"])
     return src
 
 

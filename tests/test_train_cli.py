@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_sphinx.train.__main__ import main
 
@@ -74,7 +75,7 @@ def test_command_line_exit_code_and_single_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown recipe 'nope'")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.parametrize("argv,needle", [
     (["--fp8"], "drop --fp8"),
     (["--fp8", "--backend", "local"], "drop --backend local"),
@@ -94,6 +95,6 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     assert not list((tmp_path / "run").glob("iter_*"))
     lines = [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     assert len(lines) == 1, proc.stderr[-2000:]
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         assert lines[0].endswith("kernels: layers local | attention sdpa | pack_tokens torch | "
                                  "images DALI cpu | adam torch AdamW | communication gloo")

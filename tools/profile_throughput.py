@@ -143,10 +143,9 @@ class StreamLoader:
                         for s in rows[i] if s.image_hw is not None)
                 rng = np.random.default_rng([self.seed, self._next, i])
                 views.append(torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32)))
-            batch = build_packed_batch(rows[first:first + mbs], self.seq_length,
-                                       self.image_size, self.grid, torch.cat(views),
-                                       self.skip_padded)
-            out.append(batch.pin_memory() if torch.cuda.is_available() else batch)
+            out.append(build_packed_batch(rows[first:first + mbs], self.seq_length,
+                                          self.image_size, self.grid, torch.cat(views),
+                                          self.skip_padded).pin_memory())
         return out
 
 
@@ -222,7 +221,7 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      global_batch_size=args.global_batch_size, seq_length=args.seq_length,
                      micro_batch_size=args.micro_batch_size,
                      backend=args.backend, dtype=args.dtype, recompute=args.recompute,
-                     packing=packing, skip_padded_views=skip,
+                     fp8=args.fp8, packing=packing, skip_padded_views=skip,
                      timeout_minutes=args.timeout_minutes)
 
 
@@ -333,18 +332,12 @@ def run_profile(args: argparse.Namespace) -> dict | None:
     from megatron_sphinx.model.specs import choose_backend
     from megatron_sphinx.train.build import build_model, build_optimizer, kernel_choices
     from megatron_sphinx.train.flops import device_peak_tflops
-    from megatron_sphinx.train.loop import resolve_recipe, train_dtype, validated_dims
+    from megatron_sphinx.train.loop import preflight
     from megatron_sphinx.train.profiler import (PARTS, StepRecorder, instrument,
                                                 machine_info)
 
-    rc = _run_config(args)
-    cfg = resolve_recipe(rc)
-    dims = validated_dims(cfg, args.tp, args.pp, args.ep, args.sp)
+    cfg, dims, dtype = preflight(_run_config(args))
     on_gpu = torch.cuda.is_available()
-    dtype = train_dtype(args.dtype)
-    if args.fp8:
-        from megatron_sphinx.model.specs import check_fp8
-        check_fp8(args.backend, dtype)
     groups = distributed.init_distributed(dims, timeout_s=60.0 * args.timeout_minutes,
                                           seed=cfg.train.seed)
     try:
@@ -364,9 +357,10 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 cfg, model, pgs, dtype=dtype,
                 total_steps=len(names) * (args.warmup + args.steps))
             peak = device_peak_tflops(args.peak_tflops)
-            images = "gpu" if on_gpu else "cpu"
-            if args.data in ("stream", "synthetic"):
-                images = None  # generated pixels, nothing decoded
+            images = None  # stream / synthetic: generated pixels, nothing decoded
+            if args.data not in ("stream", "synthetic"):
+                from megatron_sphinx.data.images import resolve_device
+                images = resolve_device()
             kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
                                      fp8=args.fp8, images=images)
             recorder = StepRecorder(on_gpu)

@@ -64,30 +64,29 @@ void forward_into(at::Tensor out, const at::Tensor& text, const at::Tensor& visu
   pack_forward_cuda(out, text, visual, special, index);
 }
 
-void gather_rows(at::Tensor grad_src, const at::Tensor& grad_out, const at::Tensor& order,
-                 const at::Tensor& offsets, int64_t row_base) {
+// The arguments of a gradient gather into `grad` (`name`) of the rows [base, base + rows).
+void check_gather(const at::Tensor& grad, const char* name, const at::Tensor& grad_out,
+                  const at::Tensor& order, const at::Tensor& offsets, int64_t base) {
   check_dtype(grad_out);
   check_rows(grad_out, "grad_out", grad_out);
-  check_rows(grad_src, "grad_src", grad_out);
+  check_rows(grad, name, grad_out);
   check_int(order, "order", grad_out);
   check_int(offsets, "offsets", grad_out);
   TORCH_CHECK(order.numel() == grad_out.size(0), "order must have one entry per output row");
-  TORCH_CHECK(row_base >= 0 && row_base + grad_src.size(0) < offsets.numel(),
-              "offsets too short for rows [", row_base, ", ", row_base + grad_src.size(0), ")");
+  TORCH_CHECK(base >= 0 && base + grad.size(0) < offsets.numel(), "offsets too short for ",
+              name, " rows [", base, ", ", base + grad.size(0), ")");
+}
+
+void gather_rows(at::Tensor grad_src, const at::Tensor& grad_out, const at::Tensor& order,
+                 const at::Tensor& offsets, int64_t row_base) {
+  check_gather(grad_src, "grad_src", grad_out, order, offsets, row_base);
   gather_rows_cuda(grad_src, grad_out, order, offsets, row_base);
 }
 
 void special_grad(at::Tensor grad_sp, const at::Tensor& grad_out, const at::Tensor& order,
                   const at::Tensor& offsets, int64_t sp_base, int64_t chunk) {
-  check_dtype(grad_out);
-  check_rows(grad_out, "grad_out", grad_out);
-  check_rows(grad_sp, "grad_special", grad_out);
-  check_int(order, "order", grad_out);
-  check_int(offsets, "offsets", grad_out);
-  TORCH_CHECK(order.numel() == grad_out.size(0), "order must have one entry per output row");
+  check_gather(grad_sp, "grad_special", grad_out, order, offsets, sp_base);
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  TORCH_CHECK(sp_base >= 0 && sp_base + grad_sp.size(0) < offsets.numel(),
-              "offsets too short for the special rows");
   special_grad_cuda(grad_sp, grad_out, order, offsets, sp_base, chunk);
 }
 

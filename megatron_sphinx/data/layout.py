@@ -118,7 +118,10 @@ class PackedBatch:
 
     def pin_memory(self) -> "PackedBatch":
         """A copy whose CPU tensors are in page-locked memory (tensors elsewhere are kept), so
-        that ``to(cuda, non_blocking=True)`` neither blocks the host nor waits for the GPU."""
+        that ``to(cuda, non_blocking=True)`` neither blocks the host nor waits for the GPU; the
+        batch itself where there is no CUDA (nothing to copy to)."""
+        if not torch.cuda.is_available():
+            return self
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)

@@ -440,9 +440,7 @@ class PackedLoader:
             s = min(s, -(-longest // m) * m)
         pb = build_packed_batch(sample_rows, s, cfg.image_size, cfg.grid, views,
                                 skip_padded=cfg.skip_padded)
-        if self._gpu_index is not None and cfg.num_workers > 0:
-            # In the worker, off the training loop's path: its copy to the GPU is then async.
-            pb = pb.pin_memory()
+        pb = pb.pin_memory()  # in a worker, off the training loop's path (no-op without CUDA)
         with self._stats_lock:
             self.stats["samples"] += pb.num_samples
             self.stats["tokens"] += pb.num_tokens

@@ -100,11 +100,8 @@ class SyntheticLoader:
                 rng = np.random.default_rng([self.seed, self.step, row_id])
                 rows.append(self._row(rng))
                 views.append(self._views(rng, rows[-1:]))
-            batch = build_packed_batch(rows, self.seq_length, self.image_size, self.grid,
-                                       torch.cat(views), self.skip_padded)
-            # page-locked on GPU machines: the step's copy to the GPU is then async, as with
-            # the PackedLoader's (its workers pin)
-            out.append(batch.pin_memory() if torch.cuda.is_available() else batch)
+            out.append(build_packed_batch(rows, self.seq_length, self.image_size, self.grid,
+                                          torch.cat(views), self.skip_padded).pin_memory())
         self.step += 1
         return out
 

@@ -127,12 +127,30 @@ def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parall
     return dims
 
 
+def preflight(rc: RunConfig):
+    """The recipe, parallel layout and dtype of ``rc``, all checked before any process group
+    exists (the trainer and the profiler share it).
+
+    Returns:
+        ``(cfg, dims, dtype)``.
+
+    Raises:
+        ValueError: One line saying what to change.
+    """
+    cfg = resolve_recipe(rc)
+    dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel)
+    dtype = train_dtype(rc.dtype)
+    if rc.fp8:
+        from megatron_sphinx.model.specs import check_fp8
+        check_fp8(rc.backend, dtype)
+    return cfg, dims, dtype
+
+
 def run(rc: RunConfig) -> list[StepResult]:
     """Trains according to ``rc``; returns the results of the steps run (on every rank)."""
     from megatron_sphinx import distributed
 
-    cfg = resolve_recipe(rc)
-    dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel)
+    cfg, dims, dtype = preflight(rc)
     rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
     check_save_dir(rc.save, cfg)
     load_from = None
@@ -144,10 +162,6 @@ def run(rc: RunConfig) -> list[StepResult]:
         _check_load_matches(load_from, cfg)
 
     on_gpu = torch.cuda.is_available()
-    dtype = train_dtype(rc.dtype)
-    if rc.fp8:
-        from megatron_sphinx.model.specs import check_fp8
-        check_fp8(rc.backend, dtype)
     from megatron_sphinx import cpu_compat
 
     groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
