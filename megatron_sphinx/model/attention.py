@@ -99,12 +99,17 @@ def choose_kernel(query: torch.Tensor, dropout: float, scale: float) -> str:
     return chosen
 
 
+def _repeat_kv(query, key, value):
+    """Keys and values repeated to the query's heads (grouped-query attention spelled out)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def _segments_sdpa(query, key, value, cu_seqlens, scale, dropout):
     """Per-segment causal SDPA on 4-D views; GQA by repeating keys and values."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = _repeat_kv(query, key, value)
     out = torch.empty_like(query)  # [t, np, d]
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -126,9 +131,7 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen, scale):
         if takes_gqa:
             kwargs["enable_gqa"] = True
         else:
-            groups = query.shape[1] // key.shape[1]
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
+            key, value = _repeat_kv(query, key, value)
     cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
     return fn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
