@@ -2,9 +2,11 @@
 
 Three concern Megatron's distributed optimizer running on plain ``torch.optim.AdamW`` (no Apex,
 no Transformer Engine): always the case on CPUs, and on GPU installs without TE. Each of those
-checks ``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used. The fourth makes
-the unfused RoPE of packed (THD) sequences on GPUs one vectorised op instead of a Python loop
-over segments with host syncs (GPUs without TE's fused RoPE). CPU-only patches live in
+checks ``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used. The fourth
+replaces the same installs' fallback multi-tensor gradient norm and scale, which read one value
+per gradient tensor on the host, with ``torch._foreach`` ops. The fifth makes the unfused RoPE of
+packed (THD) sequences on GPUs one vectorised op instead of a Python loop over segments with
+host syncs (GPUs without TE's fused RoPE). CPU-only patches live in
 :mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
 these.
 """
@@ -116,6 +118,58 @@ def _fix_distrib_optimizer_load_skips_step() -> None:
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
+def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor=False, *args):
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: fp32 ``[1]`` L2 norm of all tensors, no sync.
+
+    Megatron's fallback (``megatron.core.utils.local_multi_tensor_l2_norm``) builds its result
+    with ``torch.tensor(list_of_norms)``, one host read per gradient tensor (~140 per step for
+    sphinx-tiny), each a stall until the GPU drains. Here: one ``_foreach_norm`` in fp32 and a
+    norm of the stacked norms, on the tensors' device.
+    """
+    del chunk_size, noop_flag, args
+    if per_tensor:
+        raise NotImplementedError("per-tensor norms are not used by Megatron's gradient clipping")
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for ``amp_C.multi_tensor_scale``: ``dst = src * scale`` in a few foreach kernels.
+
+    Megatron's fallback (``megatron.core.utils.local_multi_tensor_scale``) issues two kernels per
+    tensor (multiply, copy); used for gradient clipping and the optimizer's main-to-model copies.
+    """
+    del chunk_size, noop_flag
+    src, dst = tensor_lists
+    if not dst:
+        return
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _fix_local_multi_tensor_ops() -> None:
+    """Gradient norm and scale without per-tensor host reads where Apex and TE are absent.
+
+    ``optimizer/clip_grads.py`` and ``optimizer/optimizer.py`` bind Megatron's local fallbacks
+    when neither Apex nor Transformer Engine is importable; they are swapped for
+    :func:`multi_tensor_l2_norm` and :func:`multi_tensor_scale` (same arguments, same results up
+    to summation order). Installs with the fused ops are left alone.
+    """
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = multi_tensor_l2_norm
+    for mod in (clip_grads, optimizer):
+        if mod.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            mod.multi_tensor_scale_impl = multi_tensor_scale
+
+
 def thd_rope_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """int64 ``[num_tokens]`` position of each packed token within its segment (no host sync).
 
@@ -178,6 +232,7 @@ _FIXES = (
     _fix_distrib_optimizer_step_unshare,
     _fix_distrib_optimizer_fresh_state,
     _fix_distrib_optimizer_load_skips_step,
+    _fix_local_multi_tensor_ops,
     _fix_thd_rope_loop,
 )
 
