@@ -198,8 +198,10 @@ def test_bad_settings_are_refused(source):
     with PackedLoader(source, cfg(num_workers=0)) as ld:
         run(ld, 1)
         state = ld.state_dict()
-    with pytest.raises(ValueError, match="global_batch_size"):
+    with pytest.raises(ValueError, match="--global-batch-size 4, this run uses 8"):
         PackedLoader(source, cfg(global_batch_size=8)).load_state_dict(state)
+    with pytest.raises(ValueError, match="trained without --no-skip: resume with --no-skip left out"):
+        PackedLoader(source, cfg(skip_padded=False)).load_state_dict(state)
     with pytest.raises(ValueError, match="other data"):
         PackedLoader(make_source(n=50), cfg()).load_state_dict(state)
 

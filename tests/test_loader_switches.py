@@ -166,9 +166,9 @@ def test_no_packing_resume_and_switches_recorded_in_state(source):
         ld.load_state_dict(state)
         resumed = run(ld, 2)
     assert all(same(x, y) for x, y in zip(ref[4:], resumed))
-    for key in ("packing", "skip_padded"):
+    for key, flag in (("packing", "--no-packing"), ("skip_padded", "--no-skip")):
         other = dataclasses.replace(c, **{key: True})
-        with pytest.raises(ValueError, match=key):
+        with pytest.raises(ValueError, match=f"trained with {flag}: resume with {flag} given"):
             PackedLoader(source, other).load_state_dict(state)
     # a state saved before the switches existed means both on
     with PackedLoader(source, cfg()) as ld:

@@ -1,10 +1,14 @@
-"""Preprocessing: image probing, bad input, overlong samples, output safety, and a real MPI run."""
+"""Preprocessing: image probing, bad input, overlong samples, output safety and roll-back, the
+settings checks, progress lines, and real MPI runs."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,9 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_sphinx.data import build_store as build_store_module
+from megatron_sphinx.data.build_store import BuildError, Comm, StoreSpec, build_store
 from megatron_sphinx.data.geometry import image_geometry
-from megatron_sphinx.data.preprocess import BadImage, load_image, probe_image
+from megatron_sphinx.data.mixfile import load_mix
+from megatron_sphinx.data.preprocess import (
+    BadImage, PreprocessSettings, full_image_positions, load_image, probe_image)
 from megatron_sphinx.data.sample_data import generate
+from megatron_sphinx.data.sources import convert_source
 from megatron_sphinx.data.store import StoreReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +251,229 @@ def test_mpi_two_ranks_equal_one_rank(tmp_path, sample, capfd):
         assert np.array_equal(sa.input_ids, sb.input_ids), i
         assert np.array_equal(sa.target_mask, sb.target_mask), i
         assert (sa.image_hw, sa.source_id, ia) == (sb.image_hw, sb.source_id, ib), i
+
+
+# ----------------------------------------------------------------------------- build_store safety
+
+def _snapshot(root: Path) -> dict:
+    """Every file under ``root``: size, mtime and content hash."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _text_mix(folder: Path, records: int = 3, broken: int = 0, ext: str = "jsonl") -> Path:
+    """A sharegpt source of ``records`` short dialogs (JSON lines, or a JSON list for ``ext``
+    ``json``), and one of ``broken`` records that all get dropped (``malformed_record``) when
+    ``broken`` > 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = [{"id": k, "data": [f"What is {k} + {k}?", f"It is {2 * k}."]} for k in range(records)]
+    text = (json.dumps(recs) if ext == "json"
+            else "".join(json.dumps(r) + "\n" for r in recs))
+    (folder / f"text.{ext}").write_text(text)
+    mix = f"sources:\n  - {{name: text, format: sharegpt, path: text.{ext}}}\n"
+    if broken:
+        (folder / "bad.jsonl").write_text("".join(json.dumps({"id": k}) + "\n"
+                                                  for k in range(broken)))
+        mix += "  - {name: bad, format: sharegpt, path: bad.jsonl}\n"
+    (folder / "mix.yaml").write_text(mix)
+    return folder / "mix.yaml"
+
+
+def _unreadable_mix(folder: Path) -> Path:
+    """A llava source whose annotation file is not JSON (the whole source fails)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "llava.json").write_text("garbage{")
+    (folder / "mix.yaml").write_text(
+        "sources:\n  - {name: broken, format: llava, path: llava.json}\n")
+    return folder / "mix.yaml"
+
+
+def _build(mix: Path, out: Path, tok: Path, **kw):
+    kw.setdefault("progress", False)
+    return build_store(StoreSpec(mix=mix, out=out, tokenizer=tok, seq_length=2048, **kw),
+                       Comm.single())
+
+
+def _hidden(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_overwrite_keeps_the_previous_store(tmp_path, sample, monkeypatch):
+    tok = sample / "tokenizer"
+    out = tmp_path / "s.zarr"
+    _build(_text_mix(tmp_path / "good"), out, tok)
+    before = _snapshot(out)
+    with pytest.raises(BuildError, match=r"is not valid JSON.*previous store at --out was kept"):
+        _build(_unreadable_mix(tmp_path / "bad"), out, tok, overwrite=True)
+    assert _snapshot(out) == before and len(StoreReader(out)) == 3
+    assert _hidden(tmp_path) == []  # the holder it was renamed into is gone
+
+    for exc in (RuntimeError("a bug half-way"), KeyboardInterrupt()):
+        def crash(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(build_store_module, "preprocess_rank", crash)
+        if isinstance(exc, KeyboardInterrupt):  # propagates, after the roll-back
+            with pytest.raises(KeyboardInterrupt):
+                _build(_text_mix(tmp_path / "good2", records=5), out, tok, overwrite=True)
+        else:  # a bug: a BuildError on every rank, chained to it
+            with pytest.raises(BuildError, match=r"rank 0 failed while writing its shard "
+                               r"\(RuntimeError: a bug half-way; .*previous store .* kept") as e:
+                _build(_text_mix(tmp_path / "good2", records=5), out, tok, overwrite=True)
+            assert e.value.__cause__ is exc
+        assert _snapshot(out) == before and len(StoreReader(out)) == 3
+        assert _hidden(tmp_path) == []
+
+
+def test_a_build_without_samples_fails_and_keeps_no_store(tmp_path, sample, caplog):
+    tok = sample / "tokenizer"
+    mix = _text_mix(tmp_path / "mix", records=0, broken=4)
+    out = tmp_path / "s.zarr"
+    caplog.set_level(logging.INFO)
+    with pytest.raises(BuildError, match=r"no record of --mix .* became a sample .* fix the mix "
+                                         r"or its files \(the store this run began was removed"):
+        _build(mix, out, tok)
+    assert not out.exists()
+    assert "dropped 4 x malformed_record" in caplog.text  # the summary was logged first
+    mine = tmp_path / "mine"  # an empty directory the user made stays, empty
+    mine.mkdir()
+    with pytest.raises(BuildError, match="no record"):
+        _build(mix, mine, tok)
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    _build(_text_mix(tmp_path / "good"), out, tok)
+    before = _snapshot(out)
+    with pytest.raises(BuildError, match="no record .* previous store at --out was kept"):
+        _build(mix, out, tok, overwrite=True)
+    assert _snapshot(out) == before and len(StoreReader(out)) == 3
+    assert _hidden(tmp_path) == []
+
+
+def test_a_successful_overwrite_leaves_nothing_aside(tmp_path, sample, caplog):
+    tok = sample / "tokenizer"
+    out, js = tmp_path / "s.zarr", tmp_path / "new" / "folder" / "summary.json"
+    _build(_text_mix(tmp_path / "old"), out, tok)
+    caplog.set_level(logging.INFO)
+    summary = _build(_text_mix(tmp_path / "new", records=5, broken=2), out, tok,
+                     overwrite=True, summary_json=js)
+    assert summary["total"]["written"] == 5 and len(StoreReader(out)) == 5
+    assert json.loads(js.read_text()) == summary  # its folder was created
+    assert _hidden(tmp_path) == []
+    assert "moved the store at" in caplog.text  # the old store was set aside, then deleted
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "source bad contributed no sample (see the summary)" in warned
+    assert not any("source text contributed" in m for m in warned)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"image_size": 300}, "--image-size 300: give a multiple of 224"),
+    ({"image_size": 0}, "--image-size 0: give a multiple of 224"),
+    ({"image_size": -448}, "--image-size -448: give a multiple of 224"),
+    ({"grid": 0}, "--grid 0 does not fit --image-size 448 (views of 224 pixels): pass --grid 2"),
+    ({"image_size": 672, "grid": 2}, "--grid 2 does not fit --image-size 672"),
+    ({"seq_length": 1295}, "--seq-length 1295 cannot hold one image (1295 positions at "
+                           "--image-size 448) and its text: use a --seq-length above 1295"),
+    ({"image_size": 672, "seq_length": 2048}, "use a --seq-length above 2590"),
+    ({"overlong": "cut"}, "--overlong cut: choose truncate or drop"),
+])
+def test_settings_checks(kw, needle):
+    with pytest.raises(ValueError) as e:
+        PreprocessSettings(**kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_settings_accept_the_recipes_and_derive_the_grid(tmp_path):
+    assert PreprocessSettings().grid == 2
+    assert PreprocessSettings(seq_length=1296).seq_length == 1296  # one image + one token
+    assert PreprocessSettings(image_size=672, seq_length=4096).grid == 3
+    assert PreprocessSettings(image_size=672, grid=3, seq_length=2591).grid == 3
+    assert full_image_positions(448, 2) == image_geometry(448, 448, 448, 2).num_positions() \
+        == 5 * (257 + 2)
+    # build_store checks them on every rank, before anything is written
+    with pytest.raises(BuildError, match="--image-size 300"):
+        build_store(StoreSpec(mix=tmp_path / "any.yaml", out=tmp_path / "s.zarr",
+                              image_size=300), Comm.single())
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_settings_module_imports_without_torch():
+    """The tool checks the settings before its heavy imports: this module must stay light."""
+    code = ("import sys; import megatron_sphinx.data.preprocess; "
+            "print(sorted({'torch', 'transformers', 'zarr', 'tqdm'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_progress_lines_without_a_bar(tmp_path, sample, caplog):
+    tok = sample / "tokenizer"
+    mix = _text_mix(tmp_path / "mix", records=25, broken=2, ext="json")
+    caplog.set_level(logging.INFO, logger="megatron_sphinx.data.preprocess")
+    _build(mix, tmp_path / "s.zarr", tok, progress=None)  # not a terminal here: no bar
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "megatron_sphinx.data.preprocess" and "source text" in r.getMessage()]
+    assert lines[0] == "rank 0: source text: 25 records on this rank"
+    progress = [re.fullmatch(r"rank 0: source text: (\d+)/25 records \((\d+)%\), "
+                             r"[0-9.]+ records/s", line) for line in lines[1:-1]]
+    assert all(progress), lines  # about 10 lines: every ceil(25 / 10) = 3 records
+    assert [(int(m[1]), int(m[2])) for m in progress] == [(n, 4 * n) for n in range(3, 25, 3)]
+    assert lines[-1].startswith("rank 0: source text: done, 25 records read, 25 written, "
+                                "0 dropped in ")
+    assert "rank 0: source bad: done, 2 records read, 0 written, 2 dropped in " in caplog.text
+
+    caplog.clear()  # with a bar, no progress lines
+    _build(mix, tmp_path / "t.zarr", tok, progress=True)
+    assert "records on this rank" not in caplog.text
+    spec = load_mix(mix).sources[0]
+    for rank, share in ((0, 13), (1, 12)):  # the count the start line gives, read once
+        counts: list = []
+        assert sum(1 for _ in convert_source(spec, rank, 2, on_load=counts.append)) == share
+        assert counts == [share]
+
+    caplog.clear()  # a streamed .jsonl source: its count is not known in advance
+    _build(_text_mix(tmp_path / "lines", records=5), tmp_path / "u.zarr", tok, progress=None)
+    lines = [r.getMessage() for r in caplog.records if "source text" in r.getMessage()]
+    assert lines[0] == "rank 0: source text: streaming records on this rank"
+    assert lines[-1].startswith("rank 0: source text: done, 5 records read, 5 written")
+
+
+CRASH_ON_RANK_1 = """
+import runpy, sys
+from megatron_sphinx.data import build_store as bs
+real = bs.preprocess_rank
+def crash(mix, encoder, writer, settings, rank, *args, **kwargs):
+    if rank == 1:
+        raise RuntimeError("a bug on rank 1")
+    return real(mix, encoder, writer, settings, rank, *args, **kwargs)
+bs.preprocess_rank = crash
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_mpi_failed_overwrite_keeps_the_store(tmp_path, sample):
+    """Under 2 MPI ranks, an unreadable source and a bug on rank 1 both roll back."""
+    if not MPIEXEC.is_file():
+        pytest.skip(f"{MPIEXEC} not found (pip install mpich): the MPI runs did not happen")
+    tok = sample / "tokenizer"
+    out = tmp_path / "s.zarr"
+    _build(_text_mix(tmp_path / "good"), out, tok)
+    before = _snapshot(out)
+    (tmp_path / "crash.py").write_text(CRASH_ON_RANK_1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "PMIX"))}
+    env["PYTHONPATH"] = str(ROOT)
+    for script, mix, needle in [
+            ([], _unreadable_mix(tmp_path / "bad"), "is not valid JSON"),
+            ([str(tmp_path / "crash.py")], _text_mix(tmp_path / "more", records=6),
+             "rank 1 failed while writing its shard (RuntimeError: a bug on rank 1;")]:
+        proc = subprocess.run(
+            [str(MPIEXEC), "-n", "2", sys.executable, *script,
+             str(ROOT / "tools" / "preprocess_data.py"), "--mix", str(mix), "--tokenizer",
+             str(tok), "--out", str(out), "--seq-length", "2048", "--overwrite"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+        assert needle in errors[0] and errors[0].endswith(
+            "(the previous store at --out was kept)"), errors[0]
+        assert _snapshot(out) == before and len(StoreReader(out)) == 3
+        assert _hidden(tmp_path) == []

@@ -1,11 +1,15 @@
 """Bad input to the training command: one clear line, exit code 2, nothing overwritten."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +102,192 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     if not torch.cuda.is_available():
         assert lines[0].endswith("kernels: layers local | attention sdpa | pack_tokens torch | "
                                  "images DALI cpu | adam torch AdamW | communication gloo")
+
+
+# ------------------------------------------------------------------ the command line, as a user
+# Each case runs ``python -m megatron_sphinx.train`` in a fresh process and fails in the checks
+# that come before Megatron is imported (run_config.check_run_inputs), so each takes well under
+# a few seconds: exit code 2, exactly one line on stderr, and nothing on disk changed.
+
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() \
+    else sys.executable
+
+
+def _train(*argv, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "megatron_sphinx.train", *map(str, argv)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under ``root``: size, mtime and content hash."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _store(path: Path, samples: int, image_size: int = 448, grid: int = 2,
+           complete: bool = True) -> Path:
+    """A text-only store of ``samples`` samples (``complete=False``: as a killed run leaves)."""
+    from megatron_sphinx.data import store
+    from megatron_sphinx.data.layout import Sample
+
+    meta = store.StoreMeta(image_size=image_size, grid=grid, seq_length=4096,
+                           source_names=["text"])
+    store.create_store(path, meta)
+    if complete:
+        writer = store.ShardWriter(path, 0, image_size, grid)
+        for k in range(samples):
+            ids = np.arange(1, 30, dtype=np.int32)
+            writer.add(Sample(ids, ids > 10), None, (0, k))
+        writer.close()
+        store.write_index(path, meta)
+    return path
+
+
+def _checkpoint(save: Path, recipe: str = "debug", step: int = 2, consumed: dict | None = None,
+                latest: bool = True) -> Path:
+    """A save directory with one small but real torch_dist checkpoint folder (``.metadata``
+    naming its shard) and the meta.json the trainer writes."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = save / f"iter_{step:07d}"
+    ckpt.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(4096.0)}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (ckpt / "meta.json").write_text(json.dumps({
+        "step": step, "recipe": recipe, "layout": {"tp": 1, "pp": 1, "ep": 1, "dp": 1},
+        "code_version": "x", "consumed": consumed or {"step": step}, "has_optimizer": True}))
+    if latest:
+        (save / "latest").write_text(ckpt.name)
+    return ckpt
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--seq-length", "0"], "--seq-length must be at least 2"),
+    (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: give 0 or a positive learning rate"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--save-interval", "-1"], "--save-interval must be at least 0"),
+    (["--keep-last", "-1"], "--keep-last must be at least 0"),
+    (["--log-interval", "0"], "--log-interval must be at least 1"),
+    (["--exit-interval", "0"], "--exit-interval must be at least 1"),
+    (["--exit-after-minutes", "-1"], "--exit-after-minutes -1.0"),
+    (["--timeout-minutes", "0"], "--timeout-minutes 0.0"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    # debug's image takes 5 views x 259 positions: a shorter row holds no image sample at all
+    (["--seq-length", "512"], "use a --seq-length above 1295"),
+    (["--sp"], "raise --tp to 2 or more, or drop --sp"),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], "not a multiple of micro-batch 2"),
+])
+def test_numbers_out_of_range_name_their_flag(argv, needle):
+    # before: tracebacks (--log-interval 0), a silent run (--save-interval -1, --keep-last -1,
+    # --exit-interval 0, --seq-length 512 trained on empty rows), immediate requeue exits
+    # (--exit-after-minutes -1), or a message after the model build, often without the flag
+    # (--lr, --seed, gbs 0, --sp, gbs % mbs)
+    _one_line(_train("--steps", "1", *argv), needle)
+
+
+def test_bad_data_store_is_refused_before_the_model_is_built(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty_dir").mkdir()
+    _store(tmp_path / "empty.zarr", 0)
+    _store(tmp_path / "big_images.zarr", 3, image_size=672, grid=3)
+    before = _snapshot(tmp_path)
+    cases = [("nope.zarr", "does not exist"), ("file.txt", "not a megatron_sphinx store"),
+             ("empty_dir", "not a megatron_sphinx store"), ("empty.zarr", "holds no samples"),
+             ("big_images.zarr", "--image-size 448 --grid 2")]
+    for name, needle in cases:
+        _one_line(_train("--data", tmp_path / name, "--steps", "1"), f"--data {tmp_path / name}",
+                  needle)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag,damage,needle", [
+    ("--load", "missing_shard", "is missing shard __0_0.distcp"),
+    ("--save", "truncated_shard", "shard __0_0.distcp is truncated"),
+    ("--load", "bad_meta", "meta.json is unreadable"),
+    ("--save", "bad_meta", "meta.json is unreadable"),
+])
+def test_damaged_checkpoint_is_refused_untouched(tmp_path, flag, damage, needle):
+    """Before: a Megatron traceback after the model was built (shards), or a JSON message
+    naming no file (meta.json); for --save the run would resume from the damaged folder."""
+    ckpt = _checkpoint(tmp_path / "run")
+    shard = ckpt / "__0_0.distcp"
+    if damage == "missing_shard":
+        shard.unlink()
+    elif damage == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (ckpt / "meta.json").write_text("{bad")
+    before = _snapshot(tmp_path)
+    _one_line(_train(flag, tmp_path / "run", "--data", "synthetic", "--steps", "3"), needle,
+              str(ckpt))
+    assert _snapshot(tmp_path) == before
+
+
+def test_checkpoint_of_another_recipe_in_save_is_refused_untouched(tmp_path):
+    _checkpoint(tmp_path / "run", recipe="debug-moe")
+    before = _snapshot(tmp_path)
+    _one_line(_train("--save", tmp_path / "run", "--data", "synthetic"),
+              "recipe 'debug-moe'", "pass --recipe debug-moe or a new --save directory")
+    assert _snapshot(tmp_path) == before
+
+
+def test_resume_with_other_batch_settings_is_refused_before_loading(tmp_path):
+    """Before: the loader refused it only after building the model and loading the weights."""
+    data = _store(tmp_path / "data.zarr", 4)
+    consumed = {"version": 1, "step": 2, "num_samples": 4, "fingerprint": "",
+                "global_batch_size": 2, "micro_batch_size": 1, "seq_length": 2048,
+                "packing": True, "skip_padded": True}
+    _checkpoint(tmp_path / "run", consumed=consumed)
+    before = _snapshot(tmp_path)
+    _one_line(_train("--save", tmp_path / "run", "--data", data, "--global-batch-size", "4"),
+              "was trained with --global-batch-size 2", "pass --global-batch-size 2")
+    assert _snapshot(tmp_path) == before
+
+
+def test_save_and_load_paths_that_cannot_work(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{bad")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _snapshot(tmp_path)
+    _one_line(_train("--save", tmp_path / "file.txt" / "run"), "is a file, not a directory")
+    _one_line(_train("--save", run), "its run.json is unreadable", "pass a new directory")
+    _one_line(_train("--load", tmp_path / "nope"), "--load", "does not exist")
+    _one_line(_train("--load", tmp_path / "file.txt"), "holds no complete checkpoint")
+    assert _snapshot(tmp_path) == before
+
+
+def test_save_where_nothing_can_be_written():
+    target = Path("/sys/megatron_sphinx_run")  # read-only for root too (sysfs)
+    try:
+        target.mkdir()
+    except OSError:
+        pass
+    else:
+        target.rmdir()
+        pytest.skip("/sys is writable here: no read-only location to test with")
+    # before: a PermissionError traceback once the model was built
+    _one_line(_train("--save", target), "cannot write in /sys", "choose a writable location")
+
+
+def test_only_the_first_rank_reports_an_argument_error():
+    """Before: every rank of a torchrun / srun launch printed the same line."""
+    proc = _train("--steps", "0", env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and proc.stderr.strip() == "", proc.stderr[-2000:]
+    _one_line(_train("--steps", "0", env={"RANK": "0", "WORLD_SIZE": "2"}), "--steps")

@@ -176,6 +176,33 @@ def packing_rows(name: str, stream: np.ndarray, seq: int, rows: int, steps: int)
             "pad_seq": float(np.minimum(stream, seq).sum()) / (len(stream) * seq)}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every setting and path, before the first (long) measurement.
+
+    Raises:
+        ValueError: One line saying what to change.
+    """
+    from megatron_sphinx.cli import check_input_file, check_store
+
+    for name in ("threads", "batch", "global_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (load in the calling thread) or more")
+    if args.seq_length < 2:
+        raise ValueError(f"--seq-length {args.seq_length}: give at least 2")
+    for name in ("seconds", "step_seconds"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if args.mix and not args.store:
+        raise ValueError("--mix gives the weights of --store's sources: pass --store too")
+    if args.store:
+        check_store(args.store, "--store")
+    if args.mix:
+        check_input_file(args.mix, "--mix", "mix YAML file")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="decode threads (DALI and Pillow)")
@@ -193,11 +220,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="short measurements")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    from megatron_sphinx.cli import fail
+
+    try:
+        check_args(args)
+    except ValueError as exc:
+        return fail(exc)
     secs = 1.5 if args.quick else args.seconds
     photos = sorted(IMAGES.glob("*.jpg"))
     if not photos:
-        print(f"no test photos under {IMAGES}: run from the project checkout", file=sys.stderr)
-        return 2
+        return fail(f"no test photos under {IMAGES}: run from the project checkout or set "
+                    "MEGATRON_SPHINX_TESTDATA")
     datas = [f.read_bytes() for f in photos] * 8
 
     print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "

@@ -21,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+#: Marks a --workdir as this benchmark's, so a later run may replace its files.
+MARKER = ".bench_preprocess"
 
 
 def _preprocess(mix: Path, tok: Path, out: Path, ranks: int) -> tuple[float, dict]:
@@ -64,12 +66,26 @@ def main(argv=None) -> int:
     p.add_argument("--reads", type=int, default=2000, help="random reads to time")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     args = p.parse_args(argv)
+    from megatron_sphinx.cli import check_output_dir, fail
+
+    try:
+        if args.scale < 1 or args.reads < 1:
+            raise ValueError(f"--scale {args.scale} / --reads {args.reads}: give at least 1")
+        if args.workdir:
+            check_output_dir(args.workdir, "--workdir")
+            work = Path(args.workdir)
+            if work.is_dir() and any(work.iterdir()) and not (work / MARKER).exists():
+                raise ValueError(f"--workdir {args.workdir} holds other files (its data/ and "
+                                 "store*.zarr would be replaced): pass a new or empty directory")
+    except ValueError as exc:
+        return fail(exc)
     from megatron_sphinx.data.sample_data import COUNTS, corpus_from_mix, write_sources
     from megatron_sphinx.data.tokenizer import build_project_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        (work / MARKER).write_text("files of tools/bench_preprocess.py (replaced on each run)\n")
         mix = write_sources(work / "data", counts={k: v * args.scale for k, v in COUNTS.items()})
         tok = build_project_tokenizer(work / "tokenizer", corpus_from_mix(mix))
         rows = []

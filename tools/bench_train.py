@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
@@ -61,8 +62,9 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode:  # reported, and the other rows still measured
-            print(f"{name}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
-                  file=sys.stderr)
+            said = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+            detail = f" {said[0]}" if said else f"\n{proc.stderr[-3000:]}"  # a crash: its tail
+            print(f"{name}/{variant} failed (exit {proc.returncode}):{detail}", file=sys.stderr)
             return {"layout": name, "variant": variant, "processes": nproc,
                     "error": f"exit {proc.returncode}"}
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
@@ -89,16 +91,86 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def main() -> int:
+def check_args(args: argparse.Namespace, extra: list[str]) -> None:
+    """The benchmark's own arguments and the training arguments it passes on, checked in this
+    process before any launch (the training command's own checks, on its parser).
+
+    Raises:
+        ValueError: One line saying what to change.
+    """
+    import contextlib
+    import io
+
+    if args.steps < 2:
+        raise ValueError(f"--steps {args.steps}: give at least 2 (the first step is left out "
+                         "of the median)")
+    if args.json:
+        from megatron_sphinx.cli import check_output_file
+
+        check_output_file(args.json, "--json")
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.__main__ import parse_args as train_args
+    from megatron_sphinx.train.run_config import check_run_inputs
+
+    cfg = get_recipe(args.recipe)
+    checked = []
+    for name in args.layouts:
+        for variant in args.variants:
+            argv = ["--recipe", args.recipe, "--data", "synthetic", "--steps", str(args.steps),
+                    *LAYOUTS[name][1], *VARIANTS[variant][0], *extra]
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(said):
+                    rc = train_args(argv)
+            except SystemExit:  # argparse: usage and "prog: error: ..." on stderr
+                why = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+                raise ValueError(f"training argument of {name}/{variant}: {why} (arguments "
+                                 "bench_train does not know go to python -m "
+                                 "megatron_sphinx.train)") from None
+            check_run_inputs(rc, cfg)
+            checked.append((f"{name}/{variant}", LAYOUTS[name][0], rc))
+    from megatron_sphinx.train.loop import preflight  # imports Megatron: after the cheap checks
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    try:
+        for what, nproc, rc in checked:
+            os.environ.update(RANK="0", WORLD_SIZE=str(nproc))  # as torchrun will set them
+            try:
+                preflight(rc)  # the layout against the launch and the model
+            except ValueError as exc:
+                raise ValueError(f"{what}: {exc}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="debug")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS))
     p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS))
     p.add_argument("--json", default=None, help="also write the rows here")
-    args, extra = p.parse_known_args()
-    rows = [run_layout(args.recipe, name, variant, args.steps, extra)
-            for name in args.layouts for variant in args.variants]
+    args, extra = p.parse_known_args(argv)
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from megatron_sphinx.cli import fail, quiet_import_notices
+
+    quiet_import_notices()
+    try:
+        check_args(args, extra)
+    except ValueError as exc:
+        return fail(exc)
+    runs = [(name, variant) for name in args.layouts for variant in args.variants]
+    rows = []
+    for i, (name, variant) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {name} {variant}: {args.steps} steps ...", file=sys.stderr,
+              flush=True)
+        rows.append(run_layout(args.recipe, name, variant, args.steps, extra))
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
           f"extra args {' '.join(extra) or '-'}")
     print(f"{'layout':7} {'variant':15} {'procs':>5} {'step s':>8} {'1st step s':>10} "

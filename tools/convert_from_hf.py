@@ -132,7 +132,9 @@ def encoder_plan(recipe, args, from_sphinx: bool) -> list[str | None]:
         flag = ENCODER_FLAGS[enc.kind]
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
-            raise ConversionError(f"--{flag.replace('_', '-')} {path} does not exist")
+            what = "is a directory" if Path(path).is_dir() else "does not exist"
+            raise ConversionError(f"--{flag.replace('_', '-')} {path} {what}: pass the "
+                                  "encoder's weights file (.safetensors / .bin / .pt)")
         covered = path is not None or enc.weights is not None or from_sphinx
         if not covered and not args.random_encoders:
             raise ConversionError(
@@ -177,7 +179,7 @@ def convert(args: argparse.Namespace) -> Path:
     if source["kind"] == "sphinx_x":
         check_sphinx_vision(recipe, source["sphinx"], args.hf)
     plan = encoder_plan(recipe, args, source["kind"] == "sphinx_x")
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, source=args.hf, source_flag="--hf")
 
     import torch
 
@@ -191,7 +193,9 @@ def convert(args: argparse.Namespace) -> Path:
     seed = recipe.train.seed if args.seed is None else args.seed
     log.info("%s (%s) -> recipe %s in %s; layout to train: %s", args.hf, source["kind"],
              recipe.name, dtype, dims.describe())
-    hf_state = load_hf_state(source["llm_dir"], dtype=dtype)
+    log.info("reading the LLM weights of %s", source["llm_dir"])
+    hf_state = read_weights(load_hf_state, source["llm_dir"], dtype=dtype)
+    log.info("mapping %d tensors to Megatron names", len(hf_state))
     mcore = hf_to_megatron(hf_state, llm, "local")
     del hf_state
     multimodal = None
@@ -200,11 +204,12 @@ def convert(args: argparse.Namespace) -> Path:
 
         from megatron_sphinx.model.hf_sphinx import MULTIMODAL_WEIGHTS
 
-        multimodal = load_file(str(Path(args.hf) / MULTIMODAL_WEIGHTS))
+        multimodal = read_weights(load_file, str(Path(args.hf) / MULTIMODAL_WEIGHTS))
     groups = single_process_world(seed)
     try:
         with cpu_compat.cpu_device_mode(), torch.no_grad():
             torch.manual_seed(seed)
+            log.info("building recipe %s at TP1/PP1/EP1 on the CPU", recipe.name)
             model = build_tp1_model(recipe, groups, dtype, initialise=False)
             load_megatron_state(model.language_model, mcore)
             del mcore
@@ -212,13 +217,11 @@ def convert(args: argparse.Namespace) -> Path:
                 _load_multimodal(model, multimodal, args.hf)
             for enc, path in zip(model.vision.encoders, plan):
                 if path is not None:
-                    try:
-                        enc.load_pretrained(path)
-                    except ValueError as exc:
-                        raise ConversionError(str(exc)) from None
+                    load_encoder(enc, path)
             meta = ckpt_lib.CheckpointMeta(
                 step=0, recipe=recipe.name, layout={"tp": 1, "pp": 1, "ep": 1, "dp": 1},
                 code_version=ckpt_lib.code_version(), consumed={}, has_optimizer=False)
+            log.info("writing the checkpoint to %s", args.out)
             with atomic_output_dir(args.out, args.overwrite) as tmp:
                 ckpt_lib.save_checkpoint(tmp, 0, [model], None, None, groups.collection,
                                          meta=meta, common={})
@@ -239,6 +242,45 @@ def convert(args: argparse.Namespace) -> Path:
              "--load %s --tp %d --pp %d --ep %d", args.out, recipe.name, args.out, args.tp,
              args.pp, args.ep)
     return Path(args.out)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (its type name if it has none)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    return first[:160]
+
+
+def read_weights(reader, path, **kwargs):
+    """``reader(path, **kwargs)``; a file that cannot be parsed becomes one ConversionError line.
+
+    The library's own one-line errors (a shard missing, no weight files) pass through.
+    """
+    from megatron_sphinx.model.hf_io import CheckpointError
+
+    try:
+        return reader(path, **kwargs)
+    except (CheckpointError, ConversionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors / pickle errors of any kind
+        raise ConversionError(f"--hf: weights under {path} cannot be read ({_first_line(exc)}): "
+                              "copy or download the files again") from None
+
+
+def load_encoder(encoder, path: str) -> None:
+    """``encoder.load_pretrained(path)``; any failure becomes one ConversionError line.
+
+    Raises:
+        ConversionError: Weights of another model, or a file torch / safetensors cannot parse.
+    """
+    log.info("reading encoder weights %s", path)
+    try:
+        encoder.load_pretrained(path)
+    except ValueError as exc:  # names or shapes of another model: the message says which
+        raise ConversionError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - torch.load / safetensors parse errors
+        raise ConversionError(f"{path} cannot be read as encoder weights ({_first_line(exc)}): "
+                              "pass an intact .safetensors / .bin / .pt file") from None
 
 
 def _load_multimodal(model, state: dict, hf_dir: str) -> None:
@@ -280,7 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint dtype; auto = the HF checkpoint's dtype")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the projector / image-embedding init (default: the recipe's)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier conversion at --out (never the --hf source, never "
+                        "a directory no conversion wrote)")
     args = p.parse_args(argv)
     for name in ("tp", "pp", "ep"):
         if getattr(args, name) < 1:
@@ -294,11 +338,12 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_cpu_tool()  # one CPU process (see the docstring), quiet library notices
     args = parse_args(argv)
+    from megatron_sphinx.cli import fail
+
     try:
         convert(args)
     except (ValueError, FileNotFoundError) as exc:  # ConversionError, MappingError, CheckpointError
-        print(f"error: {str(exc).replace(chr(10), ' ')}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 

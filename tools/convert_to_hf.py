@@ -52,14 +52,36 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES.get(name, name))
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    """Refuses a non-empty output directory (or a file) before any work is done."""
+def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None = None,
+                     source_flag: str = "--load") -> None:
+    """Refuses an output directory that would lose data, before any work is done.
+
+    ``out`` must be absent, empty, or (with ``overwrite``) an earlier output of a converter
+    (it holds ``conversion.json``); it may not be the source nor hold it, and it must be
+    writable.
+
+    Raises:
+        ConversionError: Saying what to change.
+    """
+    from megatron_sphinx.cli import check_output_dir as check_writable_dir
+    from megatron_sphinx.cli import same_or_inside
+
     p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise ConversionError(f"--out {out} is a file: pass a directory path")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise ConversionError(f"--out {out} is not empty: choose a new directory or pass "
-                              "--overwrite")
+    try:
+        check_writable_dir(p, "--out")
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if source is not None and Path(source).exists() and same_or_inside(source, p):
+        raise ConversionError(f"--out {out} is or holds the {source_flag} source {source}: "
+                              "choose another --out (the source would be replaced)")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"--out {out} is not empty: choose a new directory or pass "
+                                  "--overwrite")
+        if not (p / "conversion.json").is_file():
+            raise ConversionError(f"--out {out} holds files that no conversion wrote (no "
+                                  "conversion.json): --overwrite replaces only an earlier "
+                                  "conversion; choose a new directory")
 
 
 def check_shards(ckpt: Path) -> None:
@@ -68,28 +90,12 @@ def check_shards(ckpt: Path) -> None:
     Raises:
         ConversionError: Naming the first missing or truncated shard file.
     """
-    from torch.distributed.checkpoint import FileSystemReader
+    from megatron_sphinx.train.checkpoint import check_complete
 
-    for name in (".metadata", "metadata.json"):
-        if not (ckpt / name).is_file():
-            raise ConversionError(f"checkpoint {ckpt} has no {name}: it is not a complete "
-                                  "Megatron torch_dist checkpoint")
     try:
-        md = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - unreadable metadata of any kind
-        raise ConversionError(f"checkpoint {ckpt}: cannot read .metadata ({exc})") from None
-    need: dict[str, int] = {}
-    for info in md.storage_data.values():
-        end = info.offset + info.length
-        need[info.relative_path] = max(need.get(info.relative_path, 0), end)
-    for rel, end in sorted(need.items()):
-        f = ckpt / rel
-        if not f.is_file():
-            raise ConversionError(f"checkpoint {ckpt} is missing shard {rel} (listed in "
-                                  f".metadata, {len(need)} shard files in all): copy it back")
-        if f.stat().st_size < end:
-            raise ConversionError(f"checkpoint {ckpt}: shard {rel} is truncated "
-                                  f"({f.stat().st_size} of at least {end} bytes)")
+        check_complete(ckpt)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def set_default_mode(path: str | Path) -> None:
@@ -218,21 +224,17 @@ def write_hf_dir(tmp: Path, cfg, llm_state: dict, mm_state: dict, out_dtype, *,
 def locate_checkpoint(load: str | Path) -> Path:
     """The checkpoint folder of ``--load`` (a folder with ``meta.json`` or a save directory).
 
-    The common cases are resolved here without importing Megatron (bad input fails fast); a
-    save directory without a valid ``latest`` pointer goes to
-    :func:`megatron_sphinx.train.checkpoint.resolve_load` (scan for the newest ``iter_*``).
+    Resolved without importing Megatron (bad input fails fast), as training resolves it: the
+    folder itself, else the one ``latest`` names, else the newest complete ``iter_*``.
+
+    Raises:
+        ConversionError: Nothing loadable there.
     """
-    p = Path(load)
-    if (p / "meta.json").is_file():
-        return p
-    pointer = p / "latest"
-    if pointer.is_file() and (p / pointer.read_text().strip() / "meta.json").is_file():
-        return p / pointer.read_text().strip()
-    from megatron_sphinx.train.checkpoint import CheckpointError, resolve_load
+    from megatron_sphinx.train.checkpoint import resolve_load
 
     try:
-        return resolve_load(p)
-    except CheckpointError as exc:
+        return resolve_load(load)
+    except ValueError as exc:  # CheckpointError
         raise ConversionError(str(exc)) from None
 
 
@@ -245,25 +247,30 @@ def convert(load: str, out: str, *, tokenizer: str | None = None, dtype: str = "
     Raises:
         ConversionError: Unknown recipe, missing shard, occupied output, missing tokenizer...
     """
+    from megatron_sphinx.cli import check_input_dir
     from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.checkpoint import read_meta
 
+    if max_shard_bytes <= 0:
+        raise ConversionError("--max-shard-gb must be positive: give the largest shard size "
+                              "in GiB (default 5)")
     ckpt = locate_checkpoint(load)
     try:
-        recipe = json.loads((ckpt / "meta.json").read_text())["recipe"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConversionError(f"{ckpt}/meta.json is unreadable or has no recipe ({exc})") from None
+        meta = read_meta(ckpt)
+    except ValueError as exc:  # CheckpointError
+        raise ConversionError(str(exc)) from None
+    recipe = meta.recipe
     try:
         cfg = get_recipe(recipe)
     except ValueError as exc:
         raise ConversionError(f"{ckpt}/meta.json: {exc}") from None
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, source=ckpt)
+    if tokenizer is not None:
+        try:
+            check_input_dir(tokenizer, "--tokenizer", "Hugging Face tokenizer directory")
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
     check_shards(ckpt)
-    from megatron_sphinx.train.checkpoint import CheckpointError, read_meta
-
-    try:
-        meta = read_meta(ckpt)
-    except (CheckpointError, TypeError) as exc:
-        raise ConversionError(f"--load {load}: {exc}") from None
     token_ids = tokenizer_ids(tokenizer)
     if tokenizer is None:
         log.warning("no --tokenizer: the export has no tokenizer files (generate() will need "
@@ -317,7 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="largest safetensors shard of the LLM, GiB")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (only once the new export is complete)")
+                   help="replace an earlier export at --out (only once the new export is "
+                        "complete); a directory no conversion wrote is never replaced")
     return p.parse_args(argv)
 
 
@@ -327,14 +335,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_cpu_tool()  # one CPU process (see the docstring), quiet library notices
     args = parse_args(argv)
-    from megatron_sphinx.model.hf_io import CheckpointError as HFError
+    from megatron_sphinx.cli import fail
 
+    if not 0 < args.max_shard_gb < float("inf"):
+        return fail(f"--max-shard-gb {args.max_shard_gb}: give a positive size in GiB")
     try:
         convert(args.load, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (ConversionError, HFError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).replace(chr(10), ' ')}", file=sys.stderr)
-        return 2
+                overwrite=args.overwrite, max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)))
+    except (ValueError, FileNotFoundError) as exc:  # ConversionError, hf_io.CheckpointError
+        return fail(exc)
     return 0
 
 

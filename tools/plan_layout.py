@@ -60,8 +60,14 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a directory: give a file path")
+    if args.max_tp < 1:
+        raise ValueError(f"--max-tp {args.max_tp}: give at least 1 (GPUs per node)")
+    if args.top < 0:
+        raise ValueError(f"--top {args.top}: give 0 (all rows) or a positive count")
+    if args.json:
+        from megatron_sphinx.cli import check_output_file
+
+        check_output_file(args.json, "--json")
 
 
 def plan_record(plan, seq_length: int, global_batch_size: int) -> dict:
@@ -103,14 +109,18 @@ def format_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input ends with one line on stderr and exit code 2."""
     args = parse_args(argv)
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
     try:
         _check(args)
         from megatron_sphinx.config import get_recipe
 
         cfg = get_recipe(args.recipe)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        from megatron_sphinx.cli import fail
+
+        return fail(exc)
     from megatron_sphinx.train.memory import plan_layouts
 
     seq = args.seq_length or cfg.train.seq_length

@@ -8,18 +8,23 @@ shard; after a barrier rank 0 writes the index and prints the summary. Without `
 project's offline tokenizer is built from the sample data into ``STORE.zarr/tokenizer``. A
 non-empty ``--out`` is never overwritten without ``--overwrite`` (never at all if it is not a
 store); a complete store made from the same inputs and settings is left as it is.
-See :mod:`megatron_sphinx.data.build_store`.
+
+Bad input ends with one ``error:`` line and exit code 2, before any rank has written anything
+where possible (settings, the mix file and its paths, the output locations). A run that fails
+later, or whose records all get dropped, removes the store it began and puts back the store that
+``--overwrite`` was replacing: the old store goes only once the new one is complete (all of it
+done by :func:`megatron_sphinx.data.build_store.build_store`). An unexpected error on one rank
+ends every rank (``MPI_Abort``) rather than leaving the others waiting.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_sphinx.data.build_store import BuildError, Comm, StoreSpec, build_store  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,18 +47,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm bar per rank (default: only on a terminal)")
+                   help="tqdm bar per rank (default: only on a terminal; without it, "
+                        "INFO lines per source)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The settings and paths, checked before any rank starts and before the heavy imports
+    (nothing is written).
+
+    Raises:
+        ValueError: One line saying what to change (a ``UsageError``, or the settings' own).
+    """
+    from megatron_sphinx.cli import (UsageError, check_input_dir, check_input_file,
+                                     check_output_dir, check_output_file)
+    from megatron_sphinx.data.preprocess import PreprocessSettings
+
+    PreprocessSettings(args.seq_length, args.image_size, args.grid, args.overlong)
+    check_input_file(args.mix, "--mix", "mix YAML file")
+    from megatron_sphinx.data.mixfile import load_mix
+
+    load_mix(args.mix)  # YAML, keys, formats, weights and annotation paths (a MixError)
+    if args.tokenizer is not None:
+        check_input_dir(args.tokenizer, "--tokenizer", "Hugging Face tokenizer directory")
+    check_output_dir(args.out, "--out")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise UsageError(f"--log-level {args.log_level}: choose DEBUG, INFO, WARNING or ERROR")
+
+
 def main(argv=None) -> int:
+    """Entry point: 0 on success, 2 with one line on stderr on bad input (nothing lost)."""
+    from megatron_sphinx.cli import fail, launch_rank
+
     args = parse_args(argv)
     try:
+        check_args(args)  # before the heavy imports: a mistake costs a fraction of a second
+        from megatron_sphinx.data.build_store import BuildError, Comm, StoreSpec, build_store
+
         comm = Comm()
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # UsageError, MixError, BuildError: the same on every rank
+        return fail(e) if launch_rank() == 0 else 2
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"[rank {comm.rank}] %(levelname)s %(message)s")
     spec = StoreSpec(args.mix, args.out, args.tokenizer, args.template, args.seq_length,
@@ -61,10 +97,14 @@ def main(argv=None) -> int:
                      args.summary_json, args.progress)
     try:
         build_store(spec, comm)  # logs the summary table on rank 0
-    except BuildError as e:
-        if comm.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BuildError as e:  # raised on every rank alike, --out already rolled back
+        return fail(e) if comm.rank == 0 else 2
+    except BaseException:  # a bug on one rank: the others would wait for it forever
+        if comm.size > 1:
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.abort(1)
+        raise
     return 0
 
 

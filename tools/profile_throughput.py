@@ -190,10 +190,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup {args.warmup}: give 0 or more warm-up steps")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: give a positive peak")
+    from megatron_sphinx.cli import check_output_file
+
     for flag in ("json", "plot"):
         path = getattr(args, flag)
-        if path and Path(path).is_dir():
-            raise ValueError(f"--{flag} {path} is a directory: give a file path")
+        if path:
+            check_output_file(path, f"--{flag}")
     if args.compare and (args.no_packing or args.no_skip):
         raise ValueError("--compare already runs --no-packing and --no-skip: drop those flags")
     if args.data is None:
@@ -495,16 +497,23 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from megatron_sphinx.cli import fail, launch_rank, quiet_import_notices
+
+    quiet_import_notices()
     args = parse_args(argv)
-    try:
+    try:  # the same on every rank, before any heavy work: the first rank reports it
         _check_args(args)
         from megatron_sphinx.config import get_recipe
+        from megatron_sphinx.train.run_config import check_run_inputs
 
-        get_recipe(args.recipe)
+        check_run_inputs(_run_config(args), get_recipe(args.recipe))
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(exc) if launch_rank() == 0 else 2
+    try:
         report = run_profile(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail(exc)
     if report is None:
         return 0
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -548,23 +548,11 @@ class PackedLoader:
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not "
                              f"{STATE_VERSION}: it was saved by other code")
-        if int(state["num_samples"]) != len(self.source) or (
-                state["fingerprint"] and self._fingerprint
-                and state["fingerprint"] != self._fingerprint):
-            raise ValueError("the checkpoint's loader state was saved over other data "
-                             f"({state['num_samples']} samples, fingerprint "
-                             f"{state['fingerprint'] or '-'}; this data has {len(self.source)}, "
-                             f"{self._fingerprint or '-'}): resume with the same store")
-        for key in ("global_batch_size", "micro_batch_size", "seq_length"):
-            if int(state[key]) != getattr(self.cfg, key):
-                raise ValueError(f"the checkpoint's loader used {key}={state[key]}, this run "
-                                 f"uses {getattr(self.cfg, key)}: use the same value to resume")
-        for key, flag in (("packing", "--no-packing"), ("skip_padded", "--no-skip")):
-            saved = bool(state.get(key, True))  # states from before the switches: both on
-            if saved != getattr(self.cfg, key):
-                raise ValueError(f"the checkpoint's loader used {key}={saved}, this run uses "
-                                 f"{getattr(self.cfg, key)}: resume with {flag} "
-                                 f"{'given' if not saved else 'left out'}")
+        check_resume(state, num_samples=len(self.source), fingerprint=self._fingerprint,
+                     global_batch_size=self.cfg.global_batch_size,
+                     micro_batch_size=self.cfg.micro_batch_size,
+                     seq_length=self.cfg.seq_length, packing=self.cfg.packing,
+                     skip_padded=self.cfg.skip_padded)
         self.close()
         self._restore_planner(state)
 
@@ -577,6 +565,41 @@ class PackedLoader:
         """Real tokens / all positions over the micro-batches this rank built."""
         pos = self.stats["positions"]
         return self.stats["tokens"] / pos if pos else 0.0
+
+
+def check_resume(state: Mapping, *, num_samples: int | None, fingerprint: str | None = None,
+                 **settings) -> None:
+    """Whether a saved loader position (:meth:`StoreLoader.state_dict`) can continue here.
+
+    The training command calls this before building anything, and the loader again on load.
+
+    Args:
+        state: The saved position.
+        num_samples: Samples in this run's data (None: not known yet, not compared).
+        fingerprint: This data's fingerprint (None: not compared).
+        **settings: This run's ``global_batch_size``, ``micro_batch_size``, ``seq_length``,
+            ``packing`` and ``skip_padded`` (those change the batches).
+
+    Raises:
+        ValueError: One line naming the flag or data to use to resume.
+    """
+    if num_samples is not None and (int(state["num_samples"]) != num_samples or (
+            state.get("fingerprint") and fingerprint and state["fingerprint"] != fingerprint)):
+        raise ValueError("the checkpoint's data position was saved over other data "
+                         f"({state['num_samples']} samples, fingerprint "
+                         f"{state.get('fingerprint') or '-'}; this data has {num_samples}, "
+                         f"{fingerprint or '-'}): resume with the same store")
+    for key in ("global_batch_size", "micro_batch_size", "seq_length"):
+        flag = "--" + key.replace("_", "-")
+        if int(state[key]) != settings[key]:
+            raise ValueError(f"the checkpoint was trained with {flag} {state[key]}, this run "
+                             f"uses {settings[key]}: pass {flag} {state[key]} to resume it (or "
+                             "start a new --save)")
+    for key, flag in (("packing", "--no-packing"), ("skip_padded", "--no-skip")):
+        saved = bool(state.get(key, True))  # states from before the switches: both on
+        if saved != settings[key]:
+            raise ValueError(f"the checkpoint was trained {'with' if not saved else 'without'} "
+                             f"{flag}: resume with {flag} {'given' if not saved else 'left out'}")
 
 
 def batch_paths(paths: Sequence[str]) -> dict[str, int]:

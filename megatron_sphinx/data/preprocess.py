@@ -1,9 +1,12 @@
 """Preprocessing: mix sources -> dialogs -> tokenized samples + image bytes -> one store shard.
 
 :func:`preprocess_rank` is what each MPI rank runs on its share (record ``k`` of every source goes
-to rank ``k % world``); ``tools/preprocess_data.py`` wraps it with the MPI start-up, the output
-directory checks and the index. Every record that is not written is counted under a reason and
-logged (the first few per reason with details): the run never dies on one bad sample.
+to rank ``k % world``); :mod:`megatron_sphinx.data.build_store` wraps it with the output directory
+checks, the index and the roll-back of a failed build. Every record that is not written is counted
+under a reason and logged (the first few per reason with details): the run never dies on one bad
+sample. :class:`PreprocessSettings` checks the lengths and the image layout; importing this module
+is cheap (the tokenizer and converter modules, which bring torch, are imported where used), so a
+tool can check its settings before its heavy imports.
 
 Images are not decoded here beyond a cheap validity check (:func:`probe_image`): the header gives
 the size and EXIF orientation; JPEGs get a 1/8-scale draft decode (catches truncated and corrupt
@@ -15,14 +18,17 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron_sphinx.data.conversation import DialogEncoder, DialogError, check_dialog
+from megatron_sphinx.config import VisionConfig
 from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW, image_geometry
-from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.sources import Dropped, convert_source
+
+if TYPE_CHECKING:  # imported where used: they bring torch, and the settings checks come first
+    from megatron_sphinx.data.conversation import DialogEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,16 @@ STORED_FORMATS = ("JPEG", "PNG")
 MAX_PIXELS = 100_000_000  # larger images are dropped (image_too_large)
 BATCH = 256  # dialogs tokenized per tokenizer call
 LOG_FIRST = 3  # drops logged with details per (source, reason); the rest are only counted
+PROGRESS_LINES = 10  # progress lines per source and rank when no bar is shown
+PROGRESS_SECONDS = 30.0  # ... or one line per this many seconds for a streamed (.jsonl) source
+#: Encoder input side: the padded square is ``grid x grid`` views of this many pixels.
+VIEW_SIZE = VisionConfig.view_size
+
+
+def full_image_positions(image_size: int, grid: int) -> int:
+    """LLM positions of one image that fills the padded square (every view encoded): the most
+    any image takes, ``(1 + grid**2) * POSITIONS_PER_VIEW``."""
+    return image_geometry(image_size, image_size, image_size, grid).num_positions()
 
 
 class BadImage(ValueError):
@@ -179,25 +195,38 @@ class SourceStats:
 
 @dataclass
 class PreprocessSettings:
-    """What the per-rank preprocessing needs besides the mix and the tokenizer."""
+    """What the per-rank preprocessing needs besides the mix and the tokenizer.
+
+    Raises:
+        ValueError: In ``__post_init__``, one line naming the flag and what to use.
+    """
 
     seq_length: int = 4096
-    """Longest sample after image expansion."""
+    """Longest sample after image expansion (must hold one full image and its text)."""
     image_size: int = 448
-    """Padded-square side (448 / 672)."""
-    grid: int = 2
-    """Sub-images per side."""
+    """Padded-square side, a multiple of the 224-pixel view (448 / 672)."""
+    grid: int | None = None
+    """Sub-images per side; None: ``image_size // 224`` (the only value that fits)."""
     overlong: str = "truncate"
     """``truncate`` (cut, the cut part's loss dropped) or ``drop`` samples over ``seq_length``."""
 
     def __post_init__(self) -> None:
         if self.overlong not in ("truncate", "drop"):
-            raise ValueError(f"--overlong must be truncate or drop, got {self.overlong!r}")
-        if self.seq_length < 2:
-            raise ValueError("--seq-length must be at least 2")
-        if self.image_size % self.grid:
-            raise ValueError(f"--image-size {self.image_size} is not divisible by --grid "
-                             f"{self.grid}")
+            raise ValueError(f"--overlong {self.overlong}: choose truncate or drop")
+        if self.image_size < VIEW_SIZE or self.image_size % VIEW_SIZE:
+            raise ValueError(f"--image-size {self.image_size}: give a multiple of {VIEW_SIZE} "
+                             "(448 for the 2x2 recipes, 672 for -2K)")
+        grid = self.image_size // VIEW_SIZE
+        if self.grid is None:
+            self.grid = grid
+        elif self.grid != grid:
+            raise ValueError(f"--grid {self.grid} does not fit --image-size {self.image_size} "
+                             f"(views of {VIEW_SIZE} pixels): pass --grid {grid} or leave it out")
+        image = full_image_positions(self.image_size, self.grid)
+        if self.seq_length <= image:
+            raise ValueError(f"--seq-length {self.seq_length} cannot hold one image ({image} "
+                             f"positions at --image-size {self.image_size}) and its text: use "
+                             f"a --seq-length above {image}")
 
 
 class _Dropper:
@@ -220,6 +249,10 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
                     rank: int = 0, world: int = 1, progress: bool | None = None) -> dict:
     """Converts, validates, tokenizes and writes rank ``rank``'s share of every source.
 
+    Progress: a tqdm bar, or (without a bar, e.g. in a batch job's log) INFO lines per source:
+    one when it starts (its records on this rank), about :data:`PROGRESS_LINES` while it runs,
+    and the final counts.
+
     Args:
         mix: A :class:`~megatron_sphinx.data.mixfile.Mix`.
         encoder: Tokenizes validated dialogs.
@@ -231,8 +264,14 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
 
     Returns:
         ``{source name: SourceStats.to_json()}`` for this rank.
+
+    Raises:
+        SourceError: A whole annotation file cannot be read (alike on every rank).
     """
     from tqdm import tqdm
+
+    from megatron_sphinx.data.conversation import DialogError, check_dialog
+    from megatron_sphinx.data.sources import Dropped, convert_source
 
     drop = _Dropper(rank)
     stats_by = defaultdict(SourceStats)
@@ -240,10 +279,13 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
                disable=None if progress is None else not progress)
     for sid, spec in enumerate(mix.sources):
         stats = stats_by[spec.name]
+        log = None if not bar.disable else _ProgressLog(spec.name, rank)
         pending: list[tuple[int, object, bytes | None, tuple[int, int] | None]] = []
-        for k, item in convert_source(spec, rank, world):
+        for k, item in convert_source(spec, rank, world, on_load=log and log.loaded):
             stats.read += 1
             bar.update(1)
+            if log is not None:
+                log.update(stats)
             if isinstance(item, Dropped):
                 drop(stats, spec.name, k, item.reason, item.detail)
                 continue
@@ -269,11 +311,51 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
             if len(pending) >= BATCH:
                 _flush(pending, sid, spec.name, stats, encoder, writer, settings, drop)
         _flush(pending, sid, spec.name, stats, encoder, writer, settings, drop)
+        if log is not None:
+            log.done(stats)
     bar.close()
     return {name: s.to_json() for name, s in stats_by.items()}
 
 
+class _ProgressLog:
+    """A source's progress on one rank as INFO lines, for logs without a terminal (Slurm):
+    about :data:`PROGRESS_LINES` lines when the record count is known, else one per
+    :data:`PROGRESS_SECONDS`."""
+
+    def __init__(self, name: str, rank: int):
+        self.name, self.rank, self.t0 = name, rank, timer()
+        self.total: int | None = None
+        self.every, self.next_time = 0, self.t0 + PROGRESS_SECONDS
+
+    def loaded(self, total: int | None) -> None:
+        """The annotation file is open: ``total`` records on this rank (None: streamed)."""
+        self.total = total
+        self.every = max(1, math.ceil(total / PROGRESS_LINES)) if total else 0
+        logger.info("rank %d: source %s: %s records on this rank", self.rank, self.name,
+                    "streaming" if total is None else total)
+
+    def update(self, stats: SourceStats) -> None:
+        now = timer()
+        if self.every:
+            if stats.read % self.every or stats.read >= self.total:
+                return
+        elif now < self.next_time:
+            return
+        self.next_time = now + PROGRESS_SECONDS
+        rate = stats.read / (now - self.t0) if now > self.t0 else 0.0
+        done = (f"{stats.read}/{self.total} records ({100 * stats.read // self.total}%)"
+                if self.total else f"{stats.read} records")
+        logger.info("rank %d: source %s: %s, %.1f records/s", self.rank, self.name, done, rate)
+
+    def done(self, stats: SourceStats) -> None:
+        logger.info("rank %d: source %s: done, %d records read, %d written, %d dropped in %.1f s",
+                    self.rank, self.name, stats.read, stats.written,
+                    sum(stats.dropped.values()), timer() - self.t0)
+
+
 def _encode_robust(encoder: DialogEncoder, dialogs) -> list:
+    from megatron_sphinx.data.conversation import DialogError
+
     try:
         return encoder.encode(dialogs)
     except DialogError:
@@ -287,6 +369,9 @@ def _encode_robust(encoder: DialogEncoder, dialogs) -> list:
 
 
 def _flush(pending, sid, name, stats, encoder, writer, settings, drop) -> None:
+    from megatron_sphinx.data.conversation import DialogError
+    from megatron_sphinx.data.layout import Sample
+
     if not pending:
         return
     encoded = _encode_robust(encoder, [d for _, d, _, _ in pending])

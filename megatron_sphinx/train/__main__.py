@@ -54,7 +54,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; bad input ends with one line on stderr and exit code 2."""
+    """Entry point; bad input ends with one line on stderr and exit code 2.
+
+    The arguments, the recipe, the paths (``--data``, ``--save``, the checkpoint to start
+    from) and the sequence length are checked before Megatron is imported, so a mistake costs
+    seconds, not a model build. Errors found there are the same on every rank and only the
+    first rank prints them; later ones (the parallel layout against the launch, a ``--save``
+    directory of another run) are printed by every rank that meets them.
+    """
     # torch.compile'd fusions cost seconds per process and gain nothing on a CPU; read at import.
     if not os.path.exists("/dev/nvidia0"):
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
@@ -63,17 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("megatron", "megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from megatron_sphinx.cli import fail, launch_rank, quiet_import_notices
     from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.checkpoint import find_latest
+    from megatron_sphinx.train.run_config import check_run_inputs
+
+    quiet_import_notices()
 
     try:
         rc = parse_args(argv)
-        get_recipe(rc.recipe)  # an unknown recipe fails before the heavy imports
+        cfg = get_recipe(rc.recipe)  # an unknown recipe fails before the heavy imports
+        check_run_inputs(rc, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(exc) if launch_rank() == 0 else 2
+    if rc.save and rc.load and find_latest(rc.save) is not None:
+        logging.getLogger("megatron_sphinx.train").warning(
+            "--save %s already holds checkpoints: the run resumes from them and --load %s is "
+            "not used (pass a new --save to start from --load)", rc.save, rc.load)
+    try:
         from megatron_sphinx.train.loop import run
 
         run(rc)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 

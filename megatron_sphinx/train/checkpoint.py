@@ -7,6 +7,9 @@ Layout of a save directory::
     DIR/iter_0000010/       a complete checkpoint: Megatron torch_dist shards + meta.json
     DIR/iter_0000020.tmp/   a save in progress (or a crashed one): never loaded
 
+Reading one (:func:`start_point`, :func:`read_meta`, :func:`check_complete`) needs no
+Megatron import, so the training command checks what it will load before building anything.
+
 A save writes into ``iter_N.tmp``; only when every rank has finished does rank 0 write
 ``meta.json``, rename the directory to ``iter_N`` and then point ``latest`` at it. A crash at any
 moment leaves ``latest`` on a complete checkpoint. Model and optimizer tensors are saved sharded
@@ -25,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,20 @@ def list_complete(save_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+_warned_pointers: set[Path] = set()
+
+
 def find_latest(save_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: ``latest`` if it names one, else the highest step."""
     d = Path(save_dir)
     pointer = d / "latest"
-    if pointer.exists():
+    if pointer.is_file():
         target = d / pointer.read_text().strip()
         if (target / "meta.json").exists():
             return target
-        log.warning("%s names an incomplete checkpoint; scanning %s", pointer, d)
+        if pointer.resolve() not in _warned_pointers:  # once per process, however often asked
+            _warned_pointers.add(pointer.resolve())
+            log.warning("%s names an incomplete checkpoint; scanning %s", pointer, d)
     done = list_complete(d)
     return done[-1] if done else None
 
@@ -97,13 +103,18 @@ def read_meta(ckpt: str | Path) -> CheckpointMeta:
     """Reads a checkpoint's ``meta.json``.
 
     Raises:
-        CheckpointError: If ``ckpt`` is not a complete checkpoint directory.
+        CheckpointError: If ``ckpt`` is not a checkpoint folder or its ``meta.json`` is damaged.
     """
     path = Path(ckpt) / "meta.json"
     if not path.exists():
         raise CheckpointError(f"{ckpt} is not a megatron_sphinx checkpoint (no meta.json): "
                               "pass a save directory or one of its iter_* folders")
-    return CheckpointMeta(**json.loads(path.read_text()))
+    try:
+        return CheckpointMeta(**json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{path} is unreadable ({detail}): restore it from a copy or use "
+                              "another checkpoint") from None
 
 
 def resolve_load(path: str | Path) -> Path:
@@ -115,11 +126,66 @@ def resolve_load(path: str | Path) -> Path:
     p = Path(path)
     if (p / "meta.json").exists():
         return p
+    if not p.exists():
+        raise CheckpointError(f"--load {path} does not exist: pass a directory written by "
+                              "--save or one of its iter_* folders")
     latest = find_latest(p) if p.is_dir() else None
     if latest is None:
-        raise CheckpointError(f"--load {path}: no complete checkpoint there: pass a directory "
-                              "written by --save (it holds iter_*/meta.json)")
+        raise CheckpointError(f"--load {path} holds no complete checkpoint: pass a directory "
+                              "written by --save (it holds iter_*/meta.json) or one of its "
+                              "iter_* folders")
     return latest
+
+
+def start_point(save: str | Path | None, load: str | Path | None) -> Path | None:
+    """The checkpoint a run starts from: the newest in ``save`` (a resume needs no flag), else
+    ``--load``'s, else None.
+
+    Raises:
+        CheckpointError: ``load`` is given (and ``save`` holds none) but nothing loadable is there.
+    """
+    if save:
+        found = find_latest(save)
+        if found is not None:
+            return found
+    return resolve_load(load) if load else None
+
+
+def check_complete(ckpt: str | Path) -> CheckpointMeta:
+    """Checks that a checkpoint folder is whole, before anything is built; returns its meta.
+
+    ``meta.json`` must be readable, and every file the torch_dist ``.metadata`` names must be
+    there and at least as long as the bytes it holds (a copy cut short, a lost shard).
+
+    Raises:
+        CheckpointError: Naming the file that is missing, truncated or unreadable.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    for name in (".metadata", "metadata.json"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"checkpoint {ckpt} has no {name}: it is not a complete "
+                                  "Megatron torch_dist checkpoint: use another checkpoint")
+    try:
+        md = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - unreadable metadata of any kind
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read .metadata ({detail}): use "
+                              "another checkpoint") from None
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, end in sorted(need.items()):
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing shard {rel} (listed in "
+                                  f".metadata, {len(need)} shard files in all): copy it back")
+        if f.stat().st_size < end:
+            raise CheckpointError(f"checkpoint {ckpt}: shard {rel} is truncated "
+                                  f"({f.stat().st_size} of at least {end} bytes): copy it again")
+    return meta
 
 
 def _rng_state() -> dict:
@@ -147,6 +213,8 @@ def _core(chunk):
 
 def _sharded_state(model_chunks, optimizer, pgs, *, is_loading: bool, with_optimizer: bool,
                    with_rng: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     model_sd = _core(model_chunks[0]).sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
@@ -184,6 +252,8 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     Returns:
         The checkpoint folder.
     """
+    from megatron.core import dist_checkpointing
+
     d = Path(save_dir)
     final = d / iter_name(step)
     tmp = d / (iter_name(step) + ".tmp")
@@ -223,6 +293,8 @@ def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs) -
     and scheduler state load when the checkpoint has them (weights-only checkpoints start a
     fresh optimizer at step 0). RNG states load only onto the layout they were saved from.
     """
+    from megatron.core import dist_checkpointing
+
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     same_layout = meta.layout.get("tp") == pgs.tp.size() and meta.layout.get(

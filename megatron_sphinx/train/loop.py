@@ -153,11 +153,7 @@ def run(rc: RunConfig) -> list[StepResult]:
     cfg, dims, dtype = preflight(rc)
     rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
     check_save_dir(rc.save, cfg)
-    load_from = None
-    if rc.save and ckpt_lib.find_latest(rc.save) is not None:
-        load_from = ckpt_lib.find_latest(rc.save)  # resume the run in --save, no flag needed
-    elif rc.load:
-        load_from = ckpt_lib.resolve_load(rc.load)
+    load_from = ckpt_lib.start_point(rc.save, rc.load)  # --save's newest resumes, no flag needed
     if load_from is not None:
         _check_load_matches(load_from, cfg)
 

@@ -1,7 +1,14 @@
 """The training run's settings (everything that is not the model recipe)."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_sphinx.config import SphinxConfig
 
 
 @dataclass
@@ -64,10 +71,123 @@ class RunConfig:
     """Console line every N steps (metrics.jsonl gets every step)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "ep", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1")
+        for name in ("tp", "pp", "ep", "steps", "log_interval"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("save_interval", "keep_last"):
+            _at_least(name, getattr(self, name), 0, "0 turns it off")
+        for name, low in (("global_batch_size", 1), ("micro_batch_size", 1), ("seq_length", 2),
+                          ("exit_interval", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if value is not None:
+                _at_least(name, value, low, "or leave it out")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"--lr {self.lr}: give 0 or a positive learning rate (or leave it "
+                             "out)")
+        if self.exit_after_minutes is not None and not (
+                math.isfinite(self.exit_after_minutes) and self.exit_after_minutes > 0):
+            raise ValueError(f"--exit-after-minutes {self.exit_after_minutes}: give a positive "
+                             "number of minutes (or leave it out)")
+        if not (math.isfinite(self.timeout_minutes) and self.timeout_minutes > 0):
+            raise ValueError(f"--timeout-minutes {self.timeout_minutes}: give a positive number "
+                             "of minutes")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("--sp splits sequences over the TP group: raise --tp to 2 or more, "
+                             "or drop --sp")
+        if self.backend not in ("auto", "te", "local"):
+            raise ValueError(f"--backend {self.backend}: choose auto, te or local")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--dtype {self.dtype}: choose auto, bf16 or fp32")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"--recompute {self.recompute}: choose selective or full")
+        if self.data is not None and not str(self.data).strip():
+            raise ValueError("--data is empty: pass a store path, synthetic, or leave it out")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _at_least(name: str, value: int, low: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{_flag(name)} must be at least {low}, got {value}"
+                         + (f" ({hint})" if hint else ""))
+
+
+def full_image_positions(cfg: SphinxConfig) -> int:
+    """LLM positions of one image with every view encoded (global view + grid x grid
+    sub-images, each wrapped in start / end embeddings)."""
+    v = cfg.vision
+    return (1 + v.grid ** 2) * (v.tokens_per_view + 2)
+
+
+def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
+    """Checks a run's paths and lengths against the recipe before anything is built.
+
+    Cheap (no process group, no model, no Megatron import): the sequence length holds an image,
+    ``--data`` is a store with samples for this recipe's image layout, ``--save`` can be
+    written (and its ``run.json``, if any, read), and the checkpoint the run would start from
+    (the newest in ``--save``, else ``--load``) is of this recipe and whole: ``meta.json``
+    readable, every shard present and long enough; a store position it holds resumes only with
+    the batch settings and data it was made with. The training loop still checks what needs
+    the launch or Megatron (the parallel layout, ``--save`` belonging to this run).
+
+    Raises:
+        ValueError: One line saying what to change.
+    """
+    from megatron_sphinx.cli import check_output_dir, check_store
+    from megatron_sphinx.train import checkpoint as ckpt_lib
+
+    seq = rc.seq_length if rc.seq_length is not None else cfg.train.seq_length
+    need = full_image_positions(cfg)
+    if seq <= need:
+        raise ValueError(f"--seq-length {seq} cannot hold one image of recipe {cfg.name} "
+                         f"({need} positions at image size {cfg.vision.image_size}, grid "
+                         f"{cfg.vision.grid}) and its text: use a --seq-length above {need}")
+    gbs = rc.global_batch_size or cfg.train.global_batch_size
+    mbs = rc.micro_batch_size or cfg.train.micro_batch_size
+    if gbs % mbs:
+        raise ValueError(f"global batch {gbs} is not a multiple of micro-batch {mbs}: change "
+                         "--global-batch-size or --micro-batch-size")
+    samples = None
+    if rc.data not in (None, "synthetic"):
+        samples = check_store(rc.data, "--data", image_size=cfg.vision.image_size,
+                              grid=cfg.vision.grid)
+    if rc.save:
+        check_output_dir(rc.save, "--save")
+        run_json = Path(rc.save) / "run.json"
+        if run_json.is_file():
+            try:
+                json.loads(run_json.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"--save {rc.save}: its run.json is unreadable ({exc}): restore "
+                                 "it or pass a new directory") from None
+    ckpt = ckpt_lib.start_point(rc.save, rc.load)
+    if ckpt is not None:
+        meta = ckpt_lib.read_meta(ckpt)
+        if meta.recipe != cfg.name:
+            in_save = bool(rc.save) and Path(rc.save) in ckpt.parents
+            other = "a new --save directory" if in_save else "another checkpoint"
+            raise ValueError(f"{'--save' if in_save else '--load'} {ckpt} is a checkpoint of "
+                             f"recipe {meta.recipe!r}, not {cfg.name!r}: pass --recipe "
+                             f"{meta.recipe} or {other}")
+        ckpt_lib.check_complete(ckpt)
+        _check_data_position(rc, cfg, meta, ckpt, samples)
+
+
+def _check_data_position(rc: RunConfig, cfg: SphinxConfig, meta, ckpt: Path,
+                         samples: int | None) -> None:
+    """A store loader's position resumes only with the settings that made its batches."""
+    from megatron_sphinx.data.loader import check_resume
+
+    state = meta.consumed or {}
+    if rc.data == "synthetic" or not meta.has_optimizer or "global_batch_size" not in state:
+        return  # synthetic data now or then, or weights only: no store position to continue
+    t = cfg.train
+    try:
+        check_resume(state, num_samples=samples,
+                     global_batch_size=rc.global_batch_size or t.global_batch_size,
+                     micro_batch_size=rc.micro_batch_size or t.micro_batch_size,
+                     seq_length=rc.seq_length or t.seq_length, packing=rc.packing,
+                     skip_padded=rc.skip_padded_views)
+    except ValueError as exc:
+        raise ValueError(f"{ckpt}: {exc}") from None

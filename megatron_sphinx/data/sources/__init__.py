@@ -22,7 +22,7 @@ import logging
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from megatron_sphinx.data.conversation import Dialog
 
@@ -139,19 +139,26 @@ def get_module(fmt: str):
     return importlib.import_module(f"megatron_sphinx.data.sources.{fmt}")
 
 
-def convert_source(spec, rank: int = 0, world: int = 1) -> Iterator[tuple[int, Dialog | Dropped]]:
+def convert_source(spec, rank: int = 0, world: int = 1,
+                   on_load: Callable[[int | None], None] | None = None,
+                   ) -> Iterator[tuple[int, Dialog | Dropped]]:
     """``(record number, Dialog | Dropped)`` for rank ``rank``'s share of the source ``spec``.
 
     Args:
         spec: A :class:`~megatron_sphinx.data.mixfile.SourceSpec`.
         rank: This worker's rank.
         world: Number of workers; record ``k`` belongs to rank ``k % world``.
+        on_load: Called once the annotation file is open, with this rank's number of records
+            (None for a streamed ``.jsonl`` file, whose length is not known in advance).
 
     Raises:
         SourceError: The annotation file cannot be read at all.
     """
     mod = get_module(spec.format)
-    for k, rec in enumerate(mod.load(spec)):
+    records = mod.load(spec)
+    if on_load is not None:
+        on_load(len(range(rank, len(records), world)) if hasattr(records, "__len__") else None)
+    for k, rec in enumerate(records):
         if k % world != rank:
             continue
         if isinstance(rec, Dropped):
