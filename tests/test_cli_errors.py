@@ -7,7 +7,6 @@ The training command's own cases are in ``tests/test_train_cli.py``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.files import read_only_dir, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -42,22 +42,7 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return errors[0]
 
 
-def _snapshot(root: Path) -> dict:
-    """Every file under ``root`` (hidden ones too): size, mtime and content hash."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
-                                       hashlib.sha1(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
-
-def _read_only_dir() -> Path:
-    """A directory nothing can be created in, even as root (sysfs), or skip."""
-    probe = Path("/sys/megatron_sphinx_probe")
-    try:
-        probe.mkdir()
-    except OSError:
-        return Path("/sys")
-    probe.rmdir()
-    pytest.skip("/sys is writable here: no read-only location to test with")
 
 
 # ---------------------------------------------------------------------- preprocess_data.py
@@ -113,7 +98,7 @@ def test_preprocess_paths(tmp_path):
                     tmp_path / "file.txt" / "s.json"), "is a file, not a directory")
     _one_line(_tool("preprocess_data.py", "--mix", tmp_path / "mix", "--out", out),
               "--mix", "is a directory")
-    _one_line(_tool("preprocess_data.py", "--mix", mix, "--out", _read_only_dir() / "s.zarr"),
+    _one_line(_tool("preprocess_data.py", "--mix", mix, "--out", read_only_dir() / "s.zarr"),
               "cannot write in /sys")
     assert not out.exists() and (tmp_path / "file.txt").read_text() == "x"
 
@@ -148,7 +133,7 @@ def test_preprocess_overwrite_keeps_the_old_store_when_the_new_one_fails(tmp_pat
     store.create_store(out, meta)
     store.ShardWriter(out, 0, 448, 2).close()
     store.write_index(out, meta)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     bad = _broken_mix(tmp_path / "bad")
     _one_line(_tool("preprocess_data.py", "--mix", bad, "--out", out, "--overwrite",
                     "--tokenizer", tokenizer, "--no-progress"),
@@ -157,7 +142,7 @@ def test_preprocess_overwrite_keeps_the_old_store_when_the_new_one_fails(tmp_pat
     _one_line(_tool("preprocess_data.py", "--mix", empty, "--out", out, "--overwrite",
                     "--tokenizer", tokenizer, "--no-progress"),
               "no record", "previous store at --out was kept")
-    after = _snapshot(tmp_path)
+    after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k.startswith("s.zarr")} == \
         {k: v for k, v in before.items() if k.startswith("s.zarr")}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing set aside
@@ -191,14 +176,14 @@ def test_to_hf_never_replaces_its_source_or_foreign_files(tmp_path):
     run = _fake_run(tmp_path / "run")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("precious")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_tool("convert_to_hf.py", "--load", run, "--out", run, "--overwrite"),
               "is or holds the --load source")
     _one_line(_tool("convert_to_hf.py", "--load", run / "iter_0000002", "--out", run,
                     "--overwrite"), "is or holds the --load source")
     _one_line(_tool("convert_to_hf.py", "--load", run, "--out", tmp_path / "notes",
                     "--overwrite"), "no conversion.json", "choose a new directory")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_to_hf_arguments(tmp_path):
@@ -238,13 +223,13 @@ def _debug_llama(folder: Path) -> Path:
 def test_from_hf_never_replaces_its_source(tmp_path):
     """Before: --out HF --overwrite replaced the Hugging Face directory being converted."""
     hf = _debug_llama(tmp_path / "hf")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_tool("convert_from_hf.py", "--hf", hf, "--recipe", "debug", "--out", hf,
                     "--overwrite", "--random-encoders"), "is or holds the --hf source")
     # a directory given for a weights file: the message said it did not exist
     _one_line(_tool("convert_from_hf.py", "--hf", hf, "--recipe", "debug", "--out",
                     tmp_path / "ck", "--clip-convnext", tmp_path), "is a directory")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def _from_hf_module():
@@ -342,7 +327,7 @@ def test_bench_data_checks_before_measuring(tmp_path):
 def test_bench_preprocess_keeps_a_foreign_workdir(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "mine.json").write_text("precious")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     # its data/ and store*.zarr used to be overwritten / deleted
     _one_line(_tool("bench_preprocess.py", "--workdir", tmp_path), "holds other files")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before

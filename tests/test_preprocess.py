@@ -2,7 +2,6 @@
 settings checks, progress lines, and real MPI runs."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
@@ -27,6 +26,7 @@ from megatron_sphinx.data.preprocess import (
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.sources import convert_source
 from megatron_sphinx.data.store import StoreReader
+from tests.files import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata" / "images"
@@ -255,12 +255,6 @@ def test_mpi_two_ranks_equal_one_rank(tmp_path, sample, capfd):
 
 # ----------------------------------------------------------------------------- build_store safety
 
-def _snapshot(root: Path) -> dict:
-    """Every file under ``root``: size, mtime and content hash."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
-                                       hashlib.sha1(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def _text_mix(folder: Path, records: int = 3, broken: int = 0, ext: str = "jsonl") -> Path:
     """A sharegpt source of ``records`` short dialogs (JSON lines, or a JSON list for ``ext``
@@ -303,10 +297,10 @@ def test_failed_overwrite_keeps_the_previous_store(tmp_path, sample, monkeypatch
     tok = sample / "tokenizer"
     out = tmp_path / "s.zarr"
     _build(_text_mix(tmp_path / "good"), out, tok)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(BuildError, match=r"is not valid JSON.*previous store at --out was kept"):
         _build(_unreadable_mix(tmp_path / "bad"), out, tok, overwrite=True)
-    assert _snapshot(out) == before and len(StoreReader(out)) == 3
+    assert snapshot(out) == before and len(StoreReader(out)) == 3
     assert _hidden(tmp_path) == []  # the holder it was renamed into is gone
 
     for exc in (RuntimeError("a bug half-way"), KeyboardInterrupt()):
@@ -322,7 +316,7 @@ def test_failed_overwrite_keeps_the_previous_store(tmp_path, sample, monkeypatch
                                r"\(RuntimeError: a bug half-way; .*previous store .* kept") as e:
                 _build(_text_mix(tmp_path / "good2", records=5), out, tok, overwrite=True)
             assert e.value.__cause__ is exc
-        assert _snapshot(out) == before and len(StoreReader(out)) == 3
+        assert snapshot(out) == before and len(StoreReader(out)) == 3
         assert _hidden(tmp_path) == []
 
 
@@ -342,10 +336,10 @@ def test_a_build_without_samples_fails_and_keeps_no_store(tmp_path, sample, capl
         _build(mix, mine, tok)
     assert mine.is_dir() and list(mine.iterdir()) == []
     _build(_text_mix(tmp_path / "good"), out, tok)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(BuildError, match="no record .* previous store at --out was kept"):
         _build(mix, out, tok, overwrite=True)
-    assert _snapshot(out) == before and len(StoreReader(out)) == 3
+    assert snapshot(out) == before and len(StoreReader(out)) == 3
     assert _hidden(tmp_path) == []
 
 
@@ -458,7 +452,7 @@ def test_mpi_failed_overwrite_keeps_the_store(tmp_path, sample):
     tok = sample / "tokenizer"
     out = tmp_path / "s.zarr"
     _build(_text_mix(tmp_path / "good"), out, tok)
-    before = _snapshot(out)
+    before = snapshot(out)
     (tmp_path / "crash.py").write_text(CRASH_ON_RANK_1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "PMIX"))}
     env["PYTHONPATH"] = str(ROOT)
@@ -475,5 +469,5 @@ def test_mpi_failed_overwrite_keeps_the_store(tmp_path, sample):
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
         assert needle in errors[0] and errors[0].endswith(
             "(the previous store at --out was kept)"), errors[0]
-        assert _snapshot(out) == before and len(StoreReader(out)) == 3
+        assert snapshot(out) == before and len(StoreReader(out)) == 3
         assert _hidden(tmp_path) == []

@@ -1,7 +1,6 @@
 """Bad input to the training command: one clear line, exit code 2, nothing overwritten."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from megatron_sphinx.train.__main__ import main
+from tests.files import read_only_dir, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,12 +128,6 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def _snapshot(root: Path) -> dict:
-    """Every file under ``root``: size, mtime and content hash."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
-                                       hashlib.sha1(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def _store(path: Path, samples: int, image_size: int = 448, grid: int = 2,
            complete: bool = True) -> Path:
@@ -205,14 +199,14 @@ def test_bad_data_store_is_refused_before_the_model_is_built(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     _store(tmp_path / "empty.zarr", 0)
     _store(tmp_path / "big_images.zarr", 3, image_size=672, grid=3)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     cases = [("nope.zarr", "does not exist"), ("file.txt", "not a megatron_sphinx store"),
              ("empty_dir", "not a megatron_sphinx store"), ("empty.zarr", "holds no samples"),
              ("big_images.zarr", "--image-size 448 --grid 2")]
     for name, needle in cases:
         _one_line(_train("--data", tmp_path / name, "--steps", "1"), f"--data {tmp_path / name}",
                   needle)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("flag,damage,needle", [
@@ -232,18 +226,18 @@ def test_damaged_checkpoint_is_refused_untouched(tmp_path, flag, damage, needle)
         shard.write_bytes(shard.read_bytes()[:100])
     else:
         (ckpt / "meta.json").write_text("{bad")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_train(flag, tmp_path / "run", "--data", "synthetic", "--steps", "3"), needle,
               str(ckpt))
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_checkpoint_of_another_recipe_in_save_is_refused_untouched(tmp_path):
     _checkpoint(tmp_path / "run", recipe="debug-moe")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_train("--save", tmp_path / "run", "--data", "synthetic"),
               "recipe 'debug-moe'", "pass --recipe debug-moe or a new --save directory")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_resume_with_other_batch_settings_is_refused_before_loading(tmp_path):
@@ -253,10 +247,10 @@ def test_resume_with_other_batch_settings_is_refused_before_loading(tmp_path):
                 "global_batch_size": 2, "micro_batch_size": 1, "seq_length": 2048,
                 "packing": True, "skip_padded": True}
     _checkpoint(tmp_path / "run", consumed=consumed)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_train("--save", tmp_path / "run", "--data", data, "--global-batch-size", "4"),
               "was trained with --global-batch-size 2", "pass --global-batch-size 2")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_save_and_load_paths_that_cannot_work(tmp_path):
@@ -265,23 +259,16 @@ def test_save_and_load_paths_that_cannot_work(tmp_path):
     run.mkdir()
     (run / "run.json").write_text("{bad")
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     _one_line(_train("--save", tmp_path / "file.txt" / "run"), "is a file, not a directory")
     _one_line(_train("--save", run), "its run.json is unreadable", "pass a new directory")
     _one_line(_train("--load", tmp_path / "nope"), "--load", "does not exist")
     _one_line(_train("--load", tmp_path / "file.txt"), "holds no complete checkpoint")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_save_where_nothing_can_be_written():
-    target = Path("/sys/megatron_sphinx_run")  # read-only for root too (sysfs)
-    try:
-        target.mkdir()
-    except OSError:
-        pass
-    else:
-        target.rmdir()
-        pytest.skip("/sys is writable here: no read-only location to test with")
+    target = read_only_dir() / "megatron_sphinx_run"
     # before: a PermissionError traceback once the model was built
     _one_line(_train("--save", target), "cannot write in /sys", "choose a writable location")
 
