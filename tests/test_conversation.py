@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from megatron_sphinx.data.conversation import (
-    Dialog, DialogEncoder, DialogError, LLMTemplate, SphinxTemplate, check_dialog, get_template)
+    Dialog, DialogEncoder, DialogError, LLMTemplate, SphinxTemplate, check_dialog, get_template,
+    normalize_role)
 from megatron_sphinx.data.geometry import image_geometry
 from megatron_sphinx.data.tokenizer import train_bpe
 
@@ -40,6 +41,8 @@ def test_sphinx_template_matches_reference_format():
     ([("human", "a"), ("human", "b"), ("gpt", "c")], None, "roles_not_alternating"),
     ([("narrator", "a"), ("gpt", "b")], None, "unknown_role"),
     ([("human", "a"), ("gpt", "  ")], None, "empty_turn"),
+    ([("human", "<image>"), ("gpt", "a cat"), ("human", "  "), ("gpt", "b")], "a.jpg",
+     "empty_turn"),
     ([("human", "only a question")], None, "no_assistant_turn"),
 ])
 def test_check_dialog_drops_with_reason(turns, image, reason):
@@ -87,6 +90,19 @@ def test_encoder_batch_equals_single(tok):
     for d, (ids, mask) in zip(ds, batch):
         (ids1, mask1), = enc.encode([d])
         assert np.array_equal(ids, ids1) and np.array_equal(mask, mask1)
+
+
+def test_caption_dialog_whose_question_is_only_the_image(tok):
+    """Caption data often asks nothing but ``<image>``: that turn is the image, not empty."""
+    enc = DialogEncoder(tok, "sphinx")
+    d, notes = check_dialog(Dialog([("human", "<image>"), ("gpt", "A red circle.")],
+                                   image="x.jpg"))
+    assert notes == [] and d.turns == [("human", ""), ("assistant", "A red circle.")]
+    (ids, mask), = enc.encode([d])
+    assert _answers_text(tok, ids, mask).replace(" ", "") == "Aredcircle.\n###"
+    assert enc.to_sample(d, image_hw=(300, 300), source_id=0).image_slot == 1
+    with pytest.raises(DialogError, match="empty_turn"):  # without an image it is empty
+        check_dialog(Dialog([("human", "   "), ("gpt", "A red circle.")]))
 
 
 def test_to_sample_image_after_bos(tok):
@@ -163,3 +179,19 @@ def test_sentencepiece_style_tokenizer():
     (ids, mask), = DialogEncoder(hf, "sphinx").encode([d])
     pieces = hf.convert_ids_to_tokens(ids[mask].tolist())
     assert "".join(pieces).replace("▁", "") == "Thecircleisred.\n###"
+
+
+@pytest.mark.parametrize("role,expect", [
+    ("human", "human"), ("user", "human"), (" USER ", "human"), ("Human", "human"),
+    ("gpt", "assistant"), ("assistant", "assistant"), ("bot", "assistant"),
+    ("model", "assistant"), ("GPT", "assistant"),
+])
+def test_source_role_names_map_to_ours(role, expect):
+    assert normalize_role(role) == expect
+
+
+@pytest.mark.parametrize("role", ["system", "", "gpt4", "users"])
+def test_unknown_roles_are_refused(role):
+    with pytest.raises(DialogError) as e:
+        normalize_role(role)
+    assert e.value.reason == "unknown_role"

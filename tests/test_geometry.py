@@ -45,6 +45,10 @@ def test_valid_iff_overlapping_image_pixels(h, w):
 def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="positive"):
         image_geometry(0, 10)
+    with pytest.raises(ValueError, match="positive"):
+        image_geometry(10, 0)
+    with pytest.raises(ValueError, match="positive"):
+        image_geometry(10, -3)
     with pytest.raises(ValueError, match="divisible"):
         image_geometry(10, 10, 448, 3)
     assert isinstance(image_geometry(3, 4), ImageGeometry)
@@ -54,3 +58,26 @@ def test_no_skip_encodes_every_sub_image():
     g = image_geometry(200, 400, 448, 2, skip_padded=False)
     assert g.view_valid().tolist() == [True] * 5 and g.num_skipped() == 0
     assert g.num_positions() == 5 * POSITIONS_PER_VIEW
+
+
+@pytest.mark.parametrize("h,w,rh,rw", [
+    (60, 4000, 7, 448),  # 6.72 rounds up
+    (5, 9, 249, 448),  # 248.9 rounds up
+    (300, 200, 448, 299),  # 298.7 rounds up
+    (100, 300, 149, 448),  # 149.3 rounds down
+])
+def test_resize_rounds_to_nearest(h, w, rh, rw):
+    g = image_geometry(h, w, 448, 2)
+    assert (g.resized_height, g.resized_width) == (rh, rw)
+
+
+@pytest.mark.parametrize("h,w", [(1, 5000), (5000, 1), (2, 20000)])
+def test_extreme_aspect_keeps_a_one_pixel_strip(h, w):
+    """The short side rounds to 0 here; it is kept at 1 pixel, so the image still lands in the
+    global view and sub-image (0, 0) and the other row / column is skipped."""
+    g = image_geometry(h, w, 448, 2)
+    assert min(g.resized_height, g.resized_width) == 1
+    assert max(g.resized_height, g.resized_width) == 448
+    skipped = [False, False, True, True] if w > h else [False, True, False, True]
+    assert (~g.view_valid()[1:]).tolist() == skipped
+    assert g.view_valid()[0]

@@ -96,3 +96,78 @@ def test_bad_weights_and_mismatched_state_are_refused():
         BlendedMix(ids, [1, 1], seed=1).load_state_dict(m.state_dict())
     with pytest.raises(ValueError, match="weights"):
         BlendedMix(ids, [1, 2], seed=0).load_state_dict(m.state_dict())
+
+
+def _documented_sources(weights, n):
+    """The documented rule, written out plainly: position i takes the source with the largest
+    ``w_j * (i + 1) - count_j``, ties to the lower id."""
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    counts = np.zeros(len(w))
+    out = []
+    for i in range(n):
+        deficit = w * (i + 1) - counts
+        j = int(np.flatnonzero(deficit == deficit.max())[0])
+        counts[j] += 1
+        out.append(j)
+    return out
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, 3], [1, 1, 2], [2, 1, 1, 4]])
+def test_source_pattern_is_the_documented_largest_deficit_rule(weights):
+    ids = _ids([16] * len(weights))
+    order = BlendedMix(ids, weights, seed=0).take(64)
+    assert ids[order].tolist() == _documented_sources(weights, 64)
+    if weights == [1, 3]:
+        assert ids[order[:4]].tolist() == [1, 0, 1, 1]  # heavier source first
+
+
+def test_default_weights_are_proportional_to_source_sizes():
+    ids = _ids([10, 30, 20])
+    mix = BlendedMix(ids, None, seed=0)
+    assert mix.weights.tolist() == [10 / 60, 30 / 60, 20 / 60]
+    mix.take(60)
+    assert mix.counts.tolist() == [10, 30, 20]
+
+
+def test_weights_by_name_in_any_order():
+    ids = _ids([40, 9, 25])
+    names = ["a", "b", "c"]
+    a = BlendedMix(ids, {"a": 1.0, "b": 3.0, "c": 0.5}, seed=9, names=names)
+    b = BlendedMix(ids, {"c": 0.5, "a": 1.0, "b": 3.0}, seed=9, names=names)
+    assert np.array_equal(a.take(200), b.take(200))
+    assert a.weights[1] == pytest.approx(3.0 / 4.5)
+
+
+def test_peek_leaves_the_stream_untouched():
+    ids = _ids([30, 12])
+    ref = BlendedMix(ids, [1, 2], seed=4).take(300)
+    m = BlendedMix(ids, [1, 2], seed=4)
+    assert np.array_equal(m.take(100), ref[:100])
+    assert np.array_equal(m.peek(10, 5), ref[10:15])  # behind the position
+    assert np.array_equal(m.peek(150, 20), ref[150:170])  # ahead of it
+    assert m.position == 100 and m.counts.sum() == 100
+    assert np.array_equal(m.take(200), ref[100:])
+
+
+def test_equal_sized_sources_are_shuffled_independently():
+    ids = _ids([20, 20])
+    order = BlendedMix(ids, [1, 1], seed=0).take(40)
+    ranks = []
+    for j in range(2):
+        members = np.flatnonzero(ids == j)
+        ranks.append(np.searchsorted(members, [i for i in order if ids[i] == j]).tolist())
+    assert sorted(ranks[0]) == sorted(ranks[1]) == list(range(20))
+    assert ranks[0] != ranks[1]
+
+
+def test_corrupt_state_is_refused():
+    ids = _ids([4, 4])
+    m = BlendedMix(ids, [1, 1], seed=0)
+    m.take(10)
+    state = m.state_dict()
+    bad = dict(state, counts=[state["counts"][0] + 1, state["counts"][1]])  # sum != position
+    with pytest.raises(ValueError, match="corrupt mix state"):
+        BlendedMix(ids, [1, 1], seed=0).load_state_dict(bad)
+    skewed = dict(state, counts=[10, 0])  # adds up, but no largest-deficit run gives it
+    with pytest.raises(ValueError, match="does not match"):
+        BlendedMix(ids, [1, 1], seed=0).load_state_dict(skewed)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_sphinx.data.geometry import POSITIONS_PER_VIEW, image_geometry
+from megatron_sphinx.data.geometry import POSITIONS_PER_VIEW, TOKENS_PER_VIEW, image_geometry
 from megatron_sphinx.data.layout import Sample, build_packed_batch
 from tests.dist_harness import run_ranks
 from tests.sphinx_runs import SEQ, model_of, setup
@@ -22,6 +22,31 @@ def _sample(rng, n, hw=None):
 def _views(rng, samples):
     n = sum(int(image_geometry(*s.image_hw).view_valid().sum()) for s in samples if s.image_hw)
     return torch.from_numpy(rng.random((n, 3, 224, 224), dtype=np.float32))
+
+
+def _embed_diff(model, batch):
+    """The LLM input against the layout contract, position by position: text rows, then each
+    encoded view's 257 projected tokens view after view, then start / end / skip, zeros for
+    padding (:mod:`megatron_sphinx.data.layout`)."""
+    from megatron_sphinx.data.layout import PAD_INDEX
+
+    emb = model.embed(batch)[:, 0]  # [s, h] (b = 1)
+    text = model.language_model.embedding.word_embeddings(batch.text_ids.unsqueeze(0))[0]
+    visual = model.projector(model.vision(batch.views))  # [V, 257, h]
+    special = model.image_embeddings.weight  # [3, h]
+    T, V = len(text), visual.shape[0]
+    expect = torch.zeros_like(emb)
+    for i, src in enumerate(batch.pack_index.tolist()):
+        if src == PAD_INDEX:
+            continue
+        if src < T:
+            expect[i] = text[src]
+        elif src < T + V * TOKENS_PER_VIEW:
+            expect[i] = visual[(src - T) // TOKENS_PER_VIEW, (src - T) % TOKENS_PER_VIEW]
+        else:
+            expect[i] = special[src - T - V * TOKENS_PER_VIEW]
+    assert V > 1 and (batch.pack_index >= T + V * TOKENS_PER_VIEW).sum() > 0
+    return float((emb - expect).abs().max())
 
 
 def _skip_and_packing(rank, world_size):
@@ -66,9 +91,17 @@ def _skip_and_packing(rank, world_size):
             packed_logits = logits(packed)
             b0 = build_packed_batch([[samples[0]]], SEQ, 448, 2, views[:0])
             alone_logits0 = logits(b0)[:samples[0].length(448, 2)]
+            # two rows in one micro-batch (one THD sequence) against each row alone
+            rows = [[samples[0], samples[2]], [samples[1]]]
+            two = model(build_packed_batch(rows, SEQ, 448, 2, views))[0].view(2, SEQ)
+            row0 = model(build_packed_batch(rows[:1], SEQ, 448, 2, views[:0]))[0]
+            row1 = model(build_packed_batch(rows[1:], SEQ, 448, 2, views))[0]
+            rows_diff = max(float((two[0] - row0).abs().max()), float((two[1] - row1).abs().max()))
+            embed_diff = _embed_diff(model, packed)
         cut = [s.length(448, 2) for s in samples]
         packed_split = torch.split(packed_loss[:sum(cut)], cut)
         return {
+            "rows_diff": rows_diff, "embed_diff": embed_diff,
             "encoded": encoded, "calls_len": batch.num_tokens, "full_len": full_len,
             "loss_diff": max(float((a - p).abs().max()) for a, p in zip(alone, packed_split)),
             "loss_scale": float(packed_loss[:sum(cut)].abs().max()),
@@ -92,6 +125,36 @@ def test_packed_sequence_equals_samples_alone(single_rank_results):
     assert r["loss_scale"] > 1.0  # real losses, not zeros
     assert r["loss_diff"] < 1e-5
     assert r["logit_diff"] < 1e-5
+
+
+def test_llm_input_follows_the_pack_index(single_rank_results):
+    assert single_rank_results["embed_diff"] < 1e-6
+
+
+def test_two_row_micro_batch_equals_each_row_alone(single_rank_results):
+    assert single_rank_results["rows_diff"] < 1e-5
+
+
+def test_projector_is_linear_then_layer_norm():
+    """``LayerNorm(Linear(x))`` with both affine parts and LayerNorm's default eps (SPHINX-X's
+    ``nn.LayerNorm(hidden)``), computed in float64 against the functional form."""
+    import torch.nn.functional as F
+
+    from megatron_sphinx.model.projector import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(48, 16, dtype=torch.float64)
+    assert sorted(proj.state_dict()) == ["linear.bias", "linear.weight", "norm.bias",
+                                         "norm.weight"]
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.normal_()
+    x = torch.randn(3, 5, 48, dtype=torch.float32) * 1e-3  # small: eps matters
+    ref = F.layer_norm(F.linear(x.double(), proj.linear.weight, proj.linear.bias), (16,),
+                       proj.norm.weight, proj.norm.bias, eps=1e-5)
+    out = proj(x)
+    assert out.dtype == torch.float64 and out.shape == (3, 5, 16)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
 PUBLISHED = {  # LLM parameters (embeddings, layers, output layer)

@@ -170,3 +170,73 @@ def test_config_validation():
         PackingConfig(4096, 8, 1, overlong="cut")
     with pytest.raises(ValueError, match="algorithm"):
         PackingConfig(4096, 8, 1, algorithm="magic")
+
+
+@pytest.mark.parametrize("algorithm", ["bfd", "subset", "best"])
+def test_exact_fits_are_taken_and_efficiency_accumulates(algorithm):
+    """6 + 4 fills a row of 10 exactly; over several steps the efficiency stays exactly 1."""
+    lengths = np.array([6, 4])
+    pk = SequencePacker(PackingConfig(10, 2, 1, lookahead=1.0, algorithm=algorithm), lengths)
+    feed = _Feed(len(lengths))
+    for _ in range(3):
+        rows = pk.pack_step(feed)
+        assert [sorted(n for _, n in r) for r in rows] == [[4, 6], [4, 6]]
+    assert pk.stats["rows"] == 6 and pk.stats["tokens"] == 60
+    assert pk.efficiency() == 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["bfd", "subset", "best"])
+def test_aged_sample_goes_before_younger_ones(algorithm):
+    """A 3 among a stream of 5s never joins a row of 5 + 5 = 10 on its merits: once it has
+    waited ``max_wait_steps`` steps it is placed before the samples that arrived after it."""
+    lengths = np.array([3] + [5] * 999)
+    pk = SequencePacker(PackingConfig(10, 8, 1, lookahead=1.0, max_wait_steps=2,
+                                      algorithm=algorithm), lengths)
+    feed = _Feed(len(lengths))
+    steps = []
+    for step in range(4):
+        placed = [i for r in pk.pack_step(feed) for i, _ in r]
+        steps += [step] * placed.count(0)
+    assert steps == [2]  # placed once, after exactly max_wait_steps steps
+
+
+def test_truncated_samples_count_their_kept_positions():
+    lengths = np.array([50, 70, 30])  # every sample longer than the row
+    pk = SequencePacker(PackingConfig(16, 2, 1, lookahead=1.0, overlong="truncate"), lengths)
+    feed = _Feed(len(lengths))
+    for _ in range(2):
+        rows = pk.pack_step(feed)
+        assert all([n for _, n in r] == [16] for r in rows)
+    assert pk.stats["tokens"] == 4 * 16 and pk.efficiency() == 1.0
+
+
+def test_rows_are_dealt_to_micro_batches_in_snake_order():
+    """Costs 4, 3, 2, 1 over two micro-batches of two rows: snake order pairs 4+1 and 3+2."""
+    lengths = np.full(4, 10)
+    costs = np.array([4.0, 3.0, 2.0, 1.0])
+    pk = SequencePacker(PackingConfig(10, 4, 2, lookahead=1.0, algorithm="bfd"), lengths, costs)
+    rows = pk.pack_step(_Feed(4))
+    assert [[i for i, _ in r] for r in rows] == [[0], [3], [1], [2]]
+
+
+def test_trimmed_micro_batch_never_exceeds_seq_length():
+    # 4000 rounds up to 4096 at a multiple of 1024, 4100 would be 5120 but is capped at 4096
+    assert trimmed_efficiency([4000], 1, 1024, 4096) == 4000 / 4096
+    assert trimmed_efficiency([4096, 4096], 2, 1000, 4096) == 1.0
+
+
+def test_bucketed_padding_sorts_each_megabatch():
+    lengths = np.array([10, 1000] * 32)
+    # each megabatch sorted: batches of equal lengths, no padding at all
+    assert padded_efficiency(lengths, 2, bucketed=True) == 1.0
+    assert padded_efficiency(lengths, 2, bucketed=False) < 0.9
+
+
+def test_aged_sample_that_fills_the_rest_of_a_row_is_placed():
+    """Every sample here has waited ``max_wait_steps`` after the first step; an aged 4 fills a
+    row of 4 exactly and is taken before the aged 3s, longest first."""
+    pk = SequencePacker(PackingConfig(4, 1, 1, lookahead=1.0, max_wait_steps=1,
+                                      algorithm="subset"), np.array([3, 4]))
+    feed = _Feed(2)
+    rows = [r for _ in range(3) for r in pk.pack_step(feed)]
+    assert [[n for _, n in r] for r in rows] == [[4], [4], [4]]

@@ -96,3 +96,31 @@ def test_model_errors_say_what_to_change(kwargs, model, message):
 def test_plain_pipeline_takes_any_microbatch_count():
     ParallelDims(world_size=4, pp=4).validate_model(num_layers=8, num_heads=8,
                                                     num_microbatches=3)
+
+
+def test_moe_with_tp_under_sequence_parallel_fits():
+    ParallelDims(world_size=4, tp=2, ep=2, sequence_parallel=True).validate_model(
+        num_layers=4, num_heads=4, num_kv_heads=2, num_experts=4, seq_length=64,
+        model_name="debug-moe")
+
+
+def test_describe_names_expert_tp():
+    assert ParallelDims(world_size=8, tp=2, ep=4, etp=1, sequence_parallel=True).describe() == \
+        "tp2.pp1.dp4.ep4.etp1+sp"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(world_size=4, etp=0), "etp must be a positive integer"),
+    (dict(world_size=4, pp=2, vpp=0), "vpp must be a positive integer"),
+    (dict(world_size=4, ep=-2), "ep must be a positive integer"),
+    (dict(world_size=4, pp=2.0), "pp must be a positive integer"),
+])
+def test_optional_sizes_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelDims(**kwargs)
+
+
+def test_model_parallel_size_is_one_model_copy():
+    dims = ParallelDims(world_size=16, tp=2, pp=4)
+    assert dims.model_parallel_size == 8
+    assert dims.model_parallel_size * dims.dp == dims.world_size

@@ -9,7 +9,8 @@ Validation (:func:`check_dialog`) drops with a reason, never silently:
 
 - ``empty_conversation``: no turns, or no text in any turn;
 - ``starts_with_assistant``: the first turn is the assistant's;
-- ``roles_not_alternating`` / ``unknown_role`` / ``empty_turn``;
+- ``roles_not_alternating`` / ``unknown_role`` / ``empty_turn`` (a human turn holding only
+  ``<image>`` is not empty: its content is the image);
 - ``placeholder_without_image``: ``<image>`` appears but the dialog has no image;
 - ``multiple_image_placeholders``: more than one ``<image>`` (one image per dialog);
 - ``no_assistant_turn``: nothing to train on.
@@ -101,11 +102,12 @@ def check_dialog(dialog: Dialog) -> tuple[Dialog, list[str]]:
         raise DialogError("placeholder_without_image")
     if dialog.image is not None and not n_placeholders:
         notes.append("image_without_placeholder")
+    held_image = [IMAGE_TOKEN in t for _, t in turns]  # such a turn's content is the image
     turns = [(r, t.replace(IMAGE_TOKEN, "").strip()) for r, t in turns]
     if turns[0][0] == ASSISTANT:
         raise DialogError("starts_with_assistant")
     for i, (r, t) in enumerate(turns):
-        if not t:
+        if not t and not (r == HUMAN and held_image[i]):
             raise DialogError("empty_turn", f"turn {i}")
         if i and r == turns[i - 1][0]:
             raise DialogError("roles_not_alternating", f"turns {i - 1} and {i} are both {r}")

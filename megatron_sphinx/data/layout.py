@@ -87,6 +87,8 @@ class PackedBatch:
         num_tokens: Real (non-padding) positions.
         num_skipped: Skipped sub-images (each saved ``TOKENS_PER_VIEW + 1`` positions).
         view_counts: int64 ``[n_images]`` encoded views per image, in packed order.
+        sample_lengths: Positions of each real sample, in packed order (padding segments are
+            not samples: attention FLOPs are counted from these).
     """
 
     text_ids: torch.Tensor
@@ -102,6 +104,7 @@ class PackedBatch:
     num_tokens: int
     num_skipped: int
     view_counts: torch.Tensor
+    sample_lengths: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -155,6 +158,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
     position_ids = np.zeros((b, s), dtype=np.int64)
     segment_ids = np.zeros((b, s), dtype=np.int32)
     seg_lengths: list[int] = []
+    sample_lengths: list[int] = []
     text_chunks: list[np.ndarray] = []
     view_counts: list[int] = []
     n_text = 0
@@ -209,6 +213,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
             position_ids[r, pos:pos + n] = np.arange(n)
             segment_ids[r, pos:pos + n] = seg
             seg_lengths.append(n)
+            sample_lengths.append(n)
             pos += n
             n_samples += 1
         if pos < s:
@@ -234,7 +239,8 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(max(seg_lengths)) if seg_lengths else 0,
         num_samples=n_samples,
-        num_tokens=int(sum(r.length(image_size, grid, skip_padded) for row in rows for r in row)),
+        num_tokens=int(sum(sample_lengths)),
         num_skipped=n_skipped,
         view_counts=torch.tensor(view_counts, dtype=torch.int64),
+        sample_lengths=tuple(sample_lengths),
     )

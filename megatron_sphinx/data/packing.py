@@ -72,7 +72,9 @@ class PackingConfig:
     lookahead: float = 2.0
     """Window size before each step, in units of the step's capacity (rows x seq_length)."""
     max_wait_steps: int = 4
-    """A sample left out this many steps is placed before all others."""
+    """A sample left out this many steps goes before the younger ones (the aged go longest first,
+    so an aged short sample may wait a few steps more behind other aged ones; the window bounds
+    that wait, so none starves)."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with a sample longer than ``seq_length`` (never silent: counted and logged)."""
     algorithm: Literal["best", "bfd", "subset"] = "best"

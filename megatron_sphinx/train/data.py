@@ -86,8 +86,7 @@ def loader_summary(micro: list[PackedBatch], dp_group, device: torch.device) -> 
         sum(m.num_samples for m in micro),
         sum(m.num_skipped for m in micro),
         sum(int(m.view_counts.sum()) for m in micro),
-        sum(causal_pairs((m.cu_seqlens[1:] - m.cu_seqlens[:-1])[:m.num_samples].tolist())
-            for m in micro),
+        sum(causal_pairs(m.sample_lengths) for m in micro),
         sum(m.labels.numel() for m in micro),
     ], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(local, group=dp_group)

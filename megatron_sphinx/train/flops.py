@@ -5,7 +5,8 @@
 * Attention scores and values: from the packed sample lengths, causal, i.e.
   ``4 x h x sum(l_i (l_i + 1) / 2)`` per layer forward, times 3 for forward + backward (not the
   padded ``s^2``).
-* Projector: ``6 x C x h`` per visual token.
+* Projector: ``4 x C x h`` per visual token (forward 2, weight gradient 2: its input comes from
+  the frozen encoders, so no input gradient is computed).
 * Frozen encoders: forward only (they get no gradient), measured once per encoder config with
   ``torch.utils.flop_counter`` on the meta device.
 """
@@ -76,7 +77,7 @@ def step_flops(cfg: SphinxConfig, num_tokens: int, attention_pairs: float,
         "llm": 6.0 * llm_linear_params(llm) * num_tokens,
         "attention": 3.0 * 4.0 * llm.hidden_size * llm.num_layers
         * attention_pairs,
-        "projector": 6.0 * cfg.vision.channels * llm.hidden_size * num_views
+        "projector": 4.0 * cfg.vision.channels * llm.hidden_size * num_views
         * cfg.vision.tokens_per_view,
         "encoders": float(num_views * sum(encoder_flops_per_view(e)
                                           for e in cfg.vision.encoders)),
