@@ -7,7 +7,6 @@ The training command's own cases are in ``tests/test_train_cli.py``.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -232,41 +231,30 @@ def test_from_hf_never_replaces_its_source(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def _from_hf_module():
-    spec = importlib.util.spec_from_file_location("convert_from_hf", TOOLS / "convert_from_hf.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(TOOLS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(TOOLS))
-    return mod
-
-
 def test_from_hf_unreadable_weights_are_one_line(tmp_path):
-    """Before: safetensors / unpickling tracebacks. These parsers run after the model is built
-    (encoders) or after minutes of reading (LLM), so the two helpers are called directly."""
-    from safetensors.torch import load_file, save_file
+    """Before: safetensors / unpickling tracebacks. These files are read after the model is built
+    (encoders) or after minutes of reading (LLM), so the library readers are called directly;
+    the tool prints their ValueError as its one line."""
     import torch
+    from safetensors.torch import save_file
 
-    mod = _from_hf_module()
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.model.hf_io import CheckpointError, read_tensor_file
+    from megatron_sphinx.model.vision import FrozenEncoder
+
     whole = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(256)}, str(whole))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(whole.read_bytes()[:60])
-    with pytest.raises(mod.ConversionError, match="cannot be read") as err:
-        mod.read_weights(load_file, str(cut))
-    assert "\n" not in str(err.value) and "download the files again" in str(err.value)
-
-    class Encoder:  # what FrozenEncoder.load_pretrained does with a .bin / .pt file
-        def load_pretrained(self, path):
-            torch.load(path, map_location="cpu", weights_only=True)
-
     junk = tmp_path / "clip.bin"
     junk.write_bytes(b"garbage")
-    with pytest.raises(mod.ConversionError, match="cannot be read as encoder weights") as err:
-        mod.load_encoder(Encoder(), str(junk))
-    assert "\n" not in str(err.value) and "intact" in str(err.value)
+    for bad in (cut, junk):
+        with pytest.raises(CheckpointError, match=f"{bad} cannot be read as weights") as err:
+            read_tensor_file(bad)
+        assert "\n" not in str(err.value) and "copy it again" in str(err.value)
+    encoder = FrozenEncoder(get_recipe("debug").vision.encoders[0])
+    with pytest.raises(ValueError, match="cannot be read as weights"):
+        encoder.load_pretrained(str(junk))
 
 
 # ---------------------------------------------------------------- the other tools

@@ -194,17 +194,16 @@ def convert(args: argparse.Namespace) -> Path:
     log.info("%s (%s) -> recipe %s in %s; layout to train: %s", args.hf, source["kind"],
              recipe.name, dtype, dims.describe())
     log.info("reading the LLM weights of %s", source["llm_dir"])
-    hf_state = read_weights(load_hf_state, source["llm_dir"], dtype=dtype)
+    hf_state = load_hf_state(source["llm_dir"], dtype=dtype)  # a damaged file: CheckpointError
     log.info("mapping %d tensors to Megatron names", len(hf_state))
     mcore = hf_to_megatron(hf_state, llm, "local")
     del hf_state
     multimodal = None
     if source["kind"] == "sphinx_x":
-        from safetensors.torch import load_file
-
+        from megatron_sphinx.model.hf_io import read_tensor_file
         from megatron_sphinx.model.hf_sphinx import MULTIMODAL_WEIGHTS
 
-        multimodal = read_weights(load_file, str(Path(args.hf) / MULTIMODAL_WEIGHTS))
+        multimodal = read_tensor_file(Path(args.hf) / MULTIMODAL_WEIGHTS)
     groups = single_process_world(seed)
     try:
         with cpu_compat.cpu_device_mode(), torch.no_grad():
@@ -217,7 +216,8 @@ def convert(args: argparse.Namespace) -> Path:
                 _load_multimodal(model, multimodal, args.hf)
             for enc, path in zip(model.vision.encoders, plan):
                 if path is not None:
-                    load_encoder(enc, path)
+                    log.info("reading encoder weights %s", path)
+                    enc.load_pretrained(path)  # a ValueError names a damaged or foreign file
             meta = ckpt_lib.CheckpointMeta(
                 step=0, recipe=recipe.name, layout={"tp": 1, "pp": 1, "ep": 1, "dp": 1},
                 code_version=ckpt_lib.code_version(), consumed={}, has_optimizer=False)
@@ -242,45 +242,6 @@ def convert(args: argparse.Namespace) -> Path:
              "--load %s --tp %d --pp %d --ep %d", args.out, recipe.name, args.out, args.tp,
              args.pp, args.ep)
     return Path(args.out)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of an exception's message (its type name if it has none)."""
-    text = str(exc).strip()
-    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
-    return first[:160]
-
-
-def read_weights(reader, path, **kwargs):
-    """``reader(path, **kwargs)``; a file that cannot be parsed becomes one ConversionError line.
-
-    The library's own one-line errors (a shard missing, no weight files) pass through.
-    """
-    from megatron_sphinx.model.hf_io import CheckpointError
-
-    try:
-        return reader(path, **kwargs)
-    except (CheckpointError, ConversionError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - safetensors / pickle errors of any kind
-        raise ConversionError(f"--hf: weights under {path} cannot be read ({_first_line(exc)}): "
-                              "copy or download the files again") from None
-
-
-def load_encoder(encoder, path: str) -> None:
-    """``encoder.load_pretrained(path)``; any failure becomes one ConversionError line.
-
-    Raises:
-        ConversionError: Weights of another model, or a file torch / safetensors cannot parse.
-    """
-    log.info("reading encoder weights %s", path)
-    try:
-        encoder.load_pretrained(path)
-    except ValueError as exc:  # names or shapes of another model: the message says which
-        raise ConversionError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - torch.load / safetensors parse errors
-        raise ConversionError(f"{path} cannot be read as encoder weights ({_first_line(exc)}): "
-                              "pass an intact .safetensors / .bin / .pt file") from None
 
 
 def _load_multimodal(model, state: dict, hf_dir: str) -> None:

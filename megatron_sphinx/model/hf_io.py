@@ -80,6 +80,26 @@ def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
                           f"or {BIN_INDEX}")
 
 
+def read_tensor_file(file: str | os.PathLike) -> dict:
+    """The tensors of one ``.safetensors`` file, or of a torch ``.bin`` / ``.pt`` (weights only).
+
+    Raises:
+        CheckpointError: The file is truncated, corrupt or not a weights file (naming it).
+    """
+    file = Path(file)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist: pass an existing weights file") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors alike
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{file} cannot be read as weights ({type(exc).__name__}: "
+                              f"{detail}): copy it again or pass another file") from None
+
+
 def load_hf_state(hf_dir: str | os.PathLike,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a local HF checkpoint (single file or sharded with an index).
@@ -91,17 +111,11 @@ def load_hf_state(hf_dir: str | os.PathLike,
     Raises:
         CheckpointError: No weights, a shard missing, or a tensor the index lists absent.
     """
-    from safetensors.torch import load_file
-
     path = Path(hf_dir)
     files, weight_map = _weight_files(path)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            part = load_file(str(file))
-        else:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-        for key, value in part.items():
+        for key, value in read_tensor_file(file).items():
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             state[key] = value
@@ -271,5 +285,6 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Ten
 __all__ = [
     "ARCHITECTURES", "CheckpointError", "TOKENIZER_FILES", "atomic_output_dir",
     "copy_tokenizer_files", "load_hf_checkpoint", "load_hf_state", "read_hf_config",
+    "read_tensor_file",
     "save_hf_checkpoint", "write_hf_files",
 ]

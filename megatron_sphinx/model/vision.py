@@ -85,15 +85,15 @@ class FrozenEncoder(nn.Module):
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ValueError: If the file's tensors do not match the encoder (names or shapes).
+            ValueError: If the file cannot be read, or its tensors do not match the encoder (names
+                or shapes).
         """
         if not os.path.exists(path):
             raise FileNotFoundError(f"encoder weights not found: {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        from megatron_sphinx.model.hf_io import read_tensor_file
+
+        state = read_tensor_file(path)  # a CheckpointError (ValueError) names a damaged file
+        if not path.endswith(".safetensors"):
             state = state.get("state_dict", state.get("model", state))
         prefix = "visual.trunk."
         if any(k.startswith(prefix) for k in state):  # open_clip checkpoint
