@@ -46,7 +46,9 @@ def setup_cpu_tool() -> None:
 
 def quiet_import_notices() -> None:
     """Hides the notices Megatron prints at import about optional packages it lacks (Apex,
-    Transformer Engine, absl): the kernel choices are logged once by the training command."""
+    Transformer Engine, absl) and torch's "no CUDA runtime" extension notice: the kernel choices
+    are logged once by the training command."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r"(Apex|Transformer Engine|absl\.logging)[^.]* not installed")
 
@@ -137,24 +139,32 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
     check_writable_location(p, flag)
 
 
+def _check_input(path: str | os.PathLike, flag: str, what: str, want_dir: bool) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} {path} does not exist: pass an existing {what}")
+    if p.is_dir() != want_dir:
+        raise UsageError(f"{flag} {path} is a {'file' if want_dir else 'directory'}: pass a "
+                         f"{what}")
+    try:
+        if want_dir:
+            next(iter(p.iterdir()), None)
+        else:
+            with open(p, "rb") as f:
+                f.read(1)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be read ({exc.strerror}): fix its "
+                         "permissions") from None
+    return p
+
+
 def check_input_file(path: str | os.PathLike, flag: str, what: str = "file") -> Path:
     """An existing, readable file.
 
     Raises:
         UsageError: Missing, a directory, or unreadable.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{flag} {path} does not exist: pass an existing {what}")
-    if p.is_dir():
-        raise UsageError(f"{flag} {path} is a directory: pass a {what}")
-    try:
-        with open(p, "rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise UsageError(f"{flag} {path} cannot be read ({exc.strerror}): fix its "
-                         "permissions") from None
-    return p
+    return _check_input(path, flag, what, want_dir=False)
 
 
 def check_input_dir(path: str | os.PathLike, flag: str, what: str = "directory") -> Path:
@@ -163,17 +173,7 @@ def check_input_dir(path: str | os.PathLike, flag: str, what: str = "directory")
     Raises:
         UsageError: Missing, a file, or unreadable.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{flag} {path} does not exist: pass an existing {what}")
-    if not p.is_dir():
-        raise UsageError(f"{flag} {path} is a file: pass a {what}")
-    try:
-        next(iter(p.iterdir()), None)
-    except OSError as exc:
-        raise UsageError(f"{flag} {path} cannot be read ({exc.strerror}): fix its "
-                         "permissions") from None
-    return p
+    return _check_input(path, flag, what, want_dir=True)
 
 
 def same_or_inside(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -23,3 +23,12 @@ def read_only_dir() -> Path:
         return Path("/sys")
     probe.rmdir()
     pytest.skip("/sys is writable here: no read-only location to test with")
+
+
+def unreadable_mix(folder: Path) -> Path:
+    """A mix whose one llava source's annotation file is not JSON (the whole source fails)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "llava.json").write_text("garbage{")
+    (folder / "mix.yaml").write_text(
+        "sources:\n  - {name: broken, format: llava, path: llava.json}\n")
+    return folder / "mix.yaml"

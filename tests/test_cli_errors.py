@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.files import read_only_dir, snapshot
+from tests.files import read_only_dir, snapshot, unreadable_mix
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -65,14 +65,6 @@ def tokenizer(tmp_path_factory) -> Path:
     return Path(build_project_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
 
 
-def _broken_mix(folder: Path) -> Path:
-    """A llava source whose annotation file is not JSON (the whole source is unreadable)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "llava.json").write_text("garbage{")
-    (folder / "mix.yaml").write_text(
-        "sources:\n  - {name: broken, format: llava, path: llava.json}\n")
-    return folder / "mix.yaml"
-
 
 @pytest.mark.parametrize("extra,needle", [
     (["--grid", "0"], "--grid 0 does not fit --image-size 448"),          # was a traceback
@@ -112,7 +104,7 @@ def test_preprocess_yaml_error_is_one_line(tmp_path):
 
 def test_preprocess_failure_removes_only_what_it_began(tmp_path, tokenizer):
     """An unreadable annotation file: before, the run left an incomplete store behind."""
-    mix = _broken_mix(tmp_path / "mix")
+    mix = unreadable_mix(tmp_path / "mix")
     _one_line(_tool("preprocess_data.py", "--mix", mix, "--out", tmp_path / "s.zarr",
                     "--tokenizer", tokenizer, "--no-progress"),
               "is not valid JSON", "was removed")
@@ -133,7 +125,7 @@ def test_preprocess_overwrite_keeps_the_old_store_when_the_new_one_fails(tmp_pat
     store.ShardWriter(out, 0, 448, 2).close()
     store.write_index(out, meta)
     before = snapshot(tmp_path)
-    bad = _broken_mix(tmp_path / "bad")
+    bad = unreadable_mix(tmp_path / "bad")
     _one_line(_tool("preprocess_data.py", "--mix", bad, "--out", out, "--overwrite",
                     "--tokenizer", tokenizer, "--no-progress"),
               "is not valid JSON", "previous store at --out was kept")

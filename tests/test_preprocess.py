@@ -19,14 +19,14 @@ from PIL import Image
 
 from megatron_sphinx.data import build_store as build_store_module
 from megatron_sphinx.data.build_store import BuildError, Comm, StoreSpec, build_store
-from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.geometry import full_image_positions, image_geometry
 from megatron_sphinx.data.mixfile import load_mix
 from megatron_sphinx.data.preprocess import (
-    BadImage, PreprocessSettings, full_image_positions, load_image, probe_image)
+    BadImage, PreprocessSettings, load_image, probe_image)
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.sources import convert_source
 from megatron_sphinx.data.store import StoreReader
-from tests.files import snapshot
+from tests.files import snapshot, unreadable_mix
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata" / "images"
@@ -274,14 +274,6 @@ def _text_mix(folder: Path, records: int = 3, broken: int = 0, ext: str = "jsonl
     return folder / "mix.yaml"
 
 
-def _unreadable_mix(folder: Path) -> Path:
-    """A llava source whose annotation file is not JSON (the whole source fails)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "llava.json").write_text("garbage{")
-    (folder / "mix.yaml").write_text(
-        "sources:\n  - {name: broken, format: llava, path: llava.json}\n")
-    return folder / "mix.yaml"
-
 
 def _build(mix: Path, out: Path, tok: Path, **kw):
     kw.setdefault("progress", False)
@@ -299,7 +291,7 @@ def test_failed_overwrite_keeps_the_previous_store(tmp_path, sample, monkeypatch
     _build(_text_mix(tmp_path / "good"), out, tok)
     before = snapshot(out)
     with pytest.raises(BuildError, match=r"is not valid JSON.*previous store at --out was kept"):
-        _build(_unreadable_mix(tmp_path / "bad"), out, tok, overwrite=True)
+        _build(unreadable_mix(tmp_path / "bad"), out, tok, overwrite=True)
     assert snapshot(out) == before and len(StoreReader(out)) == 3
     assert _hidden(tmp_path) == []  # the holder it was renamed into is gone
 
@@ -457,7 +449,7 @@ def test_mpi_failed_overwrite_keeps_the_store(tmp_path, sample):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "PMIX"))}
     env["PYTHONPATH"] = str(ROOT)
     for script, mix, needle in [
-            ([], _unreadable_mix(tmp_path / "bad"), "is not valid JSON"),
+            ([], unreadable_mix(tmp_path / "bad"), "is not valid JSON"),
             ([str(tmp_path / "crash.py")], _text_mix(tmp_path / "more", records=6),
              "rank 1 failed while writing its shard (RuntimeError: a bug on rank 1;")]:
         proc = subprocess.run(

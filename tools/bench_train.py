@@ -155,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS))
     p.add_argument("--json", default=None, help="also write the rows here")
     args, extra = p.parse_known_args(argv)
-    import logging
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
     from megatron_sphinx.cli import fail, quiet_import_notices
 
     quiet_import_notices()

@@ -109,9 +109,9 @@ def format_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input ends with one line on stderr and exit code 2."""
     args = parse_args(argv)
-    import logging
+    from megatron_sphinx.cli import quiet_import_notices
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    quiet_import_notices()
     try:
         _check(args)
         from megatron_sphinx.config import get_recipe

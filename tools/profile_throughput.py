@@ -497,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
     from megatron_sphinx.cli import fail, launch_rank, quiet_import_notices
 
     quiet_import_notices()

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_sphinx.cli import one_line
 from megatron_sphinx.data import store as st
 from megatron_sphinx.data.conversation import DialogEncoder
 from megatron_sphinx.data.mixfile import MixError, load_mix
@@ -342,7 +343,7 @@ def _write(spec: StoreSpec, comm: Comm, out: Path, mix, settings: PreprocessSett
     except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised as a BuildError
         logger.exception("rank %d: writing its shard failed", comm.rank)
         failure, cause = (f"rank {comm.rank} failed while writing its shard ({type(e).__name__}: "
-                          f"{_one_line(e)}; its traceback is in the log)"), e
+                          f"{one_line(e)}; its traceback is in the log)"), e
     failure = next((f for f in comm.allgather(failure) if f), None)  # also the barrier
     if failure:
         raise BuildError(failure) from cause
@@ -354,15 +355,11 @@ def _write(spec: StoreSpec, comm: Comm, out: Path, mix, settings: PreprocessSett
         except Exception as e:  # noqa: BLE001 - the other ranks wait for the outcome
             logger.exception("writing the index of %s failed", out)
             problem, cause = (f"writing the store's index failed ({type(e).__name__}: "
-                              f"{_one_line(e)}; its traceback is in the log)"), e
+                              f"{one_line(e)}; its traceback is in the log)"), e
     problem = comm.bcast(problem)
     if problem:
         raise BuildError(problem) from cause
     return summary
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _finish(spec: StoreSpec, out: Path, mix, tok, tok_dir: Path, fp: str, seconds: float,

@@ -101,3 +101,9 @@ def image_geometry(height: int, width: int, image_size: int = 448, grid: int = 2
     rh = min(image_size, max(1, int(round(height * scale))))
     rw = min(image_size, max(1, int(round(width * scale))))
     return ImageGeometry(height, width, image_size, grid, rh, rw, skip_padded)
+
+
+def full_image_positions(image_size: int, grid: int) -> int:
+    """LLM positions of one image that fills the padded square (every view encoded): the most
+    any image takes, ``(1 + grid**2) * POSITIONS_PER_VIEW``."""
+    return image_geometry(image_size, image_size, image_size, grid).num_positions()

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from megatron_sphinx.config import VisionConfig
-from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW, image_geometry
+from megatron_sphinx.data.geometry import (
+    POSITIONS_PER_SKIP, POSITIONS_PER_VIEW, full_image_positions, image_geometry)
 
 if TYPE_CHECKING:  # imported where used: they bring torch, and the settings checks come first
     from megatron_sphinx.data.conversation import DialogEncoder
@@ -40,12 +41,6 @@ PROGRESS_LINES = 10  # progress lines per source and rank when no bar is shown
 PROGRESS_SECONDS = 30.0  # ... or one line per this many seconds for a streamed (.jsonl) source
 #: Encoder input side: the padded square is ``grid x grid`` views of this many pixels.
 VIEW_SIZE = VisionConfig.view_size
-
-
-def full_image_positions(image_size: int, grid: int) -> int:
-    """LLM positions of one image that fills the padded square (every view encoded): the most
-    any image takes, ``(1 + grid**2) * POSITIONS_PER_VIEW``."""
-    return image_geometry(image_size, image_size, image_size, grid).num_positions()
 
 
 class BadImage(ValueError):

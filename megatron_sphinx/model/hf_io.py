@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_sphinx.cli import one_line
 from megatron_sphinx.model.hf_mapping import ARCHITECTURES, hf_architecture_family
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def read_tensor_file(file: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{file} does not exist: pass an existing weights file") from None
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors alike
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc)[:200]
         raise CheckpointError(f"{file} cannot be read as weights ({type(exc).__name__}: "
                               f"{detail}): copy it again or pass another file") from None
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_sphinx.cli import one_line
+
 log = logging.getLogger(__name__)
 
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -112,7 +114,7 @@ def read_meta(ckpt: str | Path) -> CheckpointMeta:
     try:
         return CheckpointMeta(**json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-        detail = " ".join(str(exc).split())
+        detail = one_line(exc)
         raise CheckpointError(f"{path} is unreadable ({detail}): restore it from a copy or use "
                               "another checkpoint") from None
 
@@ -171,7 +173,7 @@ def check_complete(ckpt: str | Path) -> CheckpointMeta:
     try:
         md = FileSystemReader(str(ckpt)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - unreadable metadata of any kind
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc)[:200]
         raise CheckpointError(f"checkpoint {ckpt}: cannot read .metadata ({detail}): use "
                               "another checkpoint") from None
     need: dict[str, int] = {}

@@ -113,13 +113,6 @@ def _at_least(name: str, value: int, low: int, hint: str = "") -> None:
                          + (f" ({hint})" if hint else ""))
 
 
-def full_image_positions(cfg: SphinxConfig) -> int:
-    """LLM positions of one image with every view encoded (global view + grid x grid
-    sub-images, each wrapped in start / end embeddings)."""
-    v = cfg.vision
-    return (1 + v.grid ** 2) * (v.tokens_per_view + 2)
-
-
 def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
     """Checks a run's paths and lengths against the recipe before anything is built.
 
@@ -135,10 +128,11 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
         ValueError: One line saying what to change.
     """
     from megatron_sphinx.cli import check_output_dir, check_store
+    from megatron_sphinx.data.geometry import full_image_positions
     from megatron_sphinx.train import checkpoint as ckpt_lib
 
     seq = rc.seq_length if rc.seq_length is not None else cfg.train.seq_length
-    need = full_image_positions(cfg)
+    need = full_image_positions(cfg.vision.image_size, cfg.vision.grid)
     if seq <= need:
         raise ValueError(f"--seq-length {seq} cannot hold one image of recipe {cfg.name} "
                          f"({need} positions at image size {cfg.vision.image_size}, grid "
