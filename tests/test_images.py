@@ -209,3 +209,71 @@ def test_output_memory_reused_only_when_released(proc448):
     third = proc448([a, a])
     assert third.views.data_ptr() == ptr  # released: its memory is reused
     assert torch.equal(third.views, first.views)
+
+
+def _png(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def test_reference_keeps_solid_colours_exact():
+    """The Pillow reference maps uint8 v to exactly v / 255 (white stays 1.0)."""
+    colour = (10, 128, 255)
+    views, hw = reference_views(_png(Image.new("RGB", (300, 200), colour)), interp="linear")
+    assert hw == (200, 300)
+    tile = views[1]  # top-left sub-image, all image pixels
+    want = np.array(colour, np.float32).reshape(3, 1, 1) / 255.0
+    assert np.abs(tile - want).max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["LA", "P+tRNS"])
+def test_grey_alpha_and_palette_transparency_take_the_pillow_path(proc448, kind):
+    """Transparency that DALI would drop (grey + alpha, a palette's tRNS) is composited over
+    white on the Pillow path, like RGBA."""
+    if kind == "LA":
+        im = Image.new("LA", (200, 120), (30, 0))  # dark grey, fully transparent
+    else:
+        im = Image.new("P", (200, 120), 0)
+        im.putpalette([30, 30, 30] + [0] * 765)
+        im.info["transparency"] = 0
+    data = _png(im, **({"transparency": 0} if kind != "LA" else {}))
+    assert probe_image(data).pillow_reason == "alpha"
+    b = proc448([data])
+    assert b.paths == ["pillow:alpha"] and b.ok == [True]
+    assert torch.allclose(b.views[1][:, :60, :100], torch.ones(3, 60, 100))  # white, not grey
+
+
+def test_bad_pad_colour_is_refused():
+    with pytest.raises(ValueError, match="pad_color"):
+        ImageConfig(pad_color=(0.5, 0.5, 1.5))
+
+
+def test_png_exif_orientation_is_read_from_the_header(proc448):
+    base = Image.open(PHOTOS[0]).convert("RGB").resize((160, 90))
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    data = _png(base, exif=ex.tobytes())
+    assert probe_image(data).hw == (160, 90)
+    b = proc448([data])
+    assert b.sizes == [(160, 90)] and b.paths == ["dali"]
+    ref, _ = reference_views(data)
+    assert float((b.views - torch.from_numpy(ref)).abs().max()) <= TOL
+
+
+def test_header_and_decoder_disagreeing_is_resolved_by_the_reference(proc448, monkeypatch):
+    """If DALI's decoded size differs from the header's oriented size, the image takes the
+    Pillow path (its views and size), never views planned from the wrong geometry."""
+    from megatron_sphinx.data import images as images_mod
+
+    data = PHOTOS[1].read_bytes()  # not square
+    real = probe_image(data)
+    h, w = real.hw
+    assert h != w
+    monkeypatch.setattr(images_mod, "probe_image", lambda d: images_mod.ImageProbe(
+        real.fmt, real.mode, (w, h), None))  # a header that claims a 90-degree rotation
+    b = proc448([data])
+    assert b.paths[0] == "pillow:orientation" and b.sizes[0] == (h, w)
+    ref, _ = reference_views(data)
+    assert b.view_counts[0] == ref.shape[0]
+    assert float((b.views[:ref.shape[0]] - torch.from_numpy(ref)).abs().max()) <= TOL

@@ -222,3 +222,128 @@ def test_store_reader_feeds_the_loader(tmp_path):
     with PackedLoader(reader, cfg(num_workers=0)) as a, PackedLoader(mem, cfg(num_workers=0)) as b:
         for _ in range(2):
             assert all(same(x, y) for x, y in zip(a.next_step(), b.next_step()))
+
+
+def _split_samples(pb, src):
+    """The source indices of a micro-batch's samples, in packed order (texts start with BOS 1
+    and are otherwise >= 3, so each sample's text is found by its BOS and matched by prefix)."""
+    ids = pb.text_ids.tolist()
+    starts = [k for k, t in enumerate(ids) if t == 1] + [len(ids)]
+    out = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        chunk = ids[a:b]
+        hits = [i for i, s in enumerate(src.samples)
+                if s.input_ids[:len(chunk)].tolist() == chunk]
+        assert len(hits) == 1, "sample texts are unique"
+        out.append(hits[0])
+    return out
+
+
+def test_views_belong_to_their_samples_when_a_sample_is_skipped():
+    """A sample dropped for a decoded/stored size mismatch takes its views with it: every other
+    image's views in the micro-batch are its own (decoded alone for comparison)."""
+    from megatron_sphinx.data.images import ImageConfig, ImageProcessor
+
+    src = make_source(n=20, seed=3)
+    with_img = [k for k, s in enumerate(src.samples) if s.image_hw is not None]
+    for i in with_img[::2]:  # several mismatches, so one sits before other images in its row
+        s = src.samples[i]
+        h, w = s.image_hw
+        src.samples[i] = Sample(s.input_ids, s.target_mask, (h + 1, w), 1, s.source_id)
+        src.lengths[i] = src.samples[i].length(448, 2)
+    proc = ImageProcessor(ImageConfig(448, 2, device="cpu", interp="linear"))
+    with PackedLoader(src, cfg(num_workers=0, image_interp="linear", image_device="cpu")) as ld:
+        micro = [pb for step in run(ld, 6) for pb in step]
+    assert ld.stats["skipped:image_size"] >= 2
+    checked = 0
+    for pb in micro:
+        order = [i for i in _split_samples(pb, src) if src.images[i] is not None]
+        assert not set(order) & set(with_img[::2])  # the mismatched ones are left out
+        if not order:
+            continue
+        want = torch.cat([proc([src.images[i]]).views for i in order])
+        assert pb.view_counts.tolist() == [int(proc([src.images[i]]).view_counts[0])
+                                           for i in order]
+        assert torch.equal(pb.views, want)
+        checked += len(order)
+    assert checked > 0
+
+
+def test_a_sample_whose_length_disagrees_with_the_source_is_skipped(caplog):
+    src = make_source(n=20, seed=5)
+    i = next(k for k, s in enumerate(src.samples) if s.image_hw is None)
+    src.lengths[i] -= 5  # the source's recorded length is not the sample's
+    with caplog.at_level(logging.WARNING, logger="megatron_sphinx.data.loader"):
+        with PackedLoader(src, cfg(num_workers=0)) as ld:
+            micro = [pb for step in run(ld, 8) for pb in step]
+    assert ld.stats["skipped:length_mismatch"] >= 1 and "length_mismatch" in caplog.text
+    assert all(i not in _split_samples(pb, src) for pb in micro)
+
+
+def test_close_then_continue_and_step_counter_after_resume(source):
+    c = cfg(image_interp="linear")
+    with PackedLoader(source, c) as ld:
+        ref = run(ld, 4)
+    with PackedLoader(source, c) as ld:
+        run(ld, 2)
+        ld.close()  # prefetched steps are discarded; the next step is the third
+        assert all(same(x, y) for x, y in zip(ref[2], ld.next_step()))
+        assert ld.step == 3 and ld.state_dict()["step"] == 3
+        state = ld.state_dict()
+    with PackedLoader(source, dataclasses.replace(c, num_workers=0)) as ld:
+        ld.load_state_dict(state)
+        assert ld.step == 3
+        assert all(same(x, y) for x, y in zip(ref[3], ld.next_step()))
+        assert ld.step == 4 and ld.state_dict()["step"] == 4
+
+
+def test_more_bad_settings_are_refused(source):
+    from megatron_sphinx.data.loader import check_resume
+
+    # 8 rows in micro-batches of 4 = 2 micro-batches: they do not split over 4 ranks
+    with pytest.raises(ValueError, match="data-parallel"):
+        PackedLoader(source, cfg(global_batch_size=8, micro_batch_size=4), dp_rank=0, dp_size=4)
+    with pytest.raises(ValueError, match="grid 2.*grid 4"):  # same image_size, other grid
+        PackedLoader(source, cfg(image_size=448, grid=4))
+    with PackedLoader(source, cfg(num_workers=0)) as ld:
+        run(ld, 1)
+        state = ld.state_dict()
+    with pytest.raises(ValueError, match="--micro-batch-size 1, this run uses 2"):
+        PackedLoader(source, cfg(micro_batch_size=2)).load_state_dict(state)
+    with pytest.raises(ValueError, match="--seq-length 4096, this run uses 2048"):
+        PackedLoader(source, cfg(seq_length=2048)).load_state_dict(state)
+    same_run = dict(global_batch_size=4, micro_batch_size=1, seq_length=4096, packing=True,
+                    skip_padded=True)
+    saved = dict(state, fingerprint="aaaa")
+    check_resume(saved, num_samples=len(source), fingerprint="aaaa", **same_run)
+    with pytest.raises(ValueError, match="other data"):
+        check_resume(saved, num_samples=len(source), fingerprint="bbbb", **same_run)
+
+
+def test_trimmed_rows_never_exceed_seq_length(source):
+    """pad_to_multiple rounds up, but never past a seq_length that is not a multiple of it."""
+    with PackedLoader(source, cfg(num_workers=0, seq_length=4000, pad_to_multiple=128)) as ld:
+        micro = [pb for step in run(ld, 3) for pb in step]
+    assert all(pb.shape[1] <= 4000 for pb in micro)
+    assert any(pb.shape[1] == 4000 for pb in micro)  # a row longer than 3968: capped
+
+
+def test_store_recorded_weights_are_the_default(tmp_path):
+    from megatron_sphinx.data import store
+
+    src = make_source(n=24, seed=4)
+    path = tmp_path / "w.zarr"
+    meta = store.StoreMeta(448, 2, 4096, src.source_names,
+                           extra={"weights": {"s2": 6.0, "s0": 1.0, "s1": 3.0}})
+    store.create_store(path, meta)
+    w = store.ShardWriter(path, 0, 448, 2)
+    for k, (smp, img) in enumerate(zip(src.samples, src.images)):
+        w.add(smp, img, (smp.source_id, k))
+    w.close()
+    store.write_index(path, meta)
+    reader = store.StoreReader(path, image_size=448, grid=2)
+    with PackedLoader(reader, cfg(num_workers=0, weights=None)) as ld:
+        got = ld.state_dict()["mix"]["weights"]
+    assert np.allclose(got, np.array([1.0, 3.0, 6.0]) / 10.0)
+    with PackedLoader(reader, cfg(num_workers=0, weights=[1.0, 1.0, 1.0])) as ld:
+        assert np.allclose(ld.state_dict()["mix"]["weights"], [1 / 3] * 3)  # the config wins

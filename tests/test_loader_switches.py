@@ -106,13 +106,15 @@ def test_no_packing_puts_one_sample_per_row_in_mix_order(source):
     assert max(pb.num_samples for pb in packed) > 2
 
 
-def test_no_packing_rows_trimmed_with_pad_to_multiple(source):
-    with PackedLoader(source, cfg(packing=False, pad_to_multiple=64)) as ld:
+@pytest.mark.parametrize("skip", [True, False])
+def test_no_packing_rows_trimmed_with_pad_to_multiple(source, skip):
+    with PackedLoader(source, cfg(packing=False, pad_to_multiple=64, skip_padded=skip)) as ld:
         micro = run(ld, 2)
     for pb in micro:
         longest = int((pb.cu_seqlens[1:] - pb.cu_seqlens[:-1]).max())
         s = pb.shape[1]
         assert pb.num_samples == 2 and s % 64 == 0 and longest <= s < longest + 64
+        assert pb.num_skipped == (0 if not skip else 2 * len(pb.view_counts))
 
 
 def test_no_skip_encodes_every_view_and_matches_the_skipping_batches(source):
@@ -215,3 +217,37 @@ def test_no_skip_needs_image_sizes(source):
     PackedLoader(NoSizes(), cfg())  # fine with skipping
     with pytest.raises(ValueError, match="image_hw"):
         PackedLoader(NoSizes(), cfg(skip_padded=False))
+
+
+def test_truncated_image_sample_keeps_its_image_and_the_first_text():
+    """An overlong sample with an image keeps BOS, the image and the text that fits; one whose
+    text would end at the image (no token after it) is left out."""
+    src = make_source(n=12, seed=1)
+    image = image_geometry(100, 400).num_positions()  # the wide PNG: 3 views + 2 skips
+    rng = np.random.default_rng(5)
+    longs = {}
+    for i in (0, 4, 8):
+        ids = rng.integers(3, 500, SEQ + 100).astype(np.int32)
+        ids[0] = 1
+        src.samples[i] = Sample(ids, np.ones(len(ids), bool), (100, 400), 1, i % 2)
+        src.images[i] = _wide_png(100, 400, 1)
+        src.image_hw[i] = (100, 400)
+        src.lengths[i] = src.samples[i].length(448, 2)
+        longs[i] = ids
+    one_step = dict(packing=False, global_batch_size=12, micro_batch_size=1)
+    with PackedLoader(src, cfg(**one_step)) as ld:
+        micro = run(ld, 1)
+    seen = 0
+    for pb in micro:
+        text = pb.text_ids.numpy()
+        for i, ids in longs.items():
+            if len(text) > 100 and np.array_equal(text[:100], ids[:100]):
+                seen += 1
+                assert pb.num_tokens == SEQ and len(pb.view_counts) == 1
+                assert np.array_equal(text, ids[:SEQ - image])
+    assert seen > 0 and ld.stats["truncated"] >= seen and ld.stats["skipped"] == 0
+    # seq_length = image + 1: only BOS fits before the image, nothing after it: left out
+    with PackedLoader(src, cfg(seq_length=image + 1, **one_step)) as ld:
+        micro = run(ld, 1)
+    assert ld.stats["skipped:overlong_image"] >= 3
+    assert all(len(pb.view_counts) == 0 for pb in micro)  # no image sample was kept

@@ -463,3 +463,165 @@ def test_mpi_failed_overwrite_keeps_the_store(tmp_path, sample):
             "(the previous store at --out was kept)"), errors[0]
         assert snapshot(out) == before and len(StoreReader(out)) == 3
         assert _hidden(tmp_path) == []
+
+
+def test_a_second_build_follows_the_inputs(tmp_path, sample):
+    """Same inputs: nothing to do; --overwrite: rebuilt; another --seq-length or an annotation
+    file edited in place (same size): refused without --overwrite, store untouched."""
+    tok = sample / "tokenizer"
+    mix = _text_mix(tmp_path / "m")
+    out = tmp_path / "s.zarr"
+    _build(mix, out, tok)
+    assert StoreReader(out).meta.extra["weights"] == {"text": 1.0}  # the loader's default mix
+    before = snapshot(out)
+    assert _build(mix, out, tok) == {"uptodate": True, "store": str(out)}
+    assert snapshot(out) == before
+    assert _build(mix, out, tok, overwrite=True)["total"]["written"] == 3  # rebuilt
+    assert snapshot(out) != before
+    before = snapshot(out)
+    with pytest.raises(BuildError, match="other inputs: pass --overwrite"):
+        build_store(StoreSpec(mix=mix, out=out, tokenizer=tok, seq_length=3000,
+                              progress=False), Comm.single())
+    ann = tmp_path / "m" / "text.jsonl"
+    old, stat = ann.read_text(), ann.stat()
+    ann.write_text(old.replace("It is 0.", "It is 9."))  # same size, other content
+    os.utime(ann, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(BuildError, match="other inputs: pass --overwrite"):
+        _build(mix, out, tok)
+    assert snapshot(out) == before
+
+
+class _LengthEncoder:
+    """Encodes dialog ``"n:t"`` (its id) to ``n`` tokens, BOS first, targets from token ``t``."""
+
+    def encode(self, dialogs):
+        out = []
+        for d in dialogs:
+            n, t = (int(x) for x in d.id.split(":"))
+            ids = (np.arange(n) % 400 + 3).astype(np.int32)
+            ids[0] = 1
+            out.append((ids, np.arange(n) >= t))
+        return out
+
+
+class _ListWriter:
+    def __init__(self):
+        self.added = []
+
+    def add(self, sample, data, key):
+        self.added.append((sample, data, key))
+
+
+def test_samples_at_the_sequence_limit(tmp_path):
+    """Exactly seq_length fits; one more is dropped (drop) or cut to seq_length (truncate), its
+    image kept after BOS; a cut that leaves no target is dropped."""
+    from megatron_sphinx.data.preprocess import preprocess_rank
+
+    seq = 1400
+    Image.new("RGB", (400, 100), (10, 200, 30)).save(tmp_path / "w.png")
+    image = image_geometry(100, 400, 448, 2).num_positions()
+    recs = [{"id": f"{seq + 1}:5", "data": ["q", "a"]}, {"id": f"{seq}:5", "data": ["q", "a"]},
+            {"id": f"{seq + 100}:{seq + 50}", "data": ["q", "a"]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    img = [{"id": f"{seq}:5", "image": "w.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]
+    (tmp_path / "i.json").write_text(json.dumps(img))
+    (tmp_path / "mix.yaml").write_text(
+        "sources:\n  - {name: t, format: sharegpt, path: t.jsonl}\n"
+        "  - {name: i, format: llava, path: i.json}\n")
+    mix = load_mix(tmp_path / "mix.yaml")
+
+    w = _ListWriter()
+    stats = preprocess_rank(mix, _LengthEncoder(), w, PreprocessSettings(seq, overlong="drop"),
+                            progress=False)
+    assert [(len(s.input_ids), key) for s, _, key in w.added] == [(seq, (0, 1))]
+    assert stats["t"]["dropped"] == {"longer_than_seq_length": 2}
+    assert stats["t"]["truncated"] == 0 and stats["i"]["dropped"] == {
+        "longer_than_seq_length": 1}
+
+    w = _ListWriter()
+    stats = preprocess_rank(mix, _LengthEncoder(), w, PreprocessSettings(seq), progress=False)
+    got = [(len(s.input_ids), s.length(448, 2), s.image_slot, key) for s, _, key in w.added]
+    assert got == [(seq, seq, 1, (0, 0)), (seq, seq, 1, (0, 1)),
+                   (seq - image, seq, 1, (1, 0))]
+    assert stats["t"]["truncated"] == 1 and stats["i"]["truncated"] == 1
+    assert stats["t"]["dropped"] == {"no_target_after_truncation": 1}
+    assert w.added[2][1] == (tmp_path / "w.png").read_bytes()
+
+
+def test_probe_every_exif_orientation():
+    """Orientations 5-8 turn the image by 90 degrees (height and width swap); 1-4 do not."""
+    base = Image.new("RGB", (160, 90), (50, 60, 70))
+    for o in range(1, 9):
+        ex = Image.Exif()
+        ex[0x0112] = o
+        buf = io.BytesIO()
+        base.save(buf, "JPEG", exif=ex.tobytes())
+        info = probe_image(buf.getvalue())
+        assert info.orientation == o
+        assert (info.height, info.width) == ((90, 160) if o <= 4 else (160, 90)), o
+
+
+def test_multi_picture_jpeg_orientation_matches_the_stored_image():
+    """Phone cameras write MPO (JPEG + a second picture): Pillow re-encodes it to PNG with the
+    EXIF rotation applied, so the recorded size must be the rotated one (the loader drops a
+    sample whose decoded size differs from the stored size)."""
+    first = Image.new("RGB", (160, 90), (200, 10, 10))
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (160, 90))],
+               exif=ex.tobytes())
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    info = probe_image(buf.getvalue())
+    assert (info.height, info.width, info.orientation) == (160, 90, 6)
+    data, info, reencoded = load_image(buf.getvalue())
+    w, h = Image.open(io.BytesIO(data)).size
+    assert reencoded and (info.height, info.width) == (h, w) == (160, 90)
+
+
+def _png_with_exif_after_the_pixels(path: Path, orientation: int | None) -> bytes:
+    """A 300x200 noise PNG (~180 KB, far past any header) with, if ``orientation`` is given, an
+    ``eXIf`` chunk after the pixel data, where Pillow finds it only by decoding."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    if orientation is not None:
+        ex = Image.Exif()
+        ex[0x0112] = orientation
+        raw = ex.tobytes()[6:]  # the chunk holds the TIFF data without the "Exif\0\0" prefix
+        chunk = (struct.pack(">I", len(raw)) + b"eXIf" + raw
+                 + struct.pack(">I", zlib.crc32(b"eXIf" + raw)))
+        iend = data.rindex(b"IEND") - 4
+        data = data[:iend] + chunk + data[iend:]
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_header_probes_agree_on_large_pngs_without_decoding(tmp_path, monkeypatch, orientation):
+    """Preprocessing, the source converters (boxes are normalised by this size) and the loader
+    read the same oriented size as a full decode, from the header alone: decoding is made to
+    fail while they run. (The converters' probe used to give up on any PNG over 64 KiB.)"""
+    from PIL import PngImagePlugin
+
+    from megatron_sphinx.data.images import decode_rgb
+    from megatron_sphinx.data.images import probe_image as loader_probe
+    from megatron_sphinx.data.sources import image_hw
+
+    data = _png_with_exif_after_the_pixels(tmp_path / "big.png", orientation)
+    want = decode_rgb(data).shape[:2]
+    assert want == ((300, 200) if orientation else (200, 300))
+
+    def no_decode(self):
+        raise AssertionError("the header probe decoded the pixels")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    info = probe_image(data, check=False)
+    assert (info.height, info.width, info.orientation) == (*want, orientation or 1)
+    assert image_hw(str(tmp_path / "big.png")) == want
+    assert loader_probe(data).hw == want

@@ -193,6 +193,8 @@ def test_prompts_vary_but_are_stable():
     picks = [choose(coco_detection.PROMPTS, "src", k) for k in range(40)]
     assert len(set(picks)) > 1
     assert picks == [choose(coco_detection.PROMPTS, "src", k) for k in range(40)]
+    # the salt (a turn number) varies the pick within one record, too
+    assert len({choose(coco_detection.PROMPTS, "src", 7, str(i)) for i in range(20)}) > 1
 
 
 def test_unreadable_source_file_is_a_clear_error(tmp_path):
@@ -221,6 +223,8 @@ def test_load_mix_resolves_paths_and_validates(tmp_path):
         "format: llava, weight: 0": "weight must be > 0",
         "format: llava, colour: red": "unknown key",
         "format: llava, path: ann/missing.json": "does not exist",
+        "format: refcoco, path: ann/a.json, instances: ann/none.json": "none.json does not exist",
+        "format: llava, path: ann/a.json, image_root: no_images": "image_root .* does not exist",
     }
     for body, msg in bad.items():
         body = body if "path:" in body else body + ", path: ann/a.json"
@@ -233,3 +237,47 @@ def test_load_mix_resolves_paths_and_validates(tmp_path):
         load_mix(mix)
     with pytest.raises(MixError, match="does not exist"):
         load_mix(tmp_path / "nope.yaml")
+
+
+def test_detection_and_spotting_list_top_to_bottom_then_left_to_right(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "1.jpg", "height": 100, "width": 100}],
+           "annotations": [
+               {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 60, 10, 10]},   # low left
+               {"id": 2, "image_id": 1, "category_id": 2, "bbox": [70, 10, 10, 10]},   # top right
+               {"id": 3, "image_id": 1, "category_id": 3, "bbox": [20, 10, 10, 10]}],  # top left
+           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}
+    (d,) = _all(_spec(tmp_path, "coco_detection", doc))
+    assert [line.split()[0] for line in d.turns[1][1].splitlines()] == ["c", "b", "a"]
+    recs = [{"image": "x.jpg", "height": 100, "width": 100, "words": [
+        {"text": "low", "bbox": [10, 60, 20, 70]}, {"text": "right", "bbox": [70, 10, 80, 20]},
+        {"text": "left", "bbox": [20, 10, 30, 20]}]}]
+    (d,) = _all(_spec(tmp_path, "ocr_spotting", recs, name="ocr"))
+    assert [line.split()[0] for line in d.turns[1][1].splitlines()] == ["left", "right", "low"]
+
+
+def test_ocr_polygon_in_any_corner_order_becomes_its_enclosing_box(tmp_path):
+    quad = [[128, 288], [64, 240], [70, 300], [120, 230]]  # a tilted quad, no corner first
+    recs = [{"image": "x.jpg", "height": 480, "width": 640,
+             "words": [{"text": "TILT", "points": quad}]}]
+    (d,) = _all(_spec(tmp_path, "ocr_spotting", recs))
+    assert d.turns[1] == ("assistant", "TILT " + box_text((64, 230, 128, 300), 480, 640))
+    assert d.turns[1][1] == "TILT [0.10, 0.36, 0.20, 0.47]"
+
+
+def test_refcoco_size_from_the_instances_file_wins(tmp_path):
+    inst = _spec(tmp_path, "coco_detection", COCO, name="instances").path
+    refs = [{"ref_id": 0, "ann_id": 2, "image_id": 9, "height": 100, "width": 100,
+             "sentences": [{"sent": "the person"}]}]
+    (d,) = _all(_spec(tmp_path, "refcoco", refs, instances=inst))
+    assert d.turns[1] == ("assistant", "[0.10, 0.07, 0.50, 0.38]")  # 640 x 480, not 100 x 100
+
+
+def test_coco_keypoints_people_in_left_to_right_order(tmp_path):
+    person = lambda x, y: {"image_id": 1, "category_id": 1, "iscrowd": 0,  # noqa: E731
+                           "bbox": [x, y, 10, 10], "keypoints": [x + 5, y + 5, 2]}
+    doc = {"images": [{"id": 1, "file_name": "1.jpg", "height": 100, "width": 100}],
+           "annotations": [person(60, 0), person(20, 50), person(20, 10)],
+           "categories": [{"id": 1, "name": "person", "keypoints": ["nose"]}]}
+    (d,) = _all(_spec(tmp_path, "coco_keypoints", doc))
+    assert [t for r, t in d.turns if r == "assistant"] == [
+        "nose [0.25, 0.15]", "nose [0.25, 0.55]", "nose [0.65, 0.05]"]

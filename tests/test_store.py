@@ -125,6 +125,63 @@ def test_direct_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
         for flat in vars(slow._shard(s)).values():
             if isinstance(flat, store_mod._Flat):
                 flat.root = None  # force zarr reads
+    for s in range(2):  # the fast reader never falls back to zarr on a normal store
+        for flat in (fast._shard(s).ids, fast._shard(s).mask, fast._shard(s).image):
+            flat.arr = None
     for i in range(40):
         assert _same(fast.get_sample(i), slow.get_sample(i))
         assert fast.get_image(i) == slow.get_image(i)
+
+
+def test_missing_all_zero_chunks_read_back_as_zeros(tmp_path, monkeypatch):
+    """zarr leaves out chunk files that hold only the fill value (an all-zero stretch of the
+    target mask): the direct reader must fall back to zarr there, not return short arrays."""
+    monkeypatch.setattr(store_mod, "TEXT_CHUNK", 64)
+    items = []
+    for k in range(6):
+        ids = np.arange(1, 201, dtype=np.int32) + k
+        mask = np.zeros(200, bool)
+        mask[-3:] = True  # ~3 whole mask chunks of zeros per sample
+        items.append((Sample(ids, mask, None, 1, k % 2), None, (k % 2, k)))
+    _write(tmp_path / "z.zarr", items, 1)
+    chunks = tmp_path / "z.zarr" / "shards" / "r00000" / "target_mask" / "c"
+    n_chunks = -(-6 * 200 // 64)
+    assert len(list(chunks.iterdir())) < n_chunks  # some chunk files are absent
+    r = StoreReader(tmp_path / "z.zarr")
+    assert r._shard(0).mask.root  # the direct path is in use
+    order = sorted(range(6), key=lambda i: items[i][2])
+    for i, j in enumerate(order):
+        assert _same(r.get_sample(i), items[j][0])
+
+
+def test_two_shards_with_the_same_key_are_refused(tmp_path):
+    meta = StoreMeta(448, 2, 4096, ["a"])
+    create_store(tmp_path / "d.zarr", meta)
+    s = Sample(np.array([1, 5, 6], np.int32), np.array([0, 1, 1], bool), None, 1, 0)
+    for r in range(2):
+        w = ShardWriter(tmp_path / "d.zarr", r, 448, 2)
+        w.add(s, None, (0, 7))
+        w.close()
+    with pytest.raises(StoreError, match="same sample key"):
+        write_index(tmp_path / "d.zarr", meta)
+    assert read_meta(tmp_path / "d.zarr")[1] is False  # not marked complete
+
+
+def test_other_store_format_is_refused(tmp_path):
+    _write(tmp_path / "o.zarr", _samples(4), 1,
+           meta=StoreMeta(448, 2, 4096, ["even", "odd"], format="megatron_sphinx.store/1"))
+    with pytest.raises(StoreError, match="store format.*preprocess the data again"):
+        StoreReader(tmp_path / "o.zarr")
+
+
+def test_tokenizer_inside_the_store_wins_over_the_recorded_path(tmp_path):
+    elsewhere = tmp_path / "tok_elsewhere"
+    elsewhere.mkdir()
+    meta = StoreMeta(448, 2, 4096, ["even", "odd"], tokenizer_path=str(elsewhere))
+    _write(tmp_path / "t.zarr", _samples(4), 1, meta=meta)
+    assert StoreReader(tmp_path / "t.zarr").tokenizer_dir() == elsewhere
+    (tmp_path / "t.zarr" / "tokenizer").mkdir()
+    assert StoreReader(tmp_path / "t.zarr").tokenizer_dir() == tmp_path / "t.zarr" / "tokenizer"
+    elsewhere.rmdir()
+    (tmp_path / "t.zarr" / "tokenizer").rmdir()
+    assert StoreReader(tmp_path / "t.zarr").tokenizer_dir() is None

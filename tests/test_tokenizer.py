@@ -50,6 +50,9 @@ def test_build_is_deterministic(tmp_path, project_dir, corpus):
     assert tokenizer_hash(again) == tokenizer_hash(project_dir)
     other = build_project_tokenizer(tmp_path / "other", corpus[: len(corpus) // 3], 400)
     assert tokenizer_hash(other) != tokenizer_hash(project_dir)
+    # building into an existing tokenizer directory replaces it
+    assert build_project_tokenizer(other, corpus) == other
+    assert tokenizer_hash(other) == tokenizer_hash(project_dir)
 
 
 def test_missing_paths_are_clear_errors(tmp_path):
@@ -60,3 +63,17 @@ def test_missing_paths_are_clear_errors(tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(ValueError, match="vocab_size"):
         build_project_tokenizer(tmp_path / "t", ["abc"], vocab_size=100)
+
+
+def test_hash_follows_every_tokenizer_file(tmp_path, project_dir):
+    """A changed tokenizer_config.json (special tokens, chat template) is another tokenizer."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project_dir, copy)
+    assert tokenizer_hash(copy) == tokenizer_hash(project_dir)
+    cfg = copy / "tokenizer_config.json"
+    text = cfg.read_text()
+    assert '"<pad>"' in text
+    cfg.write_text(text.replace('"<pad>"', '"</s>"'))
+    assert tokenizer_hash(copy) != tokenizer_hash(project_dir)

@@ -77,6 +77,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megatron_sphinx.config import CLIP_MEAN
 from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.image_header import exif_orientation
 from megatron_sphinx.data.resample import (_downsample_padded, _replicate_edges,  # noqa: F401
                                            downsample_weights, global_view)
 
@@ -85,7 +86,6 @@ logger = logging.getLogger(__name__)
 #: Pillow format names DALI's decoder reads (others go to the Pillow path).
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_EXIF_ORIENTATION = 0x0112
 _device_logged = False
 _device_lock = threading.Lock()
 # Storage reference count (private torch API; None: outputs are never reused) and its value for
@@ -209,18 +209,6 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def _exif_orientation(im: Image.Image) -> int:
-    """EXIF orientation from the header only (never decodes pixels)."""
-    raw = im.info.get("exif")
-    if im.format in ("JPEG", "WEBP", "TIFF", "MPO"):
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    if raw:
-        ex = Image.Exif()
-        ex.load(raw)
-        return int(ex.get(_EXIF_ORIENTATION, 1))
-    return 1
-
-
 def _has_alpha(im: Image.Image) -> bool:
     return im.mode in _ALPHA_MODES or "transparency" in im.info
 
@@ -232,9 +220,10 @@ def probe_image(data: bytes) -> ImageProbe:
         ImageDecodeError: If the bytes are not an image Pillow recognises.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        fp = io.BytesIO(data)
+        with Image.open(fp) as im:
             w, h = im.size
-            orient = _exif_orientation(im)
+            orient = exif_orientation(im, fp)
             fmt, mode = im.format or "?", im.mode
             reason = None
             if _has_alpha(im):

@@ -22,11 +22,12 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from megatron_sphinx.config import VisionConfig
 from megatron_sphinx.data.geometry import (
     POSITIONS_PER_SKIP, POSITIONS_PER_VIEW, full_image_positions, image_geometry)
+from megatron_sphinx.data.image_header import exif_orientation
 
 if TYPE_CHECKING:  # imported where used: they bring torch, and the settings checks come first
     from megatron_sphinx.data.conversation import DialogEncoder
@@ -66,11 +67,11 @@ class ImageInfo:
     """EXIF orientation tag (1 = none; 5-8 swap height and width)."""
 
 
-def probe_image(data: bytes, check: bool = True) -> ImageInfo:
+def probe_image(data: bytes | BinaryIO, check: bool = True) -> ImageInfo:
     """Size (after EXIF orientation) and format of an encoded image, without a full decode.
 
     Args:
-        data: The encoded file.
+        data: The encoded file, or a binary file object open on it (read from its start).
         check: Also run the cheap validity check (JPEG draft decode, PNG ``verify``).
 
     Raises:
@@ -79,20 +80,21 @@ def probe_image(data: bytes, check: bool = True) -> ImageInfo:
     """
     from PIL import Image, UnidentifiedImageError
 
+    fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(fp)
         fmt = im.format or "?"
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise BadImage("image_too_large", f"{w}x{h}")
-        orientation = int(im.getexif().get(0x0112, 1) or 1) if fmt in ("JPEG", "PNG", "TIFF",
-                                                                        "WEBP") else 1
+        orientation = exif_orientation(im, fp)
         if check:
             if fmt == "JPEG":
                 im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
                 im.load()
             elif fmt == "PNG":
-                Image.open(io.BytesIO(data)).verify()
+                fp.seek(0)
+                Image.open(fp).verify()
             else:
                 im.load()
     except BadImage:

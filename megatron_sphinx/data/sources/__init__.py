@@ -126,7 +126,7 @@ def image_hw(path: str) -> tuple[int, int]:
     from megatron_sphinx.data.preprocess import probe_image
 
     with open(path, "rb") as f:
-        info = probe_image(f.read(1 << 16), check=False)
+        info = probe_image(f, check=False)  # reads the header (and PNG chunk headers) only
     return info.height, info.width
 
 
