@@ -173,8 +173,9 @@ def _fix_local_multi_tensor_ops() -> None:
 def thd_rope_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """int64 ``[num_tokens]`` position of each packed token within its segment (no host sync).
 
-    Empty segments (repeated boundaries) are allowed; tokens past ``cu_seqlens[-1]`` continue
-    the last segment's positions.
+    Empty segments (repeated boundaries) are allowed; tokens past ``cu_seqlens[-1]`` (which the
+    model never passes: its ``cu_seqlens`` covers the padding) count from it as one more
+    segment.
     """
     cu = cu_seqlens.to(torch.int64)
     tok = torch.arange(num_tokens, device=cu.device, dtype=torch.int64)

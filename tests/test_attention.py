@@ -6,6 +6,7 @@ Megatron's own per-segment loop. GPU cases (FlashAttention varlen, fused SDPA ke
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ LAYOUTS = [[7], [3, 0, 5, 1], [1, 1, 1], [9, 4, 0], [16, 2, 11]]
 
 
 @pytest.mark.parametrize("lengths", LAYOUTS)
-@pytest.mark.parametrize("groups", [4, 1])
+@pytest.mark.parametrize("groups", [4, 2, 1])
 def test_sdpa_kernel_matches_masked_reference(lengths, groups, monkeypatch):
     monkeypatch.setenv(ATTENTION_ENV, "sdpa")
     torch.manual_seed(sum(lengths) + groups)
@@ -53,7 +54,7 @@ def test_sdpa_kernel_matches_masked_reference(lengths, groups, monkeypatch):
     q = torch.randn(t, heads, d, requires_grad=True)
     k = torch.randn(t, groups, d, requires_grad=True)
     v = torch.randn(t, groups, d, requires_grad=True)
-    scale = 1 / math.sqrt(d)
+    scale = 0.7 / math.sqrt(d)  # not SDPA's default: the scale must be passed through
     out = packed_causal_attention(q, k, v, cu, max(lengths), scale=scale)
     ref = _reference(q, k, v, cu, scale)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -78,6 +79,39 @@ def test_kernel_choice_and_bad_settings(monkeypatch):
     # the reasons varlen cannot run are spelled out (dtype, dropout, device)
     ok, why = attention.varlen_status(q, 0.0, 0.125)
     assert not ok and why
+
+
+def test_forced_sdpa_wins_where_varlen_could_run(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_status", lambda *a: (True, "stand-in: runnable"))
+    q = torch.zeros(4, 2, 8)
+    monkeypatch.setenv(ATTENTION_ENV, "auto")
+    assert choose_kernel(q, 0.0, 0.125) == "varlen"
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")
+    assert choose_kernel(q, 0.0, 0.125) == "sdpa"
+
+
+def test_module_forward_uses_its_scale_and_no_dropout_in_eval(monkeypatch):
+    """``PackedDotProductAttention.forward`` on ``thd`` input: Megatron's softmax scale, attention
+    dropout only while training, ``[t, np * d]`` output."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    monkeypatch.setenv(ATTENTION_ENV, "sdpa")
+    torch.manual_seed(3)
+    lengths, heads, groups, d = [5, 0, 7], 4, 2, 8
+    cu = _layout(lengths)
+    q, k, v = (torch.randn(12, n, d) for n in (heads, groups, groups))
+    module = types.SimpleNamespace(softmax_scale=0.2, training=False,
+                                   config=types.SimpleNamespace(attention_dropout=0.5))
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    out = attention.PackedDotProductAttention.forward(module, q, k, v, None,
+                                                      packed_seq_params=packed)
+    assert out.shape == (12, heads * d)
+    want = _reference(q, k, v, cu, 0.2).reshape(12, heads * d)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    module.training = True  # now the dropout applies
+    out = attention.PackedDotProductAttention.forward(module, q, k, v, None,
+                                                      packed_seq_params=packed)
+    assert not torch.allclose(out.double(), want, atol=1e-3)
 
 
 class _OneRank:

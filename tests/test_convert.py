@@ -14,6 +14,7 @@ HF LLM and the exported SPHINX-X model must reproduce the Megatron logits.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -460,3 +461,14 @@ def test_te_gpu_checkpoint_exports(tmp_path):
         assert r["bit_exact"], recipe
         # fp32 on the GPU (TE kernels, TF32 off by default) vs CPU: far below a layout error.
         assert r["max_abs_diff"] < 1e-3, (recipe, r)
+
+
+def test_every_architecture_field_must_match_the_recipe():
+    """A checkpoint differing from the recipe's LLM in any field that changes the maths is named
+    (RoPE base and norm epsilon included: the weights would load and silently compute wrong)."""
+    recipe = get_recipe("debug").llm
+    assert from_hf.llm_mismatches(recipe, recipe) == []
+    for field, value in [("rope_base", recipe.rope_base * 2), ("norm_eps", recipe.norm_eps * 10),
+                         ("num_query_groups", 1), ("vocab_size", recipe.vocab_size + 1)]:
+        other = dataclasses.replace(recipe, **{field: value})
+        assert [m.split()[0] for m in from_hf.llm_mismatches(recipe, other)] == [field]

@@ -327,6 +327,40 @@ def test_hf_io_refusals_leave_nothing_behind(tmp_path, llama):
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "gpt2"]
 
 
+def test_hf_io_index_sizes_dtypes_and_absent_tensors(tmp_path, llama):
+    model, cfg = llama
+    state = dict(_hf_state(model), **{"model.ids": torch.arange(7)})  # an integer buffer
+    nbytes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    first = min(state)  # shards are filled in key order
+    limit = nbytes[first] - 1  # the first tensor alone is over the limit: its own shard
+    out = tmp_path / "ckpt"
+    hf_io.save_hf_checkpoint(out, state, hm.hf_config_from_llm(cfg), max_shard_bytes=limit)
+    index = json.loads((out / hf_io.SAFE_INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(nbytes.values())
+    assert sorted(index["weight_map"]) == sorted(state)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == [f.name for f in shards]
+    assert index["weight_map"][first] == shards[0].name
+    for f in shards:  # no empty shard files
+        assert hf_io.read_tensor_file(f)
+    loaded = hf_io.load_hf_state(out, dtype=torch.bfloat16)
+    assert loaded["model.ids"].dtype == torch.int64 and torch.equal(loaded["model.ids"],
+                                                                     torch.arange(7))
+    assert loaded[first].dtype == torch.bfloat16
+    index["weight_map"]["model.ghost.weight"] = shards[0].name
+    (out / hf_io.SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(hf_io.CheckpointError, match="model.ghost.weight listed in the index"):
+        hf_io.load_hf_state(out)
+
+
+def test_mixtral_top_k_and_aux_loss_come_from_the_config():
+    d = _mixtral(layers=1).config.to_dict()
+    cfg = hm.llm_config_from_hf({**d, "num_experts_per_tok": 3, "num_local_experts": 6})
+    assert (cfg.num_experts, cfg.moe_router_topk) == (6, 3)
+    back = hm.hf_config_from_llm(cfg)
+    assert (back.num_local_experts, back.num_experts_per_tok) == (6, 3)
+
+
 def test_internlm2_directory_converts_to_plain_llama(tmp_path, llama):
     """An InternLM2 checkpoint (remote-code config, legacy .bin) becomes a LlamaForCausalLM."""
     model, cfg = llama

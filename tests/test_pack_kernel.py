@@ -298,6 +298,40 @@ def test_bad_inputs_say_what_to_change():
         pack_tokens(text, visual, special, torch.tensor([[0, 1]]))
 
 
+def test_cpu_index_is_checked_without_debugging():
+    text, visual, special = torch.randn(3, 4), torch.randn(4, 4), torch.randn(NUM_SPECIAL, 4)
+    with env(**{DEBUG_ENV: None}):
+        with pytest.raises(ValueError, match=r"\[-1, 10\)"):
+            pack_tokens(text, visual, special, torch.tensor([0, 10]), impl="torch")
+
+
+def test_repeated_rows_accumulate_in_fp32_for_bf16():
+    """A row named at 2000 positions: its bf16 gradient is the fp32 sum rounded once (a bf16
+    running sum would be off by several percent)."""
+    g = torch.Generator().manual_seed(0)
+    text, visual = (torch.randn(n, 64, generator=g).bfloat16().requires_grad_() for n in (4, 2))
+    special = torch.randn(NUM_SPECIAL, 64, generator=g).bfloat16()
+    index = torch.tensor([0, 1, 4, 5] * 2000)  # text rows 0, 1 and visual rows 0, 1, repeated
+    grad = torch.randn(index.numel(), 64, generator=g).bfloat16()
+    pack_tokens(text, visual, special, index, impl="torch").backward(grad)
+    for got, rows in ((text.grad[:2], (0, 1)), (visual.grad, (2, 3))):
+        want = torch.stack([grad[r::4].double().sum(0) for r in rows])
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-6)
+
+
+def test_auto_selection_order_cuda_then_triton_then_torch(monkeypatch):
+    from kernels import select
+
+    ok = {"cuda": True, "triton": True}
+    monkeypatch.setattr(select, "_cuda_status", lambda d, t: (ok["cuda"], "stand-in"))
+    monkeypatch.setattr(select, "_triton_status", lambda d, t: (ok["triton"], "stand-in"))
+    for cuda, triton, want in ((True, True, "cuda"), (False, True, "triton"),
+                               (False, False, "torch")):
+        monkeypatch.setattr(select, "_resolved", {})  # choices are cached per process
+        ok.update(cuda=cuda, triton=triton)
+        assert resolve_impl("auto", "cuda", torch.bfloat16) == want
+
+
 @pytest.mark.skipif(INTERPRETED, reason="checks the selection without the interpreter")
 def test_selection_on_cpu():
     assert resolve_impl(None, "cpu") == "torch"

@@ -181,3 +181,26 @@ def test_cli_bad_input(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists()
+
+
+def test_parts_follow_the_layout_rules():
+    """Experts split over ep * etp; fp32 gradient buffers; 1F1B holds pp - s micro-batches on
+    stage s; the bubble is (pp - 1) / (m + pp - 1)."""
+    from megatron_sphinx.train.memory import estimate_step_time
+
+    cfg = get_recipe("sphinx-moe")
+    one, two = (stage_params(cfg, ParallelDims(world_size=16, tp=2, ep=4, etp=etp), 0)
+                for etp in (1, 2))
+    assert one.expert == 2 * two.expert > 0 and one.dense == two.dense
+    dims = ParallelDims(world_size=64, ep=8, pp=4)
+    stages = estimate_memory(cfg, dims, seq_length=4096, num_microbatches=16)
+    for s, stage in enumerate(stages):
+        trainable = stage_params(cfg, dims, s).trainable
+        assert stage.params == 2 * trainable and stage.grads == 4 * trainable  # bf16, fp32
+        assert stage.detail["in_flight"] == 4 - s
+    few = estimate_memory(cfg, dims, seq_length=4096, num_microbatches=2)
+    assert [st.detail["in_flight"] for st in few] == [2, 2, 2, 1]
+    t = estimate_step_time(cfg, dims, seq_length=4096, global_batch_size=64, mfu=0.4,
+                           peak_tflops=989)
+    m = 64 // dims.dp
+    assert t.bubble_fraction == pytest.approx(3 / (m + 3))

@@ -63,3 +63,13 @@ def test_apply_swaps_only_megatron_local_fallbacks():
     assert clip_grads.l2_norm_impl is upstream_fixes.multi_tensor_l2_norm
     assert clip_grads.multi_tensor_scale_impl is upstream_fixes.multi_tensor_scale
     assert optimizer.multi_tensor_scale_impl is upstream_fixes.multi_tensor_scale
+
+
+def test_apply_installs_every_fix_once():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    names = upstream_fixes.apply()
+    assert names == [fix.__name__ for fix in upstream_fixes._FIXES]
+    installed = rope_utils._apply_rotary_pos_emb_thd
+    assert upstream_fixes.apply() == names
+    assert rope_utils._apply_rotary_pos_emb_thd is installed  # not wrapped a second time

@@ -244,6 +244,7 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
     for step in range(start + 1, rc.steps + 1):
         t0 = time.perf_counter()
         micro = loader.next_step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it)
         res = train_step(model, optimizer, micro, num_microbatches=len(micro),
                          seq_length=cfg.train.seq_length * cfg.train.micro_batch_size,
                          pg_collection=pgs, device=device,
@@ -258,7 +259,7 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
         tflops = flops["total"] / dt / world / 1e12
         record = {
             "step": step, "total_steps": rc.steps, "loss": res.loss,
-            "lr": optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+            "lr": lr, "grad_norm": res.grad_norm,
             "tokens": summary["tokens"], "loss_tokens": res.num_loss_tokens,
             "samples": summary["samples"], "skipped_views": summary["skipped"],
             "packing_efficiency": summary["tokens"] / summary["positions"],
