@@ -118,6 +118,18 @@ def test_resume_sees_the_same_batches(source):
         ld.load_state_dict(state)
         again = run(ld, 3)
     assert all(same(x, y) for a, b in zip(ref[2:], again) for x, y in zip(a, b))
+    # close() discards the prefetched steps; the loader goes on from the consumed position
+    with PackedLoader(source, c) as ld:
+        run(ld, 2)
+        ld.close()
+        assert all(same(x, y) for x, y in zip(ref[2], ld.next_step()))
+        assert ld.step == 3
+        state = ld.state_dict()
+    with PackedLoader(source, sync) as ld:
+        ld.load_state_dict(state)
+        assert ld.step == 3  # the step counter comes back with the state
+        assert all(same(x, y) for x, y in zip(ref[3], ld.next_step()))
+        assert ld.step == 4 and ld.state_dict()["step"] == 4
 
 
 def test_global_batches_do_not_depend_on_dp_size(source):
@@ -191,19 +203,36 @@ def test_pad_to_multiple_trims_micro_batches(source):
 
 
 def test_bad_settings_are_refused(source):
+    from megatron_sphinx.data.loader import check_resume
+
     with pytest.raises(ValueError, match="data-parallel"):
         PackedLoader(source, cfg(global_batch_size=6, micro_batch_size=1), dp_rank=0, dp_size=4)
+    # 8 rows in micro-batches of 4 = 2 micro-batches: they do not split over 4 ranks
+    with pytest.raises(ValueError, match="data-parallel"):
+        PackedLoader(source, cfg(global_batch_size=8, micro_batch_size=4), dp_rank=0, dp_size=4)
     with pytest.raises(ValueError, match="image_size"):
         PackedLoader(source, cfg(image_size=672, grid=3))
+    with pytest.raises(ValueError, match="grid 2.*grid 4"):  # same image_size, other grid
+        PackedLoader(source, cfg(image_size=448, grid=4))
     with PackedLoader(source, cfg(num_workers=0)) as ld:
         run(ld, 1)
         state = ld.state_dict()
+    with pytest.raises(ValueError, match="--micro-batch-size 1, this run uses 2"):
+        PackedLoader(source, cfg(micro_batch_size=2)).load_state_dict(state)
+    with pytest.raises(ValueError, match="--seq-length 4096, this run uses 2048"):
+        PackedLoader(source, cfg(seq_length=2048)).load_state_dict(state)
     with pytest.raises(ValueError, match="--global-batch-size 4, this run uses 8"):
         PackedLoader(source, cfg(global_batch_size=8)).load_state_dict(state)
     with pytest.raises(ValueError, match="trained without --no-skip: resume with --no-skip left out"):
         PackedLoader(source, cfg(skip_padded=False)).load_state_dict(state)
     with pytest.raises(ValueError, match="other data"):
         PackedLoader(make_source(n=50), cfg()).load_state_dict(state)
+    same_run = dict(global_batch_size=4, micro_batch_size=1, seq_length=4096, packing=True,
+                    skip_padded=True)
+    saved = dict(state, fingerprint="aaaa")  # same sample count, other contents
+    check_resume(saved, num_samples=len(source), fingerprint="aaaa", **same_run)
+    with pytest.raises(ValueError, match="other data"):
+        check_resume(saved, num_samples=len(source), fingerprint="bbbb", **same_run)
 
 
 def test_store_reader_feeds_the_loader(tmp_path):
@@ -278,46 +307,6 @@ def test_a_sample_whose_length_disagrees_with_the_source_is_skipped(caplog):
             micro = [pb for step in run(ld, 8) for pb in step]
     assert ld.stats["skipped:length_mismatch"] >= 1 and "length_mismatch" in caplog.text
     assert all(i not in _split_samples(pb, src) for pb in micro)
-
-
-def test_close_then_continue_and_step_counter_after_resume(source):
-    c = cfg(image_interp="linear")
-    with PackedLoader(source, c) as ld:
-        ref = run(ld, 4)
-    with PackedLoader(source, c) as ld:
-        run(ld, 2)
-        ld.close()  # prefetched steps are discarded; the next step is the third
-        assert all(same(x, y) for x, y in zip(ref[2], ld.next_step()))
-        assert ld.step == 3 and ld.state_dict()["step"] == 3
-        state = ld.state_dict()
-    with PackedLoader(source, dataclasses.replace(c, num_workers=0)) as ld:
-        ld.load_state_dict(state)
-        assert ld.step == 3
-        assert all(same(x, y) for x, y in zip(ref[3], ld.next_step()))
-        assert ld.step == 4 and ld.state_dict()["step"] == 4
-
-
-def test_more_bad_settings_are_refused(source):
-    from megatron_sphinx.data.loader import check_resume
-
-    # 8 rows in micro-batches of 4 = 2 micro-batches: they do not split over 4 ranks
-    with pytest.raises(ValueError, match="data-parallel"):
-        PackedLoader(source, cfg(global_batch_size=8, micro_batch_size=4), dp_rank=0, dp_size=4)
-    with pytest.raises(ValueError, match="grid 2.*grid 4"):  # same image_size, other grid
-        PackedLoader(source, cfg(image_size=448, grid=4))
-    with PackedLoader(source, cfg(num_workers=0)) as ld:
-        run(ld, 1)
-        state = ld.state_dict()
-    with pytest.raises(ValueError, match="--micro-batch-size 1, this run uses 2"):
-        PackedLoader(source, cfg(micro_batch_size=2)).load_state_dict(state)
-    with pytest.raises(ValueError, match="--seq-length 4096, this run uses 2048"):
-        PackedLoader(source, cfg(seq_length=2048)).load_state_dict(state)
-    same_run = dict(global_batch_size=4, micro_batch_size=1, seq_length=4096, packing=True,
-                    skip_padded=True)
-    saved = dict(state, fingerprint="aaaa")
-    check_resume(saved, num_samples=len(source), fingerprint="aaaa", **same_run)
-    with pytest.raises(ValueError, match="other data"):
-        check_resume(saved, num_samples=len(source), fingerprint="bbbb", **same_run)
 
 
 def test_trimmed_rows_never_exceed_seq_length(source):
