@@ -391,13 +391,24 @@ def test_settings_module_imports_without_torch():
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
-def test_progress_lines_without_a_bar(tmp_path, sample, caplog):
+def test_progress_lines_without_a_bar(tmp_path, sample, caplog, monkeypatch):
+    from megatron_sphinx.data import preprocess
+
     tok = sample / "tokenizer"
     mix = _text_mix(tmp_path / "mix", records=25, broken=2, ext="json")
     caplog.set_level(logging.INFO, logger="megatron_sphinx.data.preprocess")
+
+    def text_lines():
+        return [r.getMessage() for r in caplog.records
+                if r.name == "megatron_sphinx.data.preprocess" and "source text" in r.getMessage()]
+
+    _build(mix, tmp_path / "q.zarr", tok, progress=None)  # done in well under 5 s: quiet
+    assert [line.split(":")[2].split(",")[0] for line in text_lines()] == [
+        " 25 records on this rank", " done"]
+    caplog.clear()
+    monkeypatch.setattr(preprocess, "PROGRESS_QUIET_SECONDS", 0.0)  # as if the source were slow
     _build(mix, tmp_path / "s.zarr", tok, progress=None)  # not a terminal here: no bar
-    lines = [r.getMessage() for r in caplog.records
-             if r.name == "megatron_sphinx.data.preprocess" and "source text" in r.getMessage()]
+    lines = text_lines()
     assert lines[0] == "rank 0: source text: 25 records on this rank"
     progress = [re.fullmatch(r"rank 0: source text: (\d+)/25 records \((\d+)%\), "
                              r"[0-9.]+ records/s", line) for line in lines[1:-1]]

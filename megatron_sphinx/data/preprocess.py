@@ -40,6 +40,7 @@ BATCH = 256  # dialogs tokenized per tokenizer call
 LOG_FIRST = 3  # drops logged with details per (source, reason); the rest are only counted
 PROGRESS_LINES = 10  # progress lines per source and rank when no bar is shown
 PROGRESS_SECONDS = 30.0  # ... or one line per this many seconds for a streamed (.jsonl) source
+PROGRESS_QUIET_SECONDS = 5.0  # a source done sooner logs only its start and done lines
 #: Encoder input side: the padded square is ``grid x grid`` views of this many pixels.
 VIEW_SIZE = VisionConfig.view_size
 
@@ -317,7 +318,7 @@ def preprocess_rank(mix, encoder: DialogEncoder, writer, settings: PreprocessSet
 class _ProgressLog:
     """A source's progress on one rank as INFO lines, for logs without a terminal (Slurm):
     about :data:`PROGRESS_LINES` lines when the record count is known, else one per
-    :data:`PROGRESS_SECONDS`."""
+    :data:`PROGRESS_SECONDS`; none in a source's first :data:`PROGRESS_QUIET_SECONDS`."""
 
     def __init__(self, name: str, rank: int):
         self.name, self.rank, self.t0 = name, rank, timer()
@@ -333,6 +334,8 @@ class _ProgressLog:
 
     def update(self, stats: SourceStats) -> None:
         now = timer()
+        if now - self.t0 < PROGRESS_QUIET_SECONDS:
+            return
         if self.every:
             if stats.read % self.every or stats.read >= self.total:
                 return
