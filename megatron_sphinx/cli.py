@@ -67,9 +67,11 @@ def fail(exc: object) -> int:
 def launch_rank() -> int:
     """This process's global rank as its launcher set it (0 for a single process).
 
-    Read from the environment only (torchrun, MPI, then Slurm), without starting anything.
+    Read from the environment only (torchrun, MPI, then Slurm), without starting anything;
+    ``RANK`` counts only beside ``WORLD_SIZE``, as in :func:`distributed.detect_launch_env`.
     """
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+    torchrun = ("RANK",) if os.environ.get("WORLD_SIZE", "").isdigit() else ()
+    for name in torchrun + ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)

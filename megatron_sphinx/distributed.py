@@ -170,8 +170,11 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     mpi_rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     if mpi_rank is not None:
         mpi_world = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-        local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
-                     "SLURM_LOCALID")
+        local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+        if local is None and _int(env, "SLURM_PROCID") == mpi_rank:
+            # srun started this rank; under mpiexec inside sbatch every rank inherits the batch
+            # step's SLURM_LOCALID=0 (and SLURM_PROCID=0), which would put all ranks on GPU 0
+            local = _int(env, "SLURM_LOCALID")
         comm = None
         if mpi_world is None or local is None or addr is None or port is None:
             comm = _mpi_world()

@@ -311,3 +311,44 @@ def test_bench_preprocess_keeps_a_foreign_workdir(tmp_path):
     # its data/ and store*.zarr used to be overwritten / deleted
     _one_line(_tool("bench_preprocess.py", "--workdir", tmp_path), "holds other files")
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------ shared helpers of megatron_sphinx.cli (audit)
+
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                   "SLURM_PROCID")
+
+
+@pytest.mark.parametrize("environ,rank", [
+    ({}, 0),
+    ({"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "0"}, 3),
+    ({"RANK": "3", "SLURM_PROCID": "0"}, 0),  # a stray RANK is not a torchrun launch
+    ({"OMPI_COMM_WORLD_RANK": "2", "SLURM_PROCID": "0"}, 2),  # mpiexec inside sbatch
+    ({"PMI_RANK": "5", "SLURM_PROCID": "0"}, 5),
+    ({"PMIX_RANK": "4"}, 4),
+    ({"SLURM_PROCID": "7"}, 7),
+    ({"RANK": "", "SLURM_PROCID": "1"}, 1),
+])
+def test_launch_rank_follows_the_launcher_order(monkeypatch, environ, rank):
+    from megatron_sphinx.cli import launch_rank
+
+    for name in _RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert launch_rank() == rank
+
+
+def test_output_file_that_is_a_directory_is_refused(tmp_path):
+    from megatron_sphinx.cli import UsageError, check_output_file
+
+    with pytest.raises(UsageError, match="is a directory: give a file path"):
+        check_output_file(tmp_path, "--out")
+    check_output_file(tmp_path / "new.json", "--out")  # a new file in a writable folder is fine
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_line_folds_every_kind_of_whitespace():
+    from megatron_sphinx.cli import one_line
+
+    assert one_line("bad value\n\tat line 3:  key  \r\n") == "bad value at line 3: key"

@@ -230,3 +230,131 @@ def test_harness_times_out():
     with pytest.raises(RankTimeout, match="ranks \\[0, 1\\] did not finish within 1 s"):
         run_ranks(_hang, 2, timeout=1.0)
     assert time.monotonic() - start < 15
+
+
+# ---- launcher detection: defaults, precedence and validation (mutation audit) ----------------
+
+def test_torchrun_without_local_rank_or_rendezvous_uses_the_rank_and_defaults():
+    env = detect_launch_env({"RANK": "3", "WORLD_SIZE": "4"})
+    assert env == LaunchEnv(3, 4, 3, "127.0.0.1", 29500, "torchrun")
+
+
+def test_rank_without_world_size_is_not_a_torchrun_launch():
+    env = detect_launch_env({"RANK": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                             "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert env == LaunchEnv(1, 2, 0, "h0", 1234, "slurm")
+
+
+def test_empty_launcher_variables_count_as_unset():
+    env = detect_launch_env({"RANK": "", "WORLD_SIZE": "", "MASTER_PORT": ""})
+    assert (env.launcher, env.rank, env.world_size) == ("single", 0, 1)
+
+
+class _FakeComm:
+    """mpi4py's COMM_WORLD as rank 1 of 2, rank 0 answering the rendezvous broadcast."""
+
+    def Get_rank(self):
+        return 1
+
+    def Get_size(self):
+        return 2
+
+    def bcast(self, value, root):
+        return ("rank0-host", 45678)
+
+
+def test_pmix_rank_is_an_mpi_launch_even_inside_slurm(monkeypatch):
+    monkeypatch.setattr(distributed, "_mpi_world", lambda: _FakeComm())
+    env = detect_launch_env({"PMIX_RANK": "1", "MPI_LOCALRANKID": "1",
+                             "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # batch step's values
+    assert env == LaunchEnv(1, 2, 1, "rank0-host", 45678, "mpi")
+
+
+def test_mpi_keeps_a_given_master_addr_and_takes_only_the_missing_port(monkeypatch):
+    monkeypatch.setattr(distributed, "_mpi_world", lambda: _FakeComm())
+    env = detect_launch_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1",
+                             "MASTER_ADDR": "given-host"})
+    assert (env.master_addr, env.master_port) == ("given-host", 45678)
+
+
+def test_slurm_step_nodelist_wins_over_the_job_nodelist(monkeypatch):
+    """A step on part of the allocation: rank 0 runs on the step's first node."""
+    monkeypatch.setattr(distributed.shutil, "which", lambda name: None)
+    env = detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+                             "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_STEP_NODELIST": "n[3-4]",
+                             "SLURM_JOB_ID": "5"})
+    assert env.master_addr == "n3"
+
+
+@pytest.mark.parametrize("fields,message", [
+    ((0, 0, 0, "h", 1), "world size 0 < 1"),
+    ((0, 1, -1, "h", 1), "local rank -1 < 0"),
+    ((0, 1, 0, "h", 0), "master port 0 out of range"),
+    ((0, 1, 0, "h", 65536), "master port 65536 out of range"),
+])
+def test_launch_env_rejects_impossible_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LaunchEnv(*fields, "single")
+    LaunchEnv(0, 1, 0, "h", 65535, "single")  # the largest port is fine
+
+
+def test_init_distributed_on_gpus_uses_nccl_and_the_local_rank(monkeypatch):
+    """The CUDA path, faked up to the rendezvous: device = local rank (not the global rank)."""
+    calls = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        calls["init"] = kwargs
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("device", d))
+    monkeypatch.setattr(distributed, "_prepare_checkpoint_writer", lambda: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", fake_init)
+    environ = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0",
+               "MASTER_PORT": "2345"}
+    with pytest.raises(Stop):
+        init_distributed(ParallelDims(world_size=8), timeout_s=90, environ=environ)
+    assert calls["device"] == 1
+    init = calls["init"]
+    assert (init["backend"], init["init_method"], init["rank"], init["world_size"]) == (
+        "nccl", "tcp://n0:2345", 5, 8)
+    assert init["timeout"].total_seconds() == 90
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1])
+def test_init_distributed_rejects_a_non_positive_timeout(timeout_s):
+    with pytest.raises(ValueError, match="give a positive collective timeout"):
+        init_distributed(ParallelDims(world_size=1), timeout_s=timeout_s, environ={})
+
+
+def test_mpiexec_inside_sbatch_ignores_the_batch_steps_slurm_localid(monkeypatch):
+    """Before: a launcher that sets PMI_RANK but no local-rank variable, run by mpiexec inside an
+    sbatch script, took the batch step's SLURM_LOCALID=0 on every rank (all ranks on GPU 0)."""
+    import types
+
+    class Comm(_FakeComm):
+        def Split_type(self, kind):
+            assert kind == "shared"
+            return types.SimpleNamespace(Get_rank=lambda: 1)
+
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(
+        MPI=types.SimpleNamespace(COMM_TYPE_SHARED="shared")))
+    monkeypatch.setattr(distributed, "_mpi_world", lambda: Comm())
+    inherited = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"}
+    env = detect_launch_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "h0",
+                             "MASTER_PORT": "1234", **inherited})
+    assert (env.rank, env.local_rank, env.launcher) == (1, 1, "mpi")
+
+
+def test_mpi_ranks_started_by_srun_take_slurm_localid_without_mpi(monkeypatch):
+    def no_mpi():
+        raise AssertionError("MPI initialised although the launcher said everything")
+
+    monkeypatch.setattr(distributed, "_mpi_world", no_mpi)
+    env = detect_launch_env({"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_PROCID": "3",
+                             "SLURM_LOCALID": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert env == LaunchEnv(3, 4, 1, "h0", 1234, "mpi")

@@ -74,8 +74,6 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **k
     monkeypatch.setattr(loop, "loader_summary", lambda *a: dict(
         tokens=10, attention_pairs=10, views=0, samples=1, skipped=0, positions=20))
     monkeypatch.setattr(loop, "step_flops", lambda *a: {"total": 1.0})
-    monkeypatch.setattr(loop, "StopRequest", lambda *a: types.SimpleNamespace(
-        agreed=lambda device: False))
     monkeypatch.setattr(loop.MetricsWriter, "write", lambda self, rec, console=True: (
         (records.append(dict(rec, lr_seen=trained[-1])) if records is not None else None,
          logged.append(rec["step"]) if console else None)))
@@ -91,7 +89,8 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **k
                         types.SimpleNamespace(param_groups=groups),
                         types.SimpleNamespace(step=lambda increment: groups[0].update(
                             lr=groups[0]["lr"] + increment)), _Loader(),
-                        torch.device("cpu"), False, tmp_path / "ckpt" if start else None)
+                        torch.device("cpu"), False, tmp_path / "ckpt" if start else None,
+                        types.SimpleNamespace(agreed=lambda device: False))
     except SystemExit as exc:
         code = exc.code
     return len(trained), saved, logged, code
@@ -128,3 +127,21 @@ def test_metrics_lr_is_the_rate_the_step_used(monkeypatch, tmp_path):
     _run(monkeypatch, tmp_path, steps=4, records=records)
     assert [(r["step"], r["lr"]) for r in records] == [(1, 0.0), (2, 1.0), (3, 2.0), (4, 3.0)]
     assert all(r["lr"] == r["lr_seen"] for r in records)
+
+
+def test_stop_request_covers_start_up(monkeypatch):
+    """``--exit-after-minutes`` counts the job's start-up (process groups, model, checkpoint
+    load) and a stop signal then is a graceful stop: the handlers are in place before it."""
+    from megatron_sphinx import distributed
+
+    order = []
+    monkeypatch.setattr(loop, "StopRequest", lambda minutes: order.append(("stop", minutes)))
+
+    def init_distributed(*a, **k):
+        order.append("process groups")
+        raise RuntimeError("start-up reached")
+
+    monkeypatch.setattr(distributed, "init_distributed", init_distributed)
+    with pytest.raises(RuntimeError, match="start-up reached"):
+        loop.run(RunConfig(recipe="debug", data="synthetic", steps=2, exit_after_minutes=5))
+    assert order == [("stop", 5), "process groups"]

@@ -278,3 +278,64 @@ def test_only_the_first_rank_reports_an_argument_error():
     proc = _train("--steps", "0", env={"RANK": "1", "WORLD_SIZE": "2"})
     assert proc.returncode == 2 and proc.stderr.strip() == "", proc.stderr[-2000:]
     _one_line(_train("--steps", "0", env={"RANK": "0", "WORLD_SIZE": "2"}), "--steps")
+
+
+# ------------------------------------------ backend choice and the logged kernel choices (audit)
+
+@pytest.mark.parametrize("te,requested,chosen", [
+    (True, "auto", "te"), (False, "auto", "local"), (True, "te", "te"), (True, "local", "local"),
+    (False, "local", "local"),
+])
+def test_backend_choice(monkeypatch, te, requested, chosen):
+    from megatron_sphinx.model import specs
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: te)
+    assert specs.choose_backend(requested) == chosen
+
+
+@pytest.mark.parametrize("te,requested,needle", [
+    (False, "te", "use --backend local"), (True, "tex", "choose auto, te or local"),
+    (False, "tex", "choose auto, te or local"),
+])
+def test_backend_choice_refusals(monkeypatch, te, requested, needle):
+    from megatron_sphinx.model import specs
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: te)
+    with pytest.raises(ValueError, match=needle):
+        specs.choose_backend(requested)
+
+
+@pytest.mark.parametrize("capability,dtype,needle", [
+    ((8, 0), torch.bfloat16, "A100 is 8.0: drop --fp8"),
+    ((8, 6), torch.bfloat16, "A100 is 8.6: drop --fp8"),
+    ((9, 0), torch.float16, "use --dtype bf16"),
+    ((9, 0), torch.bfloat16, None),
+    ((8, 9), torch.bfloat16, None),
+])
+def test_fp8_needs_compute_capability_8_9_and_bf16(monkeypatch, capability, dtype, needle):
+    """The GPU side of the FP8 check, with a faked device (the CPU refusal is tested above)."""
+    from megatron_sphinx.model import specs
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "A100")
+    if needle is None:
+        specs.check_fp8("auto", dtype)
+    else:
+        with pytest.raises(ValueError, match=needle):
+            specs.check_fp8("te", dtype)
+
+
+def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.build import kernel_choices
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    cpu = torch.device("cpu")
+    te = kernel_choices(get_recipe("debug"), backend="te", dtype=torch.bfloat16, device=cpu,
+                        fp8=True, images="gpu")
+    assert (te["layers"], te["attention"], te["images"], te["communication"]) == (
+        "te fp8", "Transformer Engine fused THD", "DALI gpu", "nccl")
+    local = kernel_choices(get_recipe("debug"), backend="local", dtype=torch.float32, device=cpu)
+    assert local["layers"] == "local" and local["attention"] != te["attention"]
+    assert local["images"] == "none decoded (synthetic data)"

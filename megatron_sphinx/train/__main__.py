@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit with code 3 when the step is a multiple of N")
     p.add_argument("--exit-after-minutes", type=float, default=None,
-                   help="save and exit with code 3 after this much wall time")
+                   help="save and exit with code 3 after this much wall time "
+                   "(counted from the start, start-up included)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (a dead rank ends the job after this)")
     p.add_argument("--log-interval", type=int, default=1)

@@ -160,16 +160,19 @@ def run(rc: RunConfig) -> list[StepResult]:
     on_gpu = torch.cuda.is_available()
     from megatron_sphinx import cpu_compat
 
+    # From here on a stop signal is a graceful stop and --exit-after-minutes counts: start-up
+    # (process groups, model, checkpoint load) is part of the job's wall time.
+    stop = StopRequest(rc.exit_after_minutes)
     groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
                                           seed=cfg.train.seed)
     try:
         with cpu_compat.cpu_device_mode():
-            return _train(rc, cfg, dims, groups.collection, dtype, on_gpu, load_from)
+            return _train(rc, cfg, dims, groups.collection, dtype, on_gpu, load_from, stop)
     finally:
         distributed.shutdown()
 
 
-def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
+def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResult]:
     from megatron.core import tensor_parallel
 
     from megatron_sphinx.model.llm import ParallelSizes
@@ -200,14 +203,14 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from) -> list[StepResult]:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     try:
         return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
-                          on_gpu, load_from)
+                          on_gpu, load_from, stop)
     finally:
         if hasattr(loader, "close"):  # background data workers
             loader.close()
 
 
 def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
-               load_from) -> list[StepResult]:
+               load_from, stop: StopRequest) -> list[StepResult]:
     rank = torch.distributed.get_rank()
     start = 0
     if load_from is not None:
@@ -221,7 +224,6 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
         Path(rc.save).mkdir(parents=True, exist_ok=True)
         (Path(rc.save) / "run.json").write_text(json.dumps(run_identity(cfg), indent=1))
     metrics = MetricsWriter(rc.save, enabled=rank == 0)
-    stop = StopRequest(rc.exit_after_minutes)
     peak = device_peak_tflops()
     world = torch.distributed.get_world_size()
     results: list[StepResult] = []
