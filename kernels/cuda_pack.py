@@ -11,7 +11,6 @@ back to Triton or the reference.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -175,7 +174,9 @@ class CudaBackend:
 
 def main(argv: list[str] | None = None) -> int:
     """Builds the extension ahead of time; exit 1 with the reason if it fails."""
-    p = argparse.ArgumentParser(description="Build the pack_tokens CUDA extension.")
+    from megatron_sphinx.cli import ArgumentParser  # the tools' one-line argument errors
+
+    p = ArgumentParser(description="Build the pack_tokens CUDA extension.")
     p.add_argument("--arch", default=None,
                    help='TORCH_CUDA_ARCH_LIST, e.g. "9.0" (needed when no GPU is visible)')
     p.add_argument("--verbose", action="store_true")

@@ -6,16 +6,19 @@ written (:func:`check_output_dir`, :func:`check_output_file`), input files and d
 (:func:`check_input_file`, :func:`check_input_dir`) and preprocessed stores with samples
 (:func:`check_store`); checkpoints are checked by :mod:`megatron_sphinx.train.checkpoint`. Each
 raises :class:`UsageError`, a ``ValueError`` whose message is one line saying what to change;
-:func:`fail` prints it as ``error: ...`` on stderr and returns exit code 2.
+:func:`fail` prints it as ``error: ...`` on stderr and returns exit code 2. Argument errors
+(:class:`ArgumentParser`) take the same one-line form.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 #: Exit code of every entry point on bad input.
 EXIT_BAD_INPUT = 2
@@ -62,6 +65,17 @@ def fail(exc: object) -> int:
     """Prints ``error: <one line>`` on stderr; returns :data:`EXIT_BAD_INPUT`."""
     print(f"error: {one_line(exc)}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors follow the project's format: one ``error:`` line
+    that ends by pointing at ``--help`` (argparse prints its whole usage first), printed by the
+    launch's rank 0 only, and exit code :data:`EXIT_BAD_INPUT`."""
+
+    def error(self, message: str) -> NoReturn:
+        if launch_rank() == 0:
+            print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        self.exit(EXIT_BAD_INPUT)
 
 
 def launch_rank() -> int:

@@ -352,3 +352,41 @@ def test_one_line_folds_every_kind_of_whitespace():
     from megatron_sphinx.cli import one_line
 
     assert one_line("bad value\n\tat line 3:  key  \r\n") == "bad value at line 3: key"
+
+
+# ---------------------------------------------------------------------- argument errors
+
+ENTRY_POINTS = ["megatron_sphinx/train/__main__.py", "megatron_sphinx/data/sample_data.py",
+                *sorted(f"tools/{p.name}" for p in TOOLS.glob("*.py"))]
+
+
+def _run_main(path: str, monkeypatch, argv: list[str]) -> int:
+    """Runs the entry point's ``main(argv)`` in this process; its exit code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"entry_{Path(path).stem}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    try:
+        return module.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_argument_errors_are_one_line_on_rank_0(path, capsys, monkeypatch):
+    """argparse's own errors (an unknown flag, a missing or mistyped value) take the project's
+    one-line form, pointing at --help, instead of argparse's usage block; other ranks stay
+    quiet."""
+    for name in _RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    code = _run_main(path, monkeypatch, ["--no-such-flag"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    if path != "tools/bench_train.py":  # passes unknown flags on to the training command
+        assert lines[0].endswith(" --help)"), lines
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert _run_main(path, monkeypatch, ["--no-such-flag"]) == 2
+        assert capsys.readouterr().err == ""

@@ -14,7 +14,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
@@ -40,7 +39,9 @@ def _site() -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="debug")
     p.add_argument("--global-batch-size", type=int, default=2)
     args = p.parse_args(argv)

@@ -204,7 +204,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="decode threads (DALI and Pillow)")
     p.add_argument("--batch", type=int, default=32, help="images per DALI run")
     p.add_argument("--interp", nargs="+", default=["cubic", "linear"],

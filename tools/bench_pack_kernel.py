@@ -36,7 +36,6 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import statistics
@@ -291,7 +290,9 @@ def overhead(args, device: torch.device, impls: list[str], dtype: torch.dtype) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=4096, help="positions per row")
     p.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 3, 4], help="micro-batch rows")

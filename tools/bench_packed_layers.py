@@ -16,7 +16,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -66,7 +65,9 @@ def _ops(fn) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--segments", type=int, default=40)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))

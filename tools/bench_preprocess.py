@@ -8,7 +8,6 @@ exclude interpreter start-up and imports (what a long run sees), "wall" rates in
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -61,7 +60,9 @@ def _reads(store: Path, n: int, seed: int = 0) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=int, default=4, help="sample-mix size multiplier")
     p.add_argument("--reads", type=int, default=2000, help="random reads to time")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")

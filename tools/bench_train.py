@@ -148,7 +148,9 @@ def check_args(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="debug")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS))

@@ -262,7 +262,9 @@ def _load_multimodal(model, state: dict, hf_dir: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(
         description="Write a weights-only megatron_sphinx checkpoint from a Hugging Face LLM "
                     "(or an exported SPHINX-X directory) plus local encoder weights. The "
                     "conversion runs in one CPU process at TP1/PP1/EP1: Megatron dist checkpoints "

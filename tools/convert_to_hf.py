@@ -310,7 +310,9 @@ def convert(load: str, out: str, *, tokenizer: str | None = None, dtype: str = "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(
         description="Export a megatron_sphinx checkpoint (any TP/PP/EP layout) as a Hugging Face "
                     "SPHINX-X model with a plain transformers LLM in OUT/language_model. Runs in "
                     "one CPU process: Megatron reshards the checkpoint to TP1/PP1/EP1 on load.")

@@ -7,7 +7,6 @@ Usage: python tools/init_checkpoint.py --recipe debug --out DIR [--seed N]
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,7 +15,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 with one line on stderr on bad input (nothing written)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="debug")
     p.add_argument("--out", required=True, help="new or empty directory")
     p.add_argument("--seed", type=int, default=None)

@@ -25,7 +25,9 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description="List the parallel layouts of a recipe that fit.")
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description="List the parallel layouts of a recipe that fit.")
     p.add_argument("--recipe", required=True, help="recipe name, e.g. sphinx-moe")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs")
     p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU in GiB")

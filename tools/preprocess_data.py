@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Preprocess a data mix into a zarr store.")
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description="Preprocess a data mix into a zarr store.")
     p.add_argument("--mix", required=True, help="mix YAML (sources, formats, paths, weights)")
     p.add_argument("--out", required=True, help="store directory to create (STORE.zarr)")
     p.add_argument("--tokenizer", default=None,

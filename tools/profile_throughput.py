@@ -151,7 +151,9 @@ class StreamLoader:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description="Profile the training throughput of a recipe.")
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description="Profile the training throughput of a recipe.")
     p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")

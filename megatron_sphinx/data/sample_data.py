@@ -20,7 +20,6 @@ Every answer is true for its image: the generator knows every shape's colour and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -433,7 +432,9 @@ def generate(out: str | Path, seed: int = SEED, with_tokenizer: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m megatron_sphinx.data.sample_data --out DIR``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to create (must be empty or new)")
     p.add_argument("--seed", type=int, default=SEED, help="generator seed")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out that already "

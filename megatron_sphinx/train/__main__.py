@@ -1,7 +1,6 @@
 """``python -m megatron_sphinx.train``: train a SPHINX-X recipe (single process, torchrun, srun)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -11,8 +10,10 @@ from megatron_sphinx.train.run_config import RunConfig
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Command line -> :class:`RunConfig`."""
-    p = argparse.ArgumentParser(prog="python -m megatron_sphinx.train",
-                                description="Train a SPHINX-X recipe on Megatron-Core.")
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m megatron_sphinx.train",
+                       description="Train a SPHINX-X recipe on Megatron-Core.")
     p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
