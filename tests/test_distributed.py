@@ -77,19 +77,22 @@ def test_open_mpi_variables():
     assert env == LaunchEnv(2, 4, 0, "h0", 1234, "mpi")
 
 
+class _FakeComm:
+    """mpi4py's COMM_WORLD as rank 1 of 2, rank 0 answering the rendezvous broadcast."""
+
+    def Get_rank(self):
+        return 1
+
+    def Get_size(self):
+        return 2
+
+    def bcast(self, value, root):
+        assert value is None  # rank 1 sends nothing; rank 0's answer comes back
+        return ("rank0-host", 45678)
+
+
 def test_mpich_variables_take_the_rendezvous_from_rank0_via_mpi(monkeypatch):
-    class FakeComm:
-        def Get_rank(self):
-            return 1
-
-        def Get_size(self):
-            return 2
-
-        def bcast(self, value, root):
-            assert value is None  # rank 1 sends nothing; rank 0's answer comes back
-            return ("rank0-host", 45678)
-
-    monkeypatch.setattr(distributed, "_mpi_world", lambda: FakeComm())
+    monkeypatch.setattr(distributed, "_mpi_world", lambda: _FakeComm())
     env = detect_launch_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"})
     assert env == LaunchEnv(1, 2, 1, "rank0-host", 45678, "mpi")
 
@@ -248,19 +251,6 @@ def test_rank_without_world_size_is_not_a_torchrun_launch():
 def test_empty_launcher_variables_count_as_unset():
     env = detect_launch_env({"RANK": "", "WORLD_SIZE": "", "MASTER_PORT": ""})
     assert (env.launcher, env.rank, env.world_size) == ("single", 0, 1)
-
-
-class _FakeComm:
-    """mpi4py's COMM_WORLD as rank 1 of 2, rank 0 answering the rendezvous broadcast."""
-
-    def Get_rank(self):
-        return 1
-
-    def Get_size(self):
-        return 2
-
-    def bcast(self, value, root):
-        return ("rank0-host", 45678)
 
 
 def test_pmix_rank_is_an_mpi_launch_even_inside_slurm(monkeypatch):

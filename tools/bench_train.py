@@ -122,11 +122,11 @@ def check_args(args: argparse.Namespace, extra: list[str]) -> None:
             try:
                 with contextlib.redirect_stderr(said):
                     rc = train_args(argv)
-            except SystemExit:  # argparse: usage and "prog: error: ..." on stderr
+            except SystemExit:  # the training parser's one "error: ..." line on stderr
                 why = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-                raise ValueError(f"training argument of {name}/{variant}: {why} (arguments "
-                                 "bench_train does not know go to python -m "
-                                 "megatron_sphinx.train)") from None
+                raise ValueError(f"training argument of {name}/{variant} (bench_train passes "
+                                 "the arguments it does not know on to python -m "
+                                 f"megatron_sphinx.train): {why}") from None
             check_run_inputs(rc, cfg)
             checked.append((f"{name}/{variant}", LAYOUTS[name][0], rc))
     from megatron_sphinx.train.loop import preflight  # imports Megatron: after the cheap checks
