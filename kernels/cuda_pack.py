@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = ArgumentParser(description="Build the pack_tokens CUDA extension.")
     p.add_argument("--arch", default=None,
-                   help='TORCH_CUDA_ARCH_LIST, e.g. "9.0" (needed when no GPU is visible)')
+                   help='TORCH_CUDA_ARCH_LIST, e.g. "9.0" (default: $TORCH_CUDA_ARCH_LIST, else '
+                   "the visible GPU's, else 9.0)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     arch = args.arch

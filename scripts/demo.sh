@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: set up, make the embedded sample data, preprocess it with 2 MPI ranks into a zarr store,
 # then train the debug SPHINX-X model with tensor parallelism over 2 CPU processes (gloo),
-# printing a falling loss and saving a checkpoint. Usage: bash scripts/demo.sh [extra train args]
+# printing a falling loss (training, and on a held-out 5% of the store) and saving a checkpoint.
+# Usage: bash scripts/demo.sh [extra train args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,7 +23,7 @@ echo "[demo] training debug SPHINX-X, TP=2 on 2 processes (gloo), $STEPS steps"
 rm -rf "$OUT/train"
 .venv/bin/torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29533}" \
   -m megatron_sphinx.train --recipe debug --tp 2 --steps "$STEPS" --data "$OUT/store.zarr" \
-  --save "$OUT/train" --log-interval 5 "$@"
+  --save "$OUT/train" --log-interval 5 --eval-split 0.05 --eval-interval 20 --eval-batches 4 "$@"
 $PY - "$OUT/train/metrics.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -30,6 +31,10 @@ k = max(1, len(rows) // 5)
 first = sum(r["loss"] for r in rows[:k]) / k
 last = sum(r["loss"] for r in rows[-k:]) / k
 print(f"[demo] mean loss of the first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-sys.exit(0 if last < first else 1)
+evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+if len(evals) > 1:
+    print(f"[demo] held-out loss at step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
+          f"{evals[-1][1]:.3f}")
+sys.exit(0 if last < first and (len(evals) < 2 or evals[-1][1] < evals[0][1]) else 1)
 PYEOF
 echo "[demo] checkpoint: $(cat "$OUT/train/latest") in $OUT/train"

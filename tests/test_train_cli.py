@@ -185,6 +185,10 @@ def _checkpoint(save: Path, recipe: str = "debug", step: int = 2, consumed: dict
     (["--seq-length", "512"], "use a --seq-length above 1295"),
     (["--sp"], "raise --tp to 2 or more, or drop --sp"),
     (["--global-batch-size", "3", "--micro-batch-size", "2"], "not a multiple of micro-batch 2"),
+    (["--eval-batches", "0"], "--eval-batches must be at least 1"),
+    (["--eval-interval", "-1", "--eval-data", "synthetic"], "--eval-interval must be at least 0"),
+    (["--eval-interval", "5"], "--eval-interval 5 needs --eval-data"),
+    (["--eval-data", " "], "--eval-data is empty"),
 ])
 def test_numbers_out_of_range_name_their_flag(argv, needle):
     # before: tracebacks (--log-interval 0), a silent run (--save-interval -1, --keep-last -1,
@@ -206,6 +210,8 @@ def test_bad_data_store_is_refused_before_the_model_is_built(tmp_path):
     for name, needle in cases:
         _one_line(_train("--data", tmp_path / name, "--steps", "1"), f"--data {tmp_path / name}",
                   needle)
+        _one_line(_train("--data", "synthetic", "--eval-data", tmp_path / name, "--steps", "1"),
+                  f"--eval-data {tmp_path / name}", needle)
     assert snapshot(tmp_path) == before
 
 

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sphinx.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default="debug")
-    p.add_argument("--global-batch-size", type=int, default=2)
+    p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
+    p.add_argument("--global-batch-size", type=int, default=2,
+                   help="packed rows per step (default 2)")
     args = p.parse_args(argv)
 
     counts: collections.Counter = collections.Counter()

@@ -290,7 +290,7 @@ def overhead(args, device: torch.device, impls: list[str], dtype: torch.dtype) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_sphinx.cli import ArgumentParser
+    from megatron_sphinx.cli import ArgumentParser, fail
 
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=4096, help="positions per row")
@@ -314,19 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda asked for but CUDA is not available", file=sys.stderr)
-        return 2
+        return fail("--device cuda asked for but CUDA is not available")
     if any(not 0.0 <= x <= 0.5 for x in args.skip):
-        print("--skip fractions must lie in [0, 0.5] (a 2x2 grid skips at most half of the "
-              "sub-images)", file=sys.stderr)
-        return 2
+        return fail("--skip fractions must lie in [0, 0.5] (a 2x2 grid skips at most half of the "
+                    "sub-images)")
     if args.seq < 1300:
-        print("--seq must be at least 1300 (one image sample takes up to 1295 positions)",
-              file=sys.stderr)
-        return 2
+        return fail("--seq must be at least 1300 (one image sample takes up to 1295 positions)")
     if args.repeat is not None and args.repeat < 1 or args.calls < 1:
-        print("--repeat and --calls must be at least 1", file=sys.stderr)
-        return 2
+        return fail("--repeat and --calls must be at least 1")
     if args.quick:
         args.hidden, args.batch = [2048], [1, 2]
     args.repeat = args.repeat or (20 if args.overhead else 10 if device.type == "cpu" else 50)
@@ -335,23 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     tiles = []
     if args.triton_tiles:
         if not status["triton"][0]:
-            print(f"--triton-tiles: Triton cannot run on {device.type} here: "
-                  f"{status['triton'][1]}", file=sys.stderr)
-            return 2
+            return fail(f"--triton-tiles: Triton cannot run on {device.type} here: "
+                        f"{status['triton'][1]}")
         from kernels.triton_pack import parse_tile
         try:
             tiles = [parse_tile(x, "--triton-tiles") for x in args.triton_tiles]
         except ValueError as exc:
-            print(exc, file=sys.stderr)
-            return 2
+            return fail(exc)
     impls = args.impl or [k for k in ("torch", "triton", "cuda") if status[k][0]
                           and not (k == "triton" and device.type == "cpu")]
     for k in ("torch", "triton", "cuda"):
         print(f"{k:<7}: {'available' if status[k][0] else 'unavailable'} ({status[k][1]})")
     for k in impls:
         if not status[k][0]:
-            print(f"--impl {k}: cannot run here: {status[k][1]}", file=sys.stderr)
-            return 2
+            return fail(f"--impl {k}: cannot run here: {status[k][1]}")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     how = "median" if device.type == "cuda" else "minimum"

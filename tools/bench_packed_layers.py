@@ -26,6 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
+
+quiet_import_notices()  # before Megatron's imports: --help stays clean
 from megatron_sphinx import upstream_fixes  # noqa: E402
 from megatron_sphinx.model import attention  # noqa: E402
 
@@ -68,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sphinx.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--segments", type=int, default=40)
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=4096,
+                   help="positions of the packed row (default 4096)")
+    p.add_argument("--segments", type=int, default=40,
+                   help="samples the row is cut into, random lengths (default 40)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="default fp32; bf16 on a GPU")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (default 5)")
     args = p.parse_args(argv)
     if not 1 <= args.segments <= args.tokens:
         p.error("--segments must lie in [1, --tokens]")

@@ -19,10 +19,15 @@ pass, one THD sequence) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
-Usage:
-  python tools/bench_train.py --recipe debug --layouts tp1 tp2                # CPU
-  python tools/bench_train.py --recipe sphinx-tiny --variants packed reference \
-      --seq-length 4096 --global-batch-size 8                               # one GPU
+Arguments it does not know itself (``--seq-length``, ``--global-batch-size``,
+``--micro-batch-size``, ``--backend``, ...) are passed on to ``python -m megatron_sphinx.train``
+in every run, after the training command's own checks.
+
+Usage::
+
+    python tools/bench_train.py --recipe debug --layouts tp1 tp2                       # CPU
+    python tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \\
+        --variants packed reference --seq-length 4096 --global-batch-size 8          # one GPU
 """
 from __future__ import annotations
 
@@ -150,11 +155,16 @@ def check_args(args: argparse.Namespace, extra: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from megatron_sphinx.cli import ArgumentParser
 
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default="debug")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS))
-    p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS))
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       epilog="Other arguments (e.g. --seq-length 4096 --global-batch-size 8) "
+                              "are passed on to python -m megatron_sphinx.train.")
+    p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="training steps per run; the first is left out of the median (default 8)")
+    p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS),
+                   help="process layouts, each its own torchrun (default: tp1 tp2)")
+    p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS),
+                   help="what each layout runs (default: packed)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args, extra = p.parse_known_args(argv)
     from megatron_sphinx.cli import fail, quiet_import_notices

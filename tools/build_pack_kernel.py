@@ -1,9 +1,10 @@
 """Builds the pack op's CUDA extension ahead of time (e.g. once per node before a Slurm job).
 
-Without a visible GPU pass the target architecture (``--arch 9.0`` for H100/H200, the default
-then). The build lands in ``$MEGATRON_SPHINX_EXT_DIR`` or torch's extension cache, where
-``kernels.pack_tokens`` finds it on first use. Exit status 1 (with the compiler's reason) if it
-fails.
+``--arch`` is the target architecture (``TORCH_CUDA_ARCH_LIST``); without it the environment's
+``TORCH_CUDA_ARCH_LIST`` or the visible GPUs' are used, and ``9.0`` (H100/H200) when neither is.
+The build lands in ``$MEGATRON_SPHINX_EXT_DIR`` if set, else torch's extension cache
+(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), where ``kernels.pack_tokens`` finds
+it on first use. Prints the built file; exit status 1 (with the compiler's reason) if it fails.
 
 Example::
 

@@ -1,18 +1,19 @@
 """Initialise SPHINX-X training from a Hugging Face LLM plus local vision-encoder weights.
 
     python tools/convert_from_hf.py --hf HF_DIR --recipe NAME --out CKPT_DIR \\
-        --tp N --pp N --ep N [--clip-convnext PATH] [--dinov2 PATH] [--random-encoders] \\
+        [--tp N --pp N --ep N] [--clip-convnext PATH] [--dinov2 PATH] [--random-encoders] \\
         [--dtype auto|bf16|fp32] [--seed N] [--overwrite]
 
 ``--hf`` is a local LLaMA-2 / TinyLlama / Mixtral / InternLM2 (packed ``wqkv``) checkpoint
 directory (safetensors or ``.bin``; no remote code runs), or a SPHINX-X directory written by
 ``tools/convert_to_hf.py`` (then the encoders, projector and image embeddings come from it too).
 Its config must match the recipe's LLM (layers, widths, heads, groups, vocabulary, RoPE base,
-experts); otherwise one line says what differs. Encoder weights: ``--clip-convnext`` (open_clip
-ConvNeXt-XXL ``visual.trunk.*`` or timm file) and ``--dinov2`` (timm or the original DINOv2
-release), read by :meth:`megatron_sphinx.model.vision.FrozenEncoder.load_pretrained`; without them
-an encoder keeps random weights only with ``--random-encoders`` (tests, debug recipes). The
-projector and the start/end/skip embeddings start from the recipe's seeded random init.
+norm eps, experts, top-k); otherwise one line says what differs and names the recipe that fits.
+Encoder weights: ``--clip-convnext`` (open_clip ConvNeXt-XXL ``visual.trunk.*`` or timm file)
+and ``--dinov2`` (timm or the original DINOv2 release), read by
+:meth:`megatron_sphinx.model.vision.FrozenEncoder.load_pretrained`; without them an encoder keeps
+random weights only with ``--random-encoders`` (tests, debug recipes). The projector and the
+start/end/skip embeddings start from the recipe's seeded random init (``--seed``).
 
 The result is a weights-only checkpoint (``meta.json`` ``has_optimizer: false``, step 0) that
 
@@ -273,16 +274,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf", required=True, help="local HF checkpoint or SPHINX-X directory")
     p.add_argument("--recipe", required=True, help="recipe to train (see megatron_sphinx.config)")
     p.add_argument("--out", required=True, help="checkpoint directory to create (absent or empty)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the training run")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the training run")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of the training run")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size of the training run (default 1)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel size of the training run (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size of the training run (default 1)")
     p.add_argument("--clip-convnext", default=None,
                    help="open_clip / timm ConvNeXt-XXL weights (.bin / .pt / .safetensors)")
     p.add_argument("--dinov2", default=None, help="timm or original DINOv2 ViT-g/14 weights")
     p.add_argument("--random-encoders", action="store_true",
-                   help="allow encoders without weights to keep random init (tests only)")
+                   help="allow encoders without weights to keep random init (tests, debug recipes)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="checkpoint dtype; auto = the HF checkpoint's dtype")
+                   help="checkpoint dtype; auto: bf16 / fp32 as stored, fp16 as fp32 (exact)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the projector / image-embedding init (default: the recipe's)")
     p.add_argument("--overwrite", action="store_true",

@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="export dtype; auto = the dtype the checkpoint stored")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
-                   help="largest safetensors shard of the LLM, GiB")
+                   help="largest safetensors shard of the LLM, GiB (default 5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export at --out (only once the new export is "
                         "complete); a directory no conversion wrote is never replaced")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues 4 and 7), for one GPU.
+# The prepared GPU check for one GPU (how to run it on a lent machine: docs/gpu/RUNBOOK.md).
 #   1. installs what the device lacks from wheels carried in .whl/ (megatron-core, zarr, ...)
 #      and, if its parts were carried beforehand into /tmp/dali_parts, the DALI wheel;
 #   2. runs, most needed first, each part under its own time limit:

@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sphinx.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default="debug")
+    p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
     p.add_argument("--out", required=True, help="new or empty directory")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="init seed (default: the recipe's)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron_sphinx.cli import UsageError, check_output_dir, fail, setup_cpu_tool

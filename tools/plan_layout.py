@@ -34,13 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=None, help="default: the recipe's")
     p.add_argument("--global-batch-size", type=int, default=None, help="default: the recipe's")
     p.add_argument("--micro-batch-size", type=int, default=1,
-                   help="packed rows per forward pass (one THD sequence)")
-    p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak the compute reaches")
+                   help="packed rows per forward pass (one THD sequence; default 1)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="fraction of peak the compute reaches (default 0.4)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="dense bf16 peak per GPU (H100: 989)")
+                   help="dense bf16 peak per GPU in TFLOP/s (default 989, H100/H200)")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (CUDA context, NCCL, fragmentation)")
-    p.add_argument("--max-tp", type=int, default=8, help="largest TP (GPUs per node)")
+    p.add_argument("--max-tp", type=int, default=8, help="largest TP (GPUs per node; default 8)")
     p.add_argument("--all", action="store_true", help="also list layouts that do not fit")
     p.add_argument("--top", type=int, default=0, help="print only the first N rows (0: all)")
     p.add_argument("--json", default=None, help="write every listed plan to this JSON file")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         records = records[:args.top]
     print(f"{cfg.name} on {args.gpus} x {args.gpu_mem_gib:g} GiB (usable "
           f"{(1 - args.headroom) * args.gpu_mem_gib:.1f} GiB), seq {seq}, global batch {gbs}, "
-          f"micro-batch {args.micro_batch_size}, bf16, MFU {args.mfu} of {args.peak_tflops:g} TFLOP/s")
+          f"micro-batch {args.micro_batch_size}, bf16, MFU {args.mfu} of {args.peak_tflops:g} "
+          "TFLOP/s")
     print(f"{sum(p.fits for p in plans)} of {len(plans)} valid layout x recompute options fit")
     if records:
         print(format_table(records))

@@ -37,15 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="local Hugging Face tokenizer dir of the base LLM; default: build the "
                         "project's offline tokenizer into OUT/tokenizer")
     p.add_argument("--template", default="sphinx", choices=["sphinx", "llm"],
-                   help="chat template: SPHINX's ### Human/### Assistant, or the tokenizer's own")
+                   help="chat template: SPHINX's ### Human/### Assistant (sphinx, the default), or "
+                        "the tokenizer's own (llm)")
     p.add_argument("--seq-length", type=int, default=4096,
-                   help="longest sample (after image expansion)")
-    p.add_argument("--image-size", type=int, default=448, help="padded-square side (448 / 672)")
+                   help="longest sample (after image expansion; default 4096)")
+    p.add_argument("--image-size", type=int, default=448,
+                   help="padded-square side: 448 (default) or 672 (-2K)")
     p.add_argument("--grid", type=int, default=None,
                    help="sub-images per side (default image_size // 224)")
     p.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
                    help="samples longer than --seq-length: truncate (cut part's loss dropped) "
-                        "or drop (counted)")
+                        "or drop (counted); default truncate")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--sp", action="store_true", help="sequence parallelism (on for MoE with TP)")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first, per variant")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per variant (default 5)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unmeasured steps first, per variant (default 1)")
     p.add_argument("--json", required=True, help="output JSON (rank 0 writes it)")
     p.add_argument("--plot", default=None, help="output PNG of the time breakdown")
     p.add_argument("--data", default=None,
@@ -181,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (TE layers, FP8 GPU)")
-    p.add_argument("--timeout-minutes", type=float, default=10.0)
+    p.add_argument("--timeout-minutes", type=float, default=10.0,
+                   help="collective timeout (default 10)")
     return p.parse_args(argv)
 
 

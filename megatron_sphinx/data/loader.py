@@ -588,7 +588,7 @@ def check_resume(state: Mapping, *, num_samples: int | None, fingerprint: str | 
         raise ValueError("the checkpoint's data position was saved over other data "
                          f"({state['num_samples']} samples, fingerprint "
                          f"{state.get('fingerprint') or '-'}; this data has {num_samples}, "
-                         f"{fingerprint or '-'}): resume with the same store")
+                         f"{fingerprint or '-'}): resume with the same store and --eval-split")
     for key in ("global_batch_size", "micro_batch_size", "seq_length"):
         flag = "--" + key.replace("_", "-")
         if int(state[key]) != settings[key]:

@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m megatron_sphinx.data.sample_data --out DIR``."""
     from megatron_sphinx.cli import ArgumentParser
 
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m megatron_sphinx.data.sample_data",
+                       description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to create (must be empty or new)")
     p.add_argument("--seed", type=int, default=SEED, help="generator seed")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out that already "

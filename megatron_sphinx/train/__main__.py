@@ -20,24 +20,33 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--sp", dest="sequence_parallel", action="store_true",
                    help="sequence parallelism within the TP group")
-    p.add_argument("--steps", type=int, default=20, help="total optimizer steps")
+    p.add_argument("--steps", type=int, default=20, help="total optimizer steps (default 20)")
     p.add_argument("--data", default=None,
                    help="preprocessed store; 'synthetic' for random data; default: sample data")
     p.add_argument("--save", default=None, help="save directory (resumes if it has checkpoints)")
     p.add_argument("--load", default=None, help="checkpoint or save directory to start from")
-    p.add_argument("--save-interval", type=int, default=0, help="save every N steps")
-    p.add_argument("--keep-last", type=int, default=0, help="keep the newest N checkpoints")
+    p.add_argument("--save-interval", type=int, default=0,
+                   help="save every N steps (default 0: at the end and on a stop only)")
+    p.add_argument("--keep-last", type=int, default=0,
+                   help="keep the newest N checkpoints (default 0: keep all)")
     p.add_argument("--no-final-save", dest="final_save", action="store_false",
                    help="no checkpoint at the last step (benchmarks: metrics.jsonl only)")
-    p.add_argument("--global-batch-size", type=int, default=None)
-    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="packed rows per optimizer step (default: the recipe's)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="positions per packed row (default: the recipe's)")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="packed rows per forward pass (run as one THD sequence)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--recompute", default=None, choices=["selective", "full"])
+                   help="packed rows per forward pass, run as one THD sequence (default 1)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"],
+                   help="layers: auto = Transformer Engine when it and a GPU are present, else "
+                   "Megatron's local ones (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto = bf16 on GPUs, fp32 on CPUs (default auto)")
+    p.add_argument("--recompute", default=None, choices=["selective", "full"],
+                   help="activation recompute (default: none)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (Transformer Engine layers on an FP8 GPU such as H100)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
@@ -50,8 +59,17 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="save and exit with code 3 after this much wall time "
                    "(counted from the start, start-up included)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
-                   help="collective timeout (a dead rank ends the job after this)")
-    p.add_argument("--log-interval", type=int, default=1)
+                   help="collective timeout: a dead rank ends the job after this (default 10)")
+    p.add_argument("--log-interval", type=int, default=1,
+                   help="console line every N steps (default 1; metrics.jsonl has every step)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out store (or 'synthetic') for the evaluation loss; default: none")
+    p.add_argument("--eval-split", type=float, default=None,
+                   help="hold out this fraction of --data (e.g. 0.01) and evaluate on it")
+    p.add_argument("--eval-interval", type=int, default=0,
+                   help="evaluate every N steps and at the last step (default 0: last step only)")
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="global batches per evaluation, the same ones every time (default 8)")
     return RunConfig(**vars(p.parse_args(argv)))
 
 

@@ -13,28 +13,45 @@ from megatron_sphinx.train.flops import causal_pairs
 from megatron_sphinx.train.run_config import RunConfig
 
 
-def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int):
+#: Seed offset of the synthetic evaluation stream (so that it is not the training stream).
+EVAL_SEED_OFFSET = 1
+
+
+def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int,
+                 evaluation: bool = False):
     """The loader for this data-parallel rank.
 
     ``--data synthetic`` gives random samples (tests, benchmarks); otherwise the preprocessed
-    store at ``--data`` (or the embedded sample data when ``--data`` is not given).
+    store at ``--data`` (or the embedded sample data when ``--data`` is not given). With
+    ``evaluation``, the same for ``--eval-data`` (the synthetic stream then has another seed).
+    With ``--eval-split F`` the store's held-out part (:mod:`megatron_sphinx.data.split`) is the
+    evaluation data and training reads the rest. Both loaders batch alike: global batch,
+    micro-batch, sequence length, packing and skipping.
     """
     t = cfg.train
-    if rc.data == "synthetic":
+    data, flag = (rc.data, "--data")
+    if evaluation and rc.eval_data is not None:
+        data, flag = rc.eval_data, "--eval-data"
+    if data == "synthetic":
         from megatron_sphinx.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg.llm.vocab_size, t.seq_length, cfg.vision.image_size,
-                               cfg.vision.grid, t.global_batch_size, dp_rank, dp_size, t.seed,
+                               cfg.vision.grid, t.global_batch_size, dp_rank, dp_size,
+                               t.seed + (EVAL_SEED_OFFSET if evaluation else 0),
                                packing=rc.packing, skip_padded=rc.skip_padded_views,
                                micro_batch_size=t.micro_batch_size)
     from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
     from megatron_sphinx.data.store import StoreReader
 
-    path = Path(rc.data) if rc.data else ensure_sample_store(cfg)
+    path = Path(data) if data else ensure_sample_store(cfg)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path} does not exist: pass a store written by "
+        raise FileNotFoundError(f"{flag} {path} does not exist: pass a store written by "
                                 "tools/preprocess_data.py")
     reader = StoreReader(path, image_size=cfg.vision.image_size, grid=cfg.vision.grid)
+    if rc.eval_split is not None:
+        from megatron_sphinx.data.split import split_source
+
+        reader = split_source(reader, rc.eval_split)[1 if evaluation else 0]
     # Without pipeline parallelism a packed row is only padded to a multiple of 64 positions
     # (THD attention takes any length); pipelines exchange fixed [seq_length, b, h] tensors.
     lcfg = LoaderConfig(seq_length=t.seq_length, image_size=cfg.vision.image_size,

@@ -20,6 +20,7 @@ from megatron_sphinx.data.loader import PackedLoader
 from megatron_sphinx.train import checkpoint as ckpt_lib
 from megatron_sphinx.train.build import build_model, build_optimizer, kernel_choices
 from megatron_sphinx.train.data import build_loader, loader_summary
+from megatron_sphinx.train.evaluate import Evaluator, describe, evaluation_due
 from megatron_sphinx.train.flops import device_peak_tflops, step_flops
 from megatron_sphinx.train.metrics import MetricsWriter
 from megatron_sphinx.train.run_config import RunConfig
@@ -201,16 +202,28 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                              images=images)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
+    evaluator = None
     try:
+        if rc.evaluates:
+            evaluator = Evaluator(
+                build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size(),
+                             evaluation=True), rc.eval_batches,
+                seq_length=cfg.train.seq_length * cfg.train.micro_batch_size,
+                pg_collection=pgs, device=device)
+            if rank == 0:
+                log.info(describe(rc, cfg))
         return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
-                          on_gpu, load_from, stop)
+                          on_gpu, load_from, stop, evaluator)
     finally:
         if hasattr(loader, "close"):  # background data workers
             loader.close()
+        if evaluator is not None:
+            evaluator.close()
 
 
 def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
-               load_from, stop: StopRequest) -> list[StepResult]:
+               load_from, stop: StopRequest, evaluator: Evaluator | None = None,
+               ) -> list[StepResult]:
     rank = torch.distributed.get_rank()
     start = 0
     if load_from is not None:
@@ -268,6 +281,10 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
             "tokens_per_s": summary["tokens"] / dt, "step_time_s": dt,
             "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
         }
+        if evaluator is not None and evaluation_due(step, rc.eval_interval, rc.steps):
+            ev = evaluator(model)
+            record.update(eval_loss=ev.loss, eval_loss_tokens=ev.num_loss_tokens,
+                          eval_time_s=ev.time_s)
         metrics.write(record, console=step % rc.log_interval == 0 or step == rc.steps)
         if rc.save_interval and step % rc.save_interval == 0 and step < rc.steps:
             save(step)

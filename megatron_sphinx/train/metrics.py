@@ -18,16 +18,20 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict, console: bool = True) -> None:
-        """Appends one step's record; also logs it when ``console``."""
+        """Appends one step's record; also logs it when ``console`` (an evaluation result, if
+        the record has one, is always logged)."""
         if not self.enabled:
             return
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if not console:
-            return
-        log.info(
-            "step %5d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens %d | %.0f tok/s | "
-            "%.3f s/step | %.2f TFLOP/s/gpu", record["step"], record["total_steps"],
-            record["loss"], record["lr"], record["grad_norm"], record["tokens"],
-            record["tokens_per_s"], record["step_time_s"], record.get("tflops_per_gpu", 0.0))
+        if console:
+            log.info(
+                "step %5d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens %d | %.0f tok/s | "
+                "%.3f s/step | %.2f TFLOP/s/gpu", record["step"], record["total_steps"],
+                record["loss"], record["lr"], record["grad_norm"], record["tokens"],
+                record["tokens_per_s"], record["step_time_s"], record.get("tflops_per_gpu", 0.0))
+        if "eval_loss" in record:
+            log.info("step %5d/%d | eval loss %.4f | %d tokens | %.2f s", record["step"],
+                     record["total_steps"], record["eval_loss"], record["eval_loss_tokens"],
+                     record["eval_time_s"])

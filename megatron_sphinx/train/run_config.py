@@ -69,11 +69,20 @@ class RunConfig:
     """Collective timeout: a dead rank ends the job after at most this long."""
     log_interval: int = 1
     """Console line every N steps (metrics.jsonl gets every step)."""
+    eval_data: str | None = None
+    """A held-out preprocessed store (or ``synthetic``) to evaluate on; None: no evaluation."""
+    eval_split: float | None = None
+    """Hold out this fraction of the training store's samples and evaluate on them."""
+    eval_interval: int = 0
+    """Evaluate every N steps and at the last step (0: at the last step only)."""
+    eval_batches: int = 8
+    """Global batches per evaluation (the same batches every time)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "steps", "log_interval"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("save_interval", "keep_last"):
+        _at_least("eval_batches", self.eval_batches, 1)
+        for name in ("save_interval", "keep_last", "eval_interval"):
             _at_least(name, getattr(self, name), 0, "0 turns it off")
         for name, low in (("global_batch_size", 1), ("micro_batch_size", 1), ("seq_length", 2),
                           ("exit_interval", 1), ("seed", 0)):
@@ -101,6 +110,27 @@ class RunConfig:
             raise ValueError(f"--recompute {self.recompute}: choose selective or full")
         if self.data is not None and not str(self.data).strip():
             raise ValueError("--data is empty: pass a store path, synthetic, or leave it out")
+        if self.eval_data is not None and not str(self.eval_data).strip():
+            raise ValueError("--eval-data is empty: pass a held-out store path, synthetic, or "
+                             "leave it out")
+        if self.eval_split is not None:
+            if self.eval_data is not None:
+                raise ValueError("give --eval-data (another store) or --eval-split (a part of "
+                                 "--data), not both")
+            if not (math.isfinite(self.eval_split) and 0 < self.eval_split < 1):
+                raise ValueError(f"--eval-split {self.eval_split}: give a fraction between 0 "
+                                 "and 1, e.g. 0.01")
+            if self.data == "synthetic":
+                raise ValueError("--eval-split holds out part of a store: with --data synthetic "
+                                 "use --eval-data synthetic")
+        if self.eval_interval and not self.evaluates:
+            raise ValueError(f"--eval-interval {self.eval_interval} needs --eval-data (a "
+                             "held-out store) or --eval-split (a part of --data)")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates (``--eval-data`` or ``--eval-split`` given)."""
+        return self.eval_data is not None or self.eval_split is not None
 
 
 def _flag(name: str) -> str:
@@ -146,6 +176,18 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
     if rc.data not in (None, "synthetic"):
         samples = check_store(rc.data, "--data", image_size=cfg.vision.image_size,
                               grid=cfg.vision.grid)
+        if rc.eval_split is not None:  # training sees the part that is not held out
+            from megatron_sphinx.data.split import held_out
+
+            n_out = int(held_out(samples, rc.eval_split).sum())
+            if n_out in (0, samples):
+                raise ValueError(f"--eval-split {rc.eval_split} holds out {n_out} of the "
+                                 f"{samples} samples of --data: choose a fraction that leaves "
+                                 "samples on both sides")
+            samples -= n_out
+    if rc.eval_data not in (None, "synthetic"):
+        check_store(rc.eval_data, "--eval-data", image_size=cfg.vision.image_size,
+                    grid=cfg.vision.grid)
     if rc.save:
         check_output_dir(rc.save, "--save")
         run_json = Path(rc.save) / "run.json"

@@ -48,6 +48,50 @@ def forward_step(device: torch.device, data_iterator, model):
     return output, partial(loss_func, batch.loss_mask)
 
 
+def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
+                 num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
+                 forward_only: bool) -> list[dict]:
+    """Megatron's pipeline schedule over this rank's micro-batches.
+
+    Returns:
+        The loss reports of the micro-batches (on the last pipeline stage; empty elsewhere).
+    """
+    pp = pg_collection.pp
+    fwd_bwd = get_forward_backward_func(pp_size=pp.size())
+    extra = {"pg_collection": pg_collection}
+    if pp.size() > 1:
+        extra["p2p_communicator"] = P2PCommunicator(pp_group=pp, config=model_chunks[0].config)
+    return fwd_bwd(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+        **extra,
+    )
+
+
+def global_loss(reports: list[dict], *, pg_collection, device: torch.device,
+                dp_group) -> tuple[float, int]:
+    """``(loss sum, trained tokens)`` of the global batch, the same on every rank.
+
+    Reports exist on the last pipeline stage only: they are summed, reduced over the
+    data-parallel group, then shared over the pipeline.
+    """
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for r in reports:
+        totals += r["lm loss"].to(totals)
+    torch.distributed.all_reduce(totals, group=dp_group)
+    pp = pg_collection.pp
+    if pp.size() > 1:
+        last = torch.distributed.get_global_rank(pp, pp.size() - 1)
+        torch.distributed.broadcast(totals, src=last, group=pp)
+    loss_sum, tokens = totals.tolist()
+    return loss_sum, int(tokens)
+
+
 def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch], *,
                num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
                dp_group) -> StepResult:
@@ -67,31 +111,26 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    pp = pg_collection.pp
-    fwd_bwd = get_forward_backward_func(pp_size=pp.size())
-    extra = {"pg_collection": pg_collection}
-    if pp.size() > 1:
-        extra["p2p_communicator"] = P2PCommunicator(pp_group=pp, config=model_chunks[0].config)
-    reports = fwd_bwd(
-        forward_step_func=partial(forward_step, device),
-        data_iterator=iter(microbatches),
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=1,
-        forward_only=False,
-        **extra,
-    )
+    reports = run_schedule(model_chunks, microbatches, num_microbatches=num_microbatches,
+                           seq_length=seq_length, pg_collection=pg_collection, device=device,
+                           forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
-    # Reports exist on the last pipeline stage only: sum them, reduce over DP, share over PP.
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for r in reports:
-        totals += r["lm loss"].to(totals)
-    torch.distributed.all_reduce(totals, group=dp_group)
-    if pp.size() > 1:
-        last = torch.distributed.get_global_rank(pp, pp.size() - 1)
-        torch.distributed.broadcast(totals, src=last, group=pp)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0),
-                      num_loss_tokens=int(totals[1].item()),
-                      update_successful=bool(update_successful))
+    loss_sum, tokens = global_loss(reports, pg_collection=pg_collection, device=device,
+                                   dp_group=dp_group)
+    return StepResult(loss=loss_sum / max(tokens, 1), grad_norm=float(grad_norm or 0.0),
+                      num_loss_tokens=tokens, update_successful=bool(update_successful))
+
+
+def eval_step(model_chunks: list, microbatches: Iterable[PackedBatch], *, num_microbatches: int,
+              seq_length: int, pg_collection, device: torch.device,
+              dp_group) -> tuple[float, int]:
+    """Forward only (no gradient, no update) over one global batch.
+
+    Returns:
+        ``(loss sum, trained tokens)`` over the global batch, the same on every rank.
+    """
+    with torch.no_grad():
+        reports = run_schedule(model_chunks, microbatches, num_microbatches=num_microbatches,
+                               seq_length=seq_length, pg_collection=pg_collection,
+                               device=device, forward_only=True)
+    return global_loss(reports, pg_collection=pg_collection, device=device, dp_group=dp_group)

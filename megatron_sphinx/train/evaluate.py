@@ -1,0 +1,101 @@
+"""Held-out evaluation during training: the loss per trained token on a fixed set of batches.
+
+Every evaluation replays the same ``--eval-batches`` global batches of ``--eval-data`` from the
+start of its stream (the loader's first state is kept and restored), so the evaluation losses of
+one run, of its resumed continuation and of any parallel layout are comparable number for
+number. The batches are built like the training batches (global batch, micro-batch, sequence
+length, packing and skipping), run forward only, and nothing of the training state changes: no
+gradient, no optimizer step, and the training data stream does not move.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_sphinx.train.step import eval_step
+
+log = logging.getLogger("megatron_sphinx.train")
+
+
+@dataclass
+class EvalResult:
+    """One evaluation (identical on every rank)."""
+
+    loss: float
+    """Mean loss per trained token over every evaluation batch."""
+    num_loss_tokens: int
+    """Trained tokens in the evaluation batches."""
+    time_s: float
+    """Wall time of the evaluation."""
+
+
+class Evaluator:
+    """Evaluates the model on the same held-out batches at every call.
+
+    Args:
+        loader: The evaluation loader of this data-parallel rank (``next_step``,
+            ``state_dict``, ``load_state_dict``; ``close`` if it has background workers).
+        batches: Global batches per evaluation.
+        seq_length: Tokens per micro-batch (as for the training step).
+        pg_collection: Megatron process groups.
+        device: Where batches go.
+    """
+
+    def __init__(self, loader, batches: int, *, seq_length: int, pg_collection,
+                 device: torch.device):
+        self.loader, self.batches = loader, batches
+        self.seq_length, self.pgs, self.device = seq_length, pg_collection, device
+        self._start = loader.state_dict()
+
+    def __call__(self, model_chunks: list) -> EvalResult:
+        """Runs one evaluation of ``model_chunks`` (left in training mode afterwards)."""
+        t0 = time.perf_counter()
+        self.loader.load_state_dict(self._start)
+        loss_sum, tokens = 0.0, 0
+        for chunk in model_chunks:
+            chunk.eval()
+        try:
+            for _ in range(self.batches):
+                micro = self.loader.next_step()
+                s, n = eval_step(model_chunks, micro, num_microbatches=len(micro),
+                                 seq_length=self.seq_length, pg_collection=self.pgs,
+                                 device=self.device, dp_group=self.pgs.dp)
+                loss_sum, tokens = loss_sum + s, tokens + n
+        finally:
+            for chunk in model_chunks:
+                chunk.train()
+            self.close()
+        if tokens == 0:
+            log.warning("the evaluation batches hold no trained token (no answers): the "
+                        "evaluation loss is NaN")
+        return EvalResult(loss=loss_sum / tokens if tokens else float("nan"),
+                          num_loss_tokens=tokens,
+                          time_s=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        """Stops the loader's background workers (until the next evaluation)."""
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+
+
+def evaluation_due(step: int, interval: int, last_step: int) -> bool:
+    """Whether ``step`` evaluates: every ``interval`` steps (0: never) and at the last step."""
+    return step == last_step or bool(interval) and step % interval == 0
+
+
+def describe(rc, cfg) -> str:
+    """One line for the log: what is evaluated and how often."""
+    when = (f"every {rc.eval_interval} steps and at step {rc.steps}" if rc.eval_interval
+            else f"at step {rc.steps}")
+    data = rc.eval_data
+    if data is None:
+        data = f"the held-out {rc.eval_split} of {rc.data or 'the sample data'}"
+    elif data != "synthetic" and rc.data and Path(data).resolve() == Path(rc.data).resolve():
+        log.warning("--eval-data is the training store %s: the evaluation loss is not held out "
+                    "(--eval-split F holds out a part of it)", data)
+    return (f"evaluation: {rc.eval_batches} global batches of {cfg.train.global_batch_size} rows "
+            f"from {data}, {when}")

@@ -1,0 +1,154 @@
+"""Held-out evaluation: the same loss on every layout and after a resume, training untouched."""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_sphinx import cpu_compat
+from megatron_sphinx.data.layout import Sample
+from megatron_sphinx.data.loader import InMemorySource
+from megatron_sphinx.data.synthetic import SyntheticLoader
+from megatron_sphinx.train import checkpoint as ckpt_lib
+from megatron_sphinx.train.evaluate import Evaluator, evaluation_due
+from megatron_sphinx.train.metrics import MetricsWriter
+from tests.dist_harness import run_ranks
+from tests.sphinx_runs import GLOBAL_BATCH, SEQ, save_initial_weights, setup
+from tests.stores import write_source_store
+
+COMMON = dict(recipe="debug", data="synthetic", steps=4, global_batch_size=2, seq_length=1400)
+
+
+def test_evaluation_due_every_interval_and_at_the_last_step():
+    assert [s for s in range(1, 8) if evaluation_due(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if evaluation_due(s, 0, 7)] == [7]
+
+
+def test_an_evaluation_is_logged_whatever_the_console_interval(tmp_path, caplog):
+    rec = {"step": 3, "total_steps": 9, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens": 5,
+           "tokens_per_s": 1.0, "step_time_s": 1.0, "eval_loss": 2.5, "eval_loss_tokens": 40,
+           "eval_time_s": 0.5}
+    with caplog.at_level(logging.INFO, logger="megatron_sphinx.train"):
+        MetricsWriter(tmp_path, enabled=True).write(rec, console=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "step     3/9 | eval loss 2.5000 | 40 tokens | 0.50 s"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["eval_loss"] == 2.5
+
+
+# --------------------------------------------------------------- every layout, the same loss
+
+def _evaluate_layout(rank, world_size, recipe, layout, init_ckpt):
+    """Two evaluations of the initial weights on ``layout``: (loss, loss again, tokens)."""
+    with cpu_compat.cpu_device_mode():
+        cfg, dims, pgs, model, opt, sched, _ = setup(world_size, recipe, **layout)
+        ckpt_lib.load_checkpoint(ckpt_lib.resolve_load(init_ckpt), model, opt, sched, pgs)
+        loader = SyntheticLoader(cfg.llm.vocab_size, SEQ, cfg.vision.image_size,
+                                 cfg.vision.grid, GLOBAL_BATCH, pgs.dp.rank(), pgs.dp.size(),
+                                 seed=11)
+        evaluate = Evaluator(loader, 2, seq_length=SEQ, pg_collection=pgs,
+                             device=torch.device("cpu"))
+        first, again = evaluate(model), evaluate(model)
+        assert all(chunk.training for chunk in model)  # back in training mode
+        grads = [p.main_grad for p in model[0].parameters() if hasattr(p, "main_grad")]
+        assert grads and not any(g.any() for g in grads)  # forward only: no gradient
+        return first.loss, again.loss, first.num_loss_tokens
+
+
+@pytest.mark.parametrize("recipe,layouts", [
+    ("debug", [(2, {}), (2, {"pp": 2}), (2, {"tp": 2})]),
+    ("debug-moe", [(2, {"ep": 2})]),
+], ids=["debug", "debug-moe"])
+def test_evaluation_loss_is_the_same_on_every_layout(tmp_path, recipe, layouts):
+    init = str(tmp_path / "init")
+    run_ranks(save_initial_weights, 1, recipe, init, timeout=300)
+    ref = run_ranks(_evaluate_layout, 1, recipe, {}, init, timeout=300)[0]
+    assert ref[0] == ref[1] and np.isfinite(ref[0]) and ref[2] > 0  # the same batches again
+    for world, layout in layouts:
+        for rank_result in run_ranks(_evaluate_layout, world, recipe, layout, init, timeout=300):
+            assert rank_result[2] == ref[2], layout  # the same tokens, split over the ranks
+            assert rank_result[0] == pytest.approx(ref[0], rel=1e-5), layout
+            assert rank_result[1] == rank_result[0], layout
+
+
+# --------------------------------------------------------------- inside a training run
+
+def _train(rank, world_size, save, **kw):
+    from megatron_sphinx.train.loop import run
+    from megatron_sphinx.train.run_config import RunConfig
+
+    try:
+        run(RunConfig(save=save, **{**COMMON, **kw}))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def _records(save) -> dict[int, dict]:
+    lines = Path(save, "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def test_evaluation_leaves_training_untouched_and_resumes(tmp_path):
+    plain, evald, stopped = (str(tmp_path / n) for n in ("plain", "eval", "stopped"))
+    kw = dict(eval_data="synthetic", eval_interval=2, eval_batches=2)
+    assert run_ranks(_train, 1, plain, timeout=300) == [0]
+    assert run_ranks(partial(_train, **kw), 1, evald, timeout=300) == [0]
+    base, full = _records(plain), _records(evald)
+    assert [full[s]["loss"] for s in range(1, 5)] == [base[s]["loss"] for s in range(1, 5)]
+    assert [s for s in full if "eval_loss" in full[s]] == [2, 4]
+    assert full[2]["eval_loss"] != full[4]["eval_loss"]  # the model moved in between
+    assert full[2]["eval_loss_tokens"] == full[4]["eval_loss_tokens"] > 0
+
+    assert run_ranks(partial(_train, exit_interval=2, **kw), 1, stopped, timeout=300) == [3]
+    assert run_ranks(partial(_train, **kw), 1, stopped, timeout=300) == [0]
+    resumed = _records(stopped)
+    for step in (2, 4):
+        assert resumed[step]["eval_loss"] == full[step]["eval_loss"], step
+
+
+def _text_store(path: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(n):
+        ids = rng.integers(3, 500, int(rng.integers(30, 300))).astype(np.int32)
+        ids[0] = 1
+        samples.append(Sample(ids, np.arange(len(ids)) > len(ids) // 3, None, 1, 0))
+    write_source_store(path, InMemorySource(samples, [None] * n), ["text"], seq_length=2048)
+    return path
+
+
+def test_a_store_is_evaluated_on_the_same_batches_every_time(tmp_path):
+    store = _text_store(tmp_path / "held_out.zarr", 10)
+    save = str(tmp_path / "run")
+    # lr 0: the weights never move, so every evaluation must give the same number
+    assert run_ranks(partial(_train, lr=0.0, steps=3, eval_data=str(store), eval_interval=1,
+                             eval_batches=3), 1, save, timeout=300) == [0]
+    losses = [r["eval_loss"] for r in _records(save).values()]
+    assert len(losses) == 3 and np.isfinite(losses[0]) and len(set(losses)) == 1, losses
+
+
+def test_a_split_run_resumes_only_with_its_split(tmp_path):
+    import contextlib
+    import io
+
+    from megatron_sphinx.train.__main__ import main
+
+    store = str(_text_store(tmp_path / "data.zarr", 40))
+    save = str(tmp_path / "run")
+    kw = dict(data=store, eval_split=0.2, eval_interval=2, eval_batches=2)
+    assert run_ranks(partial(_train, exit_interval=2, **kw), 1, save, timeout=300) == [3]
+    assert "eval_loss" in _records(save)[2]
+    common = ["--recipe", "debug", "--global-batch-size", "2", "--seq-length", "1400",
+              "--steps", "4", "--data", store, "--save", save]
+    for other in ([], ["--eval-split", "0.3"]):  # held-out samples would join the training
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(common + other) == 2
+        assert "resume with the same store and --eval-split" in err.getvalue(), other
+    assert run_ranks(partial(_train, **kw), 1, save, timeout=300) == [0]
+    assert sorted(_records(save)) == [1, 2, 3, 4] and "eval_loss" in _records(save)[4]
