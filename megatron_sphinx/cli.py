@@ -28,6 +28,12 @@ class UsageError(ValueError):
     """Bad command-line input; the message is one line that says what to change."""
 
 
+class SameOnEveryRank(ValueError):
+    """An error that every rank of a launch meets alike, as it depends only on the arguments
+    and the launch (e.g. a parallel layout that does not fit the world size): rank 0 prints it,
+    the other ranks exit quietly with the same code."""
+
+
 def setup_cpu_tool() -> None:
     """Logging for a tool that runs in one CPU process (the checkpoint converters).
 

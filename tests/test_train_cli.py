@@ -43,6 +43,22 @@ def test_parallel_sizes_that_do_not_divide(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 
 
+def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
+    """Every rank of a launch meets the same layout error: rank 0 prints it, the others stay
+    quiet with the same exit code (a 64-GPU job printed it 64 times before)."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    printed = {}
+    for rank in ("0", "3"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["--recipe", "debug", "--tp", "3"]) == 2
+        printed[rank] = [line for line in capsys.readouterr().err.strip().splitlines()
+                         if line.startswith("error: ")]
+    assert printed["3"] == [], printed
+    assert len(printed["0"]) == 1 and "world size 4 is not divisible by tp*pp" in printed["0"][0]
+
+
 def test_load_of_a_directory_that_is_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert "no complete checkpoint" in _err(capsys, ["--load", str(tmp_path)])

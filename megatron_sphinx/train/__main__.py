@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     The arguments, the recipe, the paths (``--data``, ``--save``, the checkpoint to start
     from) and the sequence length are checked before Megatron is imported, so a mistake costs
-    seconds, not a model build. Errors found there are the same on every rank and only the
-    first rank prints them; later ones (the parallel layout against the launch, a ``--save``
-    directory of another run) are printed by every rank that meets them.
+    seconds, not a model build. Errors found there, and those of the checks against the launch
+    (the parallel layout, a ``--save`` directory of another run), are the same on every rank and
+    only the first rank prints them; errors after the process groups exist are printed by every
+    rank that meets them.
     """
     # torch.compile'd fusions cost seconds per process and gain nothing on a CPU; read at import.
     if not os.path.exists("/dev/nvidia0"):
@@ -106,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megatron_sphinx.train").warning(
             "--save %s already holds checkpoints: the run resumes from them and --load %s is "
             "not used (pass a new --save to start from --load)", rc.save, rc.load)
+    from megatron_sphinx.cli import SameOnEveryRank
+
     try:
         from megatron_sphinx.train.loop import run
 
         run(rc)
+    except SameOnEveryRank as exc:
+        return fail(exc) if launch_rank() == 0 else 2
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         return fail(exc)
     return 0

@@ -151,12 +151,17 @@ def run(rc: RunConfig) -> list[StepResult]:
     """Trains according to ``rc``; returns the results of the steps run (on every rank)."""
     from megatron_sphinx import distributed
 
-    cfg, dims, dtype = preflight(rc)
-    rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
-    check_save_dir(rc.save, cfg)
-    load_from = ckpt_lib.start_point(rc.save, rc.load)  # --save's newest resumes, no flag needed
-    if load_from is not None:
-        _check_load_matches(load_from, cfg)
+    from megatron_sphinx.cli import SameOnEveryRank
+
+    try:  # depends on the arguments and the launch only: every rank fails alike, rank 0 says so
+        cfg, dims, dtype = preflight(rc)
+        rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
+        check_save_dir(rc.save, cfg)
+        load_from = ckpt_lib.start_point(rc.save, rc.load)  # --save's newest resumes, no flag
+        if load_from is not None:
+            _check_load_matches(load_from, cfg)
+    except ValueError as exc:
+        raise SameOnEveryRank(str(exc)) from exc
 
     on_gpu = torch.cuda.is_available()
     from megatron_sphinx import cpu_compat
