@@ -3,11 +3,15 @@
 # Every check here runs in the batch shell BEFORE any `srun`: a bad variable ends the job at once
 # with one line `error: ... ` (what to change) and exit code 2, before any GPU time is spent.
 #
+#   sphinx_require NAME HINT  NAME must be set (HINT: what to set it to)
+#   sphinx_check_numbers KIND NAME...   each NAME that is set is a number of KIND (see there)
+#   sphinx_check_switches NAME...       each NAME that is set is 0 or 1
 #   sphinx_find_repo          REPO: the checkout (REPO, else the submit dir, else the script's)
 #   sphinx_python_env         PY / CONTAINER_ARGS / PYTHONPATH; checks the venv or container
 #   sphinx_cluster_env        NCCL / CUDA / threading settings Megatron-Core recommends
 #   sphinx_world              WORLD, NNODES, TASKS_PER_NODE from Slurm (checked)
 #   sphinx_train_args         TRAIN_ARGS (the `python -m megatron_sphinx.train` command line)
+#   sphinx_master             MASTER_ADDR (first node) / MASTER_PORT (20000 + job id and restart)
 #   sphinx_run_step CMD...    runs an srun step in the background, forwards a stop signal
 #                             (USR1) to it, waits, and sets STEP_RC and STOP_REQUESTED
 #   sphinx_maybe_requeue      requeues the job after a stop (exit code 3) or exits with STEP_RC
@@ -24,8 +28,54 @@ sphinx_log() {
     echo "[$(date +%H:%M:%S) ${SLURM_JOB_NAME:-sphinx}] $*"
 }
 
-_sphinx_is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
-_sphinx_is_number() { [[ "$1" =~ ^[0-9]+([.][0-9]+)?$|^[.][0-9]+$ ]]; }
+_sphinx_is_uint() { [[ "$1" =~ ^(0|[1-9][0-9]*)$ ]]; }  # no leading zeros: bash reads 010 as 8
+# A number >= 0 as Python's float() reads it: 2, 0.5, .5, 1e-4 (no sign, inf or nan).
+_sphinx_is_number() { [[ "$1" =~ ^([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
+
+sphinx_require() {
+    [ -n "${!1:-}" ] || sphinx_die "$1 is not set: $2"
+}
+
+# The one check of numeric variables, so every script words it the same: each NAME that is set
+# and not empty must be of KIND, else `error: NAME=VALUE must be ...` and exit 2. An empty or
+# unset NAME is left alone (the script's default applies). KIND is one of
+#   count     an integer >= 1 (written without leading zeros, as for whole)
+#   whole     an integer >= 0
+#   positive  a number > 0 (2, 0.5, 1e-4)
+#   number    a number >= 0
+sphinx_check_numbers() {
+    local kind=$1 name value what
+    shift
+    case "$kind" in
+        count) what="a positive integer" ;;
+        whole) what="an integer >= 0" ;;
+        positive) what="a positive number, e.g. 2, 0.5 or 1e-4" ;;
+        number) what="a number >= 0, e.g. 0, 0.5 or 1e-4" ;;
+        *) sphinx_die "sphinx_check_numbers: unknown kind '$kind'" ;;
+    esac
+    for name in "$@"; do
+        value=${!name-}
+        [ -n "$value" ] || continue
+        case "$kind" in
+            count) _sphinx_is_uint "$value" && [ "$value" != 0 ] ;;
+            whole) _sphinx_is_uint "$value" ;;
+            positive)
+                _sphinx_is_number "$value" && awk -v v="$value" 'BEGIN { exit !(v + 0 > 0) }' ;;
+            number) _sphinx_is_number "$value" ;;
+        esac || sphinx_die "$name=$value must be $what (or leave it unset for the default)"
+    done
+}
+
+# Each NAME that is set and not empty must be 0 or 1 (a switch; unset means 0).
+sphinx_check_switches() {
+    local name
+    for name in "$@"; do
+        case "${!name-}" in
+            "" | 0 | 1) ;;
+            *) sphinx_die "${name}=${!name} must be 0 or 1 (1 turns it on; unset means 0)" ;;
+        esac
+    done
+}
 
 # Absolute path of $1 (relative paths are taken from the submit directory).
 _sphinx_abspath() {
@@ -103,7 +153,7 @@ sphinx_cluster_env() {
 sphinx_world() {
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     if [ -n "${1:-}" ]; then
-        _sphinx_is_uint "$1" && [ "$1" -ge 1 ] \
+        _sphinx_is_uint "$1" && [ "$1" != 0 ] \
             || sphinx_die "NPROC_PER_NODE=$1 must be a positive integer:" \
                    "the ranks torchrun starts per node, one per GPU"
         TASKS_PER_NODE=$1
@@ -126,22 +176,20 @@ sphinx_world() {
     fi
 }
 
+# Every numeric variable and switch of the training scripts, before anything uses one (also
+# those only sphinx_run_step and sphinx_maybe_requeue read: a bad MAX_RESTARTS would otherwise
+# surface only after a stop, as a requeue without limit).
+_sphinx_check_train_numbers() {
+    sphinx_check_numbers count TP PP EP STEPS LOG_INTERVAL GLOBAL_BATCH_SIZE SEQ_LENGTH
+    sphinx_check_numbers whole SAVE_INTERVAL KEEP_LAST EXIT_INTERVAL SEED MAX_RESTARTS \
+        STOP_REPEAT_S STEP_WAIT_S
+    sphinx_check_numbers positive TIMEOUT_MINUTES EXIT_AFTER_MINUTES
+    sphinx_check_numbers number LR
+    sphinx_check_switches SP
+}
+
 # Checks the layout against WORLD (Megatron-Core's rules, as megatron_sphinx.parallel_dims).
 _sphinx_check_layout() {
-    local name
-    for name in TP PP EP STEPS; do
-        _sphinx_is_uint "${!name}" && [ "${!name}" -ge 1 ] \
-            || sphinx_die "$name=${!name} must be a positive integer"
-    done
-    for name in SAVE_INTERVAL KEEP_LAST ${EXIT_INTERVAL:+EXIT_INTERVAL}; do
-        _sphinx_is_uint "${!name}" || sphinx_die "$name=${!name} must be an integer >= 0"
-    done
-    _sphinx_is_number "$TIMEOUT_MINUTES" && [ "$(awk "BEGIN{print ($TIMEOUT_MINUTES > 0)}")" = 1 ] \
-        || sphinx_die "TIMEOUT_MINUTES=$TIMEOUT_MINUTES must be a positive number of minutes"
-    if [ -n "$EXIT_AFTER_MINUTES" ]; then
-        _sphinx_is_number "$EXIT_AFTER_MINUTES" \
-            || sphinx_die "EXIT_AFTER_MINUTES=$EXIT_AFTER_MINUTES must be a number of minutes"
-    fi
     local mp=$((TP * PP))
     [ $((WORLD % mp)) -eq 0 ] \
         || sphinx_die "TP*PP = $TP*$PP = $mp does not divide the $WORLD ranks of this job:" \
@@ -219,6 +267,7 @@ sphinx_train_args() {
     LOG_INTERVAL=${LOG_INTERVAL:-1}
     EXTRA_ARGS=${EXTRA_ARGS:-}
 
+    _sphinx_check_train_numbers
     _sphinx_check_layout
     case "$DATA" in
         "" | synthetic) ;;

@@ -6,6 +6,9 @@ CPU), 8 steps of 2 packed sequences of 1400 tokens on synthetic data, a checkpoi
 The first test's run is the uninterrupted reference; every interrupted run below must reproduce
 its losses exactly. docs/SLURM.md says what each test proves.
 
+The bad-input tests at the end need no cluster: they run the scripts with bash, a job's Slurm
+variables and a fake `srun`/`scontrol` that only record.
+
 If Slurm is not installed and cannot be installed (no apt-get, not root), the tests FAIL: CI must
 provide it (``bash scripts/local_slurm.sh start`` installs Debian's slurm-wlm and munge).
 """
@@ -17,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +33,8 @@ LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
 TORCHRUN_SBATCH = REPO / "slurm" / "train_torchrun.sbatch"
 PREPROCESS_SBATCH = REPO / "slurm" / "preprocess.sbatch"
+PROFILE_SBATCH = REPO / "slurm" / "profile.sbatch"
+CONVERT_SBATCH = REPO / "slurm" / "convert.sbatch"
 EXIT_REQUEUE = 3  # megatron_sphinx.train.loop.EXIT_REQUEUE
 
 STEPS = 8
@@ -423,13 +429,22 @@ def test_sbatch_bad_input_fails_at_once_with_one_line(cluster, work, variables, 
     assert not (work / "save" / "metrics.jsonl").exists()
 
 
-def _fake_job_env(tmp_path: Path, **variables) -> tuple[dict, Path]:
-    """The batch script run directly with a job's variables and an `srun` that only records."""
+def _fake_job_env(tmp_path: Path, srun_rc: int = 0, **variables) -> tuple[dict, Path]:
+    """The batch script run directly with a job's variables and an `srun` that only records.
+
+    The fake `srun` writes its arguments, one a line, to the returned path and exits
+    ``srun_rc``; the fake `scontrol` appends its arguments to ``tmp_path/scontrol-calls`` and
+    fails (as `scontrol requeue` does outside a real job).
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     called = tmp_path / "srun-called"
-    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {called}\nexit 0\n")
-    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "srun").write_text(
+        f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{called}'\nexit {srun_rc}\n")
+    (bin_dir / "scontrol").write_text(
+        f"#!/bin/sh\necho \"$@\" >> '{tmp_path / 'scontrol-calls'}'\nexit 1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", REPO=str(REPO),
                SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
                SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(tmp_path),
@@ -467,9 +482,182 @@ def test_good_variables_reach_srun_with_the_layout(tmp_path):
     assert "TP=2 PP=1 EP=1" in out.stdout
 
 
+def _run_script(script: Path, env: dict, cwd: Path) -> tuple[int, list[str]]:
+    out = subprocess.run(["bash", str(script)], env=env, text=True, capture_output=True,
+                         timeout=60, cwd=cwd)
+    return out.returncode, _error_lines(out.stdout + out.stderr)
+
+
+def _assert_stops_before_srun(rc: int, lines: list[str], expect: str, called: Path) -> None:
+    """One `error:` line containing ``expect``, exit code 2, and no `srun`."""
+    assert rc == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    assert not called.exists(), "srun ran despite bad input"
+
+
+@pytest.mark.parametrize("script", [TRAIN_SBATCH, TORCHRUN_SBATCH], ids=["srun", "torchrun"])
+@pytest.mark.parametrize("sp", ["yes", "2"])
+def test_sp_other_than_0_or_1_stops_before_srun(tmp_path, script, sp):
+    """SP=yes used to be ignored in silence (no --sp); now it names SP and its values."""
+    env, called = _fake_job_env(tmp_path, TP="2", SP=sp, NPROC_PER_NODE="2")
+    env.pop("SLURM_NTASKS_PER_NODE", None)
+    rc, lines = _run_script(script, env, tmp_path)
+    _assert_stops_before_srun(rc, lines, f"SP={sp} must be 0 or 1", called)
+
+
+@pytest.mark.parametrize("name,value,expect", [
+    ("GLOBAL_BATCH_SIZE", "abc", "must be a positive integer"),
+    ("SEQ_LENGTH", "4k", "must be a positive integer"),
+    ("LOG_INTERVAL", "0", "must be a positive integer"),
+    ("SEED", "-1", "must be an integer >= 0"),
+    ("LR", "abc", "must be a number >= 0"),
+    ("EXIT_AFTER_MINUTES", "0", "must be a positive number"),
+    ("MAX_RESTARTS", "abc", "must be an integer >= 0"),
+    ("STOP_REPEAT_S", "abc", "must be an integer >= 0"),
+    ("STEP_WAIT_S", "1.5", "must be an integer >= 0"),
+])
+def test_bad_numbers_are_named_before_srun(tmp_path, name, value, expect):
+    """Every numeric variable of the training scripts is checked up front by the one helper
+    (sphinx_check_numbers): the line names the variable and says what to give."""
+    env, called = _fake_job_env(tmp_path, **{name: value})
+    rc, lines = _run_script(TRAIN_SBATCH, env, tmp_path)
+    _assert_stops_before_srun(rc, lines, f"{name}={value} {expect}", called)
+
+
+def test_good_numbers_reach_srun_unchanged(tmp_path):
+    """The checks accept what the training command accepts (1e-4, .5, 0 where 0 is allowed)."""
+    env, called = _fake_job_env(
+        tmp_path, TP="2", SP="1", LR="1e-4", SEED="0", EXIT_AFTER_MINUTES=".5",
+        LOG_INTERVAL="10", STOP_REPEAT_S="0", STEP_WAIT_S="600", MAX_RESTARTS="0",
+        EXIT_INTERVAL="0", TIMEOUT_MINUTES="1.5")
+    rc, lines = _run_script(TRAIN_SBATCH, env, tmp_path)
+    assert rc == 0, lines
+    argv = " ".join(called.read_text().splitlines())
+    for part in ["--wait=600", "--tp 2", "--sp", "--lr 1e-4", "--seed 0",
+                 "--exit-after-minutes .5", "--log-interval 10", "--timeout-minutes 1.5"]:
+        assert part in argv, argv
+    assert "--exit-interval" not in argv
+
+
+def test_documented_eval_example_reaches_the_training_command(tmp_path):
+    """docs/SLURM.md's EXTRA_ARGS for the held-out evaluation arrive on the srun line and parse
+    as the training command's flags."""
+    from megatron_sphinx.train.__main__ import parse_args
+
+    doc = (REPO / "docs" / "SLURM.md").read_text()
+    extra = re.search(r'EXTRA_ARGS="(--eval-[^"]*)"', doc).group(1)
+    data = tmp_path / "mix.zarr"
+    data.mkdir()
+    env, called = _fake_job_env(tmp_path, DATA=str(data), EXTRA_ARGS=extra)
+    rc, lines = _run_script(TRAIN_SBATCH, env, tmp_path)
+    assert rc == 0, lines
+    argv = called.read_text().splitlines()
+    train_argv = argv[argv.index("megatron_sphinx.train") + 1:]
+    assert train_argv[-len(extra.split()):] == extra.split()
+    rc_cfg = parse_args(train_argv)
+    assert rc_cfg.evaluates and rc_cfg.eval_split == 0.01 and rc_cfg.eval_interval == 500
+
+
+@pytest.mark.parametrize("max_restarts,restarts,requeued,exit_code", [
+    ("2", 1, True, EXIT_REQUEUE),  # the fake `scontrol requeue` fails: the step's code
+    ("2", 2, False, EXIT_REQUEUE),
+    ("abc", 5, False, 2),  # used to requeue without limit: [ 5 -ge abc ] is false
+])
+def test_max_restarts_bounds_the_requeue_after_a_stop(tmp_path, max_restarts, restarts,
+                                                      requeued, exit_code):
+    env, called = _fake_job_env(tmp_path, srun_rc=EXIT_REQUEUE, MAX_RESTARTS=max_restarts,
+                                SLURM_RESTART_COUNT=str(restarts), MASTER_ADDR="localhost")
+    rc, lines = _run_script(TRAIN_SBATCH, env, tmp_path)
+    calls = tmp_path / "scontrol-calls"
+    assert rc == exit_code, lines
+    assert ("requeue 77" in (calls.read_text() if calls.exists() else "")) == requeued, lines
+    if exit_code == 2:
+        _assert_stops_before_srun(rc, lines, f"MAX_RESTARTS={max_restarts} must be", called)
+    elif not requeued:
+        assert any(f"(MAX_RESTARTS={max_restarts}): not requeueing" in line for line in lines)
+
+
+def _other_script_env(tmp_path: Path, script: Path, **variables) -> tuple[dict, Path]:
+    """The fake job of ``script``: preprocess.sbatch also gets an (empty) MIX file and an OUT."""
+    if script == PREPROCESS_SBATCH:
+        (tmp_path / "mix.yaml").write_text("sources: []\n")
+        variables = dict(MIX=str(tmp_path / "mix.yaml"), OUT=str(tmp_path / "mix.zarr"),
+                         **variables)
+    return _fake_job_env(tmp_path, **variables)
+
+
+@pytest.mark.parametrize("script,variables,expect", [
+    (PROFILE_SBATCH, {"GLOBAL_BATCH_SIZE": "abc"}, "GLOBAL_BATCH_SIZE=abc must be a positive"),
+    (PROFILE_SBATCH, {"PEAK_TFLOPS": "fast"}, "PEAK_TFLOPS=fast must be a positive number"),
+    (PROFILE_SBATCH, {"COMPARE": "yes"}, "COMPARE=yes must be 0 or 1"),
+    (PREPROCESS_SBATCH, {"SEQ_LENGTH": "4k"}, "SEQ_LENGTH=4k must be a positive integer"),
+    (PREPROCESS_SBATCH, {"OVERWRITE": "yes"}, "OVERWRITE=yes must be 0 or 1"),
+    (TORCHRUN_SBATCH, {"NPROC_PER_NODE": "2", "SHUTDOWN_TIMEOUT_S": "soon"},
+     "SHUTDOWN_TIMEOUT_S=soon must be an integer >= 0"),
+], ids=["profile-gbs", "profile-peak", "profile-compare", "preprocess-seq", "preprocess-overwrite",
+        "torchrun-shutdown"])
+def test_other_scripts_share_the_checks(tmp_path, script, variables, expect):
+    env, called = _other_script_env(tmp_path, script, **variables)
+    rc, lines = _run_script(script, env, tmp_path)
+    _assert_stops_before_srun(rc, lines, expect, called)
+
+
+_CONVERT_VARIABLES = ("MODE", "OUT", "LOAD", "HF", "RECIPE", "TP", "PP", "EP", "DTYPE",
+                      "TOKENIZER", "OVERWRITE", "EXTRA_ARGS", "VENV", "PYTHON", "CONTAINER_IMAGE",
+                      "CLIP_CONVNEXT", "DINOV2")
+
+
+def _convert_env(tmp_path: Path, **variables) -> tuple[dict, Path]:
+    """slurm/convert.sbatch's job: only the given conversion variables set."""
+    env, called = _fake_job_env(tmp_path)
+    for name in _CONVERT_VARIABLES:
+        env.pop(name, None)
+    env.update(variables)
+    return env, called
+
+
+@pytest.mark.parametrize("variables,expect", [
+    ({}, "set MODE=to_hf or MODE=from_hf"),
+    ({"MODE": "to_hf"}, "OUT is not set: set OUT to the output directory"),
+    ({"MODE": "to_hf", "OUT": "o"}, "LOAD is not set: set LOAD to a checkpoint"),
+    ({"MODE": "from_hf", "OUT": "o"}, "HF is not set: set HF to a local Hugging Face"),
+    ({"MODE": "from_hf", "OUT": "o", "HF": "h"}, "RECIPE is not set: set RECIPE"),
+    ({"MODE": "from_hf", "OUT": "o", "HF": "h", "RECIPE": "debug", "TP": "two"},
+     "TP=two must be a positive integer"),
+    ({"MODE": "to_hf", "OUT": "o", "LOAD": "l", "OVERWRITE": "yes"},
+     "OVERWRITE=yes must be 0 or 1"),
+    ({"MODE": "to_hf", "OUT": "o", "LOAD": "l", "PYTHON": "/nonexistent/python"},
+     "no Python at /nonexistent/python"),
+], ids=["mode", "out", "load", "hf", "recipe", "tp", "overwrite", "python"])
+def test_convert_missing_variable_is_one_error_line(tmp_path, variables, expect):
+    """convert.sbatch used to end with bash's `line 29: OUT: set OUT ...` and exit code 1."""
+    env, called = _convert_env(tmp_path, **variables)
+    rc, lines = _run_script(CONVERT_SBATCH, env, tmp_path)
+    _assert_stops_before_srun(rc, lines, expect, called)
+
+
+@pytest.mark.parametrize("variables,argv", [
+    ({"MODE": "to_hf", "OUT": "o", "LOAD": "l", "TOKENIZER": "t", "OVERWRITE": "1"},
+     ["tools/convert_to_hf.py", "--out", "o", "--overwrite", "--load", "l", "--dtype", "auto",
+      "--tokenizer", "t"]),
+    ({"MODE": "from_hf", "OUT": "o", "HF": "h", "RECIPE": "debug", "PP": "2",
+      "EXTRA_ARGS": "--random-encoders --seed 7"},
+     ["tools/convert_from_hf.py", "--out", "o", "--hf", "h", "--recipe", "debug", "--tp", "1",
+      "--pp", "2", "--ep", "1", "--dtype", "auto", "--random-encoders", "--seed", "7"]),
+], ids=["to_hf", "from_hf"])
+def test_convert_good_variables_reach_srun(tmp_path, variables, argv):
+    env, called = _convert_env(tmp_path, PYTHON=sys.executable, **variables)
+    rc, lines = _run_script(CONVERT_SBATCH, env, tmp_path)
+    assert rc == 0, lines
+    got = called.read_text().splitlines()
+    assert got[:2] == ["--ntasks=1", sys.executable], got
+    assert got[2:] == [str(REPO / argv[0]), *argv[1:]], got
+
+
 def test_scripts_parse():
     for script in ["slurm/train.sbatch", "slurm/train_torchrun.sbatch", "slurm/preprocess.sbatch",
-                   "slurm/common.sh", "scripts/local_slurm.sh"]:
+                   "slurm/profile.sbatch", "slurm/convert.sbatch", "slurm/common.sh",
+                   "scripts/local_slurm.sh"]:
         out = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
         assert out.returncode == 0, f"{script}: {out.stderr}"
     text = TRAIN_SBATCH.read_text()
