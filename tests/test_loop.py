@@ -145,3 +145,30 @@ def test_stop_request_covers_start_up(monkeypatch):
     with pytest.raises(RuntimeError, match="start-up reached"):
         loop.run(RunConfig(recipe="debug", data="synthetic", steps=2, exit_after_minutes=5))
     assert order == [("stop", 5), "process groups"]
+
+
+def test_schedule_flags_reach_the_optimizer_and_the_schedule(monkeypatch):
+    """--lr, --min-lr, --warmup-fraction, --weight-decay and --clip-grad override the recipe."""
+    seen = {}
+    groups = [{"params": []}]
+
+    def fake_optimizer(ocfg, *a, **k):
+        seen["ocfg"] = ocfg
+        return types.SimpleNamespace(param_groups=groups, scale_loss=None)
+
+    monkeypatch.setattr(build, "get_megatron_optimizer", fake_optimizer)
+    cfg = loop.resolve_recipe(RunConfig(recipe="debug", lr=1e-3, min_lr=1e-4, warmup_fraction=0.0,
+                                        weight_decay=0.1, clip_grad=0.0))
+    _, scheduler = build.build_optimizer(cfg, [], None, dtype=torch.float32, total_steps=10)
+    ocfg = seen["ocfg"]
+    assert (ocfg.lr, ocfg.min_lr, ocfg.weight_decay, ocfg.clip_grad) == (1e-3, 1e-4, 0.1, 0.0)
+    lrs = []
+    for _ in range(10):
+        lrs.append(groups[0]["lr"])
+        scheduler.step(increment=1)
+    assert lrs[0] == pytest.approx(1e-3)  # no warm-up: step 1 runs at the peak
+    assert groups[0]["lr"] == pytest.approx(1e-4)  # the cosine ends at --min-lr
+    assert groups[0]["weight_decay"] == pytest.approx(0.1)
+    default = loop.resolve_recipe(RunConfig(recipe="debug")).train
+    assert (default.min_lr, default.warmup_fraction, default.weight_decay, default.clip_grad) == (
+        0.0, 0.01, 0.0, 1.0)

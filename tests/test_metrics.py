@@ -56,3 +56,12 @@ def test_without_a_save_directory_only_the_console_line(tmp_path, caplog, monkey
     MetricsWriter(None, enabled=True).write(record)
     assert list(tmp_path.iterdir()) == []
     assert caplog.records[0].getMessage().endswith("| 0.00 TFLOP/s/gpu")
+
+
+def test_a_step_without_gradient_norm(tmp_path, caplog):
+    """Megatron reports no norm for a step it skips (non-finite gradients): null in the file,
+    '-' on the console (it was logged as 0.0)."""
+    caplog.set_level(logging.INFO, logger="megatron_sphinx.train")
+    MetricsWriter(tmp_path, enabled=True).write(_record(1, grad_norm=None))
+    assert "| grad_norm - |" in caplog.records[0].getMessage()
+    assert _lines(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None

@@ -39,6 +39,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="packed rows per forward pass, run as one THD sequence (default 1)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the recipe's)")
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="learning rate at the end of the cosine decay (default: the recipe's, 0)")
+    p.add_argument("--warmup-fraction", type=float, default=None,
+                   help="fraction of --steps in linear warm-up (default: the recipe's, 0.01)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default: the recipe's, 0)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help="gradient-norm clip, 0 = none (default: the recipe's, 1.0)")
     p.add_argument("--seed", type=int, default=None, help="default: the recipe's")
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"],
                    help="layers: auto = Transformer Engine when it and a GPU are present, else "

@@ -45,8 +45,9 @@ def resolve_recipe(rc: RunConfig) -> SphinxConfig:
         if rc.micro_batch_size < 1:
             raise ValueError("--micro-batch-size must be at least 1")
         t.micro_batch_size = rc.micro_batch_size
-    if rc.lr is not None:
-        t.lr = rc.lr
+    for name in ("lr", "min_lr", "warmup_fraction", "weight_decay", "clip_grad"):
+        if getattr(rc, name) is not None:
+            setattr(t, name, getattr(rc, name))
     if rc.seed is not None:
         t.seed = rc.seed
     t.__post_init__()

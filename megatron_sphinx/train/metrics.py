@@ -27,9 +27,11 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
         if console:
             log.info(
-                "step %5d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens %d | %.0f tok/s | "
+                "step %5d/%d | loss %.4f | lr %.3e | grad_norm %s | tokens %d | %.0f tok/s | "
                 "%.3f s/step | %.2f TFLOP/s/gpu", record["step"], record["total_steps"],
-                record["loss"], record["lr"], record["grad_norm"], record["tokens"],
+                record["loss"], record["lr"],
+                "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
+                record["tokens"],
                 record["tokens_per_s"], record["step_time_s"], record.get("tflops_per_gpu", 0.0))
         if "eval_loss" in record:
             log.info("step %5d/%d | eval loss %.4f | %d tokens | %.2f s", record["step"],

@@ -47,6 +47,14 @@ class RunConfig:
     """Packed rows per micro-batch, run as one THD sequence; None takes the recipe's (1)."""
     lr: float | None = None
     """Peak learning rate; None takes the recipe's."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay; None takes the recipe's (0)."""
+    warmup_fraction: float | None = None
+    """Fraction of ``steps`` in linear warm-up; None takes the recipe's (0.01)."""
+    weight_decay: float | None = None
+    """AdamW weight decay; None takes the recipe's (0)."""
+    clip_grad: float | None = None
+    """Gradient-norm clip, 0 turns clipping off; None takes the recipe's (1.0)."""
     seed: int | None = None
     """Seed; None takes the recipe's."""
     backend: str = "auto"
@@ -92,6 +100,14 @@ class RunConfig:
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"--lr {self.lr}: give 0 or a positive learning rate (or leave it "
                              "out)")
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{_flag(name)} {value}: give 0 or a positive number (or "
+                                 "leave it out)")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"--warmup-fraction {self.warmup_fraction}: give a fraction of the "
+                             "steps in [0, 1), e.g. 0.01 (or leave it out)")
         if self.exit_after_minutes is not None and not (
                 math.isfinite(self.exit_after_minutes) and self.exit_after_minutes > 0):
             raise ValueError(f"--exit-after-minutes {self.exit_after_minutes}: give a positive "
@@ -167,6 +183,11 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
         raise ValueError(f"--seq-length {seq} cannot hold one image of recipe {cfg.name} "
                          f"({need} positions at image size {cfg.vision.image_size}, grid "
                          f"{cfg.vision.grid}) and its text: use a --seq-length above {need}")
+    lr = rc.lr if rc.lr is not None else cfg.train.lr
+    min_lr = rc.min_lr if rc.min_lr is not None else cfg.train.min_lr
+    if min_lr > lr:
+        raise ValueError(f"--min-lr {min_lr} is above the peak learning rate {lr}: lower it or "
+                         "raise --lr")
     gbs = rc.global_batch_size or cfg.train.global_batch_size
     mbs = rc.micro_batch_size or cfg.train.micro_batch_size
     if gbs % mbs:

@@ -23,8 +23,9 @@ class StepResult:
 
     loss: float
     """Mean loss per trained token over the global batch."""
-    grad_norm: float
-    """Global gradient norm before clipping."""
+    grad_norm: float | None
+    """Global gradient norm before clipping (None when Megatron reports none: a step skipped
+    on non-finite gradients)."""
     num_loss_tokens: int
     """Trained tokens in the global batch."""
     update_successful: bool
@@ -117,7 +118,7 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
     update_successful, grad_norm, _ = optimizer.step()
     loss_sum, tokens = global_loss(reports, pg_collection=pg_collection, device=device,
                                    dp_group=dp_group)
-    return StepResult(loss=loss_sum / max(tokens, 1), grad_norm=float(grad_norm or 0.0),
+    return StepResult(loss=loss_sum / max(tokens, 1), grad_norm=None if grad_norm is None else float(grad_norm),
                       num_loss_tokens=tokens, update_successful=bool(update_successful))
 
 
