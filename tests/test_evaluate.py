@@ -152,3 +152,36 @@ def test_a_split_run_resumes_only_with_its_split(tmp_path):
         assert "resume with the same store and --eval-split" in err.getvalue(), other
     assert run_ranks(partial(_train, **kw), 1, save, timeout=300) == [0]
     assert sorted(_records(save)) == [1, 2, 3, 4] and "eval_loss" in _records(save)[4]
+
+
+def _evaluate_only(rank, world_size, load, **kw):
+    from megatron_sphinx.train.loop import run
+    from megatron_sphinx.train.run_config import RunConfig
+
+    with_logs = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            with_logs.append(record.getMessage())
+
+    logging.getLogger("megatron_sphinx.train").addHandler(Grab())
+    logging.getLogger("megatron_sphinx.train").setLevel(logging.INFO)
+    assert run(RunConfig(load=load, eval_only=True, **{**COMMON, **kw})) == []
+    return [m for m in with_logs if m.startswith("eval loss")]
+
+
+def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(tmp_path):
+    from tests.files import snapshot
+
+    save = str(tmp_path / "run")
+    kw = dict(eval_data="synthetic", eval_batches=2)
+    assert run_ranks(partial(_train, steps=2, **kw), 1, save, timeout=300) == [0]
+    want = _records(save)[2]["eval_loss"]  # the run's own evaluation at its last step
+    before = snapshot(tmp_path)
+    line = run_ranks(partial(_evaluate_only, **kw), 1, save, timeout=300)[0]
+    assert len(line) == 1 and line[0].startswith(f"eval loss {want:.4f} |"), (line, want)
+    assert line[0].endswith("iter_0000002 at step 2"), line
+    # another layout gives the same number (rank 0 logs it)
+    lines = run_ranks(partial(_evaluate_only, tp=2, **kw), 2, save, timeout=300)
+    assert lines[0][0].startswith(f"eval loss {want:.4f} |") and lines[1] == []
+    assert snapshot(tmp_path) == before

@@ -210,6 +210,7 @@ def _checkpoint(save: Path, recipe: str = "debug", step: int = 2, consumed: dict
     (["--eval-interval", "-1", "--eval-data", "synthetic"], "--eval-interval must be at least 0"),
     (["--eval-interval", "5"], "--eval-interval 5 needs --eval-data"),
     (["--eval-data", " "], "--eval-data is empty"),
+    (["--eval-only"], "--eval-only needs --eval-data"),
 ])
 def test_numbers_out_of_range_name_their_flag(argv, needle):
     # before: tracebacks (--log-interval 0), a silent run (--save-interval -1, --keep-last -1,

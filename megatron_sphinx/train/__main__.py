@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="hold out this fraction of --data (e.g. 0.01) and evaluate on it")
     p.add_argument("--eval-interval", type=int, default=0,
                    help="evaluate every N steps and at the last step (default 0: last step only)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the checkpoint of --load (or --save's newest) once and stop; "
+                   "writes nothing")
     p.add_argument("--eval-batches", type=int, default=8,
                    help="global batches per evaluation, the same ones every time (default 8)")
     return RunConfig(**vars(p.parse_args(argv)))

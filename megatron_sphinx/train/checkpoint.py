@@ -288,12 +288,14 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     return final
 
 
-def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs) -> dict:
+def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs, *,
+                    weights_only: bool = False) -> dict:
     """Loads a checkpoint onto this run's layout; returns its common state.
 
     Model weights always load (Megatron reshards them onto any TP/PP/EP/DP layout). Optimizer
-    and scheduler state load when the checkpoint has them (weights-only checkpoints start a
-    fresh optimizer at step 0). RNG states load only onto the layout they were saved from.
+    and scheduler state load when the checkpoint has them and ``weights_only`` is False
+    (weights-only checkpoints start a fresh optimizer at step 0; ``weights_only`` keeps the
+    checkpoint's step). RNG states load only onto the layout they were saved from.
     """
     from megatron.core import dist_checkpointing
 
@@ -301,17 +303,17 @@ def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs) -
     meta = read_meta(ckpt)
     same_layout = meta.layout.get("tp") == pgs.tp.size() and meta.layout.get(
         "pp") == pgs.pp.size() and meta.layout.get("ep") == pgs.ep.size()
+    with_optimizer = meta.has_optimizer and not weights_only
     state = _sharded_state(model_chunks, optimizer, pgs, is_loading=True,
-                           with_optimizer=meta.has_optimizer,
-                           with_rng=meta.has_optimizer and same_layout)
+                           with_optimizer=with_optimizer, with_rng=with_optimizer and same_layout)
     loaded = dist_checkpointing.load(state, str(ckpt))
     common = dist_checkpointing.load_common_state_dict(str(ckpt))["state"]
     _core(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
-    if meta.has_optimizer:
+    if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
         if "rng" in loaded:
             _set_rng_state(loaded["rng"])
-    else:
+    elif not meta.has_optimizer:
         common = dict(common, step=0)
     return common

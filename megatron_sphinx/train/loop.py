@@ -233,12 +233,20 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
     rank = torch.distributed.get_rank()
     start = 0
     if load_from is not None:
-        state = ckpt_lib.load_checkpoint(load_from, model, optimizer, scheduler, pgs)
+        state = ckpt_lib.load_checkpoint(load_from, model, optimizer, scheduler, pgs,
+                                         weights_only=rc.eval_only)
         start = int(state["step"])
-        if state.get("common", {}).get("loader") is not None:
+        if state.get("common", {}).get("loader") is not None and not rc.eval_only:
             loader.load_state_dict(state["common"]["loader"])
         if rank == 0:
-            log.info("resumed from %s at step %d", load_from, start)
+            log.info("%s %s at step %d", "loaded" if rc.eval_only else "resumed from",
+                     load_from, start)
+    if rc.eval_only:
+        ev = evaluator(model)
+        if rank == 0:
+            log.info("eval loss %.4f | %d tokens | %.2f s | %s at step %d", ev.loss,
+                     ev.num_loss_tokens, ev.time_s, load_from or "the initial weights", start)
+        return []
     if rc.save and rank == 0:
         Path(rc.save).mkdir(parents=True, exist_ok=True)
         (Path(rc.save) / "run.json").write_text(json.dumps(run_identity(cfg), indent=1))

@@ -85,6 +85,9 @@ class RunConfig:
     """Evaluate every N steps and at the last step (0: at the last step only)."""
     eval_batches: int = 8
     """Global batches per evaluation (the same batches every time)."""
+    eval_only: bool = False
+    """Evaluate the checkpoint the run starts from (or the initial weights) once, then stop:
+    no training step, nothing written."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "steps", "log_interval"):
@@ -139,6 +142,9 @@ class RunConfig:
             if self.data == "synthetic":
                 raise ValueError("--eval-split holds out part of a store: with --data synthetic "
                                  "use --eval-data synthetic")
+        if self.eval_only and not self.evaluates:
+            raise ValueError("--eval-only needs --eval-data (a held-out store) or --eval-split "
+                             "(a part of --data)")
         if self.eval_interval and not self.evaluates:
             raise ValueError(f"--eval-interval {self.eval_interval} needs --eval-data (a "
                              "held-out store) or --eval-split (a part of --data)")
@@ -228,7 +234,8 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
                              f"recipe {meta.recipe!r}, not {cfg.name!r}: pass --recipe "
                              f"{meta.recipe} or {other}")
         ckpt_lib.check_complete(ckpt)
-        _check_data_position(rc, cfg, meta, ckpt, samples)
+        if not rc.eval_only:  # an evaluation reads the weights only: any batch settings do
+            _check_data_position(rc, cfg, meta, ckpt, samples)
 
 
 def _check_data_position(rc: RunConfig, cfg: SphinxConfig, meta, ckpt: Path,
