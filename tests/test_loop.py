@@ -79,7 +79,7 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **k
          logged.append(rec["step"]) if console else None)))
     monkeypatch.setattr(loop.ckpt_lib, "save_checkpoint",
                         lambda save_dir, step, *a, **k: saved.append(step))
-    monkeypatch.setattr(loop.ckpt_lib, "load_checkpoint", lambda *a: {"step": start})
+    monkeypatch.setattr(loop.ckpt_lib, "load_checkpoint", lambda *a, **k: {"step": start})
     rc = RunConfig(save=str(tmp_path / "run"), **kw)
     cfg = get_recipe("debug")
     pgs = types.SimpleNamespace(dp=None)

@@ -81,8 +81,9 @@ class SphinxModel(MegatronModule):
         if batch.views.shape[0]:
             feats = self.vision(batch.views)  # [V, 257, C]
             visual = self.projector(feats).flatten(0, 1)  # [V * 257, h]
-        else:
-            visual = special.new_zeros(0, special.shape[1])
+        else:  # no image: the projector still runs (on nothing), so that every trainable
+            # parameter gets a gradient, as DDP's overlapped gradient reduce waits for them all
+            visual = self.projector(special.new_zeros(0, self.projector.linear.in_features))
         visual = visual.to(text.dtype)
         special = special.to(text.dtype)
         index = batch.pack_index  # [s * b], sequence-first

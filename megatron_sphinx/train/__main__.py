@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="auto = bf16 on GPUs, fp32 on CPUs (default auto)")
     p.add_argument("--recompute", default=None, choices=["selective", "full"],
                    help="activation recompute (default: none)")
+    p.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false",
+                   help="reduce gradients after the backward pass, not during it (debugging)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (Transformer Engine layers on an FP8 GPU such as H100)")
     p.add_argument("--no-packing", dest="packing", action="store_false",

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
                 dtype: torch.dtype, on_gpu: bool, recompute: str | None = None,
-                fp8: bool = False) -> list:
+                fp8: bool = False, overlap_grad_reduce: bool = True) -> list:
     """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
+
+    With ``overlap_grad_reduce`` the gradient reduce-scatter of each bucket starts during the
+    backward pass, as soon as the bucket's gradients are ready, instead of after it (the result
+    is the same; the communication hides behind the backward of the layers below).
 
     Returns:
         A one-element list of model chunks, as Megatron's schedules expect.
@@ -38,7 +42,8 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     if dtype != torch.float32:
         model = Float16Module(tcfg, model)
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=True,
         check_for_nan_in_grad=True, bucket_size=None)
     ddp = DistributedDataParallel(tcfg, ddp_cfg, model, pg_collection=pg_collection)
     tcfg.no_sync_func = ddp.no_sync

@@ -14,8 +14,9 @@
 * **communication**: time spent inside ``torch.distributed`` collectives and point-to-point calls
   (also Megatron's module-level aliases of them and its coalescing context), measured on the
   calling side: synchronous calls and, for asynchronous ones, the ``wait()`` on their handle.
-  Overlapped communication that nobody waits for is not visible (this project runs DDP without
-  overlap); nested calls count once;
+  Overlapped communication that nobody waits for is not visible: DDP's gradient
+  reduce-scatter runs during the backward pass and shows as the wait for its last buckets;
+  nested calls count once;
 * **image decoding**: ``ImageProcessor.__call__`` of the real loader, split into the main
   thread's (inside "waiting for data") and background workers' (overlapped, reported apart);
 * **other**: ``zero_grad`` of the optimizer and the DDP buffers, and the LR scheduler step.
@@ -246,12 +247,18 @@ class _TimedWork:
         return getattr(self._work, name)
 
 
+def _is_work(out: Any) -> bool:
+    """A handle one can wait on (inside a coalescing context torch returns a placeholder whose
+    every attribute raises: the context's own handle is the one waited on)."""
+    return out is not None and type(out).__name__ != "_IllegalWork" and hasattr(out, "wait")
+
+
 def _timed_collective(fn: Callable, recorder: StepRecorder, name: str) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with recorder.comm(name):
             out = fn(*args, **kwargs)
-        if kwargs.get("async_op") and out is not None and hasattr(out, "wait"):
+        if kwargs.get("async_op") and _is_work(out):
             return _TimedWork(out, recorder, name)
         if name == "batch_isend_irecv" and isinstance(out, list):
             return [_TimedWork(w, recorder, name) for w in out]
@@ -262,11 +269,13 @@ def _timed_collective(fn: Callable, recorder: StepRecorder, name: str) -> Callab
 
 
 def _timed_context(fn: Callable, recorder: StepRecorder, name: str) -> Callable:
+    """A coalescing context timed as communication; its handle's ``wait()`` too (DDP keeps the
+    handle of an overlapped gradient reduce-scatter and waits on it after the backward)."""
     @functools.wraps(fn)
     @contextlib.contextmanager
     def wrapper(*args, **kwargs):
         with recorder.comm(name), fn(*args, **kwargs) as cm:
-            yield cm
+            yield _TimedWork(cm, recorder, name) if _is_work(cm) else cm
     return wrapper
 
 

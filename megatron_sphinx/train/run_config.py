@@ -63,6 +63,8 @@ class RunConfig:
     """auto (bf16 on GPUs, fp32 on CPUs), bf16 or fp32."""
     recompute: str | None = None
     """Activation recompute: None, selective or full."""
+    overlap_grad_reduce: bool = True
+    """Reduce-scatter gradient buckets during the backward pass (False: after it)."""
     fp8: bool = False
     """FP8 GEMMs in the Transformer Engine layers (hybrid E4M3/E5M2, delayed scaling)."""
     packing: bool = True
