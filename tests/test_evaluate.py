@@ -185,3 +185,162 @@ def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(tmp_path):
     lines = run_ranks(partial(_evaluate_only, tp=2, **kw), 2, save, timeout=300)
     assert lines[0][0].startswith(f"eval loss {want:.4f} |") and lines[1] == []
     assert snapshot(tmp_path) == before
+    # the weights only: the optimizer and its schedule stay fresh, the step is the checkpoint's
+    assert run_ranks(_load_weights_only, 1, save, timeout=300) == [(2, 0)]
+
+
+def _load_weights_only(rank, world_size, save):
+    """(step, scheduler steps) after a weights-only load of ``save``."""
+    with cpu_compat.cpu_device_mode():
+        cfg, dims, pgs, model, opt, sched, _ = setup(world_size, "debug")
+        state = ckpt_lib.load_checkpoint(ckpt_lib.resolve_load(save), model, opt, sched, pgs,
+                                         weights_only=True)
+        return int(state["step"]), sched.num_steps
+
+
+# --------------------------------------------------------------- the evaluator's arithmetic
+# (mutation audit: a fake loader and forward step, so each check is about one rule and cheap)
+
+class _NumberedLoader:
+    """Global batch ``k`` of the stream is the one micro-batch ``k`` (1, 2, ...)."""
+
+    def __init__(self, position: int = 0):
+        self.position, self.closed = position, 0
+
+    def next_step(self):
+        self.position += 1
+        return [self.position]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def close(self):
+        self.closed += 1
+
+
+class _Chunk:
+    def __init__(self):
+        self.training = True
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode: bool = True):
+        self.training = mode
+
+
+def _fake_eval_step(calls: list, tokens_of):
+    """A forward step whose batch ``k`` has mean loss ``k`` over ``tokens_of(k)`` tokens."""
+    def eval_step(model_chunks, micro, *, num_microbatches, seq_length, pg_collection, device,
+                  dp_group):
+        k = micro[0]
+        calls.append(dict(batch=k, training=[c.training for c in model_chunks],
+                          num_microbatches=num_microbatches, seq_length=seq_length,
+                          dp_group=dp_group))
+        return float(k * tokens_of(k)), tokens_of(k)
+    return eval_step
+
+
+def test_evaluator_weights_every_batch_by_its_tokens_and_replays_them(monkeypatch):
+    from megatron_sphinx.train import evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "eval_step", _fake_eval_step(calls, lambda k: 10 * k))
+    loader, chunks = _NumberedLoader(position=5), [_Chunk(), _Chunk()]
+    pgs = type("Groups", (), {"dp": "dp-group"})()
+    evaluate_ = Evaluator(loader, 3, seq_length=77, pg_collection=pgs,
+                          device=torch.device("cpu"))
+    first = evaluate_(chunks)
+    loader.position = 40  # training moves the stream on; the evaluation does not follow it
+    again = evaluate_(chunks)
+    # batches 6, 7, 8 of 60, 70, 80 tokens: the token-weighted mean, not the mean of means (7)
+    want = (6 * 60 + 7 * 70 + 8 * 80) / (60 + 70 + 80)
+    assert (first.loss, first.num_loss_tokens) == (pytest.approx(want), 210)
+    assert (again.loss, again.num_loss_tokens) == (first.loss, 210)
+    assert [c["batch"] for c in calls] == [6, 7, 8, 6, 7, 8]
+    assert all(c["training"] == [False, False] for c in calls)  # forward in eval mode
+    assert all(chunk.training for chunk in chunks)  # and back in training mode after
+    assert {(c["num_microbatches"], c["seq_length"], c["dp_group"]) for c in calls} == {
+        (1, 77, "dp-group")}
+    assert loader.closed == 2  # background workers stop between evaluations
+
+
+def test_evaluation_without_trained_tokens_is_nan_and_says_so(monkeypatch, caplog):
+    from megatron_sphinx.train import evaluate
+
+    monkeypatch.setattr(evaluate, "eval_step", _fake_eval_step([], lambda k: 0))
+    pgs = type("Groups", (), {"dp": None})()
+    with caplog.at_level(logging.WARNING, logger="megatron_sphinx.train"):
+        res = Evaluator(_NumberedLoader(), 2, seq_length=8, pg_collection=pgs,
+                        device=torch.device("cpu"))([_Chunk()])
+    assert np.isnan(res.loss) and res.num_loss_tokens == 0  # not a perfect 0.0
+    assert any("no trained token" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_step_keeps_no_autograd_graph(monkeypatch):
+    """Forward only under no_grad: a graph kept per micro-batch would cost the activation
+    memory of training."""
+    from megatron_sphinx.train import step
+
+    seen = []
+    monkeypatch.setattr(step, "run_schedule", lambda *a, **k: seen.append(
+        (torch.is_grad_enabled(), k["forward_only"])) or [])
+    monkeypatch.setattr(step, "global_loss", lambda reports, **k: (0.0, 0))
+    assert step.eval_step([], [], num_microbatches=1, seq_length=8, pg_collection=None,
+                          device=torch.device("cpu"), dp_group=None) == (0.0, 0)
+    assert seen == [(False, True)]
+
+
+def test_describe_names_the_evaluation_and_warns_when_it_is_not_held_out(tmp_path, caplog,
+                                                                       monkeypatch):
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.evaluate import describe
+    from megatron_sphinx.train.run_config import RunConfig
+
+    cfg = get_recipe("debug")
+    gbs = cfg.train.global_batch_size
+    (tmp_path / "train.zarr").mkdir()
+    (tmp_path / "held.zarr").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megatron_sphinx.train"):
+        line = describe(RunConfig(data="train.zarr", eval_split=0.05, eval_interval=10,
+                                  eval_batches=3, steps=30), cfg)
+        assert line == (f"evaluation: 3 global batches of {gbs} rows from the held-out 0.05 of "
+                        "train.zarr, every 10 steps and at step 30")
+        line = describe(RunConfig(data="train.zarr", eval_data=str(tmp_path / "held.zarr"),
+                                  steps=30), cfg)
+        assert line.endswith(f"from {tmp_path / 'held.zarr'}, at step 30")
+        assert caplog.records == []  # another store: held out, no warning
+        describe(RunConfig(data="train.zarr", eval_data=str(tmp_path / "train.zarr")), cfg)
+    assert len(caplog.records) == 1 and "is not held out" in caplog.records[0].getMessage()
+
+
+def test_evaluation_loader_reads_eval_data_and_training_reads_data(tmp_path):
+    """--eval-data is the evaluation's only (training keeps --data), and the synthetic
+    evaluation stream is not the training stream."""
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.data.loader import PackedLoader
+    from megatron_sphinx.train.data import build_loader
+    from megatron_sphinx.train.run_config import RunConfig
+
+    cfg = get_recipe("debug")
+    cfg.train.global_batch_size, cfg.train.seq_length = 2, SEQ
+    store = _text_store(tmp_path / "held_out.zarr", 4)
+
+    def loader(rc, evaluation):
+        return build_loader(rc, cfg, dp_rank=0, dp_size=1, evaluation=evaluation)
+
+    rc = RunConfig(data="synthetic", eval_data=str(store))
+    train, held = loader(rc, False), loader(rc, True)
+    assert isinstance(train, SyntheticLoader)
+    assert isinstance(held, PackedLoader) and held.source.path == str(store)
+    held.close()
+    rc = RunConfig(data="synthetic", eval_data="synthetic")
+    train_ids = loader(rc, False).next_step()[0].text_ids
+    assert torch.equal(loader(rc, False).next_step()[0].text_ids, train_ids)
+    assert not torch.equal(loader(rc, True).next_step()[0].text_ids, train_ids)
+    with pytest.raises(FileNotFoundError, match=f"--eval-data {tmp_path / 'gone'} does not"):
+        loader(RunConfig(data="synthetic", eval_data=str(tmp_path / "gone")), True)

@@ -60,11 +60,18 @@ class _Loader:
     def state_dict(self):
         return {"steps": self.steps}
 
+    def load_state_dict(self, state):
+        self.restored = state
 
-def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **kw):
+
+def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, evaluator=None,
+         loads: list | None = None, loader_state: dict | None = None,
+         data_loader: _Loader | None = None, **kw):
     """Runs ``loop._run_steps``; returns (steps trained, steps saved, steps on the console,
     exit code). The stand-in scheduler adds 1 to the learning rate per step; ``records`` gets
-    every metrics record, each with ``lr_seen``, the rate the optimizer had in its step."""
+    every metrics record, each with ``lr_seen``, the rate the optimizer had in its step;
+    ``loads`` gets the keyword arguments of each checkpoint load, whose state holds
+    ``loader_state`` as the position of ``data_loader``; ``evaluator`` is passed on."""
     trained, saved, logged = [], [], []
     groups = [{"lr": 0.0}]
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 0)
@@ -79,7 +86,9 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **k
          logged.append(rec["step"]) if console else None)))
     monkeypatch.setattr(loop.ckpt_lib, "save_checkpoint",
                         lambda save_dir, step, *a, **k: saved.append(step))
-    monkeypatch.setattr(loop.ckpt_lib, "load_checkpoint", lambda *a, **k: {"step": start})
+    monkeypatch.setattr(loop.ckpt_lib, "load_checkpoint", lambda *a, **k: (
+        loads.append(k) if loads is not None else None,
+        {"step": start, "common": {"loader": loader_state}})[1])
     rc = RunConfig(save=str(tmp_path / "run"), **kw)
     cfg = get_recipe("debug")
     pgs = types.SimpleNamespace(dp=None)
@@ -88,9 +97,9 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, **k
         loop._run_steps(rc, cfg, types.SimpleNamespace(tp=1, pp=1, ep=1, dp=1), pgs, None,
                         types.SimpleNamespace(param_groups=groups),
                         types.SimpleNamespace(step=lambda increment: groups[0].update(
-                            lr=groups[0]["lr"] + increment)), _Loader(),
+                            lr=groups[0]["lr"] + increment)), data_loader or _Loader(),
                         torch.device("cpu"), False, tmp_path / "ckpt" if start else None,
-                        types.SimpleNamespace(agreed=lambda device: False))
+                        types.SimpleNamespace(agreed=lambda device: False), evaluator)
     except SystemExit as exc:
         code = exc.code
     return len(trained), saved, logged, code
@@ -172,3 +181,113 @@ def test_schedule_flags_reach_the_optimizer_and_the_schedule(monkeypatch):
     default = loop.resolve_recipe(RunConfig(recipe="debug")).train
     assert (default.min_lr, default.warmup_fraction, default.weight_decay, default.clip_grad) == (
         0.0, 0.01, 0.0, 1.0)
+
+
+# ------------------------------------------------------- evaluation in the loop (mutation audit)
+
+class _Evaluator:
+    """Stand-in evaluator: its loss is the number of the call."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model):
+        from megatron_sphinx.train.evaluate import EvalResult
+
+        self.calls += 1
+        return EvalResult(loss=float(self.calls), num_loss_tokens=7, time_s=0.5)
+
+
+def test_evaluations_every_interval_and_at_the_last_step_in_the_records(monkeypatch, tmp_path):
+    records, evaluator = [], _Evaluator()
+    _run(monkeypatch, tmp_path, steps=5, records=records, evaluator=evaluator,
+         eval_data="synthetic", eval_interval=2)
+    evaluated = [(r["step"], r["eval_loss"], r["eval_loss_tokens"], r["eval_time_s"])
+                 for r in records if "eval_loss" in r]
+    assert evaluated == [(2, 1.0, 7, 0.5), (4, 2.0, 7, 0.5), (5, 3.0, 7, 0.5)]
+
+
+def test_eval_only_loads_the_weights_only_and_trains_nothing(monkeypatch, tmp_path):
+    loads, evaluator, data = [], _Evaluator(), _Loader()
+    n, saved, console, code = _run(monkeypatch, tmp_path, start=3, steps=6, loads=loads,
+                                   evaluator=evaluator, loader_state={"steps": 9},
+                                   data_loader=data, eval_data="synthetic", eval_only=True)
+    assert (n, saved, console, code, evaluator.calls) == (0, [], [], 0, 1)
+    assert loads == [{"weights_only": True}]
+    assert not hasattr(data, "restored")  # the training position is not this run's business
+    assert not (tmp_path / "run").exists()  # nothing written
+    loads, data = [], _Loader()  # a training resume restores the optimizer and the position
+    _run(monkeypatch, tmp_path, start=3, steps=4, loads=loads, loader_state={"steps": 9},
+         data_loader=data)
+    assert loads == [{"weights_only": False}] and data.restored == {"steps": 9}
+
+
+def _wiring(monkeypatch, **kw) -> dict:
+    """What ``loop._train`` hands to the model build and the evaluator (both stand-ins)."""
+    from megatron.core import tensor_parallel
+
+    from megatron_sphinx.model import specs
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def evaluator(loader, batches, **k):
+        seen["evaluator"] = dict(k, batches=batches)
+        raise Stop
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", lambda seed: None)
+    monkeypatch.setattr(specs, "choose_backend", lambda backend: "local")
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: seen.update(model=k) or ["chunk"])
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: (None, None))
+    monkeypatch.setattr(loop, "build_loader", lambda *a, **k: _Loader())
+    monkeypatch.setattr(loop, "kernel_choices", lambda *a, **k: {})
+    monkeypatch.setattr(loop, "Evaluator", evaluator)
+    monkeypatch.setattr(loop, "_run_steps", lambda *a, **k: seen.update(steps=True) or [])
+    rc = RunConfig(recipe="debug", **kw)
+    cfg = loop.resolve_recipe(rc)
+    pgs = types.SimpleNamespace(dp=types.SimpleNamespace(rank=lambda: 0, size=lambda: 1))
+    dims = types.SimpleNamespace(tp=1, pp=1, ep=1, dp=1, sequence_parallel=False)
+    try:
+        loop._train(rc, cfg, dims, pgs, torch.float32, False, None, None)
+    except Stop:
+        pass
+    return seen
+
+
+def test_train_passes_the_overlap_switch_and_the_evaluation_shapes(monkeypatch):
+    seen = _wiring(monkeypatch, data="synthetic", eval_data="synthetic", eval_batches=3,
+                   seq_length=1400, micro_batch_size=2, global_batch_size=4)
+    assert seen["model"]["overlap_grad_reduce"] is True
+    # an evaluation micro-batch is micro_batch_size rows of seq_length (pipeline p2p shapes)
+    assert (seen["evaluator"]["batches"], seen["evaluator"]["seq_length"]) == (3, 2800)
+    seen = _wiring(monkeypatch, data="synthetic", overlap_grad_reduce=False)
+    assert seen["model"]["overlap_grad_reduce"] is False and "evaluator" not in seen
+
+
+def test_a_step_megatron_skips_reports_no_gradient_norm(monkeypatch):
+    """Megatron's optimizer returns no norm for a step it skips (non-finite gradients): the
+    step result keeps None (it was 0.0, a real-looking norm)."""
+    from megatron_sphinx.train import step
+
+    monkeypatch.setattr(step, "run_schedule", lambda *a, **k: [])
+    monkeypatch.setattr(step, "global_loss", lambda reports, **k: (12.0, 4))
+    chunk = types.SimpleNamespace(zero_grad_buffer=lambda: None)
+    for reported, want in ((None, None), (0.25, 0.25)):
+        opt = types.SimpleNamespace(zero_grad=lambda: None,
+                                    step=lambda r=reported: (r is not None, r, None))
+        res = step.train_step([chunk], opt, [], num_microbatches=1, seq_length=8,
+                              pg_collection=None, device=torch.device("cpu"), dp_group=None)
+        assert (res.loss, res.grad_norm, res.num_loss_tokens) == (3.0, want, 4)
+        assert res.update_successful is (reported is not None)
+
+
+def test_a_layout_error_is_a_value_error_marked_same_on_every_rank():
+    """Callers of ``run`` catch ValueError for bad input; the CLI prints this kind once."""
+    from megatron_sphinx.cli import SameOnEveryRank
+
+    with pytest.raises(ValueError, match="tp") as info:
+        loop.run(RunConfig(recipe="debug", data="synthetic", tp=3))
+    assert isinstance(info.value, SameOnEveryRank)

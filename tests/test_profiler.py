@@ -199,3 +199,41 @@ def test_store_variants_use_the_loaders_own_switches(tmp_path):
             else:
                 assert pb.num_skipped == 2 * len(pb.view_counts)
     assert got["baseline"][0] > got["no-packing"][0] == 4
+
+
+def test_coalescing_context_handle_wait_is_timed_and_placeholders_pass_through():
+    """DDP keeps the handle of an overlapped reduce-scatter's coalescing context and waits on
+    it after the backward: that wait is communication. torch's placeholder (_IllegalWork,
+    every attribute raises) is passed through unwrapped."""
+    import contextlib
+
+    from megatron_sphinx.train.profiler import _timed_context
+
+    class Handle:
+        waited = 0
+
+        def wait(self):
+            Handle.waited += 1
+            return True
+
+    class _IllegalWork:
+        def __getattr__(self, name):
+            raise RuntimeError("illegal")
+
+    def manager(handle):
+        @contextlib.contextmanager
+        def coalescing(*a, **k):
+            yield handle
+        return coalescing
+
+    rec = StepRecorder(on_gpu=False)
+    rec.begin_step()
+    with _timed_context(manager(Handle()), rec, "coalesced")() as cm:
+        pass
+    assert cm.wait() is True and Handle.waited == 1
+    assert rec.comm_calls == {"coalesced": 1, "coalesced.wait": 1}
+    placeholder = _IllegalWork()
+    with _timed_context(manager(placeholder), rec, "coalesced")() as cm:
+        pass
+    assert cm is placeholder
+    rec.end_step()

@@ -664,3 +664,27 @@ def test_scripts_parse():
     for directive in ["--signal=B:USR1@120", "--requeue", "--output=logs/%x-%j.out",
                       "--open-mode=append"]:
         assert f"#SBATCH {directive}" in text
+
+
+# ------------------------------------------------------------ the number checks (mutation audit)
+
+@pytest.mark.parametrize("script,variables,expect", [
+    (TRAIN_SBATCH, {"STEPS": "010"}, "STEPS=010 must be a positive integer"),  # bash: 8
+    (TRAIN_SBATCH, {"SEED": "007"}, "SEED=007 must be an integer >= 0"),
+    (TORCHRUN_SBATCH, {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0 must be a positive integer"),
+], ids=["leading-zero-count", "leading-zero-whole", "nproc-0"])
+def test_numbers_bash_would_misread_are_named_before_srun(tmp_path, script, variables, expect):
+    env, called = _fake_job_env(tmp_path, **variables)
+    env.pop("SLURM_NTASKS_PER_NODE", None)
+    rc, lines = _run_script(script, env, tmp_path)
+    _assert_stops_before_srun(rc, lines, expect, called)
+
+
+def test_a_number_check_of_an_unknown_kind_is_an_error():
+    """A typo in a script's kind must not pass every value in silence."""
+    out = subprocess.run(["bash", "-c", f"source '{REPO / 'slurm' / 'common.sh'}'; X=1; "
+                          "sphinx_check_numbers counts X; echo reached"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "reached" not in out.stdout, out.stdout + out.stderr
+    assert _error_lines(out.stderr) == [
+        "error: sphinx_check_numbers: unknown kind 'counts'"], out.stderr

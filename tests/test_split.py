@@ -70,3 +70,31 @@ def test_training_never_reads_a_held_out_sample(store):
 def test_a_split_that_leaves_a_side_empty_is_refused(store):
     with pytest.raises(ValueError, match="leaves samples on both sides"):
         split_source(SubsetSource(store, np.arange(2), "tiny"), 0.01)
+
+
+def test_the_held_out_part_is_the_fraction_and_training_gets_the_rest(store, tmp_path):
+    """The evaluation reads the samples ``held_out`` picks and training the others, through
+    the loaders the training command builds (mutation audit: the parts were interchangeable)."""
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.data import build_loader
+    from megatron_sphinx.train.run_config import RunConfig
+
+    mask = held_out(len(store), 0.25)
+    train, evaluation = split_source(store, 0.25)
+    assert np.array_equal(evaluation.indices, np.flatnonzero(mask))
+    assert np.array_equal(train.indices, np.flatnonzero(~mask)) and len(evaluation) < len(train)
+    cfg = get_recipe("debug")
+    rc = RunConfig(recipe="debug", data=store.path, eval_split=0.25)
+    for evaluation_, want in ((False, ~mask), (True, mask)):
+        loader = build_loader(rc, cfg, dp_rank=0, dp_size=1, evaluation=evaluation_)
+        try:
+            assert np.array_equal(loader.source.indices, np.flatnonzero(want)), evaluation_
+        finally:
+            loader.close()
+
+
+def test_a_split_that_holds_out_everything_is_refused(store):
+    tiny = SubsetSource(store, np.arange(2), "tiny")
+    assert held_out(2, 0.99).all()
+    with pytest.raises(ValueError, match="holds out 2 of the 2 samples"):
+        split_source(tiny, 0.99)

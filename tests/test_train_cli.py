@@ -146,13 +146,13 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def _store(path: Path, samples: int, image_size: int = 448, grid: int = 2,
-           complete: bool = True) -> Path:
+           complete: bool = True, fingerprint: str = "") -> Path:
     """A text-only store of ``samples`` samples (``complete=False``: as a killed run leaves)."""
     from megatron_sphinx.data import store
     from megatron_sphinx.data.layout import Sample
 
     meta = store.StoreMeta(image_size=image_size, grid=grid, seq_length=4096,
-                           source_names=["text"])
+                           source_names=["text"], fingerprint=fingerprint)
     store.create_store(path, meta)
     if complete:
         writer = store.ShardWriter(path, 0, image_size, grid)
@@ -281,6 +281,24 @@ def test_resume_with_other_batch_settings_is_refused_before_loading(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_resume_on_another_store_of_the_same_size_is_refused_before_loading(tmp_path):
+    """The sample count matches, the store's fingerprint does not (before: refused only by the
+    loader, after the model was built and loaded)."""
+    from megatron_sphinx.data import store
+
+    data = _store(tmp_path / "data.zarr", 4, fingerprint="this-store")
+    consumed = {"version": 1, "step": 2, "num_samples": 4, "fingerprint": "other-store",
+                "global_batch_size": 2, "micro_batch_size": 1, "seq_length": 2048,
+                "packing": True, "skip_padded": True}
+    _checkpoint(tmp_path / "run", consumed=consumed)
+    assert store.read_meta(data)[0].fingerprint == "this-store"
+    before = snapshot(tmp_path)
+    _one_line(_train("--save", tmp_path / "run", "--data", data, "--global-batch-size", "2",
+                     "--seq-length", "2048"),
+              "saved over other data", "resume with the same store and --eval-split")
+    assert snapshot(tmp_path) == before
+
+
 def test_save_and_load_paths_that_cannot_work(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     run = tmp_path / "run"
@@ -367,3 +385,80 @@ def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):
     local = kernel_choices(get_recipe("debug"), backend="local", dtype=torch.float32, device=cpu)
     assert local["layers"] == "local" and local["attention"] != te["attention"]
     assert local["images"] == "none decoded (synthetic data)"
+
+
+# ------------------------------------------- evaluation and schedule checks (mutation audit)
+# In-process calls of the checks themselves (a regression there must not start a run here).
+
+def _check(**kw) -> None:
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.train.run_config import RunConfig, check_run_inputs
+
+    rc = RunConfig(**{"recipe": "debug", **kw})
+    check_run_inputs(rc, get_recipe(rc.recipe))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(eval_data="synthetic", eval_split=0.1), "give --eval-data (another store) or "
+                                                  "--eval-split (a part of --data), not both"),
+    (dict(eval_split=1.5), "--eval-split 1.5: give a fraction between 0 and 1"),
+    (dict(eval_split=0.0), "--eval-split 0.0: give a fraction"),
+    (dict(eval_split=float("nan")), "--eval-split nan: give a fraction"),
+    (dict(data="synthetic", eval_split=0.1), "with --data synthetic use --eval-data synthetic"),
+    (dict(lr=1e-5, min_lr=1e-4), "--min-lr 0.0001 is above the peak learning rate 1e-05"),
+])
+def test_evaluation_and_schedule_combinations_that_cannot_work(kw, needle):
+    with pytest.raises(ValueError) as info:
+        _check(**kw)
+    assert needle in str(info.value)
+
+
+def test_min_lr_equal_to_lr_is_a_constant_rate():
+    _check(lr=1e-4, min_lr=1e-4)  # "not above the peak": equal is allowed
+    _check(min_lr=0.002)  # the recipe's peak
+
+
+def test_a_split_must_leave_samples_on_both_sides_of_the_store(tmp_path):
+    store = _store(tmp_path / "two.zarr", 2)
+    for fraction, n_out in ((0.99, 2), (0.01, 0)):
+        with pytest.raises(ValueError, match=f"--eval-split {fraction} holds out {n_out} of the "
+                                             "2 samples of --data"):
+            _check(data=str(store), eval_split=fraction)
+
+
+def _split_run(tmp_path: Path) -> tuple[str, str]:
+    """A 40-sample store and a run that trained 2 steps on its part outside --eval-split 0.2."""
+    from megatron_sphinx.data.split import held_out
+
+    store = str(_store(tmp_path / "data.zarr", 40))
+    consumed = {"version": 1, "step": 2, "num_samples": 40 - int(held_out(40, 0.2).sum()),
+                "fingerprint": "", "global_batch_size": 2, "micro_batch_size": 1,
+                "seq_length": 2048, "packing": True, "skip_padded": True}
+    _checkpoint(tmp_path / "run", consumed=consumed)
+    return store, str(tmp_path / "run")
+
+
+def test_a_split_run_passes_the_checks_with_its_split_and_eval_only_with_any_batch(tmp_path):
+    """The up-front check counts the training part of a split store (a resume with the same
+    split must pass it); --eval-only reads the weights only, so other batch settings do too."""
+    store, save = _split_run(tmp_path)
+    _check(data=store, save=save, eval_split=0.2)
+    with pytest.raises(ValueError, match="resume with the same store and --eval-split"):
+        _check(data=store, save=save)
+    with pytest.raises(ValueError, match="was trained with --global-batch-size 2"):
+        _check(data=store, save=save, eval_split=0.2, global_batch_size=4)
+    _check(data=store, save=save, eval_split=0.2, global_batch_size=4, eval_only=True)
+
+
+def test_command_line_defaults_are_the_run_config_defaults():
+    import dataclasses
+
+    from megatron_sphinx.train.__main__ import parse_args
+    from megatron_sphinx.train.run_config import RunConfig
+
+    assert dataclasses.asdict(parse_args([])) == dataclasses.asdict(RunConfig())
+    off = parse_args(["--no-overlap-grad-reduce", "--eval-data", "synthetic", "--eval-only",
+                      "--weight-decay", "0.1", "--clip-grad", "0.5", "--min-lr", "1e-5",
+                      "--warmup-fraction", "0.1", "--eval-batches", "3"])
+    assert (off.overlap_grad_reduce, off.eval_only, off.weight_decay, off.clip_grad, off.min_lr,
+            off.warmup_fraction, off.eval_batches) == (False, True, 0.1, 0.5, 1e-5, 0.1, 3)

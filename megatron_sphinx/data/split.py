@@ -24,6 +24,16 @@ def held_out(num_samples: int, fraction: float) -> np.ndarray:
     return np.random.default_rng(SPLIT_SEED).random(num_samples) < fraction
 
 
+def subset_fingerprint(fingerprint: str | None, tag: str) -> str:
+    """The data fingerprint of a part of a store (a resume checks it against the saved one)."""
+    return f"{fingerprint or ''}|{tag}"
+
+
+def part_tags(fraction: float) -> tuple[str, str]:
+    """``(training tag, held-out tag)`` of the split at ``fraction``."""
+    return f"train {fraction}", f"held-out {fraction}"
+
+
 class SubsetSource:
     """The samples of ``base`` at ``indices``, with the same sample-source interface.
 
@@ -44,7 +54,7 @@ class SubsetSource:
         meta = getattr(base, "meta", None)
         self.meta = None if meta is None else dataclasses.replace(
             meta, num_samples=len(self.indices),
-            fingerprint=f"{meta.fingerprint or ''}|{tag}")
+            fingerprint=subset_fingerprint(meta.fingerprint, tag))
 
     @property
     def source_names(self) -> list[str]:
@@ -70,5 +80,6 @@ def split_source(base, fraction: float) -> tuple[SubsetSource, SubsetSource]:
     if n_out == 0 or n_out == len(mask):
         raise ValueError(f"--eval-split {fraction} holds out {n_out} of the {len(mask)} samples: "
                          "choose a fraction that leaves samples on both sides")
-    return (SubsetSource(base, np.flatnonzero(~mask), f"train {fraction}"),
-            SubsetSource(base, np.flatnonzero(mask), f"held-out {fraction}"))
+    train_tag, held_tag = part_tags(fraction)
+    return (SubsetSource(base, np.flatnonzero(~mask), train_tag),
+            SubsetSource(base, np.flatnonzero(mask), held_tag))

@@ -248,9 +248,17 @@ def _check_data_position(rc: RunConfig, cfg: SphinxConfig, meta, ckpt: Path,
     state = meta.consumed or {}
     if rc.data == "synthetic" or not meta.has_optimizer or "global_batch_size" not in state:
         return  # synthetic data now or then, or weights only: no store position to continue
+    fingerprint = None
+    if rc.data is not None:  # the store's fingerprint, as the loader will compute it
+        from megatron_sphinx.data import split, store
+
+        fingerprint = store.read_meta(rc.data)[0].fingerprint or ""
+        if rc.eval_split is not None:
+            fingerprint = split.subset_fingerprint(fingerprint,
+                                                   split.part_tags(rc.eval_split)[0])
     t = cfg.train
     try:
-        check_resume(state, num_samples=samples,
+        check_resume(state, num_samples=samples, fingerprint=fingerprint,
                      global_batch_size=rc.global_batch_size or t.global_batch_size,
                      micro_batch_size=rc.micro_batch_size or t.micro_batch_size,
                      seq_length=rc.seq_length or t.seq_length, packing=rc.packing,
