@@ -422,7 +422,7 @@ def test_a_split_must_leave_samples_on_both_sides_of_the_store(tmp_path):
     store = _store(tmp_path / "two.zarr", 2)
     for fraction, n_out in ((0.99, 2), (0.01, 0)):
         with pytest.raises(ValueError, match=f"--eval-split {fraction} holds out {n_out} of the "
-                                             "2 samples of --data"):
+                                             "2 samples: choose a fraction"):
             _check(data=str(store), eval_split=fraction)
 
 

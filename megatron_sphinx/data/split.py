@@ -69,17 +69,27 @@ class SubsetSource:
         return self.base.get(int(self.indices[i]))
 
 
+def checked_mask(num_samples: int, fraction: float) -> np.ndarray:
+    """:func:`held_out`, refusing a split that leaves either part empty.
+
+    Raises:
+        ValueError: When either part would be empty, with what to change.
+    """
+    mask = held_out(num_samples, fraction)
+    n_out = int(mask.sum())
+    if n_out == 0 or n_out == num_samples:
+        raise ValueError(f"--eval-split {fraction} holds out {n_out} of the {num_samples} "
+                         "samples: choose a fraction that leaves samples on both sides")
+    return mask
+
+
 def split_source(base, fraction: float) -> tuple[SubsetSource, SubsetSource]:
     """``(training part, held-out part)`` of ``base``.
 
     Raises:
         ValueError: When either part would be empty, with what to change.
     """
-    mask = held_out(len(base), fraction)
-    n_out = int(mask.sum())
-    if n_out == 0 or n_out == len(mask):
-        raise ValueError(f"--eval-split {fraction} holds out {n_out} of the {len(mask)} samples: "
-                         "choose a fraction that leaves samples on both sides")
+    mask = checked_mask(len(base), fraction)
     train_tag, held_tag = part_tags(fraction)
     return (SubsetSource(base, np.flatnonzero(~mask), train_tag),
             SubsetSource(base, np.flatnonzero(mask), held_tag))

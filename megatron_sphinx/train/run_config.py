@@ -206,14 +206,9 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
         samples = check_store(rc.data, "--data", image_size=cfg.vision.image_size,
                               grid=cfg.vision.grid)
         if rc.eval_split is not None:  # training sees the part that is not held out
-            from megatron_sphinx.data.split import held_out
+            from megatron_sphinx.data.split import checked_mask
 
-            n_out = int(held_out(samples, rc.eval_split).sum())
-            if n_out in (0, samples):
-                raise ValueError(f"--eval-split {rc.eval_split} holds out {n_out} of the "
-                                 f"{samples} samples of --data: choose a fraction that leaves "
-                                 "samples on both sides")
-            samples -= n_out
+            samples -= int(checked_mask(samples, rc.eval_split).sum())
     if rc.eval_data not in (None, "synthetic"):
         check_store(rc.eval_data, "--eval-data", image_size=cfg.vision.image_size,
                     grid=cfg.vision.grid)
