@@ -26,9 +26,10 @@ def small_recipe(name: str):
 
 
 def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234,
-          mbs=1, overlap=True):
+          mbs=1, overlap=True, param_gather=True):
     """Process groups, model, optimizer, scheduler and synthetic loader of one rank
-    (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward)."""
+    (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward;
+    ``param_gather``: the updated parameters gathered during the next forward)."""
     cfg = small_recipe(recipe)
     cfg.train.micro_batch_size = mbs
     dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)
@@ -36,8 +37,10 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
     pgs = groups.collection
     torch.manual_seed(seed)
     model = build_model(cfg, ParallelSizes(tp, pp, ep, sp), pgs, backend="local",
-                        dtype=torch.float32, on_gpu=False, overlap_grad_reduce=overlap)
+                        dtype=torch.float32, on_gpu=False, overlap_grad_reduce=overlap,
+                        overlap_param_gather=param_gather)
     assert model[0].ddp_config.overlap_grad_reduce is overlap
+    assert model[0].ddp_config.overlap_param_gather is param_gather
     opt, sched = build_optimizer(cfg, model, pgs, dtype=torch.float32, total_steps=steps)
     loader = SyntheticLoader(cfg.llm.vocab_size, SEQ, cfg.vision.image_size, cfg.vision.grid,
                              GLOBAL_BATCH, pgs.dp.rank(), pgs.dp.size(), seed=7,

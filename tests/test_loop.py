@@ -260,11 +260,13 @@ def _wiring(monkeypatch, **kw) -> dict:
 def test_train_passes_the_overlap_switch_and_the_evaluation_shapes(monkeypatch):
     seen = _wiring(monkeypatch, data="synthetic", eval_data="synthetic", eval_batches=3,
                    seq_length=1400, micro_batch_size=2, global_batch_size=4)
-    assert seen["model"]["overlap_grad_reduce"] is True
+    assert seen["model"]["overlap_grad_reduce"] is seen["model"]["overlap_param_gather"] is True
     # an evaluation micro-batch is micro_batch_size rows of seq_length (pipeline p2p shapes)
     assert (seen["evaluator"]["batches"], seen["evaluator"]["seq_length"]) == (3, 2800)
     seen = _wiring(monkeypatch, data="synthetic", overlap_grad_reduce=False)
     assert seen["model"]["overlap_grad_reduce"] is False and "evaluator" not in seen
+    seen = _wiring(monkeypatch, data="synthetic", overlap_param_gather=False)
+    assert seen["model"]["overlap_param_gather"] is False
 
 
 def test_a_step_megatron_skips_reports_no_gradient_norm(monkeypatch):

@@ -8,6 +8,7 @@ packed rows (one THD sequence each) must reproduce it too.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.dist_harness import run_ranks
 from tests.sphinx_runs import save_initial_weights, train_layout
@@ -17,8 +18,10 @@ LAYOUTS = {
         ("tp2", 2, dict(tp=2)),
         ("tp2_sp", 2, dict(tp=2, sp=True)),
         ("pp2", 2, dict(pp=2)),
-        ("dp2", 2, dict()),  # gradient reduce-scatter overlapped with the backward (default)
-        ("dp2_no_overlap", 2, dict(overlap=False)),
+        # gradient reduce-scatter overlapped with the backward, parameter all-gather with the
+        # next forward (the defaults)
+        ("dp2", 2, dict()),
+        ("dp2_no_overlap", 2, dict(overlap=False, param_gather=False)),
         ("tp2_pp2", 4, dict(tp=2, pp=2)),
         # micro-batches of 2 rows run as one THD sequence of 2 x seq_length tokens
         ("mbs2", 1, dict(mbs=2)),
@@ -87,3 +90,39 @@ def test_micro_batches_without_images_under_overlapped_gradient_reduce():
     overlapped = run_ranks(_text_only_steps, 2, True, timeout=300)
     assert plain[0][0][2] > 0 and plain[0][1][2] == plain[0][2][2] == 0  # views, then none
     assert overlapped == plain
+
+
+def _weights_after_one_step(rank, world_size, param_gather):
+    """The updated weights as this rank holds them after two steps (the first runs at the
+    warm-up's lr 0), before and after ``sync_params``."""
+    import torch
+
+    from megatron_sphinx import cpu_compat
+    from megatron_sphinx.train.build import sync_params
+    from megatron_sphinx.train.step import train_step
+    from tests.sphinx_runs import SEQ, model_of, setup
+
+    with cpu_compat.cpu_device_mode():
+        cfg, dims, pgs, model, opt, sched, loader = setup(world_size, "debug",
+                                                          param_gather=param_gather)
+        for _ in range(2):
+            micro = loader.next_step()
+            train_step(model, opt, micro, num_microbatches=len(micro), seq_length=SEQ,
+                       pg_collection=pgs, device=torch.device("cpu"), dp_group=pgs.dp)
+            sched.step(1)
+        flat = lambda: torch.cat([p.detach().reshape(-1).clone()  # noqa: E731
+                                  for p in model_of(model).parameters() if p.requires_grad])
+        before = flat()
+        sync_params(model)
+        return before, flat()
+
+
+@pytest.mark.parametrize("param_gather", [True, False], ids=["overlapped", "in_step"])
+def test_parameter_gather_waits_for_the_next_forward_pass(param_gather):
+    """With the overlapped gather the optimizer step leaves each rank with only its own shard
+    updated (the ranks differ) until the gather; ``sync_params`` completes it."""
+    (before0, after0), (before1, after1) = run_ranks(_weights_after_one_step, 2, param_gather,
+                                                     timeout=300)
+    assert torch.equal(after0, after1)
+    assert torch.equal(before0, before1) is not param_gather
+    assert torch.equal(before0, after0) is not param_gather

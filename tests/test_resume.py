@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.dist_harness import run_ranks
 
@@ -60,3 +61,29 @@ def test_tp2_checkpoint_resumes_on_other_layouts(uninterrupted, tmp_path, target
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+
+
+
+def _saved_weights(rank, world_size, ckpt) -> dict:
+    """The model weights of a checkpoint as full tensors (no model needed)."""
+    from megatron.core import dist_checkpointing
+
+    torch.distributed.init_process_group("gloo")
+    tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
+    return {k: v for k, v in tensors.items() if not k.startswith("optimizer")
+            and "rng" not in k and isinstance(v, torch.Tensor)}
+
+
+def test_dp2_checkpoint_holds_the_gathered_weights(tmp_path):
+    """Under the overlapped parameter gather (the default) a rank holds only its own shard of
+    the updated weights until the next forward pass; a save must gather them first (a resume
+    would not show it: the optimizer's shards restore the weights, but a conversion or
+    ``--eval-only`` reads the saved weights)."""
+    one, dp2 = str(tmp_path / "one"), str(tmp_path / "dp2")
+    assert run_ranks(partial(_train, exit_interval=3), 1, one, timeout=300) == [3]
+    assert run_ranks(partial(_train, exit_interval=3), 2, dp2, timeout=300) == [3, 3]
+    ref, got = (run_ranks(_saved_weights, 1, str(Path(d) / "iter_0000003"), timeout=120)[0]
+                for d in (one, dp2))
+    assert len(ref) > 10 and ref.keys() == got.keys()
+    bad = [k for k in ref if not torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7)]
+    assert not bad, bad

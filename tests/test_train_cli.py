@@ -457,8 +457,10 @@ def test_command_line_defaults_are_the_run_config_defaults():
     from megatron_sphinx.train.run_config import RunConfig
 
     assert dataclasses.asdict(parse_args([])) == dataclasses.asdict(RunConfig())
-    off = parse_args(["--no-overlap-grad-reduce", "--eval-data", "synthetic", "--eval-only",
+    off = parse_args(["--no-overlap-grad-reduce", "--no-overlap-param-gather", "--eval-data",
+                      "synthetic", "--eval-only",
                       "--weight-decay", "0.1", "--clip-grad", "0.5", "--min-lr", "1e-5",
                       "--warmup-fraction", "0.1", "--eval-batches", "3"])
-    assert (off.overlap_grad_reduce, off.eval_only, off.weight_decay, off.clip_grad, off.min_lr,
-            off.warmup_fraction, off.eval_batches) == (False, True, 0.1, 0.5, 1e-5, 0.1, 3)
+    assert (off.overlap_grad_reduce, off.overlap_param_gather, off.eval_only, off.weight_decay,
+            off.clip_grad, off.min_lr, off.warmup_fraction,
+            off.eval_batches) == (False, False, True, 0.1, 0.5, 1e-5, 0.1, 3)

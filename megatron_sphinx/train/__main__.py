@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="activation recompute (default: none)")
     p.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false",
                    help="reduce gradients after the backward pass, not during it (debugging)")
+    p.add_argument("--no-overlap-param-gather", dest="overlap_param_gather",
+                   action="store_false",
+                   help="all-gather the updated parameters in the optimizer step, not during "
+                   "the next forward pass (debugging)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (Transformer Engine layers on an FP8 GPU such as H100)")
     p.add_argument("--no-packing", dest="packing", action="store_false",

@@ -20,12 +20,19 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
                 dtype: torch.dtype, on_gpu: bool, recompute: str | None = None,
-                fp8: bool = False, overlap_grad_reduce: bool = True) -> list:
+                fp8: bool = False, overlap_grad_reduce: bool = True,
+                overlap_param_gather: bool = True) -> list:
     """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
 
     With ``overlap_grad_reduce`` the gradient reduce-scatter of each bucket starts during the
     backward pass, as soon as the bucket's gradients are ready, instead of after it (the result
     is the same; the communication hides behind the backward of the layers below).
+
+    With ``overlap_param_gather`` the optimizer step does not all-gather the updated parameters;
+    the next forward pass gathers each bucket just before its first layer runs and starts the
+    next one behind it. Until then every rank holds only its own shard up to date:
+    :func:`sync_params` completes the gather where full weights are read outside a forward pass
+    (a checkpoint save).
 
     Returns:
         A one-element list of model chunks, as Megatron's schedules expect.
@@ -43,12 +50,26 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         model = Float16Module(tcfg, model)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=True,
+        overlap_param_gather=overlap_param_gather, use_distributed_optimizer=True,
         check_for_nan_in_grad=True, bucket_size=None)
     ddp = DistributedDataParallel(tcfg, ddp_cfg, model, pg_collection=pg_collection)
     tcfg.no_sync_func = ddp.no_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
     return [ddp]
+
+
+def sync_params(model_chunks: list) -> None:
+    """Completes the parameter all-gather that ``overlap_param_gather`` leaves to the next
+    forward pass, so that every rank holds the full updated weights (a no-op without it).
+
+    The next forward pass then finds every bucket gathered and gathers nothing again. Chunks
+    without a DDP wrapper (a model built for conversion) hold full weights already.
+    """
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            with torch.no_grad():
+                chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(chunk) -> SphinxModel:
@@ -69,7 +90,9 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8, clip_grad=t.clip_grad,
-        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=True)
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=True,
+        # as the DDP wrappers do (the optimizer reads it only for MXFP8 parameter buffers)
+        overlap_param_gather=any(c.ddp_config.overlap_param_gather for c in model_chunks))
     optimizer = get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False,
                                        pg_collection=pg_collection)
     for chunk in model_chunks:

@@ -256,6 +256,9 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_sphinx.train.build import sync_params
+
+    sync_params(model_chunks)  # overlapped parameter gather: the full weights, not stale shards
     d = Path(save_dir)
     final = d / iter_name(step)
     tmp = d / (iter_name(step) + ".tmp")

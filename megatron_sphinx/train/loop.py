@@ -198,7 +198,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
     par = ParallelSizes(dims.tp, dims.pp, dims.ep, dims.sequence_parallel)
     model = build_model(cfg, par, pgs, backend=backend, dtype=dtype, on_gpu=on_gpu,
                         recompute=rc.recompute, fp8=rc.fp8,
-                        overlap_grad_reduce=rc.overlap_grad_reduce)
+                        overlap_grad_reduce=rc.overlap_grad_reduce,
+                        overlap_param_gather=rc.overlap_param_gather)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None

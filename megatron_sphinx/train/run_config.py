@@ -65,6 +65,9 @@ class RunConfig:
     """Activation recompute: None, selective or full."""
     overlap_grad_reduce: bool = True
     """Reduce-scatter gradient buckets during the backward pass (False: after it)."""
+    overlap_param_gather: bool = True
+    """All-gather updated parameter buckets during the next forward pass (False: in the
+    optimizer step)."""
     fp8: bool = False
     """FP8 GEMMs in the Transformer Engine layers (hybrid E4M3/E5M2, delayed scaling)."""
     packing: bool = True
