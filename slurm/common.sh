@@ -180,7 +180,7 @@ sphinx_world() {
 # those only sphinx_run_step and sphinx_maybe_requeue read: a bad MAX_RESTARTS would otherwise
 # surface only after a stop, as a requeue without limit).
 _sphinx_check_train_numbers() {
-    sphinx_check_numbers count TP PP EP STEPS LOG_INTERVAL GLOBAL_BATCH_SIZE SEQ_LENGTH
+    sphinx_check_numbers count TP PP VPP EP STEPS LOG_INTERVAL GLOBAL_BATCH_SIZE SEQ_LENGTH
     sphinx_check_numbers whole SAVE_INTERVAL KEEP_LAST EXIT_INTERVAL SEED MAX_RESTARTS \
         STOP_REPEAT_S STEP_WAIT_S
     sphinx_check_numbers positive TIMEOUT_MINUTES EXIT_AFTER_MINUTES
@@ -213,20 +213,21 @@ _sphinx_check_recipe() {
     [ -n "${CONTAINER_IMAGE:-}" ] && return 0
     local msg
     msg=$("$PY" - "$RECIPE" "$WORLD" "$TP" "$PP" "$EP" "$SP" "$GLOBAL_BATCH_SIZE" "$SEQ_LENGTH" \
-          2>&1 <<'EOF'
+          "$VPP" 2>&1 <<'EOF'
 import sys
 
 try:
     from megatron_sphinx.config import get_recipe
     from megatron_sphinx.parallel_dims import ParallelDims
 
-    recipe, world, tp, pp, ep, sp, gbs, seq = sys.argv[1:]
+    recipe, world, tp, pp, ep, sp, gbs, seq, vpp = sys.argv[1:]
     cfg = get_recipe(recipe)
-    world, tp, pp, ep = int(world), int(tp), int(pp), int(ep)
+    world, tp, pp, ep, vpp = int(world), int(tp), int(pp), int(ep), int(vpp)
     sp = sp == "1" or (cfg.llm.is_moe and tp > 1)
     gbs = int(gbs) if gbs else cfg.train.global_batch_size
     seq = int(seq) if seq else cfg.train.seq_length
-    dims = ParallelDims(world_size=world, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)
+    dims = ParallelDims(world_size=world, tp=tp, pp=pp, ep=ep, sequence_parallel=sp,
+                        vpp=None if vpp == 1 else vpp)
     if gbs % dims.dp:
         raise ValueError(f"global batch {gbs} is not divisible by the data-parallel size "
                          f"{dims.dp}: change GLOBAL_BATCH_SIZE or the task count")
@@ -249,6 +250,7 @@ sphinx_train_args() {
     RECIPE=${RECIPE:-debug}
     TP=${TP:-1}
     PP=${PP:-1}
+    VPP=${VPP:-1}
     EP=${EP:-1}
     SP=${SP:-0}
     STEPS=${STEPS:-1000}
@@ -289,7 +291,8 @@ sphinx_train_args() {
     mkdir -p "$SAVE" 2>/dev/null || sphinx_die "SAVE=$SAVE cannot be created:" \
                                         "set SAVE to a writable directory on a file system every node sees"
 
-    TRAIN_ARGS=(-m megatron_sphinx.train --recipe "$RECIPE" --tp "$TP" --pp "$PP" --ep "$EP"
+    TRAIN_ARGS=(-m megatron_sphinx.train --recipe "$RECIPE" --tp "$TP" --pp "$PP" --vpp "$VPP"
+                --ep "$EP"
                 --steps "$STEPS" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
                 --keep-last "$KEEP_LAST" --timeout-minutes "$TIMEOUT_MINUTES"
                 --log-interval "$LOG_INTERVAL")

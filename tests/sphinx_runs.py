@@ -26,19 +26,21 @@ def small_recipe(name: str):
 
 
 def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234,
-          mbs=1, overlap=True, param_gather=True):
+          mbs=1, overlap=True, param_gather=True, vpp=1):
     """Process groups, model, optimizer, scheduler and synthetic loader of one rank
     (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward;
     ``param_gather``: the updated parameters gathered during the next forward)."""
     cfg = small_recipe(recipe)
     cfg.train.micro_batch_size = mbs
-    dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)
+    dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp,
+                        vpp=vpp if vpp > 1 else None)
     groups = init_distributed(dims, timeout_s=120, seed=seed)
     pgs = groups.collection
     torch.manual_seed(seed)
-    model = build_model(cfg, ParallelSizes(tp, pp, ep, sp), pgs, backend="local",
+    model = build_model(cfg, ParallelSizes(tp, pp, ep, sp, vpp), pgs, backend="local",
                         dtype=torch.float32, on_gpu=False, overlap_grad_reduce=overlap,
                         overlap_param_gather=param_gather)
+    assert len(model) == vpp
     assert model[0].ddp_config.overlap_grad_reduce is overlap
     assert model[0].ddp_config.overlap_param_gather is param_gather
     opt, sched = build_optimizer(cfg, model, pgs, dtype=torch.float32, total_steps=steps)

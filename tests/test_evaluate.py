@@ -60,7 +60,7 @@ def _evaluate_layout(rank, world_size, recipe, layout, init_ckpt):
 
 
 @pytest.mark.parametrize("recipe,layouts", [
-    ("debug", [(2, {}), (2, {"pp": 2}), (2, {"tp": 2})]),
+    ("debug", [(2, {}), (2, {"pp": 2}), (2, {"tp": 2}), (2, {"pp": 2, "vpp": 2})]),
     ("debug-moe", [(2, {"ep": 2})]),
 ], ids=["debug", "debug-moe"])
 def test_evaluation_loss_is_the_same_on_every_layout(tmp_path, recipe, layouts):

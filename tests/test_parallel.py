@@ -23,6 +23,9 @@ LAYOUTS = {
         ("dp2", 2, dict()),
         ("dp2_no_overlap", 2, dict(overlap=False, param_gather=False)),
         ("tp2_pp2", 4, dict(tp=2, pp=2)),
+        # interleaved schedule: two chunks of one layer per pipeline rank
+        ("pp2_vpp2", 2, dict(pp=2, vpp=2)),
+        ("pp2_vpp2_dp2", 4, dict(pp=2, vpp=2)),  # + each chunk's parameter gather aligned
         # micro-batches of 2 rows run as one THD sequence of 2 x seq_length tokens
         ("mbs2", 1, dict(mbs=2)),
         ("tp2_sp_mbs2", 2, dict(tp=2, sp=True, mbs=2)),
@@ -32,6 +35,7 @@ LAYOUTS = {
         ("ep2", 2, dict(ep=2)),
         ("tp2_sp_ep2", 4, dict(tp=2, ep=2, sp=True)),  # Megatron: MoE + TP needs SP
         ("ep2_mbs2", 2, dict(ep=2, mbs=2)),
+        ("pp2_vpp2_ep2", 4, dict(pp=2, vpp=2, ep=2)),
     ],
 }
 

@@ -64,6 +64,21 @@ def test_tp2_checkpoint_resumes_on_other_layouts(uninterrupted, tmp_path, target
 
 
 
+def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
+    """``--pp 2 --vpp 2`` saves two model chunks per rank (``model0``, ``model1``); their
+    layers carry global numbers, so one process resumes them exactly. (A layout's own
+    initial weights differ from one process's: the reference is the interleaved run.)"""
+    full, first, second = (str(tmp_path / name) for name in ("full", "vpp", "one"))
+    interleaved = partial(_train, pp=2, vpp=2)
+    assert run_ranks(interleaved, 2, full, timeout=300) == [0, 0]
+    assert run_ranks(partial(interleaved, exit_interval=3), 2, first, timeout=300) == [3, 3]
+    assert run_ranks(partial(_train, load=first), 1, second, timeout=300) == [0]
+    reference, resumed = _losses(full), _losses(second)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
 def _saved_weights(rank, world_size, ckpt) -> dict:
     """The model weights of a checkpoint as full tensors (no model needed)."""
     from megatron.core import dist_checkpointing

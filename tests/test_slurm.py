@@ -461,6 +461,8 @@ def _fake_job_env(tmp_path: Path, srun_rc: int = 0, **variables) -> tuple[dict, 
     ({"STEPS": "ten"}, "STEPS=ten must be a positive integer"),
     ({"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
     ({"SLURM_GPUS_ON_NODE": "1"}, "2 ranks per node but only 1 GPUs per node"),
+    ({"PP": "2", "VPP": "3"}, "pp*vpp = 2*3 does not divide the 4 layers of debug"),
+    ({"VPP": "0"}, "VPP=0 must be a positive integer"),
 ])
 def test_bad_variables_stop_before_srun(tmp_path, variables, expect):
     env, called = _fake_job_env(tmp_path, **variables)
@@ -479,7 +481,13 @@ def test_good_variables_reach_srun_with_the_layout(tmp_path):
                          timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert called.exists()
-    assert "TP=2 PP=1 EP=1" in out.stdout
+    assert "TP=2 PP=1 VPP=1 EP=1" in out.stdout
+    called.unlink()
+    env, called = _fake_job_env(tmp_path, PP="2", VPP="2")
+    out = subprocess.run(["bash", str(TRAIN_SBATCH)], env=env, text=True, capture_output=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--vpp\n2\n" in called.read_text()
 
 
 def _run_script(script: Path, env: dict, cwd: Path) -> tuple[int, list[str]]:

@@ -43,6 +43,20 @@ def test_parallel_sizes_that_do_not_divide(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--vpp", "2"], "vpp 2 needs pipeline parallelism"),
+    (["--vpp", "0"], "vpp must be a positive integer"),
+    (["--pp", "2", "--vpp", "3"], "pp*vpp = 2*3 does not divide the 4 layers"),
+    (["--pp", "2", "--vpp", "2", "--global-batch-size", "3"], "a multiple of pp 2"),
+])
+def test_interleaved_layouts_that_cannot_run(capsys, monkeypatch, argv, needle):
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert needle in _err(capsys, ["--recipe", "debug", *argv])
+
+
 def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
     """Every rank of a launch meets the same layout error: rank 0 prints it, the others stay
     quiet with the same exit code (a 64-GPU job printed it 64 times before)."""

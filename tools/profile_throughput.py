@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--vpp", type=int, default=1,
+                   help="virtual pipeline stages per pipeline rank (default 1: no interleaving)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--sp", action="store_true", help="sequence parallelism (on for MoE with TP)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per variant (default 5)")
@@ -222,7 +224,7 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
     from megatron_sphinx.train.run_config import RunConfig
 
     data = {"sample": None, "stream": "synthetic"}.get(args.data, args.data)
-    return RunConfig(recipe=args.recipe, tp=args.tp, pp=args.pp, ep=args.ep,
+    return RunConfig(recipe=args.recipe, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                      sequence_parallel=args.sp, steps=args.warmup + args.steps, data=data,
                      global_batch_size=args.global_batch_size, seq_length=args.seq_length,
                      micro_batch_size=args.micro_batch_size,
@@ -355,7 +357,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
             backend = choose_backend(args.backend)
             model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep,
-                                                    dims.sequence_parallel), pgs,
+                                                    dims.sequence_parallel, dims.vpp or 1), pgs,
                                 backend=backend, dtype=dtype, on_gpu=on_gpu,
                                 recompute=args.recompute, fp8=args.fp8)
             names = _variants(args)
@@ -388,7 +390,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             return {
                 "recipe": cfg.name, "machine": machine_info(),
                 "layout": {"world_size": dims.world_size, "tp": dims.tp, "pp": dims.pp,
-                           "ep": dims.ep, "dp": dims.dp,
+                           "vpp": dims.vpp or 1, "ep": dims.ep, "dp": dims.dp,
                            "sequence_parallel": dims.sequence_parallel},
                 "settings": {"seq_length": cfg.train.seq_length,
                              "global_batch_size": cfg.train.global_batch_size,

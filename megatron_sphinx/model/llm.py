@@ -32,6 +32,9 @@ class ParallelSizes:
     """Expert-parallel size."""
     sequence_parallel: bool = False
     """Shard LayerNorm/dropout activations along the sequence within the TP group."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank: 1 is plain 1F1B, more runs
+    Megatron's interleaved schedule (a smaller pipeline bubble)."""
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -72,6 +75,11 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
                       recompute_num_layers=1)
     elif recompute == "selective":
         kwargs.update(recompute_granularity="selective")
+    if par.vpp > 1:
+        # Megatron's defaults for the interleaved schedule. (Batched p2p is also wrong there at
+        # pp 2, where the previous and the next stage are the same rank.)
+        kwargs.update(virtual_pipeline_model_parallel_size=par.vpp, overlap_p2p_comm=True,
+                      batch_p2p_comm=False)
     if fp8:
         if backend != "te":
             raise ValueError("FP8 needs the Transformer Engine layers: use --backend te")
@@ -116,7 +124,7 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
 
 
 def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_process: bool,
-              post_process: bool, pg_collection=None) -> GPTModel:
+              post_process: bool, pg_collection=None, vp_stage: int | None = None) -> GPTModel:
     """Builds the LLM (or this pipeline stage's part of it).
 
     Args:
@@ -126,6 +134,7 @@ def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_pr
         pre_process: This stage holds the embedding.
         post_process: This stage holds the final norm and output layer.
         pg_collection: Megatron ``ProcessGroupCollection``; None takes Megatron's defaults.
+        vp_stage: This chunk's virtual pipeline stage (interleaved schedule), else None.
     """
     return GPTModel(
         config=config,
@@ -138,4 +147,5 @@ def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_pr
         position_embedding_type="rope",
         rotary_base=llm.rope_base,
         pg_collection=pg_collection,
+        vp_stage=vp_stage,
     )

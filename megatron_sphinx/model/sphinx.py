@@ -34,7 +34,7 @@ class ImageEmbeddings(nn.Module):
 
 
 class SphinxModel(MegatronModule):
-    """One pipeline stage of SPHINX-X.
+    """One pipeline stage of SPHINX-X (one model chunk of it under the interleaved schedule).
 
     Args:
         cfg: The recipe.
@@ -44,10 +44,12 @@ class SphinxModel(MegatronModule):
         post_process: Last pipeline stage (holds the output layer; forward returns losses).
         pg_collection: Megatron ``ProcessGroupCollection`` (its ``tp`` group is used for
             sequence-parallel packing).
+        vp_stage: The virtual pipeline stage of this chunk (interleaved schedule), else None.
     """
 
     def __init__(self, cfg: SphinxConfig, config: TransformerConfig, backend: str, *,
-                 pre_process: bool = True, post_process: bool = True, pg_collection=None):
+                 pre_process: bool = True, post_process: bool = True, pg_collection=None,
+                 vp_stage: int | None = None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False  # LLaMA-family: untied (read by Megatron)
@@ -61,7 +63,8 @@ class SphinxModel(MegatronModule):
                                        dtype=config.params_dtype)
             self.image_embeddings = ImageEmbeddings(cfg.llm.hidden_size, config.params_dtype)
         self.language_model = build_gpt(cfg.llm, config, backend, pre_process=pre_process,
-                                        post_process=post_process, pg_collection=pg_collection)
+                                        post_process=post_process, pg_collection=pg_collection,
+                                        vp_stage=vp_stage)
         if pre_process:
             # We build the LLM input ourselves and pass it as decoder_input; the word embedding
             # is only asked for the text rows, fully reduced over TP (no sequence scatter).

@@ -17,6 +17,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--vpp", type=int, default=1,
+                   help="virtual pipeline stages per pipeline rank: > 1 runs Megatron's "
+                   "interleaved schedule, a smaller pipeline bubble; pp * vpp must divide the "
+                   "layers and pp the micro-batches per step (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--sp", dest="sequence_parallel", action="store_true",
                    help="sequence parallelism within the TP group")

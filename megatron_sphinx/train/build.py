@@ -34,28 +34,50 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     :func:`sync_params` completes the gather where full weights are read outside a forward pass
     (a checkpoint save).
 
+    With ``par.vpp`` > 1 the rank holds ``vpp`` model chunks of ``layers / (pp * vpp)`` layers
+    each, run by Megatron's interleaved schedule; the first chunk of the first pipeline rank
+    holds the encoders, the projector and the embeddings, the last chunk of the last rank the
+    output layer.
+
     Returns:
-        A one-element list of model chunks, as Megatron's schedules expect.
+        This rank's model chunks (one without interleaving), as Megatron's schedules expect.
     """
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
                               recompute=recompute, fp8=fp8)
     pp = pg_collection.pp
-    # On GPUs, modules that do not place their parameters themselves (timm encoders, the
-    # projector) are created and initialised on the device directly.
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    with device:
-        model = SphinxModel(cfg, tcfg, backend, pre_process=pp.rank() == 0,
-                            post_process=pp.rank() == pp.size() - 1, pg_collection=pg_collection)
-    if dtype != torch.float32:
-        model = Float16Module(tcfg, model)
+    interleaved = par.vpp > 1
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather, use_distributed_optimizer=True,
+        # interleaved: the schedule starts each chunk's parameter gather (param_sync_func below)
+        align_param_gather=overlap_param_gather and interleaved,
         check_for_nan_in_grad=True, bucket_size=None)
-    ddp = DistributedDataParallel(tcfg, ddp_cfg, model, pg_collection=pg_collection)
-    tcfg.no_sync_func = ddp.no_sync
+    # On GPUs, modules that do not place their parameters themselves (timm encoders, the
+    # projector) are created and initialised on the device directly.
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    chunks = []
+    for vp_stage in range(par.vpp):
+        with device:
+            model = SphinxModel(
+                cfg, tcfg, backend, pg_collection=pg_collection,
+                pre_process=pp.rank() == 0 and vp_stage == 0,
+                post_process=pp.rank() == pp.size() - 1 and vp_stage == par.vpp - 1,
+                vp_stage=vp_stage if interleaved else None)
+        if dtype != torch.float32:
+            model = Float16Module(tcfg, model)
+        # As Megatron's training does: one bucket for every chunk after the first, whose
+        # reduce the interleaved schedule starts when the chunk's last backward is done.
+        chunks.append(DistributedDataParallel(tcfg, ddp_cfg, model, disable_bucketing=vp_stage > 0,
+                                              pg_collection=pg_collection))
+    # The schedules take one function per chunk when interleaved, else a function.
+    one_or_list = (lambda fns: fns) if interleaved else (lambda fns: fns[0])
+    tcfg.no_sync_func = one_or_list([c.no_sync for c in chunks])
+    if overlap_grad_reduce and interleaved:
+        tcfg.grad_sync_func = [c.start_grad_sync for c in chunks]
+    if overlap_param_gather and interleaved:
+        tcfg.param_sync_func = [c.start_param_sync for c in chunks]
     tcfg.finalize_model_grads_func = finalize_model_grads
-    return [ddp]
+    return chunks
 
 
 def sync_params(model_chunks: list) -> None:

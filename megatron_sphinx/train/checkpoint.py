@@ -213,14 +213,21 @@ def _core(chunk):
     return chunk
 
 
+def _chunk_names(model_chunks) -> list[str]:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
 def _sharded_state(model_chunks, optimizer, pgs, *, is_loading: bool, with_optimizer: bool,
                    with_rng: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd = _core(model_chunks[0]).sharded_state_dict()
-    state = {"model": model_sd}
+    # Megatron's naming: "model", or "model0", "model1", ... for interleaved chunks. Tensors are
+    # keyed by their global names (a chunk's layers by their global layer number), so the
+    # nesting does not tie a checkpoint to a layout.
+    state = {name: _core(chunk).sharded_state_dict()
+             for name, chunk in zip(_chunk_names(model_chunks), model_chunks)}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=OPT_METADATA)
     if with_rng:
         # One RNG state per (pp, tp, ep) coordinate; its expert-data-parallel replicas match.
@@ -311,7 +318,8 @@ def load_checkpoint(ckpt: str | Path, model_chunks, optimizer, scheduler, pgs, *
                            with_optimizer=with_optimizer, with_rng=with_optimizer and same_layout)
     loaded = dist_checkpointing.load(state, str(ckpt))
     common = dist_checkpointing.load_common_state_dict(str(ckpt))["state"]
-    _core(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    for name, chunk in zip(_chunk_names(model_chunks), model_chunks):
+        _core(chunk).load_state_dict(loaded[name], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])

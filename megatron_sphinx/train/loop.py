@@ -97,8 +97,11 @@ def train_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name, auto)
 
 
-def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parallel: bool):
+def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parallel: bool,
+                   vpp: int = 1):
     """The parallel layout of this launch, checked against the recipe (before any process group).
+
+    ``vpp`` > 1 interleaves that many virtual pipeline stages per pipeline rank.
 
     MoE layers with tensor parallelism need sequence parallelism in Megatron: it is switched on.
 
@@ -112,7 +115,7 @@ def validated_dims(cfg: SphinxConfig, tp: int, pp: int, ep: int, sequence_parall
         log.info("MoE with --tp %d: enabling sequence parallelism (Megatron requires it)", tp)
         sequence_parallel = True
     dims = ParallelDims(tp=tp, pp=pp, ep=ep, world_size=distributed.detect_launch_env().world_size,
-                        sequence_parallel=sequence_parallel)
+                        sequence_parallel=sequence_parallel, vpp=None if vpp == 1 else vpp)
     if cfg.train.global_batch_size % dims.dp:
         raise ValueError(f"global batch {cfg.train.global_batch_size} is not divisible by the "
                          f"data-parallel size {dims.dp}: change --global-batch-size")
@@ -140,7 +143,7 @@ def preflight(rc: RunConfig):
         ValueError: One line saying what to change.
     """
     cfg = resolve_recipe(rc)
-    dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel)
+    dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel, rc.vpp)
     dtype = train_dtype(rc.dtype)
     if rc.fp8:
         from megatron_sphinx.model.specs import check_fp8
@@ -192,10 +195,10 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     backend = choose_backend(rc.backend)
     if rank == 0:
-        log.info("recipe %s | layout tp=%d pp=%d ep=%d dp=%d sp=%s | backend %s | %s | %s",
-                 cfg.name, dims.tp, dims.pp, dims.ep, dims.dp, dims.sequence_parallel,
-                 backend, dtype, device)
-    par = ParallelSizes(dims.tp, dims.pp, dims.ep, dims.sequence_parallel)
+        log.info("recipe %s | layout tp=%d pp=%d%s ep=%d dp=%d sp=%s | backend %s | %s | %s",
+                 cfg.name, dims.tp, dims.pp, f" vpp={dims.vpp}" if dims.vpp else "", dims.ep,
+                 dims.dp, dims.sequence_parallel, backend, dtype, device)
+    par = ParallelSizes(dims.tp, dims.pp, dims.ep, dims.sequence_parallel, dims.vpp or 1)
     model = build_model(cfg, par, pgs, backend=backend, dtype=dtype, on_gpu=on_gpu,
                         recompute=rc.recompute, fp8=rc.fp8,
                         overlap_grad_reduce=rc.overlap_grad_reduce,
@@ -266,7 +269,8 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
         saved_at = step
         meta = ckpt_lib.CheckpointMeta(
             step=step, recipe=cfg.name,
-            layout={"tp": dims.tp, "pp": dims.pp, "ep": dims.ep, "dp": dims.dp},
+            layout={"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp or 1, "ep": dims.ep,
+                    "dp": dims.dp},
             code_version=ckpt_lib.code_version(), consumed=loader.state_dict())
         ckpt_lib.save_checkpoint(rc.save, step, model, optimizer, scheduler, pgs, meta=meta,
                                  common={"loader": loader.state_dict()}, keep_last=rc.keep_last)

@@ -21,6 +21,8 @@ class RunConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (> 1: Megatron's interleaved schedule)."""
     ep: int = 1
     """Expert-parallel size (MoE recipes)."""
     sequence_parallel: bool = False

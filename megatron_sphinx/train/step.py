@@ -58,13 +58,21 @@ def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
         The loss reports of the micro-batches (on the last pipeline stage; empty elsewhere).
     """
     pp = pg_collection.pp
-    fwd_bwd = get_forward_backward_func(pp_size=pp.size())
+    interleaved = len(model_chunks) > 1
+    fwd_bwd = get_forward_backward_func(pp_size=pp.size(),
+                                        vp_size=len(model_chunks) if interleaved else None)
     extra = {"pg_collection": pg_collection}
     if pp.size() > 1:
         extra["p2p_communicator"] = P2PCommunicator(pp_group=pp, config=model_chunks[0].config)
+    if interleaved:  # every chunk reads every micro-batch (the first chunk for its input,
+        # the others for cu_seqlens, the last for the labels): one iterator each
+        microbatches = list(microbatches)
+        data = [iter(microbatches) for _ in model_chunks]
+    else:
+        data = iter(microbatches)
     return fwd_bwd(
         forward_step_func=partial(forward_step, device),
-        data_iterator=iter(microbatches),
+        data_iterator=data,
         model=model_chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
