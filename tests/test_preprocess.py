@@ -9,8 +9,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from megatron_sphinx.data.preprocess import (
     BadImage, PreprocessSettings, load_image, probe_image)
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.sources import convert_source
-from megatron_sphinx.data.store import StoreReader
+from megatron_sphinx.data.store import StoreReader, create_store, read_meta
 from tests.files import snapshot, unreadable_mix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -636,3 +638,69 @@ def test_header_probes_agree_on_large_pngs_without_decoding(tmp_path, monkeypatc
     assert (info.height, info.width, info.orientation) == (*want, orientation or 1)
     assert image_hw(str(tmp_path / "big.png")) == want
     assert loader_probe(data).hw == want
+
+
+# ----------------------------------------------------------------------------- interrupted builds
+
+STALL_THEN_RUN = """
+import pathlib, runpy, sys, time
+from megatron_sphinx.data import build_store as bs
+started = pathlib.Path(sys.argv[1])
+def stall(*args, **kwargs):
+    started.write_text("writing")
+    time.sleep(120)
+bs.preprocess_rank = stall
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_puts_the_replaced_store_back(tmp_path, sample):
+    """A Slurm time limit or scancel (SIGTERM) while an --overwrite writes its shards: the new
+    store is removed, the old one renamed back, one error line, exit 128 + 15."""
+    tok = sample / "tokenizer"
+    out = tmp_path / "s.zarr"
+    _build(_text_mix(tmp_path / "old"), out, tok)
+    before = snapshot(out)
+    (tmp_path / "stall.py").write_text(STALL_THEN_RUN)
+    started = tmp_path / "started"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "stall.py"), str(started),
+         str(ROOT / "tools" / "preprocess_data.py"), "--mix", str(_text_mix(tmp_path / "new")),
+         "--tokenizer", str(tok), "--out", str(out), "--seq-length", "2048", "--overwrite",
+         "--no-progress"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
+    assert len(_hidden(tmp_path)) == 1  # the old store is aside while the new one is written
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0], err[-2000:]
+    assert snapshot(out) == before and len(StoreReader(out)) == 3
+    assert _hidden(tmp_path) == []
+
+
+def test_a_store_set_aside_by_a_killed_build_is_named_then_replaced(tmp_path, sample, caplog):
+    """SIGKILL leaves the replaced store in .NAME.old-*: the next build says where it is (and
+    changes nothing); the next --overwrite deletes it once the new store is complete."""
+    tok = sample / "tokenizer"
+    out = tmp_path / "s.zarr"
+    _build(_text_mix(tmp_path / "old"), out, tok)
+    holder = tmp_path / ".s.zarr.old-killed"
+    holder.mkdir()
+    os.rename(out, holder / "s.zarr")  # what a killed --overwrite leaves: the old store aside
+    kept = snapshot(holder / "s.zarr")
+    create_store(out, read_meta(holder / "s.zarr")[0])  # and the new one begun (no index)
+    with pytest.raises(BuildError, match=rf"interrupted build replaced is at {holder}/s.zarr: "
+                                         rf"move that back .* or pass --overwrite"):
+        _build(_text_mix(tmp_path / "new", records=5), out, tok)
+    assert snapshot(holder / "s.zarr") == kept
+    caplog.set_level(logging.INFO)
+    assert _build(_text_mix(tmp_path / "new", records=5), out, tok,
+                  overwrite=True)["total"]["written"] == 5
+    assert len(StoreReader(out)) == 5 and _hidden(tmp_path) == []
+    assert f"deleted {holder}/s.zarr" in caplog.text

@@ -13,13 +13,15 @@ Bad input ends with one ``error:`` line and exit code 2, before any rank has wri
 where possible (settings, the mix file and its paths, the output locations). A run that fails
 later, or whose records all get dropped, removes the store it began and puts back the store that
 ``--overwrite`` was replacing: the old store goes only once the new one is complete (all of it
-done by :func:`megatron_sphinx.data.build_store.build_store`). An unexpected error on one rank
-ends every rank (``MPI_Abort``) rather than leaving the others waiting.
+done by :func:`megatron_sphinx.data.build_store.build_store`). SIGTERM and SIGHUP (a Slurm time
+limit, ``scancel``) roll back the same way and exit with 128 + the signal's number. An unexpected
+error on one rank ends every rank (``MPI_Abort``) rather than leaving the others waiting.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -82,6 +84,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--log-level {args.log_level}: choose DEBUG, INFO, WARNING or ERROR")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (Slurm's time limit, ``scancel``, a closed terminal) turned into an
+    exception, so that rank 0 rolls ``--out`` back as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
     """Entry point: 0 on success, 2 with one line on stderr on bad input (nothing lost)."""
     from megatron_sphinx.cli import fail, launch_rank
@@ -99,10 +114,20 @@ def main(argv=None) -> int:
     spec = StoreSpec(args.mix, args.out, args.tokenizer, args.template, args.seq_length,
                      args.image_size, args.grid, args.overlong, args.overwrite,
                      args.summary_json, args.progress)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         build_store(spec, comm)  # logs the summary table on rank 0
     except BuildError as e:  # raised on every rank alike, --out already rolled back
         return fail(e) if comm.rank == 0 else 2
+    except Interrupted as e:  # --out already rolled back on rank 0
+        if comm.rank == 0:
+            print(f"error: stopped by {signal.Signals(e.signum).name}: the store this run began "
+                  "was removed and a store it was replacing put back; run it again to build "
+                  "the store", file=sys.stderr)
+        if comm.size > 1:
+            comm.abort(128 + e.signum)
+        return 128 + e.signum
     except BaseException:  # a bug on one rank: the others would wait for it forever
         if comm.size > 1:
             traceback.print_exc()

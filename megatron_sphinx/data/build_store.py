@@ -15,8 +15,11 @@ writes its shard; after a barrier rank 0 writes the index and returns the summar
 Nothing is lost when a build fails: a store that ``overwrite`` replaces is renamed aside (into a
 hidden ``.NAME.old-*`` folder next to ``out``) and deleted only once the new store is complete and
 holds at least one sample. A failed build (a :class:`BuildError`, raised alike on every rank, or
-any other exception on rank 0) removes the store it began and renames the old one back; an empty
+any other exception on rank 0, an interruption included: ``tools/preprocess_data.py`` turns
+SIGTERM and SIGHUP into one) removes the store it began and renames the old one back; an empty
 directory that was at ``out`` stays. A build in which no record became a sample is a failure.
+A build killed outright (SIGKILL) leaves the old store aside: the next build names it, and the
+next ``--overwrite`` deletes it once its new store is complete.
 """
 from __future__ import annotations
 
@@ -147,6 +150,16 @@ def fingerprint(spec: StoreSpec, mix, tok_id: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def set_aside(out: Path) -> list[Path]:
+    """Stores that a build replacing ``out`` set aside and never finished with: the
+    ``.NAME.old-*/NAME`` folders next to ``out`` (a build killed with SIGKILL, or a node that
+    died, cannot put them back)."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(h / out.name for h in out.parent.glob(f".{out.name}.old-*")
+                  if (h / out.name).is_dir())
+
+
 def prepare_output(out: Path, fp: str, overwrite: bool) -> tuple[str, str]:
     """Rank 0: what to do with ``out``; changes nothing.
 
@@ -166,6 +179,12 @@ def prepare_output(out: Path, fp: str, overwrite: bool) -> tuple[str, str]:
             return "uptodate", f"{out} already holds this store (same inputs and settings)"
         if not overwrite:
             what = "an incomplete store" if not complete else "a store made from other inputs"
+            aside = set_aside(out) if not complete else []
+            if aside:  # an interrupted --overwrite: say where the store it replaced is
+                return "error", (f"--out {out} holds an incomplete store, and the store an "
+                                 f"interrupted build replaced is at {aside[-1]}: move that back "
+                                 f"(rm -r {out} && mv {aside[-1]} {out}) or pass --overwrite "
+                                 "to build anew (nothing was changed)")
             return "error", (f"--out {out} holds {what}: pass --overwrite to replace it or "
                              "choose another --out (nothing was changed)")
         return "replace", ""
@@ -183,6 +202,12 @@ class _Output:
 
     def __init__(self, out: Path, replace: bool):
         self.out, self.was_dir, self.aside, self.done = out, out.is_dir(), None, False
+        # stores earlier interrupted builds set aside: replaced for good with this one
+        self.stale = set_aside(out) if replace else []
+        if not replace and set_aside(out):
+            logger.warning("an interrupted build left the store it replaced at %s: it is kept "
+                           "(delete it, or it is deleted by the next --overwrite of %s)",
+                           set_aside(out)[-1], out)
         if replace:
             holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             try:
@@ -200,6 +225,11 @@ class _Output:
         if self.aside is not None:
             shutil.rmtree(self.aside.parent, ignore_errors=True)
             self.aside = None
+        for old in self.stale:
+            logger.info("deleted %s, set aside by an interrupted build (--overwrite replaced it)",
+                        old)
+            shutil.rmtree(old.parent, ignore_errors=True)
+        self.stale = []
 
     def roll_back(self) -> str:
         """Removes what this build wrote at ``out`` and renames a replaced store back.
