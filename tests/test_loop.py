@@ -94,7 +94,8 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, eva
     pgs = types.SimpleNamespace(dp=None)
     code = 0
     try:
-        loop._run_steps(rc, cfg, types.SimpleNamespace(tp=1, pp=1, ep=1, dp=1), pgs, None,
+        dims = types.SimpleNamespace(tp=1, pp=1, vpp=None, ep=1, dp=1)
+        loop._run_steps(rc, cfg, dims, pgs, None,
                         types.SimpleNamespace(param_groups=groups),
                         types.SimpleNamespace(step=lambda increment: groups[0].update(
                             lr=groups[0]["lr"] + increment)), data_loader or _Loader(),
@@ -249,7 +250,8 @@ def _wiring(monkeypatch, **kw) -> dict:
     rc = RunConfig(recipe="debug", **kw)
     cfg = loop.resolve_recipe(rc)
     pgs = types.SimpleNamespace(dp=types.SimpleNamespace(rank=lambda: 0, size=lambda: 1))
-    dims = types.SimpleNamespace(tp=1, pp=1, ep=1, dp=1, sequence_parallel=False)
+    dims = types.SimpleNamespace(tp=1, pp=1, vpp=None, ep=1, dp=1,
+                                 sequence_parallel=False)
     try:
         loop._train(rc, cfg, dims, pgs, torch.float32, False, None, None)
     except Stop:

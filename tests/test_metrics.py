@@ -65,3 +65,55 @@ def test_a_step_without_gradient_norm(tmp_path, caplog):
     MetricsWriter(tmp_path, enabled=True).write(_record(1, grad_norm=None))
     assert "| grad_norm - |" in caplog.records[0].getMessage()
     assert _lines(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None
+
+
+def test_a_resume_drops_the_records_it_repeats(tmp_path, caplog):
+    """A run stopped at step 5 whose last checkpoint is step 3 resumes at step 4: its records of
+    steps 4 and 5 go (this run writes them again), the rest stays."""
+    run = tmp_path / "run"
+    w = MetricsWriter(run, enabled=True, first_step=1)
+    for step in range(1, 6):
+        w.write(_record(step), console=False)
+    caplog.set_level(logging.INFO)
+    w = MetricsWriter(run, enabled=True, first_step=4)
+    assert [r["step"] for r in _lines(run / "metrics.jsonl")] == [1, 2, 3]
+    assert "dropped 2 records of steps from 4 on" in caplog.text
+    w.write(_record(4, loss=1.0), console=False)
+    assert [(r["step"], r["loss"]) for r in _lines(run / "metrics.jsonl")] == [
+        (1, 2.5), (2, 2.5), (3, 2.5), (4, 1.0)]
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_follow_the_records(tmp_path):
+    """Every number of a record becomes a scalar at its step (``eval_*`` under ``eval/``); a
+    missing gradient norm (a skipped step) is no scalar; a resume purges the repeated steps."""
+    tb = tmp_path / "tb"
+    w = MetricsWriter(tmp_path / "run", enabled=True, tensorboard_dir=tb, first_step=1)
+    w.write(_record(1, loss=3.0), console=False)
+    w.write(_record(2, loss=2.0, grad_norm=None, eval_loss=2.25, eval_time_s=0.5,
+                    eval_loss_tokens=99), console=False)
+    w.write(_record(3, loss=1.5), console=False)
+    w.close()
+    got = _scalars(tb)
+    assert got["train/loss"] == [(1, 3.0), (2, 2.0), (3, 1.5)]
+    assert got["train/grad_norm"] == [(1, 0.75), (3, 0.75)]
+    assert got["eval/loss"] == [(2, 2.25)] and got["eval/time_s"] == [(2, 0.5)]
+    assert got["train/tokens_per_s"][0] == (1, 640.0)
+    w = MetricsWriter(tmp_path / "run", enabled=True, tensorboard_dir=tb, first_step=3)
+    w.write(_record(3, loss=1.25), console=False)
+    w.close()
+    assert _scalars(tb)["train/loss"] == [(1, 3.0), (2, 2.0), (3, 1.25)]
+
+
+def test_other_ranks_write_no_tensorboard_events(tmp_path):
+    w = MetricsWriter(tmp_path / "run", enabled=False, tensorboard_dir=tmp_path / "tb")
+    w.write(_record(1), console=False)
+    w.close()
+    assert not (tmp_path / "tb").exists()

@@ -37,15 +37,23 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_resume_same_layout_is_exact(uninterrupted, tmp_path):
-    save = str(tmp_path / "run")
-    assert run_ranks(partial(_train, exit_interval=3), 1, save, timeout=300) == [3]
+    save, tb = str(tmp_path / "run"), str(tmp_path / "tb")
+    assert run_ranks(partial(_train, exit_interval=3, tensorboard_dir=tb), 1, save,
+                     timeout=300) == [3]
     assert sorted(_losses(save)) == [1, 2, 3]
     assert (Path(save) / "iter_0000003" / "meta.json").exists()
-    assert run_ranks(_train, 1, save, timeout=300) == [0]  # resumes from --save, no flag
+    # resumes from --save, no flag
+    assert run_ranks(partial(_train, tensorboard_dir=tb), 1, save, timeout=300) == [0]
     resumed = _losses(save)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == uninterrupted[step], step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tb)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (step, pytest.approx(resumed[step], rel=1e-6)) for step in range(1, 7)]
 
 
 @pytest.mark.parametrize("target", [dict(world=1, layout={}), dict(world=2, layout={"pp": 2})],

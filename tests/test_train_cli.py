@@ -73,6 +73,12 @@ def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypat
     assert len(printed["0"]) == 1 and "world size 4 is not divisible by tp*pp" in printed["0"][0]
 
 
+def test_tensorboard_dir_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "tb").write_text("not a folder")
+    assert "--tensorboard-dir" in _err(capsys, ["--tensorboard-dir", str(tmp_path / "tb")])
+    assert (tmp_path / "tb").read_text() == "not a folder"
+
+
 def test_load_of_a_directory_that_is_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert "no complete checkpoint" in _err(capsys, ["--load", str(tmp_path)])

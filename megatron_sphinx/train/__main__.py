@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="collective timeout: a dead rank ends the job after this (default 10)")
     p.add_argument("--log-interval", type=int, default=1,
                    help="console line every N steps (default 1; metrics.jsonl has every step)")
+    p.add_argument("--tensorboard-dir", default=None,
+                   help="also write every step's loss, lr, gradient norm, throughput and "
+                   "evaluation loss as TensorBoard scalars there (rank 0; default: none)")
     p.add_argument("--eval-data", default=None,
                    help="held-out store (or 'synthetic') for the evaluation loss; default: none")
     p.add_argument("--eval-split", type=float, default=None,

@@ -255,7 +255,19 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
     if rc.save and rank == 0:
         Path(rc.save).mkdir(parents=True, exist_ok=True)
         (Path(rc.save) / "run.json").write_text(json.dumps(run_identity(cfg), indent=1))
-    metrics = MetricsWriter(rc.save, enabled=rank == 0)
+    metrics = MetricsWriter(rc.save, enabled=rank == 0, tensorboard_dir=rc.tensorboard_dir,
+                            first_step=start + 1)
+    try:
+        return _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
+                           on_gpu, start, stop, evaluator, metrics)
+    finally:
+        metrics.close()
+
+
+def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
+                start: int, stop: StopRequest, evaluator: Evaluator | None,
+                metrics: MetricsWriter) -> list[StepResult]:
+    rank = torch.distributed.get_rank()
     peak = device_peak_tflops()
     world = torch.distributed.get_world_size()
     results: list[StepResult] = []

@@ -1,6 +1,7 @@
 """The training run's settings (everything that is not the model recipe)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class RunConfig:
     """Collective timeout: a dead rank ends the job after at most this long."""
     log_interval: int = 1
     """Console line every N steps (metrics.jsonl gets every step)."""
+    tensorboard_dir: str | None = None
+    """Also write every step's numbers as TensorBoard scalars there (rank 0); None: no."""
     eval_data: str | None = None
     """A held-out preprocessed store (or ``synthetic``) to evaluate on; None: no evaluation."""
     eval_split: float | None = None
@@ -134,6 +137,8 @@ class RunConfig:
             raise ValueError(f"--dtype {self.dtype}: choose auto, bf16 or fp32")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"--recompute {self.recompute}: choose selective or full")
+        if self.tensorboard_dir is not None and not str(self.tensorboard_dir).strip():
+            raise ValueError("--tensorboard-dir is empty: pass a directory or leave it out")
         if self.data is not None and not str(self.data).strip():
             raise ValueError("--data is empty: pass a store path, synthetic, or leave it out")
         if self.eval_data is not None and not str(self.eval_data).strip():
@@ -217,6 +222,11 @@ def check_run_inputs(rc: RunConfig, cfg: SphinxConfig) -> None:
     if rc.eval_data not in (None, "synthetic"):
         check_store(rc.eval_data, "--eval-data", image_size=cfg.vision.image_size,
                     grid=cfg.vision.grid)
+    if rc.tensorboard_dir is not None:
+        check_output_dir(rc.tensorboard_dir, "--tensorboard-dir")
+        if importlib.util.find_spec("tensorboard") is None:  # torch.utils.tensorboard's need
+            raise ValueError("--tensorboard-dir needs the tensorboard package: pip install "
+                             "tensorboard (requirements.txt pins it), or leave the flag out")
     if rc.save:
         check_output_dir(rc.save, "--save")
         run_json = Path(rc.save) / "run.json"
