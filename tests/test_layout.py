@@ -175,3 +175,33 @@ def test_packed_rows_equal_each_sample_alone():
             assert torch.equal(pb.text_ids[text_off:text_off + t1], alone.text_ids)
             pos, text_off, view_off = pos + n, text_off + t1, view_off + v1
     assert text_off == T and view_off == V
+
+
+def test_later_pipeline_stages_copy_no_pixels():
+    """Only the chunk that builds the LLM input (the first stage's first chunk) gets the views,
+    text ids and pack index on its device; the others leave them on the host (a "meta" device
+    stands in for the GPU here)."""
+    from torch import nn
+
+    from megatron_sphinx.model.sphinx import SphinxModel
+    from megatron_sphinx.train.step import FIRST_STAGE_ONLY, forward_step
+
+    class Stage(SphinxModel):
+        def __init__(self, pre_process):
+            nn.Module.__init__(self)
+            self.pre_process = pre_process
+
+        def forward(self, batch):
+            return batch
+
+    rows = [[_sample(40, 30, hw=(300, 500))]]
+    views = torch.rand(image_geometry(300, 500, 448, 2).num_views, 3, 224, 224)
+    pb = build_packed_batch(rows, 2048, 448, 2, views)
+    meta = torch.device("meta")
+    for pre_process in (True, False):
+        got, _ = forward_step(meta, iter([pb]), Stage(pre_process))
+        devices = {name: v.device.type for name, v in vars(got).items() if torch.is_tensor(v)}
+        for name, device in devices.items():
+            stays = name in FIRST_STAGE_ONLY and not pre_process
+            assert device == ("cpu" if stays else "meta"), (pre_process, name)
+    assert {"views", "text_ids", "pack_index", "cu_seqlens", "labels"} <= set(devices)

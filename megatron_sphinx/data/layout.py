@@ -111,12 +111,15 @@ class PackedBatch:
         """``(b, s)``."""
         return tuple(self.labels.shape)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        """A copy with every tensor on ``device``."""
+    def to(self, device: torch.device | str, non_blocking: bool = False,
+           skip: tuple[str, ...] = ()) -> "PackedBatch":
+        """A copy with every tensor on ``device``, except those named in ``skip`` (left where
+        they are: a later pipeline stage never reads the pixels or the pack op's inputs)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+            move = torch.is_tensor(v) and f.name not in skip
+            out[f.name] = v.to(device, non_blocking=non_blocking) if move else v
         return PackedBatch(**out)
 
     def pin_memory(self) -> "PackedBatch":

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_sphinx.data.layout import PackedBatch
+from megatron_sphinx.train.build import unwrap
 
 
 @dataclass
@@ -42,9 +43,17 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+#: What only the first pipeline stage (its first chunk) reads: the LLM input's sources.
+FIRST_STAGE_ONLY = ("views", "text_ids", "pack_index")
+
+
 def forward_step(device: torch.device, data_iterator, model):
-    """Megatron forward-step function: runs the model on the next micro-batch."""
-    batch: PackedBatch = next(data_iterator).to(device, non_blocking=True)
+    """Megatron forward-step function: runs the model on the next micro-batch (copied to the
+    device without the pixels and the pack op's inputs where this chunk does not build the
+    LLM input)."""
+    batch: PackedBatch = next(data_iterator)
+    builds_input = unwrap(model).pre_process
+    batch = batch.to(device, non_blocking=True, skip=() if builds_input else FIRST_STAGE_ONLY)
     output = model(batch)
     return output, partial(loss_func, batch.loss_mask)
 
