@@ -15,11 +15,13 @@ optimizer, untied embeddings, no linear biases):
 * **activations**: tensors saved for backward, counted tensor by tensor for the layer code that
   runs (Korthikanti et al. 2022, "Reducing Activation Recomputation", Table 2, redone for RMSNorm,
   SwiGLU, grouped-query attention, no dropout, packed flash/SDPA attention, see
-  :func:`layer_activation_bytes`), for the stage's layers and the micro-batches 1F1B keeps in
-  flight on it (``min(pp - s, m)``), plus the projector and pack inputs (first stage), the final
-  norm, output layer and cross-entropy (last stage), and the largest transient: the frozen
-  encoders' forward working set (first stage, measured once on the meta device, like the encoder
-  FLOPs of :mod:`.flops`) or the start of backward (output-layer gradients);
+  :func:`layer_activation_bytes`), for the stage's layers and the micro-batches the pipeline
+  schedule keeps in flight on it (1F1B: ``min(pp - s, m)``; interleaved: chunk forward passes,
+  see :func:`warmup_passes` and :func:`schedule_peak`), plus the projector and pack inputs
+  (first stage, first chunk), the final norm, output layer and cross-entropy (last stage, last
+  chunk), and the largest transient: the frozen encoders' forward working set (first stage,
+  measured once on the meta device, like the encoder FLOPs of :mod:`.flops`) or the start of
+  backward (output-layer gradients);
 * **inputs**: the micro-batch tensors (views as fp32 pixels, index and label rows).
 
 Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (the planner keeps a
@@ -37,6 +39,7 @@ exist).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,6 +53,7 @@ from megatron_sphinx.data.geometry import POSITIONS_PER_VIEW
 from megatron_sphinx.model.llm import padded_vocab_size
 from megatron_sphinx.parallel_dims import ParallelDims
 from megatron_sphinx.train.flops import causal_pairs, step_flops
+from megatron_sphinx.train.pipeline_schedule import schedule_ops, schedule_peak, warmup_passes
 
 GIB = 1024 ** 3
 F32 = 4
@@ -264,6 +268,9 @@ def layer_activation_bytes(cfg: SphinxConfig, dims: ParallelDims, seq_length: in
     return attention + mlp
 
 
+_ops = functools.lru_cache(maxsize=4096)(schedule_ops)  # plan_layouts asks for the same often
+
+
 @dataclass
 class StageMemory:
     """Estimated peak memory of one rank of one pipeline stage (bytes)."""
@@ -335,36 +342,51 @@ def estimate_memory(cfg: SphinxConfig, dims: ParallelDims, *, seq_length: int,
     opt_bytes = 12 if E < 4 else 8
     v = cfg.vision.view_size
     inputs = n_views * 3 * v * v * F32 + (I64 * 4 + F32 * 2) * t  # views; ids, index, labels...
+    vpp = dims.vpp or 1
+    chunk_layers = cfg.llm.num_layers // (dims.pp * vpp)
     out = []
     for s in range(dims.pp):
         sp = stage_params(cfg, dims, s, frozen)
         first, last = s == 0, s == dims.pp - 1
-        in_flight = min(dims.pp - s, num_microbatches)
-        saved = stage_layers(cfg, dims.pp, s) * per_layer
-        extra = 0.0
+        head = tail = 0.0
         if first:  # projector input and LayerNorm input/statistics, pack index, token ids
-            extra += n_vis * (cfg.vision.channels + h) * E + 2 * F32 * n_vis + 2 * I64 * t
+            head = n_vis * (cfg.vision.channels + h) * E + 2 * F32 * n_vis + 2 * I64 * t
         if last:  # final norm, output-layer input, fp32 softmax of the cross-entropy, labels
-            extra += ((3 if path == "local" else 2) * ts * h * E + F32 * ts
-                      + F32 * t * vocab_l + (I64 + 1) * t)
-        bwd_transient = 0.0
-        if last:  # output-layer input gradient and weight gradient; bf16 logits-gradient cast
-            bwd_transient = t * h * E + vocab_l * h * E + (2 * t * vocab_l if E < 4 else 0)
-        if recompute == "full":
-            bwd_transient += full_layer  # one layer's activations rebuilt during its backward
-        train_peak = in_flight * (saved + extra) + bwd_transient
-        vision_peak = 0.0
-        if first:  # the encoders run while the earlier in-flight micro-batches are held
-            vision_peak = (in_flight - 1) * (saved + extra) + vis_base + vis_per_view * n_views
-        activations = max(train_peak, vision_peak)
+            tail = ((3 if path == "local" else 2) * ts * h * E + F32 * ts
+                    + F32 * t * vocab_l + (I64 + 1) * t)
+        # Per chunk: the first chunk of the first stage holds the projector and embedding
+        # activations and runs the encoders; the last chunk of the last stage holds the output
+        # layer and needs its gradients at the start of backward (bf16: logits-gradient cast).
+        saved = [chunk_layers * per_layer] * vpp
+        saved[0] += head
+        saved[-1] += tail
+        fwd_t = [vis_base + vis_per_view * n_views if first else 0.0] + [0.0] * (vpp - 1)
+        bwd_t = [full_layer if recompute == "full" else 0.0] * vpp  # one layer rebuilt
+        if last:
+            bwd_t[-1] += t * h * E + vocab_l * h * E + (2 * t * vocab_l if E < 4 else 0)
+        # At its peak 1F1B holds min(pp - s, m) micro-batches (warm-up + 1) of L / pp layers:
+        # L layers' activations on stage 0, L / pp on the last. Interleaving holds warm-up + 1
+        # = 2 (pp - s - 1) + (vpp - 1) pp + 1 chunk passes of L / (pp vpp) layers: on rank 0
+        # pp - 1 passes more than 1F1B's pp vpp, L (1 + (pp - 1) / (pp vpp)) layers; on the
+        # last rank about pp (vpp - 1) / vpp micro-batches instead of one (the ranks even out).
+        # Rank 0's first chunk keeps its projector inputs for up to 2 pp micro-batches
+        # (1F1B: pp), and its encoders run while the warm-up passes are held (at pp 2: L layers;
+        # 1F1B: L / 2). Replaying the pass order puts each chunk's extras and transients where
+        # the schedule has them.
+        ops = _ops(dims.pp, s, num_microbatches, dims.vpp)
+        activations = schedule_peak(ops, saved, fwd_t, bwd_t)
+        warm = warmup_passes(dims.pp, s, num_microbatches, dims.vpp)
         out.append(StageMemory(
             stage=s, params=sp.trainable * E, grads=sp.trainable * F32,
             optimizer=opt_bytes * (sp.dense / dims.dp + sp.expert / dims.expert_dp),
             encoders=sp.frozen * E, activations=activations, inputs=inputs,
             detail={"per_layer": per_layer, "layers": stage_layers(cfg, dims.pp, s),
-                    "in_flight": in_flight, "stage_extra": extra, "bwd_transient": bwd_transient,
+                    "vpp": vpp, "chunk_layers": chunk_layers, "warmup": warm,
+                    "in_flight": min(warm + 1, num_microbatches * vpp), "stage_extra": head + tail,
+                    "bwd_transient": max(bwd_t),
                     "vision_transient": vis_base + vis_per_view * n_views, "views": n_views}))
     return out
+
 
 
 # ------------------------------------------------------------------------------ step time
@@ -374,26 +396,45 @@ class StepTime:
     """FLOPs-based time of one optimizer step."""
 
     seconds: float
-    """Estimated step time."""
+    """Estimated step time: compute with the pipeline bubble, plus the pipeline messages."""
     model_flops: float
     """FLOPs of the step as :func:`.flops.step_flops` counts them (for MFU)."""
     executed_flops: float
     """Model FLOPs plus recomputation."""
     bubble_fraction: float
-    """Pipeline bubble: (pp - 1) / (m + pp - 1) of the step."""
+    """Pipeline bubble: (pp - 1) / (vpp * m + pp - 1) of the compute time (vpp 1: 1F1B)."""
+    p2p_seconds: float = 0.0
+    """Part of ``seconds`` spent on pipeline messages (0 without pipelining)."""
+    p2p_bytes: float = 0.0
+    """Bytes one pipeline rank sends per step (activations forward, gradients backward)."""
 
 
 def estimate_step_time(cfg: SphinxConfig, dims: ParallelDims, *, seq_length: int,
                        global_batch_size: int, mfu: float, peak_tflops: float,
                        recompute: Recompute = "none", sample_length: int | None = None,
-                       views_per_row: float | None = None) -> StepTime:
-    """Step time of a layout: FLOPs over the achieved throughput, with the 1F1B schedule.
+                       views_per_row: float | None = None, p2p_gbs: float = 25.0,
+                       p2p_latency_s: float = 20e-6, act_bytes: int = 2) -> StepTime:
+    """Step time of a layout: FLOPs over the achieved throughput, with the pipeline schedule.
 
     Each of the ``m = G / dp`` micro-batches (one packed row) costs, on stage ``s``, the LLM
     FLOPs of its layers divided over TP, plus on the first stage the frozen encoders and the
     projector, which every TP rank runs in full (they are replicated, not tensor-parallel).
-    1F1B takes ``m + pp - 1`` slots of the slowest stage. Compute runs at ``mfu * peak``;
-    communication is not modelled (it is what separates a real MFU from 1).
+    Compute runs at ``mfu * peak``.
+
+    1F1B takes ``m + pp - 1`` slots of the slowest stage (the first). The interleaved schedule
+    (``vpp`` chunks per rank) fills and drains with chunk passes of ``1 / vpp`` slot: it takes
+    ``m + (pp - 1) / vpp`` slots, a bubble of ``(pp - 1) / (vpp * m + pp - 1)`` (Narayanan et
+    al. 2021), assuming every chunk pass takes ``1 / vpp`` slot (the encoders, in the first
+    chunk only, make that one longer in practice).
+
+    Pipeline messages are the only communication modelled (TP, EP and DP collectives are what
+    separates a real MFU from 1): a rank sends each chunk pass's output forward and its input
+    gradient backward, ``2 * m * vpp`` messages (an inner rank's count; the end ranks send
+    ``m`` fewer) of one micro-batch's activations, ``[t/tp, h]`` under sequence parallelism.
+    Sends and receives overlap each other (full duplex) but not compute: each message adds
+    ``p2p_latency_s + bytes / p2p_gbs`` to the step. An upper bound (the interleaved schedule
+    runs with ``overlap_p2p_comm``, which hides part of it) on what interleaving pays for its
+    smaller bubble: ``vpp`` times the messages of 1F1B.
 
     Args:
         cfg: The recipe.
@@ -406,6 +447,11 @@ def estimate_step_time(cfg: SphinxConfig, dims: ParallelDims, *, seq_length: int
         sample_length: Mean packed-sample length for the attention cost; default one image
             sample (all views encoded plus 100 text tokens), at most ``seq_length``.
         views_per_row: Encoded views per row; default rows full of such samples.
+        p2p_gbs: Achieved point-to-point bandwidth between pipeline neighbours, GB/s
+            (Megatron's rank order puts pp outermost: neighbours sit on different nodes once
+            ``world / pp >= 8``; 25 is about half of a 400 Gb/s InfiniBand link per GPU).
+        p2p_latency_s: Fixed cost of one message.
+        act_bytes: Bytes per activation element in the messages (2 for bf16).
     """
     grid = cfg.vision.grid
     per_image = 1 + grid * grid
@@ -422,13 +468,22 @@ def estimate_step_time(cfg: SphinxConfig, dims: ParallelDims, *, seq_length: int
     extra = {"none": 0.0, "selective": row["attention"] / 3, "full": llm / 3}[recompute]
     vision_row = (vis["projector"] + vis["encoders"]) * views_per_row
     m = global_batch_size // dims.dp
+    pp, vpp = dims.pp, dims.vpp or 1
     rate = mfu * peak_tflops * 1e12
     # The first stage is the slowest: its share of the LLM plus the replicated vision work.
-    slot = ((llm + extra) / (dims.pp * dims.tp) + vision_row) / rate
-    seconds = (m + dims.pp - 1) * slot
+    slot = ((llm + extra) / (pp * dims.tp) + vision_row) / rate
+    compute = (m + (pp - 1) / vpp) * slot
+    p2p_bytes = p2p_seconds = 0.0
+    if pp > 1:
+        ts = seq_length / dims.tp if dims.sequence_parallel else seq_length
+        message = ts * cfg.llm.hidden_size * act_bytes
+        n_messages = 2 * m * vpp
+        p2p_bytes = n_messages * message
+        p2p_seconds = n_messages * (p2p_latency_s + message / (p2p_gbs * 1e9))
     model = global_batch_size * (llm + vision_row)
     executed = global_batch_size * (llm + extra + vision_row * dims.tp)
-    return StepTime(seconds, model, executed, (dims.pp - 1) / (m + dims.pp - 1))
+    return StepTime(compute + p2p_seconds, model, executed, (pp - 1) / (vpp * m + pp - 1),
+                    p2p_seconds, p2p_bytes)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -458,25 +513,39 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _vpp_options(pp: int, max_vpp: int) -> list[int | None]:
+    """None (1F1B), then 2, 4, ... up to ``max_vpp`` where there is a pipeline."""
+    out: list[int | None] = [None]
+    v = 2
+    while pp > 1 and v <= max_vpp:
+        out.append(v)
+        v *= 2
+    return out
+
+
 def plan_layouts(cfg: SphinxConfig, *, gpus: int, gpu_mem_gib: float, seq_length: int,
                  global_batch_size: int, mfu: float = 0.4, peak_tflops: float = 989.0,
                  headroom: float = 0.1, max_tp: int = 8, dtype: torch.dtype = torch.bfloat16,
                  path: KernelPath = "te", views: int | None = None,
                  recompute_options: tuple[Recompute, ...] = ("none", "selective", "full"),
-                 micro_batch_size: int = 1) -> list[LayoutPlan]:
-    """Every valid TP/PP/EP/DP layout and recompute option, sorted by estimated step time.
+                 micro_batch_size: int = 1, max_vpp: int = 8,
+                 p2p_gbs: float = 25.0) -> list[LayoutPlan]:
+    """Every valid TP/PP/VPP/EP/DP layout and recompute option, sorted by estimated step time.
 
     A layout is valid when :class:`ParallelDims` and its ``validate_model`` accept it
     (Megatron-Core 0.19 rules: ``etp * ep`` divides ``dp * tp``, ep divides the experts, MoE with
-    TP needs sequence parallelism...), tp is a power of two up to ``max_tp`` (one node),
-    sequence parallelism is on whenever tp > 1, and the global batch splits over dp into
-    micro-batches of ``micro_batch_size`` rows (run as one THD sequence, so estimated as one row
-    of ``micro_batch_size * seq_length`` positions; ``views`` is per row). It fits when its busiest stage needs at most
-    ``(1 - headroom) * gpu_mem_gib`` (the headroom covers the CUDA context, NCCL buffers and
-    fragmentation, which are not modelled).
+    TP needs sequence parallelism, interleaving needs pp >= 2, ``pp * vpp`` dividing the layers
+    and a micro-batch count that is a multiple of pp...), tp is a power of two up to ``max_tp``
+    (one node), vpp is 1 (plain 1F1B) or a power of two up to ``max_vpp``, sequence
+    parallelism is on whenever tp > 1, and the global batch splits over dp into micro-batches
+    of ``micro_batch_size`` rows (run as one THD sequence, so estimated as one row of
+    ``micro_batch_size * seq_length`` positions; ``views`` is per row). It fits when its
+    busiest stage needs at most ``(1 - headroom) * gpu_mem_gib`` (the headroom covers the CUDA
+    context, NCCL buffers and fragmentation, which are not modelled).
 
     Returns:
-        Every valid plan (fitting or not), fastest first; ties by lower peak memory.
+        Every valid plan (fitting or not), fastest first; ties by lower peak memory, then by
+        lower vpp.
     """
     llm = cfg.llm
     usable = (1.0 - headroom) * gpu_mem_gib * GIB
@@ -488,31 +557,33 @@ def plan_layouts(cfg: SphinxConfig, *, gpus: int, gpu_mem_gib: float, seq_length
             if gpus % (tp * pp):
                 continue
             for ep in eps:
-                try:
-                    dims = ParallelDims(world_size=gpus, tp=tp, pp=pp, ep=ep,
-                                        sequence_parallel=tp > 1)
-                    if global_batch_size % dims.dp or \
-                            (global_batch_size // dims.dp) % micro_batch_size:
+                for vpp in _vpp_options(pp, max_vpp):
+                    try:
+                        dims = ParallelDims(world_size=gpus, tp=tp, pp=pp, ep=ep, vpp=vpp,
+                                            sequence_parallel=tp > 1)
+                        if global_batch_size % dims.dp or \
+                                (global_batch_size // dims.dp) % micro_batch_size:
+                            continue
+                        m = global_batch_size // dims.dp // micro_batch_size
+                        dims.validate_model(num_layers=llm.num_layers,
+                                            num_heads=llm.num_attention_heads,
+                                            num_kv_heads=llm.num_query_groups,
+                                            num_experts=llm.num_experts, seq_length=seq_length,
+                                            num_microbatches=m, model_name=cfg.name)
+                    except ValueError:
                         continue
-                    m = global_batch_size // dims.dp // micro_batch_size
-                    dims.validate_model(num_layers=llm.num_layers,
-                                        num_heads=llm.num_attention_heads,
-                                        num_kv_heads=llm.num_query_groups,
-                                        num_experts=llm.num_experts, seq_length=seq_length,
-                                        num_microbatches=m, model_name=cfg.name)
-                except ValueError:
-                    continue
-                for rc in recompute_options:
-                    tokens = seq_length * micro_batch_size  # per micro-batch
-                    stages = estimate_memory(
-                        cfg, dims, seq_length=tokens, num_microbatches=m, dtype=dtype,
-                        path=path, recompute=rc,
-                        views=None if views is None else views * micro_batch_size)
-                    time = estimate_step_time(
-                        cfg, dims, seq_length=tokens,
-                        global_batch_size=global_batch_size // micro_batch_size, mfu=mfu,
-                        peak_tflops=peak_tflops, recompute=rc)
-                    peak = max(s.total for s in stages)
-                    plans.append(LayoutPlan(dims, rc, stages, time, peak <= usable))
-    plans.sort(key=lambda p: (p.time.seconds, p.peak.total))
+                    for rc in recompute_options:
+                        tokens = seq_length * micro_batch_size  # per micro-batch
+                        stages = estimate_memory(
+                            cfg, dims, seq_length=tokens, num_microbatches=m, dtype=dtype,
+                            path=path, recompute=rc,
+                            views=None if views is None else views * micro_batch_size)
+                        time = estimate_step_time(
+                            cfg, dims, seq_length=tokens,
+                            global_batch_size=global_batch_size // micro_batch_size, mfu=mfu,
+                            peak_tflops=peak_tflops, recompute=rc, p2p_gbs=p2p_gbs,
+                            act_bytes=torch.finfo(dtype).bits // 8)
+                        peak = max(s.total for s in stages)
+                        plans.append(LayoutPlan(dims, rc, stages, time, peak <= usable))
+    plans.sort(key=lambda p: (p.time.seconds, p.peak.total, p.dims.vpp or 1))
     return plans
