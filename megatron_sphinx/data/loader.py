@@ -19,11 +19,17 @@ each skipped sub-image costing ``POSITIONS_PER_VIEW`` positions instead of one).
 
 A sample whose image fails to decode (or whose decoded size differs from the stored one) is left
 out of its row with a logged, counted reason; the row keeps its other samples and the run goes on.
+:attr:`PackedLoader.stats` counts the work of the steps :meth:`PackedLoader.next_step` returned
+(each step's counts are added when it is returned), never that of prefetched steps dropped by
+:meth:`PackedLoader.pause` or a rewind.
 
 :meth:`PackedLoader.state_dict` is the planner state after the last step returned by
 :meth:`PackedLoader.next_step` (not the prefetched ones): the mix position and counts, and the
 packing window. It holds no rank-specific data, so a run resumed from it, with any data-parallel
-size, sees exactly the batches an uninterrupted run would.
+size, sees exactly the batches an uninterrupted run would. :meth:`PackedLoader.load_state_dict`
+(a rewind, as each held-out evaluation does) and :meth:`PackedLoader.pause` keep the worker pool
+and its image processors (DALI pipelines, GPU memory on a GPU); :meth:`PackedLoader.close` frees
+them.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import logging
 import queue
 import threading
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -335,11 +341,15 @@ class PackedLoader:
         # Worker threads do not inherit the CUDA device: pin the one current now (the rank's).
         self._gpu_index = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.stats: Counter = Counter()
+        """Counts of the steps returned so far (samples, tokens, positions, micro_batches,
+        truncated, skipped..., decode paths)."""
         self._stats_lock = threading.Lock()
+        self._skips_seen = 0  # every skip seen by a worker (rations the warnings)
         self._local = threading.local()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._submitted: set[Future] = set()  # submitted steps not yet returned
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ planning (global)
@@ -368,42 +378,43 @@ class PackedLoader:
                 num_threads=self.cfg.image_threads, skip_padded=self.cfg.skip_padded))
         return p
 
-    def _skip(self, step: int, index: int, reason: str) -> None:
+    def _skip(self, stats: Counter, step: int, index: int, reason: str) -> None:
+        stats["skipped"] += 1
+        stats[f"skipped:{reason.split(':')[0]}"] += 1
         with self._stats_lock:
-            self.stats["skipped"] += 1
-            self.stats[f"skipped:{reason.split(':')[0]}"] += 1
-            n = self.stats["skipped"]
+            self._skips_seen += 1
+            n = self._skips_seen
         logger.log(logging.WARNING if n <= _LOG_FIRST else logging.DEBUG,
                    "step %d: sample %d skipped (%s)", step, index, reason)
 
-    def _prepare(self, step: int, index: int, n: int) -> tuple[Sample, bytes | None] | None:
+    def _prepare(self, stats: Counter, step: int, index: int,
+                 n: int) -> tuple[Sample, bytes | None] | None:
         """Reads sample ``index``; truncates it to ``n`` positions when the plan says so."""
         cfg = self.cfg
         smp, img = self.source.get(index)
         full = smp.length(cfg.image_size, cfg.grid, cfg.skip_padded)
         if full != int(self.lengths[index]):
-            self._skip(step, index, f"length_mismatch: source says {self.lengths[index]}"
+            self._skip(stats, step, index, f"length_mismatch: source says {self.lengths[index]}"
                        f", sample has {full}")
             return None
         if n < full:  # truncated by the packer: keep the first n positions
             keep = n - smp.image_positions(cfg.image_size, cfg.grid, cfg.skip_padded)
             if smp.image_hw is not None and keep <= smp.image_slot:
-                self._skip(step, index, f"overlong_image: the image alone needs more than "
-                           f"seq_length {cfg.seq_length}")
+                self._skip(stats, step, index, "overlong_image: the image alone needs more "
+                           f"than seq_length {cfg.seq_length}")
                 return None
             smp = Sample(smp.input_ids[:keep], smp.target_mask[:keep], smp.image_hw,
                          smp.image_slot, smp.source_id)
-            with self._stats_lock:
-                self.stats["truncated"] += 1
+            stats["truncated"] += 1
         return smp, img
 
-    def _micro_batch(self, step: int, rows: list[list[Item]]) -> PackedBatch:
+    def _micro_batch(self, stats: Counter, step: int, rows: list[list[Item]]) -> PackedBatch:
         cfg = self.cfg
         got: list[list[tuple[int, Sample, bytes | None]]] = []
         for row in rows:
             out = []
             for index, n in row:
-                r = self._prepare(step, index, n)
+                r = self._prepare(stats, step, index, n)
                 if r is not None:
                     out.append((index, r[0], r[1]))
             got.append(out)
@@ -417,10 +428,11 @@ class PackedLoader:
                                              batch.sizes):
                 index, smp, _ = got[ri][k]
                 if err is not None:
-                    self._skip(step, index, f"image_decode: {err}")
+                    self._skip(stats, step, index, f"image_decode: {err}")
                     drop.add((ri, k))
                 elif tuple(hw) != tuple(smp.image_hw):
-                    self._skip(step, index, f"image_size: decoded {hw}, stored {smp.image_hw}")
+                    self._skip(stats, step, index,
+                               f"image_size: decoded {hw}, stored {smp.image_hw}")
                     drop.add((ri, k))
                 else:
                     keep_views.append(batch.views[offset:offset + cnt])
@@ -428,9 +440,7 @@ class PackedLoader:
             got = [[x for k, x in enumerate(row) if (ri, k) not in drop]
                    for ri, row in enumerate(got)]
             views = torch.cat(keep_views) if keep_views else None
-            with self._stats_lock:
-                for key, val in batch_paths(batch.paths).items():
-                    self.stats[key] += val
+            stats.update(batch_paths(batch.paths))
         sample_rows = [[x[1] for x in row] for row in got]
         s = cfg.seq_length
         if cfg.pad_to_multiple:
@@ -441,24 +451,30 @@ class PackedLoader:
         pb = build_packed_batch(sample_rows, s, cfg.image_size, cfg.grid, views,
                                 skip_padded=cfg.skip_padded)
         pb = pb.pin_memory()  # in a worker, off the training loop's path (no-op without CUDA)
-        with self._stats_lock:
-            self.stats["samples"] += pb.num_samples
-            self.stats["tokens"] += pb.num_tokens
-            self.stats["positions"] += pb.labels.numel()
-            self.stats["micro_batches"] += 1
+        stats.update(samples=pb.num_samples, tokens=pb.num_tokens, positions=pb.labels.numel(),
+                     micro_batches=1)
         return pb
 
-    def _materialize(self, plan: _StepPlan) -> list[PackedBatch]:
-        m = self.cfg.micro_batch_size
-        return [self._micro_batch(plan.step, plan.rows[a:a + m])
-                for a in range(0, len(plan.rows), m)]
+    def _materialize(self, plan: _StepPlan) -> tuple[list[PackedBatch], Counter]:
+        """The step's micro-batches and their counts (added to ``stats`` once returned)."""
+        m, stats = self.cfg.micro_batch_size, Counter()
+        return [self._micro_batch(stats, plan.step, plan.rows[a:a + m])
+                for a in range(0, len(plan.rows), m)], stats
+
+    def _returned(self, out: tuple[list[PackedBatch], Counter], state: dict) -> list[PackedBatch]:
+        with self._stats_lock:
+            self.stats.update(out[1])
+        self._consumed = state
+        return out[0]
 
     # ------------------------------------------------------------------ background
     def _producer(self) -> None:
         try:
             while not self._stop.is_set():
                 plan = self._plan_next()
-                item = (self._pool.submit(self._materialize, plan), plan.state_after)
+                fut = self._pool.submit(self._materialize, plan)
+                self._submitted.add(fut)  # before it can reach the consumer, who discards it
+                item = (fut, plan.state_after)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -473,25 +489,46 @@ class PackedLoader:
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.cfg.prefetch_steps)
-        self._pool = ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="loader")
+        if self._pool is None:  # kept over pauses and rewinds, with its threads' processors
+            self._pool = ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="loader")
         self._thread = threading.Thread(target=self._producer, name="loader-plan", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stops the background threads; prefetched steps are discarded (the state is kept)."""
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def pause(self) -> None:
+        """Stops planning and loading ahead; the prefetched steps are dropped (queued ones
+        cancelled, running ones waited for), the worker pool and its image processors kept.
+
+        The state stays the last returned step's: the next :meth:`next_step` restarts the
+        background work from there and returns the step that would have come next.
+        """
         if self._thread is None:
             return
         self._stop.set()
-        while True:  # unblock the producer and drop prefetched work
-            try:
-                fut, _ = self._queue.get_nowait()
-                fut.cancel()
-            except queue.Empty:
-                break
-        self._thread.join()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._thread = self._pool = self._queue = None
+        while self._thread.is_alive():  # a producer blocked on a full queue needs room to stop
+            self._drain()
+            self._thread.join(timeout=0.05)
+        self._drain()
+        dropped, self._submitted = self._submitted, set()
+        for fut in dropped:
+            fut.cancel()
+        wait(dropped)  # nothing dropped runs on while the planner is restored or after
+        self._thread = self._queue = None
         self._restore_planner(self._consumed)
+
+    def close(self) -> None:
+        """:meth:`pause`, then stops the worker threads, freeing their image processors (the
+        state is kept; a later :meth:`next_step` starts new workers). Safe to call again."""
+        self.pause()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None  # the threads' processors go with them
 
     def __enter__(self) -> "PackedLoader":
         return self
@@ -505,15 +542,12 @@ class PackedLoader:
         them, ``micro_batch_size`` rows each) for the next optimizer step."""
         if self.cfg.num_workers == 0:
             plan = self._plan_next()
-            out = self._materialize(plan)
-            self._consumed = plan.state_after
-            return out
+            return self._returned(self._materialize(plan), plan.state_after)
         if self._thread is None:
             self._start()
         fut, state = self._queue.get()
-        out = fut.result()
-        self._consumed = state
-        return out
+        self._submitted.discard(fut)
+        return self._returned(fut.result(), state)
 
     def __iter__(self):
         while True:
@@ -553,7 +587,7 @@ class PackedLoader:
                      micro_batch_size=self.cfg.micro_batch_size,
                      seq_length=self.cfg.seq_length, packing=self.cfg.packing,
                      skip_padded=self.cfg.skip_padded)
-        self.close()
+        self.pause()  # the workers and their image processors stay
         self._restore_planner(state)
 
     @property

@@ -5,7 +5,9 @@ start of its stream (the loader's first state is kept and restored), so the eval
 one run, of its resumed continuation and of any parallel layout are comparable number for
 number. The batches are built like the training batches (global batch, micro-batch, sequence
 length, packing and skipping), run forward only, and nothing of the training state changes: no
-gradient, no optimizer step, and the training data stream does not move.
+gradient, no optimizer step, and the training data stream does not move. Between evaluations
+the loader is paused (no decoding in the background during training) but keeps its workers and
+their image processors, so an evaluation does not rebuild them; they go at the end of training.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ class Evaluator:
 
     Args:
         loader: The evaluation loader of this data-parallel rank (``next_step``,
-            ``state_dict``, ``load_state_dict``; ``close`` if it has background workers).
+            ``state_dict``, ``load_state_dict``; if it has background workers, ``pause`` to stop
+            them between evaluations and ``close`` at the end, or only ``close`` for both).
         batches: Global batches per evaluation.
         seq_length: Tokens per micro-batch (as for the training step).
         pg_collection: Megatron process groups.
@@ -68,7 +71,7 @@ class Evaluator:
         finally:
             for chunk in model_chunks:
                 chunk.train()
-            self.close()
+            self._pause()
         if tokens == 0:
             log.warning("the evaluation batches hold no trained token (no answers): the "
                         "evaluation loss is NaN")
@@ -76,8 +79,14 @@ class Evaluator:
                           num_loss_tokens=tokens,
                           time_s=time.perf_counter() - t0)
 
+    def _pause(self) -> None:
+        """Stops the loader's background work until the next evaluation (its workers stay)."""
+        stop = getattr(self.loader, "pause", None) or getattr(self.loader, "close", None)
+        if stop is not None:
+            stop()
+
     def close(self) -> None:
-        """Stops the loader's background workers (until the next evaluation)."""
+        """Frees the loader's background workers (at the end of training)."""
         if hasattr(self.loader, "close"):
             self.loader.close()
 
