@@ -268,7 +268,7 @@ def test_sbatch_two_tasks_trains_saves_and_logs(cluster, reference):
     assert kept == [f"iter_{STEPS - 2:07d}", f"iter_{STEPS:07d}"]
     meta = json.loads((save / f"iter_{STEPS:07d}" / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["recipe"] == "debug"
-    assert meta["layout"] == {"tp": 1, "pp": 1, "ep": 1, "dp": 2}
+    assert meta["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "ep": 1, "dp": 2}
     assert (work / "logs" / f"sphinx-train-{job}.out").exists()
     assert_nothing_left(job)
 
@@ -325,7 +325,11 @@ def test_kill_9_of_one_rank_ends_job_and_restart_resumes(cluster, reference, wor
     log2 = log_of(work, job2)
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
     assert re.search(rf"resumed from \S+/{resume_from} at step 2\b", log2), log2[-3000:]
-    assert_matches_reference(read_metrics(save)[done_before:], ref, 3)
+    # the killed run's records after its checkpoint (step 3 on) gave way to the redone steps
+    assert done_before >= 3
+    records = read_metrics(save)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert_matches_reference(records[2:], ref, 3)
     assert_nothing_left(job2)
 
 
@@ -380,7 +384,10 @@ def test_rank_frozen_during_save_times_out_and_previous_checkpoint_resumes(
     assert info2["JobState"] == "COMPLETED", log2[-3000:]
     assert "(torchrun launch)" in log2
     assert re.search(rf"resumed from \S+/{before} at step {frozen - 2}\b", log2), log2[-3000:]
-    assert_matches_reference(read_metrics(save)[done_before:], ref, frozen - 1)
+    assert done_before >= frozen - 1  # the frozen run's steps after its last checkpoint ...
+    records = read_metrics(save)  # ... gave way to the redone ones
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert_matches_reference(records[frozen - 2:], ref, frozen - 1)
     assert not list(save.glob("*.tmp")), "the restarted run left a partial save behind"
     assert latest(save) == f"iter_{STEPS:07d}"
     assert "timeout" in log.lower() or "timed out" in log.lower(), log[-3000:]
