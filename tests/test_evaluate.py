@@ -111,6 +111,20 @@ def test_evaluation_leaves_training_untouched_and_resumes(tmp_path):
         assert resumed[step]["eval_loss"] == full[step]["eval_loss"], step
 
 
+def test_evaluation_between_interleaved_dp2_steps_leaves_training_untouched(tmp_path):
+    """pp2 vpp2 dp2: the evaluation's forward passes gather the parameters bucket by bucket,
+    while training's interleaved schedule starts each chunk's gather itself; the training
+    losses stay those of a run without evaluation."""
+    plain, evald = str(tmp_path / "plain"), str(tmp_path / "eval")
+    kw = dict(pp=2, vpp=2, global_batch_size=4)
+    assert run_ranks(partial(_train, **kw), 4, plain, timeout=300) == [0] * 4
+    assert run_ranks(partial(_train, eval_data="synthetic", eval_interval=2, eval_batches=2,
+                             **kw), 4, evald, timeout=300) == [0] * 4
+    base, full = _records(plain), _records(evald)
+    assert [full[s]["loss"] for s in range(1, 5)] == [base[s]["loss"] for s in range(1, 5)]
+    assert [s for s in full if "eval_loss" in full[s]] == [2, 4]
+
+
 def _text_store(path: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
     samples = []
