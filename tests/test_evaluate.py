@@ -12,7 +12,7 @@ import torch
 
 from megatron_sphinx import cpu_compat
 from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.loader import InMemorySource
+from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.data.synthetic import SyntheticLoader
 from megatron_sphinx.train import checkpoint as ckpt_lib
 from megatron_sphinx.train.evaluate import Evaluator, evaluation_due

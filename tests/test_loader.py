@@ -9,8 +9,8 @@ import torch
 
 from megatron_sphinx.data.images import probe_image
 from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.loader import (InMemorySource, LoaderConfig, PackedLoader,
-                                         SampleSource, views_per_sample)
+from megatron_sphinx.data.loader import LoaderConfig, PackedLoader, views_per_sample
+from megatron_sphinx.data.sample_source import InMemorySource, SampleSource
 from megatron_sphinx.data.geometry import image_geometry
 
 IMAGES = Path("/work/shared/testdata/images")

@@ -15,7 +15,8 @@ import torch
 from megatron_sphinx.data import loader as loader_mod
 from megatron_sphinx.data.images import probe_image
 from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader
+from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
+from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.data.store import StoreReader
 from megatron_sphinx.train import evaluate
 from megatron_sphinx.train.evaluate import Evaluator

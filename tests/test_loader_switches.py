@@ -16,8 +16,9 @@ from megatron_sphinx.config import CLIP_MEAN
 from megatron_sphinx.data.geometry import POSITIONS_PER_VIEW, image_geometry
 from megatron_sphinx.data.images import ImageConfig, ImageProcessor, reference_views
 from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader
+from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
 from megatron_sphinx.data.mix import BlendedMix
+from megatron_sphinx.data.sample_source import InMemorySource
 
 WIDE_JPEG = Path("/work/shared/testdata/images/adversarial/wide_4000x60.jpg")
 SEQ = 2048

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from megatron_sphinx.data.layout import Sample
-from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader
+from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
+from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.data.split import SubsetSource, held_out, split_source
 from megatron_sphinx.data.store import StoreReader
 from tests.stores import write_source_store

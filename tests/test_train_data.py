@@ -8,7 +8,7 @@ import torch
 from megatron_sphinx.config import get_recipe
 from megatron_sphinx.data.geometry import POSITIONS_PER_SKIP, POSITIONS_PER_VIEW
 from megatron_sphinx.data.layout import Sample, build_packed_batch
-from megatron_sphinx.data.loader import InMemorySource
+from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.train.data import TRIM_MULTIPLE, build_loader, loader_summary
 from megatron_sphinx.train.run_config import RunConfig
 from tests.stores import write_source_store

@@ -46,8 +46,9 @@ from megatron_sphinx.data.geometry import image_geometry  # noqa: E402
 from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, probe_image,  # noqa: E402
                                          reference_views)
 from megatron_sphinx.data.layout import Sample  # noqa: E402
-from megatron_sphinx.data.loader import InMemorySource, LoaderConfig, PackedLoader  # noqa: E402
+from megatron_sphinx.data.loader import LoaderConfig, PackedLoader  # noqa: E402
 from megatron_sphinx.data.mix import BlendedMix  # noqa: E402
+from megatron_sphinx.data.sample_source import InMemorySource  # noqa: E402
 from megatron_sphinx.data.packing import (PackingConfig, offline_efficiency,  # noqa: E402
                                           padded_efficiency,
                                           simulate_packing, synthetic_paper_lengths,
