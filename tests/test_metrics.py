@@ -74,10 +74,12 @@ def test_a_resume_drops_the_records_it_repeats(tmp_path, caplog):
     w = MetricsWriter(run, enabled=True, first_step=1)
     for step in range(1, 6):
         w.write(_record(step), console=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "total_st')  # killed while writing step 6
     caplog.set_level(logging.INFO)
     w = MetricsWriter(run, enabled=True, first_step=4)
     assert [r["step"] for r in _lines(run / "metrics.jsonl")] == [1, 2, 3]
-    assert "dropped 2 records of steps from 4 on" in caplog.text
+    assert "dropped 3 records of steps from 4 on" in caplog.text
     w.write(_record(4, loss=1.0), console=False)
     assert [(r["step"], r["loss"]) for r in _lines(run / "metrics.jsonl")] == [
         (1, 2.5), (2, 2.5), (3, 2.5), (4, 1.0)]

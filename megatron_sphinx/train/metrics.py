@@ -45,11 +45,13 @@ class MetricsWriter:
 
     def _drop_from(self, first_step: int) -> None:
         """Drops the records of steps >= ``first_step`` (a stopped run's steps after the
-        checkpoint this run resumes from, which this run computes again)."""
+        checkpoint this run resumes from, which this run computes again) and a last line that
+        a killed run left unfinished."""
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if _step_of(line) < first_step]
+        whole = lines if not lines or lines[-1].endswith("\n") else lines[:-1]  # a torn write
+        keep = [line for line in whole if _step_of(line) < first_step]
         if len(keep) == len(lines):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -135,7 +135,8 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
     update_successful, grad_norm, _ = optimizer.step()
     loss_sum, tokens = global_loss(reports, pg_collection=pg_collection, device=device,
                                    dp_group=dp_group)
-    return StepResult(loss=loss_sum / max(tokens, 1), grad_norm=None if grad_norm is None else float(grad_norm),
+    return StepResult(loss=loss_sum / max(tokens, 1),
+                      grad_norm=None if grad_norm is None else float(grad_norm),
                       num_loss_tokens=tokens, update_successful=bool(update_successful))
 
 
