@@ -17,6 +17,7 @@ from megatron_sphinx.data.synthetic import SyntheticLoader
 from megatron_sphinx.train import checkpoint as ckpt_lib
 from megatron_sphinx.train.evaluate import Evaluator, evaluation_due
 from megatron_sphinx.train.metrics import MetricsWriter
+from megatron_sphinx.train.step import LossTotals
 from tests.dist_harness import run_ranks
 from tests.sphinx_runs import GLOBAL_BATCH, SEQ, save_initial_weights, setup
 from tests.stores import write_source_store
@@ -249,12 +250,12 @@ class _Chunk:
 def _fake_eval_step(calls: list, tokens_of):
     """A forward step whose batch ``k`` has mean loss ``k`` over ``tokens_of(k)`` tokens."""
     def eval_step(model_chunks, micro, *, num_microbatches, seq_length, pg_collection, device,
-                  dp_group):
+                  dp_group, num_sources):
         k = micro[0]
         calls.append(dict(batch=k, training=[c.training for c in model_chunks],
                           num_microbatches=num_microbatches, seq_length=seq_length,
                           dp_group=dp_group))
-        return float(k * tokens_of(k)), tokens_of(k)
+        return LossTotals(float(k * tokens_of(k)), tokens_of(k))
     return eval_step
 
 

@@ -199,7 +199,7 @@ def test_later_pipeline_stages_copy_no_pixels():
     pb = build_packed_batch(rows, 2048, 448, 2, views)
     meta = torch.device("meta")
     for pre_process in (True, False):
-        got, _ = forward_step(meta, iter([pb]), Stage(pre_process))
+        got, _ = forward_step(meta, 1, iter([pb]), Stage(pre_process))
         devices = {name: v.device.type for name, v in vars(got).items() if torch.is_tensor(v)}
         for name, device in devices.items():
             stays = name in FIRST_STAGE_ONLY and not pre_process

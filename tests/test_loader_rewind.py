@@ -20,6 +20,7 @@ from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.data.store import StoreReader
 from megatron_sphinx.train import evaluate
 from megatron_sphinx.train.evaluate import Evaluator
+from megatron_sphinx.train.step import LossTotals
 from tests.stores import write_source_store
 
 IMAGES = Path("/work/shared/testdata/images")
@@ -187,7 +188,7 @@ def _batch_loss(calls: list):
                 + float(pb.views.double().sum())
                 for pb in micro)
         n = sum(pb.num_tokens for pb in micro)
-        return s, n
+        return LossTotals(s, n)
     return eval_step
 
 
@@ -234,7 +235,7 @@ class _PausingLoader:
 
 
 def test_evaluator_pauses_between_evaluations_and_closes_at_the_end(monkeypatch):
-    monkeypatch.setattr(evaluate, "eval_step", lambda chunks, micro, **kw: (1.0, 1))
+    monkeypatch.setattr(evaluate, "eval_step", lambda chunks, micro, **kw: LossTotals(1.0, 1))
     ld = _PausingLoader()
     ev = Evaluator(ld, 2, seq_length=8, pg_collection=type("G", (), {"dp": None})(),
                    device=torch.device("cpu"))

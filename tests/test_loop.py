@@ -277,7 +277,7 @@ def test_a_step_megatron_skips_reports_no_gradient_norm(monkeypatch):
     from megatron_sphinx.train import step
 
     monkeypatch.setattr(step, "run_schedule", lambda *a, **k: [])
-    monkeypatch.setattr(step, "global_loss", lambda reports, **k: (12.0, 4))
+    monkeypatch.setattr(step, "global_loss", lambda reports, **k: step.LossTotals(12.0, 4))
     chunk = types.SimpleNamespace(zero_grad_buffer=lambda: None)
     for reported, want in ((None, None), (0.25, 0.25)):
         opt = types.SimpleNamespace(zero_grad=lambda: None,

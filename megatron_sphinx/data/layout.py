@@ -89,6 +89,8 @@ class PackedBatch:
         view_counts: int64 ``[n_images]`` encoded views per image, in packed order.
         sample_lengths: Positions of each real sample, in packed order (padding segments are
             not samples: attention FLOPs are counted from these).
+        loss_sources: int64 ``[b, s]`` mix source of the sample at each position, -1 on
+            padding (the loss is reported per source with it).
     """
 
     text_ids: torch.Tensor
@@ -105,6 +107,7 @@ class PackedBatch:
     num_skipped: int
     view_counts: torch.Tensor
     sample_lengths: tuple[int, ...] = ()
+    loss_sources: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -160,6 +163,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
     loss_mask = np.zeros((b, s), dtype=np.float32)
     position_ids = np.zeros((b, s), dtype=np.int64)
     segment_ids = np.zeros((b, s), dtype=np.int32)
+    sources = np.full((b, s), -1, dtype=np.int64)
     seg_lengths: list[int] = []
     sample_lengths: list[int] = []
     text_chunks: list[np.ndarray] = []
@@ -215,6 +219,7 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
             loss_mask[r, pos:pos + n - 1] = trg[1:]
             position_ids[r, pos:pos + n] = np.arange(n)
             segment_ids[r, pos:pos + n] = seg
+            sources[r, pos:pos + n] = smp.source_id
             seg_lengths.append(n)
             sample_lengths.append(n)
             pos += n
@@ -246,4 +251,5 @@ def build_packed_batch(rows: list[list[Sample]], seq_length: int, image_size: in
         num_skipped=n_skipped,
         view_counts=torch.tensor(view_counts, dtype=torch.int64),
         sample_lengths=tuple(sample_lengths),
+        loss_sources=torch.from_numpy(sources),
     )

@@ -69,6 +69,18 @@ TRIM_MULTIPLE = 64
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 
 
+def source_names(loader) -> list[str]:
+    """The mix sources a loader reads, by source id (synthetic data: one, unnamed)."""
+    source = getattr(loader, "source", None)
+    return list(source.source_names) if source is not None else ["synthetic"]
+
+
+def by_source(names: list[str], pairs) -> dict[str, float]:
+    """``{source name: mean loss per trained token}`` of the sources with trained tokens, from
+    ``(loss sum, tokens)`` pairs by source id (empty for a one-source mix)."""
+    return {name: total / tokens for name, (total, tokens) in zip(names, pairs) if tokens}
+
+
 def ensure_sample_store(cfg: SphinxConfig) -> Path:
     """The store of the embedded sample data, generated and preprocessed once (rank 0 builds,
     the other ranks wait)."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megatron_sphinx.train.step import eval_step
+from megatron_sphinx.train.step import LossTotals, eval_step
 
 log = logging.getLogger("megatron_sphinx.train")
 
@@ -33,6 +33,9 @@ class EvalResult:
     """Trained tokens in the evaluation batches."""
     time_s: float
     """Wall time of the evaluation."""
+    source_loss: dict[str, float] = field(default_factory=dict)
+    """Mean loss per trained token of every mix source with trained tokens (empty for one
+    source)."""
 
 
 class Evaluator:
@@ -46,38 +49,43 @@ class Evaluator:
         seq_length: Tokens per micro-batch (as for the training step).
         pg_collection: Megatron process groups.
         device: Where batches go.
+        source_names: The mix sources of the evaluation data, by source id; with more than
+            one, each one's loss is reported too.
     """
 
     def __init__(self, loader, batches: int, *, seq_length: int, pg_collection,
-                 device: torch.device):
+                 device: torch.device, source_names: list[str] | None = None):
         self.loader, self.batches = loader, batches
         self.seq_length, self.pgs, self.device = seq_length, pg_collection, device
+        self.source_names = list(source_names or [])
+        self.num_sources = max(len(self.source_names), 1)
         self._start = loader.state_dict()
 
     def __call__(self, model_chunks: list) -> EvalResult:
         """Runs one evaluation of ``model_chunks`` (left in training mode afterwards)."""
         t0 = time.perf_counter()
         self.loader.load_state_dict(self._start)
-        loss_sum, tokens = 0.0, 0
+        total = LossTotals(0.0, 0)
         for chunk in model_chunks:
             chunk.eval()
         try:
             for _ in range(self.batches):
                 micro = self.loader.next_step()
-                s, n = eval_step(model_chunks, micro, num_microbatches=len(micro),
-                                 seq_length=self.seq_length, pg_collection=self.pgs,
-                                 device=self.device, dp_group=self.pgs.dp)
-                loss_sum, tokens = loss_sum + s, tokens + n
+                total = total + eval_step(
+                    model_chunks, micro, num_microbatches=len(micro),
+                    seq_length=self.seq_length, pg_collection=self.pgs, device=self.device,
+                    dp_group=self.pgs.dp, num_sources=self.num_sources)
         finally:
             for chunk in model_chunks:
                 chunk.train()
             self._pause()
-        if tokens == 0:
+        if total.tokens == 0:
             log.warning("the evaluation batches hold no trained token (no answers): the "
                         "evaluation loss is NaN")
-        return EvalResult(loss=loss_sum / tokens if tokens else float("nan"),
-                          num_loss_tokens=tokens,
-                          time_s=time.perf_counter() - t0)
+        return EvalResult(loss=total.loss_sum / total.tokens if total.tokens else float("nan"),
+                          num_loss_tokens=total.tokens, time_s=time.perf_counter() - t0,
+                          source_loss={name: loss / n for name, (loss, n)
+                                       in zip(self.source_names, total.by_source) if n})
 
     def _pause(self) -> None:
         """Stops the loader's background work until the next evaluation (its workers stay)."""

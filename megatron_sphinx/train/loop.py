@@ -19,7 +19,7 @@ from megatron_sphinx.config import SphinxConfig, get_recipe
 from megatron_sphinx.data.loader import PackedLoader
 from megatron_sphinx.train import checkpoint as ckpt_lib
 from megatron_sphinx.train.build import build_model, build_optimizer, kernel_choices
-from megatron_sphinx.train.data import build_loader, loader_summary
+from megatron_sphinx.train.data import build_loader, by_source, loader_summary, source_names
 from megatron_sphinx.train.evaluate import Evaluator, describe, evaluation_due
 from megatron_sphinx.train.flops import device_peak_tflops, step_flops
 from megatron_sphinx.train.metrics import MetricsWriter
@@ -216,11 +216,12 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
     evaluator = None
     try:
         if rc.evaluates:
+            eval_loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size(),
+                                       evaluation=True)
             evaluator = Evaluator(
-                build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size(),
-                             evaluation=True), rc.eval_batches,
+                eval_loader, rc.eval_batches,
                 seq_length=cfg.train.seq_length * cfg.train.micro_batch_size,
-                pg_collection=pgs, device=device)
+                pg_collection=pgs, device=device, source_names=source_names(eval_loader))
             if rank == 0:
                 log.info(describe(rc, cfg))
         return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
@@ -271,6 +272,7 @@ def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
     peak = device_peak_tflops()
     world = torch.distributed.get_world_size()
     results: list[StepResult] = []
+    names = source_names(loader)
 
     saved_at = start
 
@@ -295,7 +297,7 @@ def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
         res = train_step(model, optimizer, micro, num_microbatches=len(micro),
                          seq_length=cfg.train.seq_length * cfg.train.micro_batch_size,
                          pg_collection=pgs, device=device,
-                         dp_group=pgs.dp)
+                         dp_group=pgs.dp, num_sources=len(names))
         scheduler.step(increment=1)
         if on_gpu:
             torch.cuda.synchronize()
@@ -313,10 +315,15 @@ def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
             "tokens_per_s": summary["tokens"] / dt, "step_time_s": dt,
             "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
         }
+        if res.source_losses:  # a mix of several sources: the loss of each
+            record["source_loss"] = by_source(names, res.source_losses)
+            record["source_loss_tokens"] = {n: t for n, (_, t) in zip(names, res.source_losses)}
         if evaluator is not None and evaluation_due(step, rc.eval_interval, rc.steps):
             ev = evaluator(model)
             record.update(eval_loss=ev.loss, eval_loss_tokens=ev.num_loss_tokens,
                           eval_time_s=ev.time_s)
+            if ev.source_loss:
+                record["eval_source_loss"] = ev.source_loss
         metrics.write(record, console=step % rc.log_interval == 0 or step == rc.steps)
         if rc.save_interval and step % rc.save_interval == 0 and step < rc.steps:
             save(step)

@@ -10,7 +10,8 @@ from pathlib import Path
 log = logging.getLogger("megatron_sphinx.train")
 
 
-#: Record keys written to TensorBoard, under ``train/`` (``eval_*`` keys go under ``eval/``).
+#: Record keys written to TensorBoard, under ``train/`` (``eval_*`` keys go under ``eval/``);
+#: the per-source losses go to ``train/loss_by_source/NAME`` and ``eval/loss_by_source/NAME``.
 TENSORBOARD_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops_per_gpu",
                     "mfu", "packing_efficiency", "skipped_views", "loss_tokens", "samples",
                     "eval_loss", "eval_time_s")
@@ -72,6 +73,10 @@ class MetricsWriter:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                 self.tensorboard.add_scalar(tag, value, record["step"])
+        for key, group in (("source_loss", "train"), ("eval_source_loss", "eval")):
+            for name, value in record.get(key, {}).items():
+                self.tensorboard.add_scalar(f"{group}/loss_by_source/{name}", value,
+                                            record["step"])
 
     def write(self, record: dict, console: bool = True) -> None:
         """Appends one step's record; also logs it when ``console`` (an evaluation result, if

@@ -31,23 +31,58 @@ class StepResult:
     """Trained tokens in the global batch."""
     update_successful: bool
     """False when the optimizer skipped the step (e.g. non-finite gradients)."""
+    source_losses: tuple[tuple[float, int], ...] = ()
+    """``(loss sum, trained tokens)`` of every mix source, by source id (empty for one
+    source)."""
 
 
-def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Megatron loss function: per-token losses ``[b, s]`` -> (sum, token count, report)."""
+@dataclass
+class LossTotals:
+    """Loss sums over one or more global batches (identical on every rank)."""
+
+    loss_sum: float
+    """Sum of the per-token losses of every trained token."""
+    tokens: int
+    """Trained tokens."""
+    by_source: tuple[tuple[float, int], ...] = ()
+    """``(loss sum, trained tokens)`` of every mix source, by source id (empty for one
+    source)."""
+
+    def __add__(self, other: "LossTotals") -> "LossTotals":
+        pairs = tuple((a[0] + b[0], a[1] + b[1]) for a, b in zip(self.by_source, other.by_source))
+        return LossTotals(self.loss_sum + other.loss_sum, self.tokens + other.tokens,
+                          pairs or self.by_source or other.by_source)
+
+
+def loss_func(loss_mask: torch.Tensor, loss_sources: torch.Tensor | None, num_sources: int,
+              output: torch.Tensor):
+    """Megatron loss function: per-token losses ``[b, s]`` -> (sum, token count, report).
+
+    With several mix sources the report also holds ``source loss``, ``[2, num_sources]``: the
+    loss sum and trained tokens of each source (``loss_sources``: the source of every position).
+    """
     losses = output.float().reshape(-1)
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+    if num_sources > 1:
+        if loss_sources is None:
+            raise ValueError("a micro-batch without loss_sources in a run over several mix "
+                             "sources: build it with layout.build_packed_batch")
+        source = loss_sources.reshape(-1).clamp(min=0)  # padding (-1) is never trained
+        per = torch.zeros(2, num_sources, dtype=torch.float32, device=losses.device)
+        per[0].index_add_(0, source, (losses * mask).detach())
+        per[1].index_add_(0, source, mask)
+        report["source loss"] = per
+    return loss_sum, num_tokens, report
 
 
 #: What only the first pipeline stage (its first chunk) reads: the LLM input's sources.
 FIRST_STAGE_ONLY = ("views", "text_ids", "pack_index")
 
 
-def forward_step(device: torch.device, data_iterator, model):
+def forward_step(device: torch.device, num_sources: int, data_iterator, model):
     """Megatron forward-step function: runs the model on the next micro-batch (copied to the
     device without the pixels and the pack op's inputs where this chunk does not build the
     LLM input)."""
@@ -55,13 +90,14 @@ def forward_step(device: torch.device, data_iterator, model):
     builds_input = unwrap(model).pre_process
     batch = batch.to(device, non_blocking=True, skip=() if builds_input else FIRST_STAGE_ONLY)
     output = model(batch)
-    return output, partial(loss_func, batch.loss_mask)
+    return output, partial(loss_func, batch.loss_mask, batch.loss_sources, num_sources)
 
 
 def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
                  num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
-                 forward_only: bool) -> list[dict]:
-    """Megatron's pipeline schedule over this rank's micro-batches.
+                 forward_only: bool, num_sources: int = 1) -> list[dict]:
+    """Megatron's pipeline schedule over this rank's micro-batches (``num_sources``: mix
+    sources whose losses are reported apart when more than one).
 
     Returns:
         The loss reports of the micro-batches (on the last pipeline stage; empty elsewhere).
@@ -80,7 +116,7 @@ def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
     else:
         data = iter(microbatches)
     return fwd_bwd(
-        forward_step_func=partial(forward_step, device),
+        forward_step_func=partial(forward_step, device, num_sources),
         data_iterator=data,
         model=model_chunks,
         num_microbatches=num_microbatches,
@@ -92,27 +128,31 @@ def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
 
 
 def global_loss(reports: list[dict], *, pg_collection, device: torch.device,
-                dp_group) -> tuple[float, int]:
-    """``(loss sum, trained tokens)`` of the global batch, the same on every rank.
+                dp_group, num_sources: int = 1) -> LossTotals:
+    """The loss sums of the global batch, the same on every rank.
 
     Reports exist on the last pipeline stage only: they are summed, reduced over the
     data-parallel group, then shared over the pipeline.
     """
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    by_source = num_sources > 1
+    totals = torch.zeros(2 + 2 * num_sources * by_source, dtype=torch.float64, device=device)
     for r in reports:
-        totals += r["lm loss"].to(totals)
+        totals[:2] += r["lm loss"].to(totals)
+        if by_source:
+            totals[2:] += r["source loss"].to(totals).t().reshape(-1)  # (sum, tokens) pairs
     torch.distributed.all_reduce(totals, group=dp_group)
     pp = pg_collection.pp
     if pp.size() > 1:
         last = torch.distributed.get_global_rank(pp, pp.size() - 1)
         torch.distributed.broadcast(totals, src=last, group=pp)
-    loss_sum, tokens = totals.tolist()
-    return loss_sum, int(tokens)
+    values = totals.tolist()
+    pairs = tuple((values[k], int(values[k + 1])) for k in range(2, len(values), 2))
+    return LossTotals(values[0], int(values[1]), pairs)
 
 
 def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch], *,
                num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
-               dp_group) -> StepResult:
+               dp_group, num_sources: int = 1) -> StepResult:
     """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
 
     Args:
@@ -125,31 +165,36 @@ def train_step(model_chunks: list, optimizer, microbatches: Iterable[PackedBatch
         pg_collection: Megatron process groups.
         device: Where batches go.
         dp_group: Data-parallel group over which the reported loss is summed.
+        num_sources: Mix sources of the data; with more than one, the result has each
+            source's loss too.
     """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(model_chunks, microbatches, num_microbatches=num_microbatches,
                            seq_length=seq_length, pg_collection=pg_collection, device=device,
-                           forward_only=False)
+                           forward_only=False, num_sources=num_sources)
     update_successful, grad_norm, _ = optimizer.step()
-    loss_sum, tokens = global_loss(reports, pg_collection=pg_collection, device=device,
-                                   dp_group=dp_group)
-    return StepResult(loss=loss_sum / max(tokens, 1),
+    totals = global_loss(reports, pg_collection=pg_collection, device=device,
+                         dp_group=dp_group, num_sources=num_sources)
+    return StepResult(loss=totals.loss_sum / max(totals.tokens, 1),
                       grad_norm=None if grad_norm is None else float(grad_norm),
-                      num_loss_tokens=tokens, update_successful=bool(update_successful))
+                      num_loss_tokens=totals.tokens, update_successful=bool(update_successful),
+                      source_losses=totals.by_source)
 
 
 def eval_step(model_chunks: list, microbatches: Iterable[PackedBatch], *, num_microbatches: int,
               seq_length: int, pg_collection, device: torch.device,
-              dp_group) -> tuple[float, int]:
+              dp_group, num_sources: int = 1) -> LossTotals:
     """Forward only (no gradient, no update) over one global batch.
 
     Returns:
-        ``(loss sum, trained tokens)`` over the global batch, the same on every rank.
+        The loss sums over the global batch (per source too when ``num_sources`` > 1), the
+        same on every rank.
     """
     with torch.no_grad():
         reports = run_schedule(model_chunks, microbatches, num_microbatches=num_microbatches,
                                seq_length=seq_length, pg_collection=pg_collection,
-                               device=device, forward_only=True)
-    return global_loss(reports, pg_collection=pg_collection, device=device, dp_group=dp_group)
+                               device=device, forward_only=True, num_sources=num_sources)
+    return global_loss(reports, pg_collection=pg_collection, device=device, dp_group=dp_group,
+                       num_sources=num_sources)
