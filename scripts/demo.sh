@@ -35,6 +35,11 @@ evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
 if len(evals) > 1:
     print(f"[demo] held-out loss at step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
           f"{evals[-1][1]:.3f}")
+by_source = [r["eval_source_loss"] for r in rows if "eval_source_loss" in r]
+if len(by_source) > 1:
+    print("[demo] held-out loss per source: " + ", ".join(
+        f"{name} {by_source[0][name]:.2f} -> {loss:.2f}" for name, loss in by_source[-1].items()
+        if name in by_source[0]))
 sys.exit(0 if last < first and (len(evals) < 2 or evals[-1][1] < evals[0][1]) else 1)
 PYEOF
 echo "[demo] checkpoint: $(cat "$OUT/train/latest") in $OUT/train"
