@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+class _NoAsyncNotice(logging.Filter):
+    """megatron-core 0.19's synchronous ``torch_dist`` save runs its deprecated async path
+    inside and warns "MCore's async save is deprecated" on every rank: no save here is async."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "async save is deprecated" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+    _NoAsyncNotice())
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used as asked (message says what to change)."""
 
@@ -49,7 +61,7 @@ class CheckpointMeta:
     recipe: str
     """Recipe name."""
     layout: dict
-    """Parallel layout it was saved from (tp, pp, ep, dp)."""
+    """Parallel layout it was saved from (tp, pp, vpp, ep, dp)."""
     code_version: str
     """Git commit of the code that saved it (or ``unknown``)."""
     consumed: dict
