@@ -23,6 +23,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -93,8 +94,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_ROLLED_BACK = 7301  # MPI tag: rank 0 has put --out back
+
+
 def _interrupt(signum, frame) -> None:
+    for s in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the roll-back short
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
+
+
+def _wait_for_roll_back(comm, timeout_s: float = 60.0) -> None:
+    """Other ranks: wait (bounded) until rank 0 says --out is rolled back, so that the abort
+    below does not kill rank 0 half-way through it."""
+    req = comm.comm.irecv(source=0, tag=_ROLLED_BACK)
+    deadline = time.monotonic() + timeout_s
+    while not req.test()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main(argv=None) -> int:
@@ -126,6 +141,11 @@ def main(argv=None) -> int:
                   "was removed and a store it was replacing put back; run it again to build "
                   "the store", file=sys.stderr)
         if comm.size > 1:
+            if comm.rank == 0:
+                for r in range(1, comm.size):
+                    comm.comm.isend(None, dest=r, tag=_ROLLED_BACK)
+            else:
+                _wait_for_roll_back(comm)
             comm.abort(128 + e.signum)
         return 128 + e.signum
     except BaseException:  # a bug on one rank: the others would wait for it forever

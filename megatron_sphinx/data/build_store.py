@@ -179,7 +179,9 @@ def prepare_output(out: Path, fp: str, overwrite: bool) -> tuple[str, str]:
             return "uptodate", f"{out} already holds this store (same inputs and settings)"
         if not overwrite:
             what = "an incomplete store" if not complete else "a store made from other inputs"
-            aside = set_aside(out) if not complete else []
+            # only a complete store is worth putting back (two killed builds leave two)
+            aside = ([a for a in set_aside(out) if st.is_store(a) and st.read_meta(a)[1]]
+                     if not complete else [])
             if aside:  # an interrupted --overwrite: say where the store it replaced is
                 return "error", (f"--out {out} holds an incomplete store, and the store an "
                                  f"interrupted build replaced is at {aside[-1]}: move that back "
