@@ -17,7 +17,7 @@ from megatron_sphinx.data.build_store import BuildError, prepare_output, set_asi
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.store import StoreReader, create_store, read_meta
 from tests.files import snapshot
-from tests.test_preprocess import ROOT, STALL_THEN_RUN, _build, _hidden, _text_mix
+from tests.test_preprocess import ROOT, _build, _hidden, _text_mix
 
 
 @pytest.fixture(scope="module")
@@ -38,33 +38,6 @@ def _killed_overwrite(tmp_path, tok):
     os.rename(out, holder / "s.zarr")
     create_store(out, read_meta(holder / "s.zarr")[0])
     return out, holder / "s.zarr"
-
-
-def test_sighup_rolls_back_like_sigterm(tmp_path, sample):
-    """A closed terminal (SIGHUP) while an --overwrite writes: the replaced store is put back,
-    one error line, exit 128 + 1 (the existing test sends SIGTERM only)."""
-    tok = sample / "tokenizer"
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
-    before = snapshot(out)
-    (tmp_path / "stall.py").write_text(STALL_THEN_RUN)
-    started = tmp_path / "started"
-    proc = subprocess.Popen(
-        [sys.executable, str(tmp_path / "stall.py"), str(started),
-         str(ROOT / "tools" / "preprocess_data.py"), "--mix", str(_text_mix(tmp_path / "new")),
-         "--tokenizer", str(tok), "--out", str(out), "--seq-length", "2048", "--overwrite",
-         "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
-    proc.send_signal(signal.SIGHUP)
-    err = proc.communicate(timeout=60)[1]
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 128 + signal.SIGHUP, err[-2000:]
-    assert len(errors) == 1 and "stopped by SIGHUP" in errors[0], err[-2000:]
-    assert snapshot(out) == before and _hidden(tmp_path) == []
 
 
 def test_a_failed_overwrite_keeps_the_store_an_earlier_build_set_aside(tmp_path, sample):

@@ -655,9 +655,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_sigterm_puts_the_replaced_store_back(tmp_path, sample):
-    """A Slurm time limit or scancel (SIGTERM) while an --overwrite writes its shards: the new
-    store is removed, the old one renamed back, one error line, exit 128 + 15."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_termination_signal_puts_the_replaced_store_back(tmp_path, sample, signum):
+    """A Slurm time limit or scancel (SIGTERM), or a closed terminal (SIGHUP), while an
+    --overwrite writes its shards: the new store is removed, the old one renamed back, one
+    error line, exit 128 + the signal's number."""
     tok = sample / "tokenizer"
     out = tmp_path / "s.zarr"
     _build(_text_mix(tmp_path / "old"), out, tok)
@@ -675,11 +677,11 @@ def test_sigterm_puts_the_replaced_store_back(tmp_path, sample):
         time.sleep(0.05)
     assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
     assert len(_hidden(tmp_path)) == 1  # the old store is aside while the new one is written
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     err = proc.communicate(timeout=60)[1]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0], err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert len(errors) == 1 and f"stopped by {signal.Signals(signum).name}" in errors[0], err
     assert snapshot(out) == before and len(StoreReader(out)) == 3
     assert _hidden(tmp_path) == []
 
