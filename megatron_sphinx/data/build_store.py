@@ -205,11 +205,12 @@ class _Output:
     def __init__(self, out: Path, replace: bool):
         self.out, self.was_dir, self.aside, self.done = out, out.is_dir(), None, False
         # stores earlier interrupted builds set aside: replaced for good with this one
-        self.stale = set_aside(out) if replace else []
-        if not replace and set_aside(out):
+        aside = set_aside(out)
+        self.stale = aside if replace else []
+        if aside and not replace:
             logger.warning("an interrupted build left the store it replaced at %s: it is kept "
                            "(delete it, or it is deleted by the next --overwrite of %s)",
-                           set_aside(out)[-1], out)
+                           aside[-1], out)
         if replace:
             holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             try:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sphinx.train.data import by_source
 from megatron_sphinx.train.step import LossTotals, eval_step
 
 log = logging.getLogger("megatron_sphinx.train")
@@ -84,8 +85,7 @@ class Evaluator:
                         "evaluation loss is NaN")
         return EvalResult(loss=total.loss_sum / total.tokens if total.tokens else float("nan"),
                           num_loss_tokens=total.tokens, time_s=time.perf_counter() - t0,
-                          source_loss={name: loss / n for name, (loss, n)
-                                       in zip(self.source_names, total.by_source) if n})
+                          source_loss=by_source(self.source_names, total.by_source))
 
     def _pause(self) -> None:
         """Stops the loader's background work until the next evaluation (its workers stay)."""
