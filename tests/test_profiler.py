@@ -136,25 +136,55 @@ def test_bad_input_one_line_nothing_written(argv, message, tmp_path, capsys):
     assert not out.exists()
 
 
-def _profile_then_train(rank, world_size, out):
+def _profile_then_train(rank, world_size, out, kernels):
     from megatron_sphinx.train.loop import run
     from megatron_sphinx.train.run_config import RunConfig
 
     rc = _tool().main(["--recipe", "debug", "--data", "synthetic", "--steps", "2", "--warmup", "0",
-                       "--global-batch-size", "2", "--json", out])
+                       "--global-batch-size", "2", "--json", out, "--kernels", kernels])
     results = run(RunConfig(recipe="debug", data="synthetic", steps=2, global_batch_size=2))
     return rc, [r.loss for r in results]
 
 
 def test_profiled_steps_are_the_training_commands_steps(tmp_path):
-    """Same seed, data and schedule: the instrumented steps give the training command's losses."""
-    out = tmp_path / "p.json"
-    rc, train_losses = run_ranks(_profile_then_train, 1, str(out), timeout=240)[0]
+    """Same seed, data and schedule: the instrumented steps give the training command's losses
+    (the ``--kernels`` step under torch.profiler comes after them and is not counted)."""
+    out, kernels = tmp_path / "p.json", tmp_path / "kernels.txt"
+    rc, train_losses = run_ranks(_profile_then_train, 1, str(out), str(kernels), timeout=240)[0]
     assert rc == 0
     report = json.loads(out.read_text())
     variant = report["variants"][0]
     assert variant["name"] == "baseline" and report["settings"]["data"] == "synthetic"
     assert variant["losses"] == pytest.approx(train_losses, rel=1e-6, abs=0)
+    assert len(variant["step_times_s"]) == 2
+    # The kernel profile: per category, then the top operators; the shares add up to the total.
+    text = kernels.read_text().splitlines()
+    assert text[0].startswith("one profiled step, CPU operators (self time):")
+    total = float(text[0].split(":")[1].split()[0])
+    rows = text[3:text.index("", 3)]
+    cats = {r.split()[0]: float(r.split()[1]) for r in rows}
+    assert {"matmul", "attention", "convolution", "other"} <= set(cats), cats
+    assert sum(cats.values()) == pytest.approx(total, rel=1e-3, abs=0.3)
+    top = text[text.index("", 3) + 2:]
+    assert len(top) >= 10 and any("aten::mm" in r or "aten::addmm" in r for r in top)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>",
+     "other"),
+])
+def test_kernel_categories_of_real_kernel_names(name, category):
+    from megatron_sphinx.train.profiler import kernel_category
+
+    assert kernel_category(name) == category
 
 
 def _tiny_store(path):

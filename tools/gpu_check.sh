@@ -5,18 +5,22 @@
 #   2. runs, most needed first, each part under its own time limit:
 #      tests_kernels   pack kernels and packed attention against their references;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens, --no-packing
-#                      --no-skip, packed with compiled fusions, with two rows per micro-batch
-#                      (bench_packed_layers compares the attention kernels);
-#      bench_packed_layers, bench_pack_overhead, bench_pack   RoPE and attention of one packed
-#                      row; the pack op's host cost; its bandwidth against a device-to-device copy
-#                      with a Triton tile sweep;
+#                      --no-skip, packed with compiled fusions, with two rows per micro-batch;
+#      profile_kernels one packed sphinx-tiny step under torch.profiler: time per kernel
+#                      category (matmul, attention, convolution, copy, other) and top kernels;
+#      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
+#                      tile sweep;
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
-#                      with its reason when its piece is missing);  bench_images  DALI images/s;
-#   3. prints one summary at the end. Logs and JSON go to $OUT (default /tmp/gpu_check).
+#                      with its reason when its piece is missing);
+#      bench_packed_layers, bench_pack_overhead   RoPE and attention kernels of one packed row;
+#                      the pack op's host cost;  bench_images  DALI images/s;
+#   3. prints one summary at the end.
+# Output in $OUT (default /tmp/gpu_check), few files as the device tool returns at most 8:
+# machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
+# profile.json, kernels.txt.
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
-# Expected run time about 7-8 minutes (estimated from the last H200 run); the parts' limits add
-# up to more, so if the call ends before the last parts, run them in a second call, e.g.
-# ONLY="tests_train bench_images" bash tools/gpu_check.sh
+# Expected run time about 8-9 minutes; the parts' limits add up to more, so if the call ends
+# before the last parts, run them in a second call, e.g. ONLY="tests_train" bash tools/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -27,19 +31,23 @@ export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions CUDA_DEVICE_MAX_CONNECTIONS=1
 [ -d .testdata/images ] && export MEGATRON_SPHINX_TESTDATA=$PWD/.testdata/images
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+LOGS=/tmp/gpu_check_logs  # one log per part, for the summary; $OUT/log.txt holds them all
+mkdir -p "$LOGS"
+: > "$LOGS/status.txt"
 section() { echo; echo "=== $1 ($(date +%T))"; }
-run() {  # run NAME TIMEOUT CMD...: logs to $OUT/NAME.log, records the exit code
+run() {  # run NAME TIMEOUT CMD...: logs to $LOGS/NAME.log and $OUT/log.txt, records the exit code
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
-  section "$name"
-  timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-  local rc=$?
-  echo "$name $rc" >> "$OUT/status.txt"
+  section "$name" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" >> "$OUT/log.txt"
+  local rc=${PIPESTATUS[0]}
+  tail -n 3 "$LOGS/$name.log"
+  echo "$name exit $rc ($(date +%T))" | tee -a "$LOGS/status.txt" >> "$OUT/log.txt"
   return 0
 }
 
 section "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/machine.txt"
 if ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl 2>&1 | tail -2
@@ -49,7 +57,7 @@ if ls /tmp/dali_parts/part_* > /dev/null 2>&1 && [ ! -d "$SITE/nvidia/dali" ]; t
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     /tmp/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl 2>&1 | tail -2
 fi
-$PY - <<'PYEOF' | tee "$OUT/versions.txt"
+$PY - <<'PYEOF' | tee -a "$OUT/machine.txt"
 import importlib
 for name in ["torch", "triton", "megatron.core", "transformer_engine", "nvidia.dali", "timm",
              "transformers", "zarr"]:
@@ -61,30 +69,32 @@ for name in ["torch", "triton", "megatron.core", "transformer_engine", "nvidia.d
 PYEOF
 
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
-run tests_kernels 100 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
-  -o addopts="" tests/test_pack_kernel.py tests/test_attention.py -rs
-run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
-  --variants packed reference packed-compiled packed-mbs2 --steps 5 --seq-length 4096 --global-batch-size 8 \
-  --json "$OUT/train.json"
-run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
-run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
-run bench_pack 100 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
+PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
+run tests_kernels 100 $PYTEST tests/test_pack_kernel.py tests/test_attention.py
+run bench_train 270 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
+  --variants packed packed-compiled packed-mbs2 reference --steps 4 --seq-length 4096 \
+  --global-batch-size 8 --json "$OUT/train.json"
+run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
+  --global-batch-size 8 --warmup 1 --steps 1 --json "$OUT/profile.json" --kernels "$OUT/kernels.txt"
+run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
 TESTS="tests/test_gpu.py"
 $PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py"
-run tests_train 120 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider \
-  -o addopts="" $TESTS -rs
+run tests_train 120 $PYTEST $TESTS
+run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
+run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 if $PY -c "import nvidia.dali" 2> /dev/null; then
   run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
 fi
 
 section "summary"
-cat "$OUT/status.txt"
+cat "$LOGS/status.txt"
 for log in tests_kernels tests_train; do
-  [ -f "$OUT/$log.log" ] && grep -E "passed|failed|skipped|error" "$OUT/$log.log" | tail -2
+  [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
 done
-[ -f "$OUT/bench_train.log" ] && grep -A 20 "^machine:" "$OUT/bench_train.log" | head -8
+[ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
+[ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt"
 for log in bench_packed_layers:8 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
-  [ -f "$OUT/${log%%:*}.log" ] && tail -n "${log##*:}" "$OUT/${log%%:*}.log"
+  [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done
 exit 0

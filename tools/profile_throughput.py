@@ -4,7 +4,7 @@
         [--plot runs/profile.png] [--tp N --pp N --ep N --sp] \\
         [--data stream|synthetic|sample|PATH] [--backend auto|te|local] [--recompute R] \\
         [--seq-length S] [--global-batch-size G] [--peak-tflops X] [--warmup N] \\
-        [--no-packing] [--no-skip] [--compare]
+        [--no-packing] [--no-skip] [--compare] [--kernels runs/kernels.txt]
     torchrun --nproc-per-node 8 tools/profile_throughput.py --recipe sphinx-tiny ...
 
 The model, optimizer and loader are the training command's own (``build_model``,
@@ -166,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unmeasured steps first, per variant (default 1)")
     p.add_argument("--json", required=True, help="output JSON (rank 0 writes it)")
     p.add_argument("--plot", default=None, help="output PNG of the time breakdown")
+    p.add_argument("--kernels", default=None,
+                   help="output text: one more step of the first variant under torch.profiler, "
+                        "its time per kernel category and its top kernels (rank 0 writes it)")
     p.add_argument("--data", default=None,
                    help="'stream' (one fixed random sample stream: the default with --compare), "
                         "'synthetic' (the training command's random data: the default "
@@ -198,7 +201,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: give a positive peak")
     from megatron_sphinx.cli import check_output_file
 
-    for flag in ("json", "plot"):
+    for flag in ("json", "plot", "kernels"):
         path = getattr(args, flag)
         if path:
             check_output_file(path, f"--{flag}")
@@ -287,6 +290,9 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
                 stats.steps.append(times)
                 stats.summaries.append(summary)
                 losses.append(res.loss)
+            if args.kernels and name == _variants(args)[0]:
+                _profile_kernels(args, loader, model, optimizer, scheduler, recorder, pgs, device,
+                                 seq_length=t.seq_length * t.micro_batch_size)
         finally:
             if hasattr(loader, "close"):
                 loader.close()
@@ -331,6 +337,32 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
     }
 
 
+def _profile_kernels(args, loader, model, optimizer, scheduler, recorder, pgs, device,
+                     seq_length: int) -> None:
+    """One more, unmeasured step under ``torch.profiler``; rank 0 writes ``--kernels``."""
+    from megatron_sphinx.train.profiler import kernel_report
+    from megatron_sphinx.train.step import train_step
+
+    on_gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    micro = loader.next_step()
+    recorder.begin_step()
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(model, optimizer, micro, num_microbatches=len(micro),
+                   seq_length=seq_length,
+                   pg_collection=pgs, device=device, dp_group=pgs.dp)
+        if on_gpu:
+            torch.cuda.synchronize()
+    recorder.end_step()
+    scheduler.step(increment=1)
+    if torch.distributed.get_rank() == 0:
+        Path(args.kernels).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.kernels).write_text(kernel_report(prof, on_gpu))
+        log.info("kernel profile written to %s", args.kernels)
+
+
 def run_profile(args: argparse.Namespace) -> dict | None:
     """Profiles every variant on this rank; returns the report on rank 0 (None elsewhere)."""
     from megatron.core import tensor_parallel
@@ -363,7 +395,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             names = _variants(args)
             optimizer, scheduler = build_optimizer(
                 cfg, model, pgs, dtype=dtype,
-                total_steps=len(names) * (args.warmup + args.steps))
+                total_steps=len(names) * (args.warmup + args.steps) + bool(args.kernels))
             peak = device_peak_tflops(args.peak_tflops)
             images = None  # stream / synthetic: generated pixels, nothing decoded
             if args.data not in ("stream", "synthetic"):

@@ -496,3 +496,55 @@ class VariantStats:
             return {}
         keys = self.steps[0].keys()
         return {k: float(np.mean([s[k] for s in self.steps])) for k in keys}
+
+
+#: kernel / operator name fragments -> category, first match wins (lower-case).
+KERNEL_CATEGORIES = (
+    ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "_efficient_attention")),
+    ("convolution", ("conv", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::matmul", "aten::linear", "matmul")),
+    ("copy", ("memcpy", "memset", "copy_", "aten::copy", "aten::to", "aten::cat",
+              "aten::index", "aten::gather", "aten::scatter")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a profiled kernel or operator name (``KERNEL_CATEGORIES``), or "other"
+    (elementwise maths, norms, reductions, optimizer kernels ...)."""
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def kernel_report(prof, on_gpu: bool, rows: int = 40) -> str:
+    """Where one profiled step's time went, from a finished ``torch.profiler.profile``.
+
+    On a GPU: the device kernels' own time, summed per :func:`kernel_category`, then the
+    ``rows`` kernels with the most time. On a CPU: the operators' self CPU time likewise (self
+    time, so nested operators count once). Milliseconds.
+    """
+    events = prof.key_averages()
+    if on_gpu:
+        timed = [(e.key, e.self_device_time_total / 1e3, e.count) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        timed = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events
+                 if e.self_cpu_time_total > 0]
+    total = sum(t for _, t, _ in timed)
+    by_cat: dict[str, float] = {}
+    for key, ms, _ in timed:
+        by_cat[kernel_category(key)] = by_cat.get(kernel_category(key), 0.0) + ms
+    what = "device kernels" if on_gpu else "CPU operators (self time)"
+    lines = [f"one profiled step, {what}: {total:.1f} ms in all", "",
+             f"{'category':15} {'ms':>10} {'share':>7}"]
+    for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{cat:15} {ms:10.1f} {ms / total if total else 0:7.1%}")
+    lines += ["", f"{'ms':>10} {'share':>7} {'calls':>6}  {'category':13} name"]
+    for key, ms, count in sorted(timed, key=lambda t: -t[1])[:rows]:
+        lines.append(f"{ms:10.2f} {ms / total if total else 0:7.1%} {count:6d}  "
+                     f"{kernel_category(key):13} {key[:110]}")
+    return "\n".join(lines) + "\n"
