@@ -127,11 +127,18 @@ if triton is not None:
         start = tl.load(offsets_ptr + row_base + rows, mask=rmask, other=0)
         count = tl.load(offsets_ptr + row_base + rows + 1, mask=rmask, other=0) - start
         acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-        for k in range(0, tl.max(count, 0)):  # almost always 0 or 1
-            has = count > k
-            p = tl.load(order_ptr + start + k, mask=has, other=0)
+        # Each row's positions, almost always 0 or 1. Written for Triton 3.6 too: a while loop
+        # (its interpreter cannot take a reduction as a range() bound), and the 2-D mask from
+        # count itself rather than the 1-D `count > k` broadcast, which 3.6 fails to compile for
+        # sm_90 at some tiles (e.g. 64 x 64 with hidden divisible by 16: "'tt.load' op failed
+        # to verify that mask type matches ptr type").
+        k = 0
+        while k < tl.max(count, 0):
+            p = tl.load(order_ptr + start + k, mask=count > k, other=0)
             acc += tl.load(grad_out_ptr + p[:, None] * hidden + cols[None, :],
-                           mask=has[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                           mask=(count[:, None] > k) & cmask[None, :], other=0.0
+                           ).to(tl.float32)
+            k += 1
         tl.store(grad_src_ptr + rows[:, None] * hidden + cols[None, :],
                  _round_to(acc, grad_src_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
@@ -166,9 +173,13 @@ if triton is not None:
         cmask = cols < hidden
         count = tl.load(offsets_ptr + sp_base + j + 1) - tl.load(offsets_ptr + sp_base + j)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for c in range(0, tl.cdiv(count, CHUNK_SIZE)):  # the written chunks, in order
+        # The written chunks, in order (a while loop: Triton 3.6's interpreter cannot take a
+        # loaded scalar as a range() bound).
+        c = 0
+        while c < tl.cdiv(count, CHUNK_SIZE):
             acc += tl.load(partial_ptr + (j.to(tl.int64) * num_chunks + c) * hidden + cols,
                            mask=cmask, other=0.0)
+            c += 1
         tl.store(grad_sp_ptr + j * hidden + cols, _round_to(acc, grad_sp_ptr.dtype.element_ty),
                  mask=cmask)
 

@@ -51,14 +51,20 @@ void check_dtype(const at::Tensor& t) {
               "pack_tokens CUDA kernels take float32, float16 or bfloat16, got ", d);
 }
 
+// The sources and the index, checked against `like` (the output, or text).
+void check_sources(const at::Tensor& text, const at::Tensor& visual, const at::Tensor& special,
+                   const at::Tensor& index, const at::Tensor& like) {
+  check_dtype(like);
+  check_rows(text, "text", like);
+  check_rows(visual, "visual", like);
+  check_rows(special, "special", like);
+  check_int(index, "index", like);
+}
+
 void forward_into(at::Tensor out, const at::Tensor& text, const at::Tensor& visual,
                   const at::Tensor& special, const at::Tensor& index) {
-  check_dtype(out);
   check_rows(out, "out", out);
-  check_rows(text, "text", out);
-  check_rows(visual, "visual", out);
-  check_rows(special, "special", out);
-  check_int(index, "index", out);
+  check_sources(text, visual, special, index, out);
   TORCH_CHECK(index.numel() == out.size(0), "index has ", index.numel(), " entries but out has ",
               out.size(0), " rows");
   pack_forward_cuda(out, text, visual, special, index);
@@ -150,6 +156,9 @@ class PackTokensFn : public torch::autograd::Function<PackTokensFn> {
 at::Tensor pack_tokens(const at::Tensor& text, const at::Tensor& visual,
                        const at::Tensor& special, const at::Tensor& index, int64_t chunk,
                        bool poison) {
+  // Bad input is refused here, before the autograd function: an error thrown inside its
+  // forward crashed the process with torch 2.11 (H100 image), where torch 2.14 raised it.
+  check_sources(text, visual, special, index, text);
   return PackTokensFn::apply(text, visual, special, index, chunk, poison);
 }
 
