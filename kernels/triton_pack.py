@@ -187,7 +187,9 @@ if triton is not None:
 #: GPU row-copy tile ``(ELEMENTS, WARPS)``: elements per program (``BLOCK_R * BLOCK_H``, a power of
 #: two) and warps per program. :data:`TILE_ENV` (``"8192,8"``; read once, see
 #: :mod:`kernels.settings`) overrides it for the process, ``TritonBackend(tile=...)`` per backend.
-DEFAULT_TILE = (4096, 4)
+#: 16384 x 8 was the fastest of the sweep 4096,4 / 8192,8 / 16384,8 at every shape measured on an
+#: H100 (the forward at 81-86% of copy bandwidth against 41-69% for 4096,4: docs/PERFORMANCE.md).
+DEFAULT_TILE = (16384, 8)
 _parsed_tile: tuple[str, tuple[int, int]] = ("", DEFAULT_TILE)  # (raw env value, its parse)
 
 

@@ -534,9 +534,9 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
 def test_triton_gpu_tile_override():
     from kernels import triton_pack as tp
     with env(**{tp.TILE_ENV: None}):
+        assert tp._gpu_tile() == tp.DEFAULT_TILE == (16384, 8)
+    with env(**{tp.TILE_ENV: "4096,4"}):
         assert tp._gpu_tile() == (4096, 4)
-    with env(**{tp.TILE_ENV: "16384,8"}):
-        assert tp._gpu_tile() == (16384, 8)
     for bad in ("3000,4", "4096", "4096,3"):
         with env(**{tp.TILE_ENV: bad}), pytest.raises(ValueError, match=tp.TILE_ENV):
             tp._gpu_tile()

@@ -267,3 +267,36 @@ def test_coalescing_context_handle_wait_is_timed_and_placeholders_pass_through()
         pass
     assert cm is placeholder
     rec.end_step()
+
+
+def test_kernel_report_on_a_gpu_profile():
+    """The GPU form of the report, from events shaped as torch.profiler's key averages are:
+    device kernels per category, the busy share of the step, the host's CUDA runtime calls."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_sphinx.train.profiler import kernel_report
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(key, device, self_us=0.0, cpu_us=0.0, count=1):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=self_us,
+                               cpu_time_total=cpu_us, self_cpu_time_total=cpu_us, count=count)
+
+    events = [ev("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", cuda, 600e3, count=400),
+              ev("void pytorch_flash::flash_fwd_kernel<...>", cuda, 100e3, count=20),
+              ev("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>", cuda,
+                 300e3, count=900),
+              ev("aten::mm", cpu, cpu_us=50e3, count=400),  # host op: not a kernel
+              ev("cudaLaunchKernel", cpu, cpu_us=80e3, count=20000),
+              ev("cudaStreamSynchronize", cpu, cpu_us=250e3, count=3)]
+    text = kernel_report(SimpleNamespace(key_averages=lambda: events), on_gpu=True,
+                         wall_s=2.0).splitlines()
+    assert text[0] == ("one profiled step, device kernels: 1000.0 ms in all (step wall time "
+                       "2000.0 ms; the GPU was busy 50% of it)")
+    cats = {r.split()[0]: float(r.split()[1]) for r in text[3:text.index("", 3)]}
+    assert cats == {"matmul": 600.0, "other": 300.0, "attention": 100.0}
+    host = text[text.index("host CUDA runtime calls (CPU time):") + 2:]
+    assert [r.split()[-1] for r in host] == ["cudaStreamSynchronize", "cudaLaunchKernel"]
+    assert host[0].split()[:2] == ["250.00", "3"]

@@ -484,3 +484,19 @@ def test_command_line_defaults_are_the_run_config_defaults():
     assert (off.overlap_grad_reduce, off.overlap_param_gather, off.eval_only, off.weight_decay,
             off.clip_grad, off.min_lr, off.warmup_fraction,
             off.eval_batches) == (False, False, True, 0.1, 0.5, 1e-5, 0.1, 3)
+
+
+def test_compile_fusions_is_opt_in(capsys, monkeypatch):
+    """torch.compile'd fusions are off unless --compile-fusions: the variable torch reads at
+    import is set before the heavy imports, also when the arguments are then refused."""
+    from megatron_sphinx.train.__main__ import parse_args
+
+    assert parse_args([]).compile_fusions is False
+    assert parse_args(["--compile-fusions"]).compile_fusions is True
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    assert main(["--recipe", "nope"]) == 2
+    assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # e.g. exported by scripts/demo.sh
+    assert main(["--recipe", "nope", "--compile-fusions"]) == 2
+    assert os.environ["TORCH_COMPILE_DISABLE"] == "0"
+    assert "unknown recipe" in capsys.readouterr().err

@@ -12,9 +12,9 @@ variant in one invocation and prints one table:
 
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
-varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled`` (with Megatron's
-torch.compile'd fusions, SwiGLU and bias-dropout-add, which the other variants turn off for
-start-up time; training on a GPU has them on), ``packed-mbs2`` (two packed rows per forward
+varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled``
+(``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
+default), ``packed-mbs2`` (two packed rows per forward
 pass, one THD sequence) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
-            "packed-compiled": ([], {"TORCH_COMPILE_DISABLE": "0"}),
+            "packed-compiled": (["--compile-fusions"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "reference": (["--no-packing", "--no-skip"], {})}
 
@@ -61,8 +61,8 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
                "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
                "--data", "synthetic", "--steps", str(steps), "--save", tmp, "--no-final-save",
                *args, *extra]
-        env = {**os.environ, "TORCH_COMPILE_DISABLE": "1",
-               "OMP_NUM_THREADS": str(max(1, 2 // nproc)), **variant_env}
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)), **variant_env}
+        env.pop("TORCH_COMPILE_DISABLE", None)  # the training command's own default
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -81,7 +81,7 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
             "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in rows[1:]),
             "mfu": statistics.median(mfu) if mfu else None,
             "packing_efficiency": statistics.median(r["packing_efficiency"] for r in rows),
-            "wall_s": wall, "launch_overhead_s": wall - sum(times)}
+            "step_times_s": times, "wall_s": wall, "launch_overhead_s": wall - sum(times)}
 
 
 def machine() -> str:

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    "the next forward pass (debugging)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (Transformer Engine layers on an FP8 GPU such as H100)")
+    p.add_argument("--compile-fusions", action="store_true",
+                   help="torch.compile Megatron's fused SwiGLU and bias-dropout-add (off by "
+                   "default: measured slower on one H100, see docs/PERFORMANCE.md)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",
@@ -107,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     only the first rank prints them; errors after the process groups exist are printed by every
     rank that meets them.
     """
-    # torch.compile'd fusions cost seconds per process and gain nothing on a CPU; read at import.
-    if not os.path.exists("/dev/nvidia0"):
+    # Megatron's torch.compile'd fusions: off unless --compile-fusions (RunConfig.compile_fusions
+    # says why); torch reads the variable at import, so it is set before that.
+    if "--compile-fusions" in (sys.argv[1:] if argv is None else argv):
+        os.environ["TORCH_COMPILE_DISABLE"] = "0"
+    else:
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")

@@ -520,12 +520,15 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def kernel_report(prof, on_gpu: bool, rows: int = 40) -> str:
+def kernel_report(prof, on_gpu: bool, rows: int = 40, wall_s: float | None = None) -> str:
     """Where one profiled step's time went, from a finished ``torch.profiler.profile``.
 
     On a GPU: the device kernels' own time, summed per :func:`kernel_category`, then the
-    ``rows`` kernels with the most time. On a CPU: the operators' self CPU time likewise (self
-    time, so nested operators count once). Milliseconds.
+    ``rows`` kernels with the most time, then the host's CUDA runtime calls (launches, copies,
+    synchronisations: a host that waits on the GPU, or the reverse, shows there). With
+    ``wall_s`` (the step's wall time) it also gives the share of the step the GPU was busy. On
+    a CPU: the operators' self CPU time likewise (self time, so nested operators count once).
+    Milliseconds.
     """
     events = prof.key_averages()
     if on_gpu:
@@ -541,10 +544,20 @@ def kernel_report(prof, on_gpu: bool, rows: int = 40) -> str:
     what = "device kernels" if on_gpu else "CPU operators (self time)"
     lines = [f"one profiled step, {what}: {total:.1f} ms in all", "",
              f"{'category':15} {'ms':>10} {'share':>7}"]
+    if wall_s:
+        busy = f"; the GPU was busy {total / 1e3 / wall_s:.0%} of it" if on_gpu else ""
+        lines[0] += f" (step wall time {wall_s * 1e3:.1f} ms{busy})"
     for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         lines.append(f"{cat:15} {ms:10.1f} {ms / total if total else 0:7.1%}")
     lines += ["", f"{'ms':>10} {'share':>7} {'calls':>6}  {'category':13} name"]
     for key, ms, count in sorted(timed, key=lambda t: -t[1])[:rows]:
         lines.append(f"{ms:10.2f} {ms / total if total else 0:7.1%} {count:6d}  "
                      f"{kernel_category(key):13} {key[:110]}")
+    if on_gpu:
+        runtime = sorted(((e.key, e.cpu_time_total / 1e3, e.count) for e in events
+                          if e.device_type == torch.autograd.DeviceType.CPU
+                          and e.key.startswith("cuda") and e.cpu_time_total > 0),
+                         key=lambda t: -t[1])
+        lines += ["", "host CUDA runtime calls (CPU time):", f"{'ms':>10} {'calls':>7}  name"]
+        lines += [f"{ms:10.2f} {count:7d}  {key}" for key, ms, count in runtime[:12]]
     return "\n".join(lines) + "\n"

@@ -73,6 +73,11 @@ class RunConfig:
     optimizer step)."""
     fp8: bool = False
     """FP8 GEMMs in the Transformer Engine layers (hybrid E4M3/E5M2, delayed scaling)."""
+    compile_fusions: bool = False
+    """torch.compile Megatron's fused functions (SwiGLU, bias-dropout-add). Off by default:
+    sphinx-tiny's step on one H100 took 2.76 s with them against 2.08 s without
+    (docs/PERFORMANCE.md). Takes effect through ``TORCH_COMPILE_DISABLE``, which torch reads at
+    import, so the training command sets it before importing torch."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
