@@ -68,6 +68,7 @@ def _profile(rank, world_size, argv):
 
 
 VARIANT_KEYS = {"name", "packing", "skip_padded_views", "steps", "step_time_s", "tokens_per_step",
+                "allocator", "peak_reserved_bytes",
                 "samples_per_step", "tokens_per_s", "tokens_per_s_per_gpu", "samples_per_s",
                 "tflops_per_gpu", "mfu", "flops_per_step", "packing_efficiency",
                 "views_per_step", "skipped_sub_images_per_step", "visual_tokens_saved_per_step",

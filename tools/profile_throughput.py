@@ -269,11 +269,14 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    alloc_before: dict[str, int] = {}
     rss = RssSampler() if not on_gpu else contextlib.nullcontext()
     with rss:
         loader = _build_loader(args, cfg, packing, skip, pgs.dp.rank(), pgs.dp.size())
         try:
             for i in range(args.warmup + args.steps):
+                if i == args.warmup:
+                    alloc_before = _allocator_counts(on_gpu)
                 recorder.begin_step()
                 with recorder.in_phase("data"):
                     micro = loader.next_step()
@@ -301,6 +304,7 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
     step_times = torch.tensor([s["step_time"] for s in stats.steps], dtype=torch.float64,
                               device=device)
     torch.distributed.all_reduce(step_times, op=torch.distributed.ReduceOp.MAX)
+    alloc = {k: v - alloc_before[k] for k, v in _allocator_counts(on_gpu).items()}
     mem = float(torch.cuda.max_memory_allocated() if on_gpu else rss.peak)
     mem_t = torch.tensor([mem], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
@@ -329,6 +333,8 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
         "llm_positions_saved_per_step": sum(s["visual_tokens_saved"]
                                             for s in stats.summaries) / n,
         "peak_memory_bytes": float(mem_t.item()),
+        "peak_reserved_bytes": float(torch.cuda.max_memory_reserved()) if on_gpu else None,
+        "allocator": alloc,
         "breakdown_s": breakdown,
         "breakdown_fraction": {k: breakdown[k] / breakdown["step_time"] for k in breakdown
                                if k != "step_time" and breakdown["step_time"] > 0},
@@ -336,6 +342,18 @@ def _profile_variant(name, args, cfg, dims, pgs, model, optimizer, scheduler, re
         "breakdown_steps_s": stats.steps,
         "losses": losses,
     }
+
+
+def _allocator_counts(on_gpu: bool) -> dict[str, int]:
+    """The CUDA caching allocator's counters (this rank): device allocations and frees it made,
+    and retries (a failed allocation that freed every cached block, synchronising the device,
+    then tried again). Empty on a CPU."""
+    if not on_gpu:
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"device_allocs": stats.get("num_device_alloc", 0),
+            "device_frees": stats.get("num_device_free", 0),
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 def _profile_kernels(args, loader, model, optimizer, scheduler, recorder, pgs, device,
@@ -459,6 +477,10 @@ NOTES = {
                     "loader-worker time overlapped with training, not part of the step.",
     "flops": "megatron_sphinx.train.flops.step_flops: LLM 6*N_active*tokens, causal attention "
              "from packed sample lengths, projector, frozen encoders forward only.",
+    "allocator": "GPU: the caching allocator's cudaMalloc / cudaFree calls and retries (each "
+                 "retry frees every cached block after a device synchronisation) during the "
+                 "measured steps; counts that grow with the steps mean the "
+                 "shapes keep changing (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps).",
     "memory": "GPU: torch.cuda.max_memory_allocated; CPU: process RSS sampled every 10 ms "
               "(includes everything the process holds; does not drop between variants).",
     "skip": "--no-skip encodes every sub-image (image_geometry(skip_padded=False)): padded "
@@ -567,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
           f"x{m['gpu_count'] or m['cpu_count']} | {report['settings']}")
     print("kernels: " + " | ".join(f"{k} {v}" for k, v in report["kernels"].items()))
     print(format_table(report))
+    for v in report["variants"]:
+        if v.get("allocator"):
+            a = v["allocator"]
+            print(f"{v['name']}: CUDA caching allocator in the measured steps: "
+                  f"{a['device_allocs']} cudaMalloc, {a['device_frees']} cudaFree, "
+                  f"{a['alloc_retries']} retries; peak reserved "
+                  f"{v['peak_reserved_bytes'] / 2 ** 30:.2f} GiB")
     return 0
 
 
