@@ -298,6 +298,9 @@ def test_kernel_report_on_a_gpu_profile():
                        "2000.0 ms; the GPU was busy 50% of it)")
     cats = {r.split()[0]: float(r.split()[1]) for r in text[3:text.index("", 3)]}
     assert cats == {"matmul": 600.0, "other": 300.0, "attention": 100.0}
-    host = text[text.index("host CUDA runtime calls (CPU time):") + 2:]
-    assert [r.split()[-1] for r in host] == ["cudaStreamSynchronize", "cudaLaunchKernel"]
-    assert host[0].split()[:2] == ["250.00", "3"]
+    i = text.index("host CUDA runtime calls (CPU time):")
+    j = text.index("host operators (self CPU time: where the host itself spends the step):")
+    runtime, ops = text[i + 2:j - 1], text[j + 2:]
+    assert [r.split()[-1] for r in runtime] == ["cudaStreamSynchronize", "cudaLaunchKernel"]
+    assert runtime[0].split()[:2] == ["250.00", "3"]
+    assert [r.split() for r in ops] == [["50.00", "400", "aten::mm"]]

@@ -52,3 +52,25 @@ def test_mismatched_or_missing_weights_say_what_to_change(debug_vision, tmp_path
         FrozenEncoder(conv_cfg).load_pretrained(str(tmp_path / "vit.safetensors"))
     with pytest.raises(FileNotFoundError, match="not found"):
         FrozenEncoder(conv_cfg).load_pretrained(str(tmp_path / "nope.safetensors"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vit_attention_on_a_gpu_avoids_cudnn_and_matches_the_cpu(debug_vision):
+    """On a GPU the ViT's attention runs FlashAttention (or the memory-efficient kernel), not
+    cuDNN's, which plans anew for every new number of views; the tokens match the CPU's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    enc_cfg = next(e for e in debug_vision.encoders if e.kind == "vit")
+    torch.manual_seed(0)
+    enc = FrozenEncoder(enc_cfg)
+    views = torch.rand(5, 3, 224, 224)
+    want = enc(views)
+    enc = enc.cuda().to(torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for v in (5, 3, 7):  # three batch shapes
+            enc(torch.rand(v, 3, 224, 224, device="cuda"))
+    names = {e.key for e in prof.key_averages()}
+    assert not any("cudnn_attention" in n for n in names), sorted(n for n in names if "cudnn" in n)
+    assert any("flash" in n or "efficient_attention" in n for n in names), sorted(names)[:40]
+    got = enc(views.cuda())
+    torch.testing.assert_close(got.float().cpu(), want, atol=5e-2, rtol=5e-2)

@@ -71,7 +71,7 @@ PYEOF
 
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
 PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
-run tests_kernels 100 $PYTEST tests/test_pack_kernel.py tests/test_attention.py
+run tests_kernels 100 $PYTEST tests/test_pack_kernel.py tests/test_attention.py tests/test_vision.py
 run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants packed packed-compiled packed-mbs2 reference --steps 8 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
@@ -94,7 +94,8 @@ for log in tests_kernels tests_train; do
   [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
 done
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
-[ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt"
+[ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
+  grep -A 10 "^host operators" "$OUT/kernels.txt"
 for log in bench_packed_layers:8 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
   [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done

@@ -15,14 +15,22 @@ from __future__ import annotations
 import logging
 import os
 
+import contextlib
+
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_sphinx.config import EncoderConfig, VisionConfig
 
 log = logging.getLogger(__name__)
+
+#: The attention kernels the ViT may use on a GPU: not cuDNN's, which builds an execution plan
+#: for each new batch shape (reported at 55-400 ms each), and the number of views changes from one
+#: micro-batch to the next. FlashAttention and the memory-efficient kernel need no plan.
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class FrozenEncoder(nn.Module):
@@ -69,7 +77,8 @@ class FrozenEncoder(nn.Module):
                 self.model.to(memory_format=torch.channels_last)
                 self._channels_last = True
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.model.forward_features(x)
+        with sdpa_kernel(GPU_SDPA_BACKENDS) if x.is_cuda else contextlib.nullcontext():
+            feats = self.model.forward_features(x)
         if self.cfg.kind == "convnext":
             tokens = feats.flatten(2).transpose(1, 2)  # [V, C, 16, 16] -> [V, 256, C]
             tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)  # [V, 257, C]

@@ -525,7 +525,8 @@ def kernel_report(prof, on_gpu: bool, rows: int = 40, wall_s: float | None = Non
 
     On a GPU: the device kernels' own time, summed per :func:`kernel_category`, then the
     ``rows`` kernels with the most time, then the host's CUDA runtime calls (launches, copies,
-    synchronisations: a host that waits on the GPU, or the reverse, shows there). With
+    synchronisations: a host that waits on the GPU, or the reverse, shows there) and the host
+    operators with the most self CPU time (e.g. a library planning per new shape). With
     ``wall_s`` (the step's wall time) it also gives the share of the step the GPU was busy. On
     a CPU: the operators' self CPU time likewise (self time, so nested operators count once).
     Milliseconds.
@@ -560,4 +561,11 @@ def kernel_report(prof, on_gpu: bool, rows: int = 40, wall_s: float | None = Non
                          key=lambda t: -t[1])
         lines += ["", "host CUDA runtime calls (CPU time):", f"{'ms':>10} {'calls':>7}  name"]
         lines += [f"{ms:10.2f} {count:7d}  {key}" for key, ms, count in runtime[:12]]
+        host = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in events
+                       if e.device_type == torch.autograd.DeviceType.CPU
+                       and not e.key.startswith("cuda") and e.self_cpu_time_total > 0),
+                      key=lambda t: -t[1])
+        lines += ["", "host operators (self CPU time: where the host itself spends the step):",
+                  f"{'ms':>10} {'calls':>7}  name"]
+        lines += [f"{ms:10.2f} {count:7d}  {key[:110]}" for key, ms, count in host[:15]]
     return "\n".join(lines) + "\n"
