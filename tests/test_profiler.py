@@ -281,15 +281,18 @@ def test_kernel_report_on_a_gpu_profile():
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
-    def ev(key, device, self_us=0.0, cpu_us=0.0, count=1):
+    def ev(key, device, self_us=0.0, cpu_us=0.0, count=1, annotation=False):
         return SimpleNamespace(key=key, device_type=device, self_device_time_total=self_us,
-                               cpu_time_total=cpu_us, self_cpu_time_total=cpu_us, count=count)
+                               cpu_time_total=cpu_us, self_cpu_time_total=cpu_us, count=count,
+                               is_user_annotation=annotation)
 
     events = [ev("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", cuda, 600e3, count=400),
               ev("void pytorch_flash::flash_fwd_kernel<...>", cuda, 100e3, count=20),
               ev("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>", cuda,
                  300e3, count=900),
               ev("aten::mm", cpu, cpu_us=50e3, count=400),  # host op: not a kernel
+              # a record_function range on the GPU: its kernels are counted themselves
+              ev("Optimizer.step#AdamW.step", cuda, 30e3, annotation=True),
               ev("cudaLaunchKernel", cpu, cpu_us=80e3, count=20000),
               ev("cudaStreamSynchronize", cpu, cpu_us=250e3, count=3)]
     text = kernel_report(SimpleNamespace(key_averages=lambda: events), on_gpu=True,

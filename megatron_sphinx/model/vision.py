@@ -12,10 +12,9 @@ encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_gr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-
-import contextlib
 
 import timm
 import torch

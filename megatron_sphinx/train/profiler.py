@@ -531,7 +531,9 @@ def kernel_report(prof, on_gpu: bool, rows: int = 40, wall_s: float | None = Non
     a CPU: the operators' self CPU time likewise (self time, so nested operators count once).
     Milliseconds.
     """
-    events = prof.key_averages()
+    # User annotations (``record_function`` ranges such as the optimizer's step) span kernels
+    # that are counted themselves.
+    events = [e for e in prof.key_averages() if not getattr(e, "is_user_annotation", False)]
     if on_gpu:
         timed = [(e.key, e.self_device_time_total / 1e3, e.count) for e in events
                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
@@ -541,7 +543,8 @@ def kernel_report(prof, on_gpu: bool, rows: int = 40, wall_s: float | None = Non
     total = sum(t for _, t, _ in timed)
     by_cat: dict[str, float] = {}
     for key, ms, _ in timed:
-        by_cat[kernel_category(key)] = by_cat.get(kernel_category(key), 0.0) + ms
+        cat = kernel_category(key)
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
     what = "device kernels" if on_gpu else "CPU operators (self time)"
     lines = [f"one profiled step, {what}: {total:.1f} ms in all", "",
              f"{'category':15} {'ms':>10} {'share':>7}"]
