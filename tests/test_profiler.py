@@ -1,6 +1,7 @@
 """The throughput profiler: its step breakdown arithmetic and a real 2-step CPU run of ``debug``."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import time
@@ -128,6 +129,8 @@ def test_two_step_compare_run_of_debug(tmp_path):
     (["--steps", "0"], "--steps"),
     (["--compare", "--no-skip"], "--compare"),
     (["--data", "/nonexistent/store.zarr"], "--data"),
+    (["--trace", "/tmp/step.json.gz"], "give --kernels FILE too"),
+    (["--kernels", "/tmp/k.txt", "--trace", "/tmp/step.txt"], "name a .json or .json.gz"),
 ])
 def test_bad_input_one_line_nothing_written(argv, message, tmp_path, capsys):
     out = tmp_path / "p.json"
@@ -142,7 +145,8 @@ def _profile_then_train(rank, world_size, out, kernels):
     from megatron_sphinx.train.run_config import RunConfig
 
     rc = _tool().main(["--recipe", "debug", "--data", "synthetic", "--steps", "2", "--warmup", "0",
-                       "--global-batch-size", "2", "--json", out, "--kernels", kernels])
+                       "--global-batch-size", "2", "--json", out, "--kernels", kernels,
+                       "--trace", kernels + ".json.gz"])
     results = run(RunConfig(recipe="debug", data="synthetic", steps=2, global_batch_size=2))
     return rc, [r.loss for r in results]
 
@@ -168,6 +172,10 @@ def test_profiled_steps_are_the_training_commands_steps(tmp_path):
     assert sum(cats.values()) == pytest.approx(total, rel=1e-3, abs=0.3)
     top = text[text.index("", 3) + 2:]
     assert len(top) >= 10 and any("aten::mm" in r or "aten::addmm" in r for r in top)
+    # The same step's timeline, a gzip-compressed Chrome trace.
+    trace = json.loads(gzip.decompress((tmp_path / "kernels.txt.json.gz").read_bytes()))
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names or "aten::addmm" in names
 
 
 @pytest.mark.parametrize("name, category", [

@@ -7,7 +7,8 @@
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens, --no-packing
 #                      --no-skip, packed with compiled fusions, with two rows per micro-batch;
 #      profile_kernels one packed sphinx-tiny step under torch.profiler: time per kernel
-#                      category (matmul, attention, convolution, copy, other) and top kernels;
+#                      category (matmul, attention, convolution, copy, other), top kernels, the
+#                      host's CUDA calls and busiest operators, and its timeline;
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
@@ -17,7 +18,7 @@
 #   3. prints one summary at the end.
 # Output in $OUT (default /tmp/gpu_check), few files as the device tool returns at most 8:
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
-# profile.json, kernels.txt.
+# profile.json, kernels.txt, step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
 # Expected run time about 8 minutes (the H100 run of 2026-11-26: 8.2 minutes, then with 4
 # training steps per variant, now 8); the parts' limits add up to more, so if the call ends
@@ -76,7 +77,8 @@ run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
   --variants packed packed-compiled packed-mbs2 reference --steps 8 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
-  --global-batch-size 8 --warmup 3 --steps 2 --json "$OUT/profile.json" --kernels "$OUT/kernels.txt"
+  --global-batch-size 8 --warmup 3 --steps 2 --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" \
+  --trace "$OUT/step_trace.json.gz"
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
 TESTS="tests/test_gpu.py"

@@ -4,7 +4,8 @@
         [--plot runs/profile.png] [--tp N --pp N --ep N --sp] \\
         [--data stream|synthetic|sample|PATH] [--backend auto|te|local] [--recompute R] \\
         [--seq-length S] [--global-batch-size G] [--peak-tflops X] [--warmup N] \\
-        [--no-packing] [--no-skip] [--compare] [--kernels runs/kernels.txt]
+        [--no-packing] [--no-skip] [--compare] [--kernels runs/kernels.txt] \\
+        [--trace runs/step.json.gz]
     torchrun --nproc-per-node 8 tools/profile_throughput.py --recipe sphinx-tiny ...
 
 The model, optimizer and loader are the training command's own (``build_model``,
@@ -170,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", default=None,
                    help="output text: one more step of the first variant under torch.profiler, "
                         "its time per kernel category and its top kernels (rank 0 writes it)")
+    p.add_argument("--trace", default=None,
+                   help="with --kernels: that step's timeline as a Chrome trace (.json, or "
+                        ".json.gz compressed; open in https://ui.perfetto.dev)")
     p.add_argument("--data", default=None,
                    help="'stream' (one fixed random sample stream: the default with --compare), "
                         "'synthetic' (the training command's random data: the default "
@@ -202,7 +206,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: give a positive peak")
     from megatron_sphinx.cli import check_output_file
 
-    for flag in ("json", "plot", "kernels"):
+    if args.trace and not args.kernels:
+        raise ValueError("--trace records the --kernels step: give --kernels FILE too")
+    if args.trace and not args.trace.endswith((".json", ".json.gz")):
+        raise ValueError(f"--trace {args.trace}: name a .json or .json.gz file")
+    for flag in ("json", "plot", "kernels", "trace"):
         path = getattr(args, flag)
         if path:
             check_output_file(path, f"--{flag}")
@@ -356,6 +364,23 @@ def _allocator_counts(on_gpu: bool) -> dict[str, int]:
             "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
+def _write_trace(prof, path: str) -> None:
+    """The profiled step as a Chrome trace; gzip-compressed when ``path`` ends in ``.gz``."""
+    import gzip
+    import shutil
+    import tempfile
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not path.endswith(".gz"):
+        prof.export_chrome_trace(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def _profile_kernels(args, loader, model, optimizer, scheduler, recorder, pgs, device,
                      seq_length: int) -> None:
     """One more, unmeasured step under ``torch.profiler``; rank 0 writes ``--kernels``."""
@@ -384,6 +409,9 @@ def _profile_kernels(args, loader, model, optimizer, scheduler, recorder, pgs, d
         Path(args.kernels).parent.mkdir(parents=True, exist_ok=True)
         Path(args.kernels).write_text(kernel_report(prof, on_gpu, wall_s=wall_s))
         log.info("kernel profile written to %s", args.kernels)
+        if args.trace:
+            _write_trace(prof, args.trace)
+            log.info("timeline written to %s", args.trace)
 
 
 def run_profile(args: argparse.Namespace) -> dict | None:
