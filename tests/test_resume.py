@@ -85,6 +85,17 @@ def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+    # It also converts: to Hugging Face and back gives the interleaved checkpoint's weights.
+    from tests.test_convert import _from_hf_worker, _to_hf_worker
+
+    hf, back = str(tmp_path / "hf"), str(tmp_path / "back")
+    run_ranks(_to_hf_worker, 1, first, hf, None, timeout=180)
+    run_ranks(_from_hf_worker, 1, ["--hf", hf, "--recipe", "debug", "--out", back], timeout=180)
+    want, got = (run_ranks(_saved_weights, 1, str(d), timeout=120)[0]
+                 for d in (Path(first) / "iter_0000003", Path(back) / "iter_0000000"))
+    assert len(want) > 10 and want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
 
 
 def _saved_weights(rank, world_size, ckpt) -> dict:
