@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check for one GPU (how to run it on a lent machine: docs/gpu/RUNBOOK.md).
 #   1. installs what the device lacks from wheels carried in .whl/ (megatron-core, zarr, ...)
-#      and, if its parts were carried beforehand into /tmp/dali_parts, the DALI wheel;
+#      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
 #      tests_kernels   pack kernels and packed attention against their references;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens, --no-packing
@@ -55,10 +55,23 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl 2>&1 | tail -2
 fi
-if ls /tmp/dali_parts/part_* > /dev/null 2>&1 && [ ! -d "$SITE/nvidia/dali" ]; then
-  cat /tmp/dali_parts/part_* > /tmp/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-    /tmp/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl 2>&1 | tail -2
+# DALI (too large for one call): parts of an xz tar of its installed files, carried one per call
+# beforehand into /tmp/dali_parts (docs/gpu/RUNBOOK.md), the last one with this call in .dali/.
+mkdir -p /tmp/dali_parts
+cp .dali/dali.tar.xz.part_* /tmp/dali_parts/ 2> /dev/null
+if ls /tmp/dali_parts/dali.tar.xz.part_* > /dev/null 2>&1 && [ ! -d "$SITE/nvidia/dali" ]; then
+  cat /tmp/dali_parts/dali.tar.xz.part_* > /tmp/dali.tar.xz
+  $PY - /tmp/dali.tar.xz "$SITE" <<'PYEOF'
+import lzma, shutil, sys, tarfile, tempfile
+try:  # into a scratch folder first: a missing part leaves nothing half-installed
+    with tempfile.TemporaryDirectory() as tmp:
+        tarfile.open(sys.argv[1]).extractall(tmp, filter="fully_trusted")
+        shutil.copytree(tmp, sys.argv[2], dirs_exist_ok=True)
+    print("DALI installed from the carried parts")
+except (EOFError, OSError, lzma.LZMAError, tarfile.TarError) as exc:
+    print(f"DALI: the carried parts do not make a whole archive ({exc}): skipped")
+PYEOF
+  rm -f /tmp/dali.tar.xz
 fi
 $PY - <<'PYEOF' | tee -a "$OUT/machine.txt"
 import importlib
@@ -82,9 +95,9 @@ run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --s
   --trace "$OUT/step_trace.json.gz"
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
-TESTS="tests/test_gpu.py"
-$PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py"
-run tests_train 120 $PYTEST $TESTS
+TESTS="tests/test_gpu.py" LIMIT=120
+$PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py" LIMIT=200
+run tests_train $LIMIT $PYTEST $TESTS
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
 run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 if $PY -c "import nvidia.dali" 2> /dev/null; then
