@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megatron_sphinx.data.images import probe_image
 from megatron_sphinx.data.layout import Sample
 from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
 from megatron_sphinx.data.sample_source import InMemorySource
+from tests.files import photos
+from tests.stores import random_photo_samples
 
-IMAGES = Path("/work/shared/testdata/images")
 
 
 def _cfg(**kw) -> LoaderConfig:
@@ -73,19 +72,8 @@ def test_pause_returns_only_when_no_dropped_step_is_still_being_built():
 
 @pytest.fixture(scope="module")
 def image_source() -> InMemorySource:
-    datas = [p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))][:4]
-    assert datas, f"no test images in {IMAGES}"
-    hws = [probe_image(d).hw for d in datas]
-    rng = np.random.default_rng(1)
-    samples, images = [], []
-    for i in range(24):
-        k = int(rng.integers(20, 200))
-        ids = rng.integers(3, 500, k).astype(np.int32)
-        ids[0] = 1
-        with_image = i % 3 != 2
-        samples.append(Sample(ids, np.arange(k) >= k // 2,
-                              hws[i % len(datas)] if with_image else None))
-        images.append(datas[i % len(datas)] if with_image else None)
+    samples, images = random_photo_samples(24, *photos(limit=4), seed=1, max_len=200,
+                                           trained_from=2, text_only_every=3)
     return InMemorySource(samples, images, 448, 2)
 
 

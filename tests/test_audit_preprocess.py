@@ -17,7 +17,8 @@ from megatron_sphinx.data.build_store import BuildError, prepare_output, set_asi
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.store import StoreReader, create_store, read_meta
 from tests.files import snapshot
-from tests.test_preprocess import ROOT, _build, _hidden, _text_mix
+from tests.test_preprocess import (ROOT, _build, _hidden, _old_store, _overwrite_args,
+                                   _text_mix)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,7 @@ def sample(tmp_path_factory):
 def _killed_overwrite(tmp_path, tok):
     """What a SIGKILLed ``--overwrite`` of ``s.zarr`` leaves: the old store aside in
     ``.s.zarr.old-killed``, a new store begun (no index) at ``s.zarr``."""
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
+    out = _old_store(tmp_path, tok)
     holder = tmp_path / ".s.zarr.old-killed"
     holder.mkdir()
     os.rename(out, holder / "s.zarr")
@@ -58,8 +58,7 @@ def test_an_empty_holder_is_not_named_as_a_set_aside_store(tmp_path, sample):
     holder and renaming into it, or after renaming back) is no store to move back: the
     message must not tell the user to ``mv`` a path that does not exist."""
     tok = sample / "tokenizer"
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
+    out = _old_store(tmp_path, tok)
     create_store(tmp_path / "other.zarr", read_meta(out)[0])  # an incomplete store
     (tmp_path / ".other.zarr.old-empty").mkdir()
     assert set_aside(tmp_path / "other.zarr") == []
@@ -117,17 +116,14 @@ def test_sigterm_to_every_mpi_rank_rolls_back(tmp_path, sample):
     """Slurm's time limit and scancel signal every task at once: with two MPI ranks the
     replaced store must still be put back at --out (the existing test runs one process)."""
     tok = sample / "tokenizer"
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
+    out = _old_store(tmp_path, tok)
     before = snapshot(out)
     (tmp_path / "stall.py").write_text(STALL_EVERY_RANK)
     pids = tmp_path / "pids"
     pids.mkdir()
     proc = subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "mpiexec"), "-n", "2", sys.executable,
-         str(tmp_path / "stall.py"), str(pids), str(ROOT / "tools" / "preprocess_data.py"),
-         "--mix", str(_text_mix(tmp_path / "new")), "--tokenizer", str(tok), "--out", str(out),
-         "--seq-length", "2048", "--overwrite", "--no-progress"],
+         str(tmp_path / "stall.py"), str(pids), *_overwrite_args(tmp_path, tok, out)],
         env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,7 +1,5 @@
 """DALI image views against the Pillow reference; geometry of the views; bad files reported."""
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +11,9 @@ from megatron_sphinx.data.geometry import image_geometry
 from megatron_sphinx.data.images import (ImageConfig, ImageProcessor, _resize_plane, decode_rgb,
                                          global_view, probe_image, reference_views,
                                          resolve_device)
+from tests.files import TEST_IMAGES
 
-IMAGES = Path(os.environ.get("MEGATRON_SPHINX_TESTDATA", "")
-              or Path(__file__).resolve().parents[2] / "shared" / "testdata" / "images")
-if not IMAGES.is_dir():
-    IMAGES = Path("/work/shared/testdata/images")
+IMAGES = TEST_IMAGES
 PHOTOS = sorted(IMAGES.glob("*.jpg"))
 HARD = ["cmyk.jpg", "exif_orientation6.jpg", "gray16.png", "grayscale.jpg", "one_pixel_1x1.png",
         "rgb16.png", "rgba_alpha.png", "tall_60x4000.jpg", "wide_4000x60.jpg"]

@@ -1,7 +1,6 @@
 """The training loader: resume equality, data-parallel invariance, bad images skipped."""
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ from megatron_sphinx.data.layout import Sample
 from megatron_sphinx.data.loader import LoaderConfig, PackedLoader, views_per_sample
 from megatron_sphinx.data.sample_source import InMemorySource, SampleSource
 from megatron_sphinx.data.geometry import image_geometry
+from tests.files import TEST_IMAGES
 
-IMAGES = Path("/work/shared/testdata/images")
+IMAGES = TEST_IMAGES
 GOOD = sorted(IMAGES.glob("*.jpg")) + [IMAGES / "adversarial" / f for f in
                                        ("wide_4000x60.jpg", "rgba_alpha.png", "gray16.png")]
 BAD_TOKEN = 2  # marks the text of samples with a bad image (other tokens are >= 3)

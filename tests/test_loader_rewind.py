@@ -6,24 +6,20 @@ from __future__ import annotations
 import dataclasses
 import threading
 from concurrent.futures import wait
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from megatron_sphinx.data import loader as loader_mod
-from megatron_sphinx.data.images import probe_image
-from megatron_sphinx.data.layout import Sample
 from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
 from megatron_sphinx.data.sample_source import InMemorySource
 from megatron_sphinx.data.store import StoreReader
 from megatron_sphinx.train import evaluate
 from megatron_sphinx.train.evaluate import Evaluator
 from megatron_sphinx.train.step import LossTotals
-from tests.stores import write_source_store
+from tests.files import photos
+from tests.stores import random_photo_samples, write_source_store
 
-IMAGES = Path("/work/shared/testdata/images")
 WORKERS = 2
 COUNTED = ("samples", "tokens", "positions", "micro_batches")
 
@@ -31,23 +27,8 @@ COUNTED = ("samples", "tokens", "positions", "micro_batches")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> StoreReader:
     """36 samples over 2 sources, three in four with an image, as a zarr store."""
-    datas = [p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))]
-    assert datas, f"no test images in {IMAGES}"
-    hws = [probe_image(d).hw for d in datas]
-    rng = np.random.default_rng(0)
-    samples, images = [], []
-    for i in range(36):
-        n = int(rng.integers(20, 400))
-        ids = rng.integers(3, 500, n).astype(np.int32)
-        ids[0] = 1
-        mask = np.arange(n) >= n // 3
-        if i % 4 != 3:
-            k = i % len(datas)
-            samples.append(Sample(ids, mask, hws[k], 1, i % 2))
-            images.append(datas[k])
-        else:
-            samples.append(Sample(ids, mask, None, 1, i % 2))
-            images.append(None)
+    samples, images = random_photo_samples(36, *photos(), seed=0, max_len=400, trained_from=3,
+                                           text_only_every=4, sources=2)
     path = tmp_path_factory.mktemp("rewind") / "s.zarr"
     write_source_store(path, InMemorySource(samples, images, 448, 2), ["a", "b"])
     return StoreReader(path, image_size=448, grid=2)

@@ -5,7 +5,6 @@ samples; every check compares against the geometry or against the same loader wi
 """
 import dataclasses
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,9 @@ from megatron_sphinx.data.layout import Sample
 from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
 from megatron_sphinx.data.mix import BlendedMix
 from megatron_sphinx.data.sample_source import InMemorySource
+from tests.files import TEST_IMAGES
 
-WIDE_JPEG = Path("/work/shared/testdata/images/adversarial/wide_4000x60.jpg")
+WIDE_JPEG = TEST_IMAGES / "adversarial" / "wide_4000x60.jpg"
 SEQ = 2048
 
 

@@ -28,12 +28,10 @@ from megatron_sphinx.data.preprocess import (
 from megatron_sphinx.data.sample_data import generate
 from megatron_sphinx.data.sources import convert_source
 from megatron_sphinx.data.store import StoreReader, create_store, read_meta
-from tests.files import snapshot, unreadable_mix
+from tests.files import TEST_IMAGES, snapshot, unreadable_mix
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = ROOT.parent / "shared" / "testdata" / "images"
-if not TESTDATA.is_dir():
-    TESTDATA = Path("/work/shared/testdata/images")
+TESTDATA = TEST_IMAGES
 ADV = TESTDATA / "adversarial"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 needs_testdata = pytest.mark.skipif(not ADV.is_dir(), reason=f"test images not found at {ADV}")
@@ -642,6 +640,20 @@ def test_header_probes_agree_on_large_pngs_without_decoding(tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- interrupted builds
 
+def _old_store(tmp_path: Path, tok: Path) -> Path:
+    """``tmp_path/s.zarr``: a store of the "old" text mix, for an ``--overwrite`` to replace."""
+    out = tmp_path / "s.zarr"
+    _build(_text_mix(tmp_path / "old"), out, tok)
+    return out
+
+
+def _overwrite_args(tmp_path: Path, tok: Path, out: Path) -> list[str]:
+    """``tools/preprocess_data.py`` and its arguments replacing ``out`` by the "new" text mix."""
+    return [str(ROOT / "tools" / "preprocess_data.py"), "--mix", str(_text_mix(tmp_path / "new")),
+            "--tokenizer", str(tok), "--out", str(out), "--seq-length", "2048", "--overwrite",
+            "--no-progress"]
+
+
 STALL_THEN_RUN = """
 import pathlib, runpy, sys, time
 from megatron_sphinx.data import build_store as bs
@@ -661,17 +673,15 @@ def test_a_termination_signal_puts_the_replaced_store_back(tmp_path, sample, sig
     --overwrite writes its shards: the new store is removed, the old one renamed back, one
     error line, exit 128 + the signal's number."""
     tok = sample / "tokenizer"
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
+    out = _old_store(tmp_path, tok)
     before = snapshot(out)
     (tmp_path / "stall.py").write_text(STALL_THEN_RUN)
     started = tmp_path / "started"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, str(tmp_path / "stall.py"), str(started),
-         str(ROOT / "tools" / "preprocess_data.py"), "--mix", str(_text_mix(tmp_path / "new")),
-         "--tokenizer", str(tok), "--out", str(out), "--seq-length", "2048", "--overwrite",
-         "--no-progress"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+         *_overwrite_args(tmp_path, tok, out)], env=env, cwd=ROOT, stderr=subprocess.PIPE,
+        text=True)
     deadline = time.monotonic() + 60
     while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -690,8 +700,7 @@ def test_a_store_set_aside_by_a_killed_build_is_named_then_replaced(tmp_path, sa
     """SIGKILL leaves the replaced store in .NAME.old-*: the next build says where it is (and
     changes nothing); the next --overwrite deletes it once the new store is complete."""
     tok = sample / "tokenizer"
-    out = tmp_path / "s.zarr"
-    _build(_text_mix(tmp_path / "old"), out, tok)
+    out = _old_store(tmp_path, tok)
     holder = tmp_path / ".s.zarr.old-killed"
     holder.mkdir()
     os.rename(out, holder / "s.zarr")  # what a killed --overwrite leaves: the old store aside
