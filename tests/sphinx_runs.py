@@ -26,10 +26,11 @@ def small_recipe(name: str):
 
 
 def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234,
-          mbs=1, overlap=True, param_gather=True, vpp=1):
+          mbs=1, overlap=True, param_gather=True, vpp=1, vision_batch=0):
     """Process groups, model, optimizer, scheduler and synthetic loader of one rank
     (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward;
-    ``param_gather``: the updated parameters gathered during the next forward)."""
+    ``param_gather``: the updated parameters gathered during the next forward;
+    ``vision_batch``: the step's views encoded at once, that many per encoder call)."""
     cfg = small_recipe(recipe)
     cfg.train.micro_batch_size = mbs
     dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp,
@@ -39,7 +40,7 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
     torch.manual_seed(seed)
     model = build_model(cfg, ParallelSizes(tp, pp, ep, sp, vpp), pgs, backend="local",
                         dtype=torch.float32, on_gpu=False, overlap_grad_reduce=overlap,
-                        overlap_param_gather=param_gather)
+                        overlap_param_gather=param_gather, vision_batch=vision_batch)
     assert len(model) == vpp
     assert model[0].ddp_config.overlap_grad_reduce is overlap
     assert model[0].ddp_config.overlap_param_gather is param_gather

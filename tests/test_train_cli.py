@@ -57,6 +57,28 @@ def test_interleaved_layouts_that_cannot_run(capsys, monkeypatch, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--vision-batch", "12"], "--vision-batch 12: give a multiple of 8"),
+    (["--vision-batch", "-8"], "--vision-batch -8: give a multiple of 8"),
+    (["--cuda-graph-vision"], "add --vision-batch N"),
+])
+def test_vision_batch_settings_that_cannot_run(capsys, argv, needle):
+    assert needle in _err(capsys, ["--recipe", "debug", *argv])
+
+
+def test_cuda_graph_vision_without_a_gpu_is_refused():
+    """The encoders' CUDA graphs need a GPU: on a CPU the model build says what to change."""
+    import torch
+
+    from megatron_sphinx.train.build import build_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for CPUs")
+    with pytest.raises(ValueError, match="--cuda-graph-vision needs a GPU"):
+        build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
+                    vision_batch=8, cuda_graph_vision=True)
+
+
 def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
     """Every rank of a launch meets the same layout error: rank 0 prints it, the others stay
     quiet with the same exit code (a 64-GPU job printed it 64 times before)."""
@@ -493,6 +515,8 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
 
     assert parse_args([]).compile_fusions is False
     assert parse_args(["--compile-fusions"]).compile_fusions is True
+    vb = parse_args(["--vision-batch", "32", "--cuda-graph-vision"])
+    assert (vb.vision_batch, vb.cuda_graph_vision) == (32, True)
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert main(["--recipe", "nope"]) == 2
     assert os.environ["TORCH_COMPILE_DISABLE"] == "1"

@@ -14,8 +14,10 @@ Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (th
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
 varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
-default), ``packed-mbs2`` (two packed rows per forward
-pass, one THD sequence) and ``reference`` (``--no-packing
+default), ``packed-mbs2`` (two packed rows per forward pass, one THD sequence),
+``packed-vb32`` (``--vision-batch 32``: the step's views encoded at once, 32 per encoder call),
+``packed-graphs`` (the same replayed as CUDA graphs, ``--cuda-graph-vision``; GPU only),
+``packed-graphs-mbs2`` (both) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
@@ -49,6 +51,10 @@ LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2,
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": (["--compile-fusions"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
+            "packed-vb32": (["--vision-batch", "32"], {}),
+            "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
+            "packed-graphs-mbs2": (["--vision-batch", "32", "--cuda-graph-vision",
+                                    "--micro-batch-size", "2"], {}),
             "reference": (["--no-packing", "--no-skip"], {})}
 
 
@@ -182,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_layout(args.recipe, name, variant, args.steps, extra))
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
           f"extra args {' '.join(extra) or '-'}")
-    print(f"{'layout':7} {'variant':15} {'procs':>5} {'step s':>8} {'1st step s':>10} "
+    print(f"{'layout':7} {'variant':18} {'procs':>5} {'step s':>8} {'1st step s':>10} "
           f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['layout']:7} {r['variant']:15} {r['processes']:>5} failed ({r['error']})")
+            print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} failed ({r['error']})")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['layout']:7} {r['variant']:15} {r['processes']:>5} {r['step_s']:>8.3f} "
+        print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} {r['step_s']:>8.3f} "
               f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
               f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f}")
     if args.json:

@@ -3,26 +3,29 @@
 #   1. installs what the device lacks from wheels carried in .whl/ (megatron-core, zarr, ...)
 #      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
-#      tests_kernels   pack kernels and packed attention against their references;
-#      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens, --no-packing
-#                      --no-skip, packed with compiled fusions, with two rows per micro-batch;
-#      profile_kernels one packed sphinx-tiny step under torch.profiler: time per kernel
-#                      category (matmul, attention, convolution, copy, other), top kernels, the
-#                      host's CUDA calls and busiest operators, and its timeline;
-#      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
-#                      tile sweep;
+#      tests_kernels   pack kernels, packed attention, encoders (CUDA graphs) against references;
+#      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens; the same with the
+#                      step's views encoded at once (--vision-batch 32), and replayed as CUDA
+#                      graphs (--cuda-graph-vision); --no-packing --no-skip (the reference);
+#      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
+#      profile_kernels one sphinx-tiny step (CUDA-graphed encoders) under torch.profiler: time
+#                      per kernel category (matmul, attention, convolution, copy, other), top
+#                      kernels, the host's CUDA calls and busiest operators, and its timeline;
+#      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
+#                      tile sweep;
 #      bench_packed_layers, bench_pack_overhead   RoPE and attention kernels of one packed row;
-#                      the pack op's host cost;  bench_images  DALI images/s;
+#                      the pack op's host cost;
 #   3. prints one summary at the end.
 # Output in $OUT (default /tmp/gpu_check), few files as the device tool returns at most 8:
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
 # profile.json, kernels.txt, step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
-# Expected run time about 8 minutes (the H100 run of 2026-11-26: 8.2 minutes, then with 4
+# Expected run time about 9 minutes (the H100 run of 2026-11-26: 8.2 minutes, then with 4
 # training steps per variant, now 8); the parts' limits add up to more, so if the call ends
-# before the last parts, run them in a second call, e.g. ONLY="tests_train" bash tools/gpu_check.sh
+# before the last parts, run them in a second call, e.g. ONLY="bench_pack" bash tools/gpu_check.sh
+# (the kernel benchmarks last: their code did not change since the H100 run measured them).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -87,22 +90,23 @@ PYEOF
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
 PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
 run tests_kernels 100 $PYTEST tests/test_pack_kernel.py tests/test_attention.py tests/test_vision.py
-run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
-  --variants packed packed-compiled packed-mbs2 reference --steps 8 --seq-length 4096 \
+run bench_train 240 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
+  --variants packed packed-vb32 packed-graphs reference --steps 8 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
-run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
-  --global-batch-size 8 --warmup 3 --steps 2 --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" \
-  --trace "$OUT/step_trace.json.gz"
-run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
-  --triton-tiles 4096,4 8192,8 16384,8
-TESTS="tests/test_gpu.py" LIMIT=120
-$PY -c "import nvidia.dali" 2> /dev/null && TESTS="$TESTS tests/test_images.py" LIMIT=200
-run tests_train $LIMIT $PYTEST $TESTS
-run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
-run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 if $PY -c "import nvidia.dali" 2> /dev/null; then
   run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
 fi
+TESTS="tests/test_gpu.py" LIMIT=120
+$PY -c "import nvidia.dali" 2> /dev/null &&
+  TESTS="$TESTS tests/test_images.py::test_gpu_mixed_matches_cpu" LIMIT=150
+run tests_train $LIMIT $PYTEST $TESTS
+run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
+  --global-batch-size 8 --vision-batch 32 --cuda-graph-vision --warmup 3 --steps 2 \
+  --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
+run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
+  --triton-tiles 4096,4 8192,8 16384,8
+run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
+run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 
 section "summary"
 cat "$LOGS/status.txt"

@@ -192,6 +192,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (TE layers, FP8 GPU)")
+    p.add_argument("--vision-batch", type=int, default=0,
+                   help="encode a whole step's views at once, N per encoder call (as training)")
+    p.add_argument("--cuda-graph-vision", action="store_true",
+                   help="replay the encoders as CUDA graphs (GPU; needs --vision-batch)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (default 10)")
     return p.parse_args(argv)
@@ -242,6 +246,7 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      micro_batch_size=args.micro_batch_size,
                      backend=args.backend, dtype=args.dtype, recompute=args.recompute,
                      fp8=args.fp8, packing=packing, skip_padded_views=skip,
+                     vision_batch=args.vision_batch, cuda_graph_vision=args.cuda_graph_vision,
                      timeout_minutes=args.timeout_minutes)
 
 
@@ -442,7 +447,9 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             model = build_model(cfg, ParallelSizes(dims.tp, dims.pp, dims.ep,
                                                     dims.sequence_parallel, dims.vpp or 1), pgs,
                                 backend=backend, dtype=dtype, on_gpu=on_gpu,
-                                recompute=args.recompute, fp8=args.fp8)
+                                recompute=args.recompute, fp8=args.fp8,
+                                vision_batch=args.vision_batch,
+                                cuda_graph_vision=args.cuda_graph_vision)
             names = _variants(args)
             optimizer, scheduler = build_optimizer(
                 cfg, model, pgs, dtype=dtype,
@@ -453,7 +460,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 from megatron_sphinx.data.images import resolve_device
                 images = resolve_device()
             kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
-                                     fp8=args.fp8, images=images)
+                                     fp8=args.fp8, images=images, vision_batch=args.vision_batch,
+                                     cuda_graph_vision=args.cuda_graph_vision)
             recorder = StepRecorder(on_gpu)
             variants = []
             with instrument(model, optimizer, recorder, scheduler):

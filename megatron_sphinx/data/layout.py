@@ -91,6 +91,8 @@ class PackedBatch:
             not samples: attention FLOPs are counted from these).
         loss_sources: int64 ``[b, s]`` mix source of the sample at each position, -1 on
             padding (the loss is reported per source with it).
+        features: ``[V, 257, C]`` the views already encoded, when the training step encoded
+            the whole step's views at once (``--vision-batch``); None: the model encodes them.
     """
 
     text_ids: torch.Tensor
@@ -108,6 +110,7 @@ class PackedBatch:
     view_counts: torch.Tensor
     sample_lengths: tuple[int, ...] = ()
     loss_sources: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -57,6 +57,10 @@ class SphinxModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.tp_group = pg_collection.tp if pg_collection is not None else None
+        #: Views per encoder call when the training step encodes a whole step's views before
+        #: its first forward pass (:func:`~megatron_sphinx.train.step.run_schedule`); 0: each
+        #: micro-batch encodes its own views. Set by ``build_model``.
+        self.vision_batch = 0
         if pre_process:
             self.vision = MixtureOfVisualExperts(cfg.vision)
             self.projector = Projector(cfg.vision.channels, cfg.llm.hidden_size,
@@ -82,7 +86,9 @@ class SphinxModel(MegatronModule):
         text = words(batch.text_ids.unsqueeze(0)).squeeze(0)  # [T, h]
         special = self.image_embeddings.weight  # [3, h]
         if batch.views.shape[0]:
-            feats = self.vision(batch.views)  # [V, 257, C]
+            feats = batch.features  # [V, 257, C]: encoded ahead by the step, or here
+            if feats is None:
+                feats = self.vision(batch.views)
             visual = self.projector(feats).flatten(0, 1)  # [V * 257, h]
         else:  # no image: the projector still runs (on nothing), so that every trainable
             # parameter gets a gradient, as DDP's overlapped gradient reduce waits for them all

@@ -9,6 +9,11 @@ Per 224-pixel view (pixels in [0, 1], normalised here per encoder):
 
 The two ``[V, 257, C_i]`` sequences are concatenated along channels (3072 + 1536 = 4608). The
 encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
+
+:meth:`MixtureOfVisualExperts.encode` encodes any number of views in calls of a few fixed sizes
+(the training step uses it to encode a whole step's views at once, ``--vision-batch``). Fixed
+sizes let cuDNN and cuBLAS reuse their plans, and let each size be one CUDA graph
+(``cuda_graphs``): the encoders' ~2,000 small kernel launches per call become one replay.
 """
 from __future__ import annotations
 
@@ -122,8 +127,38 @@ class FrozenEncoder(nn.Module):
         log.info("loaded %s weights from %s", self.cfg.timm_name, path)
 
 
+class _GraphedCall:
+    """One CUDA graph of ``fn`` on inputs shaped like ``example`` (a frozen, no-grad function).
+
+    ``fn`` runs twice on a side stream first, outside the capture, so that lazy initialisation
+    and cuDNN/cuBLAS planning happen there; the graph then replays the captured kernels on its
+    own static input and output buffers (in a private memory pool).
+    """
+
+    def __init__(self, fn, example: torch.Tensor):
+        self.static_in = example.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(self.static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work of other threads (a loader's) may go on during the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()  # the next replay overwrites static_out
+
+
 class MixtureOfVisualExperts(nn.Module):
     """The frozen encoders of :class:`VisionConfig`, concatenated along channels."""
+
+    #: :meth:`encode` rounds a call's views up to a multiple of this (zero views as padding).
+    VIEW_MULTIPLE = 8
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -132,9 +167,15 @@ class MixtureOfVisualExperts(nn.Module):
         for enc in self.encoders:
             if enc.cfg.weights:
                 enc.load_pretrained(enc.cfg.weights)
-        #: Encoder calls and views encoded since construction (tests count skipped views here).
+        #: Encoder calls and views encoded since construction (tests count skipped views here);
+        #: the zero views :meth:`encode` pads with are counted apart, in ``num_padding_views``.
         self.num_calls = 0
         self.num_views_encoded = 0
+        self.num_padding_views = 0
+        #: Replay one CUDA graph per number of views on a GPU (use with :meth:`encode`, whose
+        #: calls take few sizes; each size is captured at its first call).
+        self.cuda_graphs = False
+        self._graphs: dict[tuple, _GraphedCall] = {}
 
     def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
         """Stays in eval mode whatever the caller asks: the encoders are frozen."""
@@ -150,4 +191,40 @@ class MixtureOfVisualExperts(nn.Module):
         """``[V, 3, 224, 224]`` views -> ``[V, 257, sum(C_i)]`` tokens."""
         self.num_calls += 1
         self.num_views_encoded += views.shape[0]
+        if self.cuda_graphs and views.is_cuda and views.shape[0]:
+            key = (tuple(views.shape), views.dtype, views.device)
+            if key not in self._graphs:
+                log.info("capturing the encoders' CUDA graph for %d views", views.shape[0])
+                self._graphs[key] = _GraphedCall(self._encode, views)
+            return self._graphs[key](views)
+        return self._encode(views)
+
+    def _encode(self, views: torch.Tensor) -> torch.Tensor:
         return torch.cat([enc(views) for enc in self.encoders], dim=-1)
+
+    @torch.no_grad()
+    def encode(self, views: torch.Tensor, max_views: int) -> torch.Tensor:
+        """Encodes any number of views in calls of at most ``max_views`` (a multiple of
+        :attr:`VIEW_MULTIPLE`), the last one padded with zero views up to a multiple of
+        :attr:`VIEW_MULTIPLE`, so that calls take at most ``max_views / VIEW_MULTIPLE`` sizes.
+
+        Returns:
+            ``[V, 257, sum(C_i)]`` tokens, as :meth:`forward` gives them (padding dropped).
+        """
+        m = self.VIEW_MULTIPLE
+        if max_views < m or max_views % m:
+            raise ValueError(f"views per encoder call {max_views}: give a multiple of {m}")
+        n = views.shape[0]
+        parts = []
+        for start in range(0, n, max_views):
+            part = views[start:start + max_views]
+            pad = -part.shape[0] % m
+            if pad:
+                part = torch.cat([part, part.new_zeros(pad, *part.shape[1:])])
+                self.num_padding_views += pad
+                self.num_views_encoded -= pad
+            parts.append(self(part)[:part.shape[0] - pad])
+        if not parts:  # no view
+            dtype = next(self.parameters()).dtype
+            return views.new_zeros(0, self.cfg.tokens_per_view, self.channels, dtype=dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

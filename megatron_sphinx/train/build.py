@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
                 dtype: torch.dtype, on_gpu: bool, recompute: str | None = None,
                 fp8: bool = False, overlap_grad_reduce: bool = True,
-                overlap_param_gather: bool = True) -> list:
+                overlap_param_gather: bool = True, vision_batch: int = 0,
+                cuda_graph_vision: bool = False) -> list:
     """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
 
     With ``overlap_grad_reduce`` the gradient reduce-scatter of each bucket starts during the
@@ -39,9 +40,16 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     holds the encoders, the projector and the embeddings, the last chunk of the last rank the
     output layer.
 
+    With ``vision_batch`` > 0 the training step encodes all views of a step at once, in calls
+    of at most that many views (:func:`~megatron_sphinx.train.step.encoded_ahead`), replayed as
+    CUDA graphs with ``cuda_graph_vision`` (on a GPU).
+
     Returns:
         This rank's model chunks (one without interleaving), as Megatron's schedules expect.
     """
+    if cuda_graph_vision and not (on_gpu and vision_batch):
+        raise ValueError("--cuda-graph-vision needs a GPU and --vision-batch N: drop it, or "
+                         "run on a GPU with --vision-batch")
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
                               recompute=recompute, fp8=fp8)
     pp = pg_collection.pp
@@ -63,6 +71,9 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
                 pre_process=pp.rank() == 0 and vp_stage == 0,
                 post_process=pp.rank() == pp.size() - 1 and vp_stage == par.vpp - 1,
                 vp_stage=vp_stage if interleaved else None)
+        model.vision_batch = vision_batch
+        if model.pre_process:
+            model.vision.cuda_graphs = cuda_graph_vision
         if dtype != torch.float32:
             model = Float16Module(tcfg, model)
         # As Megatron's training does: one bucket for every chunk after the first, whose
@@ -131,7 +142,8 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
 
 
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
-                   device: torch.device, fp8: bool = False, images: str | None = None) -> dict:
+                   device: torch.device, fp8: bool = False, images: str | None = None,
+                   vision_batch: int = 0, cuda_graph_vision: bool = False) -> dict:
     """Which implementation backs each performance-critical part on this rank, resolved now
     (so that a forced choice that cannot run fails at start-up, not at the first step).
 
@@ -142,6 +154,8 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         device: The rank's device.
         fp8: FP8 GEMMs in the TE layers.
         images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
+        vision_batch: Views per encoder call of a whole step (0: per micro-batch).
+        cuda_graph_vision: The encoders replay CUDA graphs.
     """
     from megatron.core import optimizer as megatron_optimizer
 
@@ -158,5 +172,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
+            "vision": (f"whole step, {vision_batch} views per call" if vision_batch
+                       else "per micro-batch") + (", CUDA graphs" if cuda_graph_vision else ""),
             "adam": f"{adam.__module__.split('.')[0]} {adam.__name__}",
             "communication": torch.distributed.get_backend()}

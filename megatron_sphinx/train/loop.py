@@ -202,7 +202,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
     model = build_model(cfg, par, pgs, backend=backend, dtype=dtype, on_gpu=on_gpu,
                         recompute=rc.recompute, fp8=rc.fp8,
                         overlap_grad_reduce=rc.overlap_grad_reduce,
-                        overlap_param_gather=rc.overlap_param_gather)
+                        overlap_param_gather=rc.overlap_param_gather,
+                        vision_batch=rc.vision_batch, cuda_graph_vision=rc.cuda_graph_vision)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None
@@ -210,7 +211,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
         from megatron_sphinx.data.images import resolve_device
         images = resolve_device(loader.cfg.image_device)
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
-                             images=images)
+                             images=images, vision_batch=rc.vision_batch,
+                             cuda_graph_vision=rc.cuda_graph_vision)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None

@@ -78,6 +78,14 @@ class RunConfig:
     sphinx-tiny's step on one H100 took 2.76 s with them against 2.08 s without
     (docs/PERFORMANCE.md). Takes effect through ``TORCH_COMPILE_DISABLE``, which torch reads at
     import, so the training command sets it before importing torch."""
+    vision_batch: int = 0
+    """Encode all views of a step at once, before its first forward pass, in encoder calls of
+    at most this many views (a multiple of 8; the last call is padded with zero views to a
+    multiple of 8, so calls take few shapes); 0: each micro-batch encodes its own views. The
+    tokens are the same (the encoders are frozen)."""
+    cuda_graph_vision: bool = False
+    """Replay the frozen encoders as CUDA graphs, one per call size (needs ``vision_batch``
+    and a GPU)."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
@@ -136,6 +144,13 @@ class RunConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("--sp splits sequences over the TP group: raise --tp to 2 or more, "
                              "or drop --sp")
+        if isinstance(self.vision_batch, bool) or not isinstance(self.vision_batch, int) or (
+                self.vision_batch < 0 or self.vision_batch % 8):
+            raise ValueError(f"--vision-batch {self.vision_batch}: give a multiple of 8 views "
+                             "per encoder call, e.g. 32 (0: each micro-batch encodes its own)")
+        if self.cuda_graph_vision and not self.vision_batch:
+            raise ValueError("--cuda-graph-vision captures one graph per encoder call size: add "
+                             "--vision-batch N (e.g. 32) so that calls take few sizes")
         if self.backend not in ("auto", "te", "local"):
             raise ValueError(f"--backend {self.backend}: choose auto, te or local")
         if self.dtype not in ("auto", "bf16", "fp32"):

@@ -6,9 +6,10 @@ global token count, so every parallel layout and micro-batch split gives the sam
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -93,6 +94,28 @@ def forward_step(device: torch.device, num_sources: int, data_iterator, model):
     return output, partial(loss_func, batch.loss_mask, batch.loss_sources, num_sources)
 
 
+def encoded_ahead(model_chunk, microbatches: Iterable[PackedBatch],
+                  device: torch.device) -> Iterator[PackedBatch]:
+    """The micro-batches, with every view of all of them encoded at once (``features``) where
+    the chunk builds the LLM input and asks for it (``SphinxModel.vision_batch`` > 0).
+
+    A generator: the encoding runs at the first ``next``, i.e. inside the schedule's first
+    forward pass (where the profiler counts vision time). The encoders are frozen, so encoding
+    the step's views in ``vision_batch``-view calls gives the tokens that each micro-batch's own
+    call would, in a few calls of fixed sizes (:meth:`MixtureOfVisualExperts.encode`).
+    """
+    model = unwrap(model_chunk)
+    if not (model.pre_process and model.vision_batch):
+        yield from microbatches
+        return
+    batches = [b.to(device, non_blocking=True) for b in microbatches]
+    counts = [b.views.shape[0] for b in batches]
+    if sum(counts):
+        feats = model.vision.encode(torch.cat([b.views for b in batches]), model.vision_batch)
+        batches = [dataclasses.replace(b, features=f) for b, f in zip(batches, feats.split(counts))]
+    yield from batches
+
+
 def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
                  num_microbatches: int, seq_length: int, pg_collection, device: torch.device,
                  forward_only: bool, num_sources: int = 1) -> list[dict]:
@@ -112,9 +135,10 @@ def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
     if interleaved:  # every chunk reads every micro-batch (the first chunk for its input,
         # the others for cu_seqlens, the last for the labels): one iterator each
         microbatches = list(microbatches)
-        data = [iter(microbatches) for _ in model_chunks]
+        data = [encoded_ahead(model_chunks[0], microbatches, device)]
+        data += [iter(microbatches) for _ in model_chunks[1:]]
     else:
-        data = iter(microbatches)
+        data = encoded_ahead(model_chunks[0], microbatches, device)
     return fwd_bwd(
         forward_step_func=partial(forward_step, device, num_sources),
         data_iterator=data,
