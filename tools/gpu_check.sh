@@ -6,7 +6,8 @@
 #      tests_kernels   pack kernels, packed attention, encoders (CUDA graphs) against references;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens; the same with the
 #                      step's views encoded at once (--vision-batch 32), and replayed as CUDA
-#                      graphs (--cuda-graph-vision); --no-packing --no-skip (the reference);
+#                      graphs (--cuda-graph-vision), also with two rows per micro-batch;
+#                      --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
@@ -90,8 +91,8 @@ PYEOF
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
 PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
 run tests_kernels 100 $PYTEST tests/test_pack_kernel.py tests/test_attention.py tests/test_vision.py
-run bench_train 240 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
-  --variants packed packed-vb32 packed-graphs reference --steps 8 --seq-length 4096 \
+run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
+  --variants packed packed-vb32 packed-graphs packed-graphs-mbs2 reference --steps 8 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
 if $PY -c "import nvidia.dali" 2> /dev/null; then
   run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
