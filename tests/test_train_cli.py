@@ -61,7 +61,9 @@ def test_interleaved_layouts_that_cannot_run(capsys, monkeypatch, argv, needle):
     (["--vision-batch", "12"], "--vision-batch 12: give a multiple of 8"),
     (["--vision-batch", "-8"], "--vision-batch -8: give a multiple of 8"),
     (["--cuda-graph-vision"], "add --vision-batch N"),
-])
+] + ([] if torch.cuda.is_available() else [
+    (["--vision-batch", "8", "--cuda-graph-vision"], "needs a GPU, and this machine has none"),
+]))
 def test_vision_batch_settings_that_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 

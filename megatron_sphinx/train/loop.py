@@ -148,6 +148,8 @@ def preflight(rc: RunConfig):
     if rc.fp8:
         from megatron_sphinx.model.specs import check_fp8
         check_fp8(rc.backend, dtype)
+    if rc.cuda_graph_vision and not torch.cuda.is_available():
+        raise ValueError("--cuda-graph-vision needs a GPU, and this machine has none: drop it")
     return cfg, dims, dtype
 
 
