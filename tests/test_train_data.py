@@ -57,3 +57,36 @@ def test_loader_summary_counts(tmp_path):
     assert got["positions"] == 2 * (length + 10) and got["positions"] > got["tokens"]
     assert got["skipped"] == 4 and got["views"] == 6
     assert got["visual_tokens_saved"] == 4 * (POSITIONS_PER_VIEW - POSITIONS_PER_SKIP)
+
+
+def test_synthetic_prefetch_gives_the_same_batches():
+    """The training command's synthetic loader makes the next global batch in a background
+    thread; its batches are those of the loader without it, also after a rewind and a close."""
+    from dataclasses import fields
+
+    from megatron_sphinx.data.synthetic import SyntheticLoader
+
+    cfg = get_recipe("debug")
+    loader = build_loader(RunConfig(data="synthetic"), cfg, dp_rank=0, dp_size=1)
+    assert isinstance(loader, SyntheticLoader) and loader.prefetch
+    plain = SyntheticLoader(cfg.llm.vocab_size, cfg.train.seq_length, cfg.vision.image_size,
+                            cfg.vision.grid, cfg.train.global_batch_size, seed=cfg.train.seed)
+
+    def same(a, b):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            for f in fields(x):
+                u, v = getattr(x, f.name), getattr(y, f.name)
+                assert torch.equal(u, v) if torch.is_tensor(u) else u == v, f.name
+
+    got = [loader.next_step() for _ in range(3)]
+    want = [plain.next_step() for _ in range(3)]
+    for a, b in zip(got, want):
+        same(a, b)
+    assert not torch.equal(got[0][0].views, got[1][0].views)  # steps differ
+    loader.load_state_dict({"step": 1})  # rewind: the batch made ahead (step 3) is not used
+    same(loader.next_step(), want[1])
+    loader.close()
+    assert loader.state_dict() == {"step": 2}
+    same(loader.next_step(), want[2])  # starts its thread again
+    loader.close()

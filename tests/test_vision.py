@@ -115,3 +115,37 @@ def test_cuda_graph_replay_matches_eager_encoding(debug_vision):
     out = mov.encode(torch.cat(batches[:2])[:21], max_views=16)  # sizes 16 and 8 replayed
     torch.testing.assert_close(out, torch.cat(want[:2])[:21], **tol)
     assert len(mov._graphs) == 2
+
+
+def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vision):
+    """``encoded_ahead`` hands out each micro-batch's tokens (equal to its own encoder call's)
+    and queues an encoder call only when the first micro-batch holding its views is read, so
+    that on a GPU the encoders' work interleaves with the LLM's micro-batches."""
+    from torch import nn
+
+    from megatron_sphinx.data.synthetic import SyntheticLoader
+    from megatron_sphinx.model.sphinx import SphinxModel
+    from megatron_sphinx.train.step import encoded_ahead
+
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision)
+    model = SphinxModel.__new__(SphinxModel)  # only what encoded_ahead reads of a first stage
+    nn.Module.__init__(model)
+    model.pre_process, model.vision_batch, model.vision = True, 8, mov
+    micro = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=6, seed=3).next_step()
+    counts = [m.views.shape[0] for m in micro]
+    assert sum(counts) > 8 and 0 < min(counts[:2])  # several calls; the first two have views
+    want = [mov(m.views) if m.views.shape[0] else None for m in micro]
+    mov.num_calls = 0
+    ahead = encoded_ahead(model, micro, torch.device("cpu"))
+    assert mov.num_calls == 0  # nothing runs before the schedule reads the first micro-batch
+    seen = 0
+    for k, (m, w) in enumerate(zip(ahead, want)):
+        seen += counts[k]
+        assert mov.num_calls == -(-seen // 8)  # just the calls covering views read so far
+        if w is None:
+            assert m.features is None
+        else:
+            torch.testing.assert_close(m.features, w, atol=1e-5, rtol=1e-5)
+    model.vision_batch = 0  # off: the micro-batches as given, the model encodes them itself
+    assert [m.features for m in encoded_ahead(model, micro, torch.device("cpu"))] == [None] * 6

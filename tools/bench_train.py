@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(runs)}] {name} {variant}: {args.steps} steps ...", file=sys.stderr,
               flush=True)
         rows.append(run_layout(args.recipe, name, variant, args.steps, extra))
+        r = rows[-1]
+        if "error" not in r:  # each result as soon as it is known (a cut-off run keeps it)
+            print(f"[{i}/{len(runs)}] {name} {variant}: {r['step_s']:.3f} s/step, "
+                  f"{r['tokens_per_s']:.0f} tokens/s"
+                  + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""),
+                  file=sys.stderr, flush=True)
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
           f"extra args {' '.join(extra) or '-'}")
     print(f"{'layout':7} {'variant':18} {'procs':>5} {'step s':>8} {'1st step s':>10} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Iterator
 
 import timm
 import torch
@@ -202,28 +203,32 @@ class MixtureOfVisualExperts(nn.Module):
     def _encode(self, views: torch.Tensor) -> torch.Tensor:
         return torch.cat([enc(views) for enc in self.encoders], dim=-1)
 
-    @torch.no_grad()
-    def encode(self, views: torch.Tensor, max_views: int) -> torch.Tensor:
-        """Encodes any number of views in calls of at most ``max_views`` (a multiple of
+    def encode_in_calls(self, views: torch.Tensor, max_views: int) -> Iterator[torch.Tensor]:
+        """Encodes ``views`` in calls of at most ``max_views`` (a multiple of
         :attr:`VIEW_MULTIPLE`), the last one padded with zero views up to a multiple of
         :attr:`VIEW_MULTIPLE`, so that calls take at most ``max_views / VIEW_MULTIPLE`` sizes.
 
-        Returns:
-            ``[V, 257, sum(C_i)]`` tokens, as :meth:`forward` gives them (padding dropped).
+        A generator: each call runs when its tokens are asked for, so a caller can queue the
+        GPU work of a call just before the first tokens it needs (padding dropped).
         """
         m = self.VIEW_MULTIPLE
         if max_views < m or max_views % m:
             raise ValueError(f"views per encoder call {max_views}: give a multiple of {m}")
-        n = views.shape[0]
-        parts = []
-        for start in range(0, n, max_views):
+        for start in range(0, views.shape[0], max_views):
             part = views[start:start + max_views]
             pad = -part.shape[0] % m
             if pad:
                 part = torch.cat([part, part.new_zeros(pad, *part.shape[1:])])
                 self.num_padding_views += pad
                 self.num_views_encoded -= pad
-            parts.append(self(part)[:part.shape[0] - pad])
+            with torch.no_grad():
+                tokens = self(part)
+            yield tokens[:part.shape[0] - pad]
+
+    def encode(self, views: torch.Tensor, max_views: int) -> torch.Tensor:
+        """All tokens of :meth:`encode_in_calls`: ``[V, 257, sum(C_i)]``, as :meth:`forward`
+        gives them."""
+        parts = list(self.encode_in_calls(views, max_views))
         if not parts:  # no view
             dtype = next(self.parameters()).dtype
             return views.new_zeros(0, self.cfg.tokens_per_view, self.channels, dtype=dtype)

@@ -39,7 +39,7 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
                                cfg.vision.grid, t.global_batch_size, dp_rank, dp_size,
                                t.seed + (EVAL_SEED_OFFSET if evaluation else 0),
                                packing=rc.packing, skip_padded=rc.skip_padded_views,
-                               micro_batch_size=t.micro_batch_size)
+                               micro_batch_size=t.micro_batch_size, prefetch=True)
     from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
     from megatron_sphinx.data.store import StoreReader
 

@@ -96,13 +96,16 @@ def forward_step(device: torch.device, num_sources: int, data_iterator, model):
 
 def encoded_ahead(model_chunk, microbatches: Iterable[PackedBatch],
                   device: torch.device) -> Iterator[PackedBatch]:
-    """The micro-batches, with every view of all of them encoded at once (``features``) where
-    the chunk builds the LLM input and asks for it (``SphinxModel.vision_batch`` > 0).
+    """The micro-batches, their views encoded as one stream (``features``) where the chunk
+    builds the LLM input and asks for it (``SphinxModel.vision_batch`` > 0).
 
-    A generator: the encoding runs at the first ``next``, i.e. inside the schedule's first
-    forward pass (where the profiler counts vision time). The encoders are frozen, so encoding
-    the step's views in ``vision_batch``-view calls gives the tokens that each micro-batch's own
-    call would, in a few calls of fixed sizes (:meth:`MixtureOfVisualExperts.encode`).
+    The views of all the step's micro-batches are encoded in calls of ``vision_batch`` views
+    (:meth:`MixtureOfVisualExperts.encode_in_calls`: few fixed sizes, CUDA graphs possible). A
+    generator, read by the schedule one micro-batch at a time: a call is queued just before the
+    first micro-batch whose views it holds, so the GPU runs it while the host is still launching
+    the LLM's many small kernels of the micro-batches before (the LLM's forward and backward
+    are bound by the host's launches, the encoders by the GPU). The encoders are frozen: the
+    tokens are those each micro-batch's own call would give.
     """
     model = unwrap(model_chunk)
     if not (model.pre_process and model.vision_batch):
@@ -110,10 +113,25 @@ def encoded_ahead(model_chunk, microbatches: Iterable[PackedBatch],
         return
     batches = [b.to(device, non_blocking=True) for b in microbatches]
     counts = [b.views.shape[0] for b in batches]
-    if sum(counts):
-        feats = model.vision.encode(torch.cat([b.views for b in batches]), model.vision_batch)
-        batches = [dataclasses.replace(b, features=f) for b, f in zip(batches, feats.split(counts))]
-    yield from batches
+    calls = model.vision.encode_in_calls(torch.cat([b.views for b in batches]),
+                                         model.vision_batch)
+    held, encoded, start = [], 0, 0  # calls' tokens not yet fully handed out, with their start
+    for batch, n in zip(batches, counts):
+        while encoded < start + n:  # queue the calls holding this micro-batch's views
+            tokens = next(calls)
+            held.append((encoded, tokens))
+            encoded += tokens.shape[0]
+        if not n:
+            yield batch
+            continue
+        # slices of the calls' tokens (never written again: autograd may keep them for the
+        # projector's backward), concatenated when the micro-batch spans two calls
+        parts = [t[max(start - at, 0):start + n - at] for at, t in held
+                 if at < start + n and at + t.shape[0] > start]
+        held = [(at, t) for at, t in held if at + t.shape[0] > start + n]
+        yield dataclasses.replace(batch, features=parts[0] if len(parts) == 1
+                                  else torch.cat(parts))
+        start += n
 
 
 def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
