@@ -207,9 +207,16 @@ def register(fn: Callable[[], SphinxConfig]) -> Callable[[], SphinxConfig]:
 
 @register
 def sphinx_tiny() -> SphinxConfig:
-    """SPHINX-Tiny: TinyLlama-1.1B."""
+    """SPHINX-Tiny: TinyLlama-1.1B.
+
+    Two packed rows per micro-batch (one THD sequence of 8192 tokens): the 1.1B LLM's forward
+    and backward are bound by the host's kernel launches at one row, and two rows halve the
+    launches per token (one H100, 8 rows of 4096 per step: 1.32 s against 1.44 s at one row,
+    docs/PERFORMANCE.md).
+    """
     llm = LLMConfig("TinyLlama-1.1B", 22, 2048, 5632, 32, 4, 32000)
-    return SphinxConfig("sphinx-tiny", llm, VisionConfig(_full_encoders()))
+    return SphinxConfig("sphinx-tiny", llm, VisionConfig(_full_encoders()),
+                        TrainConfig(micro_batch_size=2))
 
 
 @register

@@ -5,7 +5,9 @@ variant in one invocation and prints one table:
 
 * step time: median over the steps after the first (which pays one-off set-up costs);
 * tokens/s: real (non-padding) LLM tokens per second; TFLOP/s and MFU as the training command
-  counts them (megatron_sphinx/train/flops.py);
+  counts them (megatron_sphinx/train/flops.py); all three over the steps after the first as
+  totals (tokens or FLOPs over their summed time), so that they describe the same steps (the
+  FLOPs of a step change with its views; medians taken apart came from different steps);
 * launch overhead: process wall time minus the time spent in steps (imports, process groups,
   model and optimizer construction, the first step's one-off costs). No checkpoint is written
   (``--no-final-save``): saving a full-size model would dominate it.
@@ -14,10 +16,11 @@ Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (th
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
 varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
-default), ``packed-mbs2`` (two packed rows per forward pass, one THD sequence),
+default), ``packed-mbs1`` / ``packed-mbs2`` (one / two packed rows per forward pass, one THD
+sequence; the recipe sets the default, sphinx-tiny's is two),
 ``packed-vb32`` (``--vision-batch 32``: the step's views encoded at once, 32 per encoder call),
 ``packed-graphs`` (the same replayed as CUDA graphs, ``--cuda-graph-vision``; GPU only),
-``packed-graphs-mbs2`` (both) and ``reference`` (``--no-packing
+``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one / two rows) and ``reference`` (``--no-packing
 --no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
 implementation does).
 
@@ -50,9 +53,12 @@ LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2,
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": (["--compile-fusions"], {}),
+            "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
+            "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",
+                                    "--micro-batch-size", "1"], {}),
             "packed-graphs-mbs2": (["--vision-batch", "32", "--cuda-graph-vision",
                                     "--micro-batch-size", "2"], {}),
             "reference": (["--no-packing", "--no-skip"], {})}
@@ -80,12 +86,14 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
                     "error": f"exit {proc.returncode}"}
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
     times = [r["step_time_s"] for r in rows]
-    mfu = [r["mfu"] for r in rows[1:] if r.get("mfu") is not None]
+    measured = rows[1:]  # the first step pays one-off costs
+    seconds = sum(r["step_time_s"] for r in measured)
+    tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in measured) / seconds
+    peak = next((r["tflops_per_gpu"] / r["mfu"] for r in measured if r.get("mfu")), None)
     return {"layout": name, "variant": variant, "processes": nproc, "first_step_s": times[0],
             "step_s": statistics.median(times[1:]), "tokens_per_step": rows[-1]["tokens"],
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]),
-            "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in rows[1:]),
-            "mfu": statistics.median(mfu) if mfu else None,
+            "tokens_per_s": sum(r["tokens"] for r in measured) / seconds,
+            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
             "packing_efficiency": statistics.median(r["packing_efficiency"] for r in rows),
             "step_times_s": times, "wall_s": wall, "launch_overhead_s": wall - sum(times)}
 

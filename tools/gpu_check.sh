@@ -4,10 +4,10 @@
 #      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
 #      tests_kernels   pack kernels, packed attention, encoders (CUDA graphs) against references;
-#      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens; the same with the
-#                      step's views encoded at once (--vision-batch 32), and replayed as CUDA
-#                      graphs (--cuda-graph-vision), also with two rows per micro-batch;
-#                      --no-packing --no-skip (the reference);
+#      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
+#                      rows per micro-batch), and with one; the encoders' calls in fixed sizes
+#                      replayed as CUDA graphs (--vision-batch 32 --cuda-graph-vision), with
+#                      two rows and one; --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
@@ -95,7 +95,7 @@ PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovide
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_attention.py tests/test_pack_kernel.py}
 run tests_kernels 100 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs2 packed-graphs packed-graphs-mbs2 reference}
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs1 packed-graphs packed-graphs-mbs1 reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--seq-length", type=int, default=None,
                    help="positions per packed row (default: the recipe's)")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="packed rows per forward pass, run as one THD sequence (default 1)")
+                   help="packed rows per forward pass, run as one THD sequence (default: the "
+                   "recipe's, 1; sphinx-tiny 2)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the recipe's)")
     p.add_argument("--min-lr", type=float, default=None,

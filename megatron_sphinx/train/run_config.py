@@ -47,7 +47,8 @@ class RunConfig:
     seq_length: int | None = None
     """Packed sequence length; None takes the recipe's."""
     micro_batch_size: int | None = None
-    """Packed rows per micro-batch, run as one THD sequence; None takes the recipe's (1)."""
+    """Packed rows per micro-batch, run as one THD sequence; None takes the recipe's (1; 2 for
+    sphinx-tiny)."""
     lr: float | None = None
     """Peak learning rate; None takes the recipe's."""
     min_lr: float | None = None
