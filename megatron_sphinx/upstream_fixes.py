@@ -12,8 +12,10 @@ these.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import threading
+import weakref
 
 import torch
 
@@ -183,20 +185,63 @@ def thd_rope_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tenso
     return tok - cu[seg.clamp_(0, cu.numel() - 1)]
 
 
+#: Recent RoPE tables by (cu_seqlens, freqs, tokens, dtype, mscale): every layer of a forward
+#: pass, for queries and keys, rotates by the same table (see :func:`thd_rope_tables`).
+_ROPE_TABLES: collections.OrderedDict = collections.OrderedDict()
+_ROPE_TABLES_KEPT = 8
+
+
+def thd_rope_tables(cu_seqlens: torch.Tensor, freqs: torch.Tensor, num_tokens: int,
+                    dtype: torch.dtype, mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` ``[t, 1, 1, d]`` of each packed token's rotation (``mscale`` applied,
+    in ``dtype``), as Megatron's ``_apply_rotary_pos_emb_bshd`` computes them.
+
+    Computed once per micro-batch: the model passes the same ``cu_seqlens`` and ``freqs`` tensors
+    to every layer, so the tables are kept (a few, by tensor identity and version; weak
+    references, so a freed tensor whose id is reused never matches) and the ~15 ops of the
+    gather, ``cos``, ``sin``, scale and cast run once instead of twice per layer. Gradients
+    never flow into ``freqs`` (a buffer); if they would, nothing is kept.
+    """
+    key = (id(cu_seqlens), cu_seqlens._version, id(freqs), freqs._version, num_tokens, dtype,
+           float(mscale))
+    kept = _ROPE_TABLES.get(key)
+    if kept is not None and kept[0]() is cu_seqlens and kept[1]() is freqs:
+        _ROPE_TABLES.move_to_end(key)
+        return kept[2], kept[3]
+    f = freqs[thd_rope_positions(cu_seqlens, num_tokens)]  # [t, 1, 1, d]
+    cos = (torch.cos(f) * mscale).to(dtype)
+    sin = (torch.sin(f) * mscale).to(dtype)
+    if not freqs.requires_grad:
+        _ROPE_TABLES[key] = (weakref.ref(cu_seqlens), weakref.ref(freqs), cos, sin)
+        while len(_ROPE_TABLES) > _ROPE_TABLES_KEPT:
+            _ROPE_TABLES.popitem(last=False)
+    return cos, sin
+
+
 def thd_rope_one_gather(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
                         rotary_interleaved: bool = False, mla_rotary_interleaved: bool = False,
                         mscale: float = 1.0) -> torch.Tensor:
     """RoPE of packed tokens ``t`` ``[t, h, d]``, positions restarting in every segment.
 
-    One gather of ``freqs`` ``[max_s, 1, 1, d]`` by position, then Megatron's own
-    ``_apply_rotary_pos_emb_bshd`` over all tokens at once (no host sync).
+    The rotation of Megatron's ``_apply_rotary_pos_emb_bshd`` over all tokens at once (no host
+    sync), its ``cos`` / ``sin`` gathered by position once per micro-batch
+    (:func:`thd_rope_tables`); the same values as Megatron's per-segment loop.
     """
     from megatron.core.models.common.embeddings import rope_utils
 
-    pos = thd_rope_positions(cu_seqlens, t.shape[0])
-    return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), freqs[pos], rotary_interleaved=rotary_interleaved,
-        mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
+    if mla_rotary_interleaved:  # MLA's layout: Megatron's own rotation on the gathered freqs
+        pos = thd_rope_positions(cu_seqlens, t.shape[0])
+        return rope_utils._apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs[pos], rotary_interleaved=rotary_interleaved,
+            mla_rotary_interleaved=True, mscale=mscale).squeeze(1)
+    cos, sin = thd_rope_tables(cu_seqlens, freqs, t.shape[0], t.dtype, mscale)
+    rot_dim = freqs.shape[-1]
+    x = t.unsqueeze(1)  # [t, 1, h, d]: Megatron's 4-D layout
+    x, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    out = x * cos + rope_utils._rotate_half(x, rotary_interleaved) * sin
+    if x_pass.shape[-1]:
+        out = torch.cat((out, x_pass), dim=-1)
+    return out.squeeze(1)
 
 
 def _fix_thd_rope_loop() -> None:
@@ -205,7 +250,8 @@ def _fix_thd_rope_loop() -> None:
     ``models/common/embeddings/rope_utils.py::_apply_rotary_pos_emb_thd`` (used without TE's
     fused RoPE) calls ``cu_seqlens.tolist()`` and ``.item()``, then runs the rotation once per
     segment: on a GPU, a host sync plus ~20 small kernels per packed sample, for queries and
-    keys, in every layer (810 ops for 40 samples against 25: ``tools/bench_packed_layers.py``).
+    keys, in every layer (810 ops for 40 samples against 24 for the gather, 10 once a
+    micro-batch's tables are kept: ``tools/bench_packed_layers.py``).
     Without context parallelism the result equals :func:`thd_rope_one_gather`, used for CUDA
     tensors. CPUs keep the loop: its per-segment chunks stay in cache and it measured 2.5-4x
     faster there. Context parallelism keeps the upstream path everywhere.

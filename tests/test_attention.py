@@ -142,6 +142,46 @@ def test_vectorised_thd_rope_equals_megatron_loop(lengths, dtype):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # same elementwise maths
 
 
+@pytest.mark.parametrize("rot_dim,interleaved", [(16, False), (8, False), (16, True)])
+def test_thd_rope_tables_are_shared_by_the_layers_of_a_micro_batch(monkeypatch, rot_dim,
+                                                                   interleaved):
+    """The cos / sin tables are gathered once per (cu_seqlens, freqs) pair, as every layer of a
+    forward pass passes the same tensors, for queries and keys alike; a new micro-batch (another
+    tensor) or a boundary changed in place gets its own. Values and gradients stay those of
+    Megatron's per-segment loop, with partial and interleaved rotations too."""
+    upstream_fixes.apply()
+    original = rope_utils._apply_rotary_pos_emb_thd.__wrapped__
+    gathers = []
+    positions = upstream_fixes.thd_rope_positions
+    monkeypatch.setattr(upstream_fixes, "thd_rope_positions",
+                        lambda *a: gathers.append(1) or positions(*a))
+    torch.manual_seed(0)
+    lengths = [5, 9, 2]  # no empty segment: Megatron's interleaved loop cannot reshape one
+    cu = _layout(lengths)
+    inv = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    freqs = torch.outer(torch.arange(max(lengths)).float(), inv)
+    freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]
+    for layer in range(3):
+        for heads in (4, 2):  # queries, then keys
+            x = torch.randn(sum(lengths), heads, 16, requires_grad=True)
+            got = upstream_fixes.thd_rope_one_gather(x, cu, freqs, interleaved)
+            (g_got,) = torch.autograd.grad(got.pow(2).sum(), x)
+            want = original(x, cu, freqs, interleaved, cp_group=_OneRank())
+            (g_want,) = torch.autograd.grad(want.pow(2).sum(), x)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=0)
+    assert len(gathers) == 1  # once for 3 layers x (queries, keys)
+    upstream_fixes.thd_rope_one_gather(x, cu.clone(), freqs, interleaved)  # next micro-batch
+    assert len(gathers) == 2
+    cu[2] -= 1  # the same tensor with other boundaries (never done by the model)
+    lengths = [5, 8, 3]
+    x = torch.randn(sum(lengths), 2, 16)
+    torch.testing.assert_close(upstream_fixes.thd_rope_one_gather(x, cu, freqs, interleaved),
+                               original(x, cu, freqs, interleaved, cp_group=_OneRank()),
+                               atol=1e-6, rtol=0)
+    assert len(gathers) == 3
+
+
 def test_thd_positions_restart_per_segment():
     cu = torch.tensor([0, 3, 3, 5, 9], dtype=torch.int32)
     pos = upstream_fixes.thd_rope_positions(cu, 9)
@@ -229,7 +269,7 @@ def test_varlen_call_plumbing_for_both_torch_signatures(api, monkeypatch):
         monkeypatch.setattr(attention, "_varlen_api", lambda: (
             fake_varlen, {"is_causal": True}, False, False, ""))
     torch.manual_seed(0)
-    lengths = [5, 0, 9, 2]
+    lengths = [5, 9, 2]  # no empty segment: Megatron's interleaved loop cannot reshape one
     cu = _layout(lengths).to(torch.int64)  # converted to int32 for the kernel
     q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
     out = attention._varlen(q, k, v, cu, 9, 8 ** -0.5)

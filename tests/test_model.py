@@ -198,3 +198,45 @@ def test_recipes_have_published_parameter_counts():
     convnext, dino = counts["encoders"]
     assert abs(convnext / 0.846e9 - 1) < 0.01, convnext  # CLIP ConvNeXt-XXL trunk
     assert abs(dino / 1.136e9 - 1) < 0.01, dino  # DINOv2 ViT-g/14
+
+
+def _rope_tables_per_forward(rank, world_size):
+    """Losses of one packed micro-batch with Megatron's per-segment RoPE loop and with the one
+    gather GPUs run (forced here), and how often the latter gathered its cos / sin tables."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_sphinx import cpu_compat, upstream_fixes
+
+    with cpu_compat.cpu_device_mode():
+        cfg, dims, pgs, chunks, *_ = setup(world_size, "debug")
+        model = model_of(chunks).eval()
+        rng = np.random.default_rng(1)
+        samples = [_sample(rng, 30), _sample(rng, 25, hw=(300, 150)), _sample(rng, 40)]
+        batch = build_packed_batch([samples], SEQ, 448, 2, _views(rng, samples))
+        with torch.no_grad():
+            loop_loss = model(batch)[0]
+        gathers = []
+        positions = upstream_fixes.thd_rope_positions
+        upstream_fixes.thd_rope_positions = lambda *a: gathers.append(1) or positions(*a)
+        installed = rope_utils._apply_rotary_pos_emb_thd
+        rope_utils._apply_rotary_pos_emb_thd = (
+            lambda t, cu, freqs, rotary_interleaved=False, mla_rotary_interleaved=False,
+            mscale=1.0, **_: upstream_fixes.thd_rope_one_gather(
+                t, cu, freqs, rotary_interleaved, mla_rotary_interleaved, mscale))
+        try:
+            with torch.no_grad():
+                gather_loss = model(batch)[0]
+        finally:
+            rope_utils._apply_rotary_pos_emb_thd = installed
+            upstream_fixes.thd_rope_positions = positions
+        return {"layers": cfg.llm.num_layers, "gathers": len(gathers),
+                "diff": float((gather_loss - loop_loss).abs().max())}
+
+
+def test_rope_tables_are_gathered_once_per_forward_pass():
+    """In the model, every layer's queries and keys get the same cu_seqlens and freqs tensors,
+    so the one-gather RoPE (GPUs) gathers its cos / sin tables once per micro-batch, not twice
+    per layer; its losses are the per-segment loop's."""
+    r = run_ranks(_rope_tables_per_forward, 1, timeout=240)[0]
+    assert r["layers"] > 1 and r["gathers"] == 1, r
+    assert r["diff"] < 1e-5
