@@ -6,13 +6,13 @@
 #      tests_kernels   pack kernels, packed attention, encoders (CUDA graphs) against references;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
 #                      rows per micro-batch), and with one; the encoders' calls in fixed sizes
-#                      replayed as CUDA graphs (--vision-batch 32 --cuda-graph-vision), with
-#                      two rows and one; --no-packing --no-skip (the reference);
+#                      replayed as CUDA graphs (--vision-batch 32 --cuda-graph-vision);
+#                      --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
-#      profile_kernels one sphinx-tiny step (CUDA-graphed encoders) under torch.profiler: time
-#                      per kernel category (matmul, attention, convolution, copy, other), top
+#      profile_kernels one sphinx-tiny step (one row, CUDA-graphed encoders) under torch.profiler:
+#                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
@@ -23,8 +23,8 @@
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
 # profile.json, kernels.txt, step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
-# Expected run time about 9 minutes (the H100 run of 2026-11-26: 8.2 minutes, then with 4
-# training steps per variant, now 8); the parts' limits add up to more, so if the call ends
+# Expected run time about 9 minutes (H100 run 2, 2026-11-26: 8.5 minutes without DALI); the
+# parts' limits add up to more, so if the call ends
 # before the last parts, run them in a second call, e.g. ONLY="bench_pack" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
 # KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow the first two parts for a short rerun.
@@ -95,7 +95,7 @@ PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovide
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_attention.py tests/test_pack_kernel.py}
 run tests_kernels 100 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs1 packed-graphs packed-graphs-mbs1 reference}
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs1 packed-graphs reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
@@ -106,8 +106,11 @@ TESTS="tests/test_gpu.py" LIMIT=120
 $PY -c "import nvidia.dali" 2> /dev/null &&
   TESTS="$TESTS tests/test_images.py::test_gpu_mixed_matches_cpu" LIMIT=150
 run tests_train $LIMIT $PYTEST $TESTS
+# As run 2's profile (docs/PERFORMANCE.md): one row per micro-batch, CUDA-graphed encoders, so
+# that the LLM's host-bound phase and its kernel launches compare across runs.
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
-  --global-batch-size 8 --vision-batch 32 --cuda-graph-vision --warmup 3 --steps 2 \
+  --global-batch-size 8 --micro-batch-size 1 --vision-batch 32 --cuda-graph-vision \
+  --warmup 3 --steps 2 \
   --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
