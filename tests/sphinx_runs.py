@@ -30,7 +30,7 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
     """Process groups, model, optimizer, scheduler and synthetic loader of one rank
     (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward;
     ``param_gather``: the updated parameters gathered during the next forward;
-    ``vision_batch``: the step's views encoded at once, that many per encoder call)."""
+    ``vision_batch``: the step's views encoded as one stream, that many per encoder call)."""
     cfg = small_recipe(recipe)
     cfg.train.micro_batch_size = mbs
     dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp,

@@ -3,8 +3,8 @@
 The world-size-1 model's weights are saved once per recipe and loaded onto each layout
 (Megatron reshards them), then three training steps run on the same global batches; losses and
 gradient norms must match the single-process run within 1e-5 relative. Micro-batches of several
-packed rows (one THD sequence each) must reproduce it too, and so must encoding a whole step's
-views at once (``--vision-batch``).
+packed rows (one THD sequence each) must reproduce it too, and so must encoding the step's views
+as one stream (``--vision-batch``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LAYOUTS = {
         ("mbs2", 1, dict(mbs=2)),
         ("tp2_sp_mbs2", 2, dict(tp=2, sp=True, mbs=2)),
         ("pp2_mbs2", 2, dict(pp=2, mbs=2)),
-        # the step's views encoded at once, 8 per encoder call (the last call padded)
+        # the step's views encoded as one stream, 8 per encoder call (the last call padded)
         ("vb8", 1, dict(vision_batch=8)),
         ("pp2_vpp2_vb8", 2, dict(pp=2, vpp=2, vision_batch=8)),
     ],

@@ -18,11 +18,11 @@ varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
 default), ``packed-mbs1`` / ``packed-mbs2`` (one / two packed rows per forward pass, one THD
 sequence; the recipe sets the default, sphinx-tiny's is two),
-``packed-vb32`` (``--vision-batch 32``: the step's views encoded at once, 32 per encoder call),
+``packed-vb32`` (``--vision-batch 32``: the step's views encoded as one stream, 32 per call),
 ``packed-graphs`` (the same replayed as CUDA graphs, ``--cuda-graph-vision``; GPU only),
-``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one / two rows) and ``reference`` (``--no-packing
---no-skip``: one padded sample per sequence and every sub-image encoded, as the reference
-implementation does).
+``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one / two rows) and ``reference``
+(``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
+reference implementation does).
 
 Arguments it does not know itself (``--seq-length``, ``--global-batch-size``,
 ``--micro-batch-size``, ``--backend``, ...) are passed on to ``python -m megatron_sphinx.train``

@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", default=None, choices=["selective", "full"])
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (TE layers, FP8 GPU)")
     p.add_argument("--vision-batch", type=int, default=0,
-                   help="encode a whole step's views at once, N per encoder call (as training)")
+                   help="encode the step's views as one stream, N per encoder call (as training)")
     p.add_argument("--cuda-graph-vision", action="store_true",
                    help="replay the encoders as CUDA graphs (GPU; needs --vision-batch)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,

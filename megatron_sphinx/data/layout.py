@@ -92,7 +92,7 @@ class PackedBatch:
         loss_sources: int64 ``[b, s]`` mix source of the sample at each position, -1 on
             padding (the loss is reported per source with it).
         features: ``[V, 257, C]`` the views already encoded, when the training step encoded
-            the whole step's views at once (``--vision-batch``); None: the model encodes them.
+            the step's views as one stream (``--vision-batch``); None: the model encodes them.
     """
 
     text_ids: torch.Tensor

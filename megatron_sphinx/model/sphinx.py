@@ -57,9 +57,10 @@ class SphinxModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.tp_group = pg_collection.tp if pg_collection is not None else None
-        #: Views per encoder call when the training step encodes a whole step's views before
-        #: its first forward pass (:func:`~megatron_sphinx.train.step.run_schedule`); 0: each
-        #: micro-batch encodes its own views. Set by ``build_model``.
+        #: Views per encoder call when the training step encodes the step's views as one stream,
+        #: each call queued before the first micro-batch needing it
+        #: (:func:`~megatron_sphinx.train.step.encoded_ahead`); 0: each micro-batch encodes its
+        #: own views. Set by ``build_model``.
         self.vision_batch = 0
         if pre_process:
             self.vision = MixtureOfVisualExperts(cfg.vision)

@@ -11,7 +11,7 @@ The two ``[V, 257, C_i]`` sequences are concatenated along channels (3072 + 1536
 encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
 
 :meth:`MixtureOfVisualExperts.encode` encodes any number of views in calls of a few fixed sizes
-(the training step uses it to encode a whole step's views at once, ``--vision-batch``). Fixed
+(the training step encodes a step's views with it as one stream, ``--vision-batch``). Fixed
 sizes let cuDNN and cuBLAS reuse their plans, and let each size be one CUDA graph
 (``cuda_graphs``): the encoders' ~2,000 small kernel launches per call become one replay.
 """

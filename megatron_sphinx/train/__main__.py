@@ -72,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="torch.compile Megatron's fused SwiGLU and bias-dropout-add (off by "
                    "default: measured slower on one H100, see docs/PERFORMANCE.md)")
     p.add_argument("--vision-batch", type=int, default=0, metavar="N",
-                   help="encode a whole step's views before its first forward pass, N views "
-                   "per encoder call (a multiple of 8; default 0: each micro-batch its own)")
+                   help="encode a step's views as one stream, N views per encoder call (a "
+                   "multiple of 8), each call queued before the first micro-batch needing it "
+                   "(default 0: each micro-batch its own)")
     p.add_argument("--cuda-graph-vision", action="store_true",
                    help="replay the frozen encoders as CUDA graphs, one per call size (GPU; "
                    "needs --vision-batch)")

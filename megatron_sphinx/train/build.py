@@ -40,9 +40,9 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     holds the encoders, the projector and the embeddings, the last chunk of the last rank the
     output layer.
 
-    With ``vision_batch`` > 0 the training step encodes all views of a step at once, in calls
-    of at most that many views (:func:`~megatron_sphinx.train.step.encoded_ahead`), replayed as
-    CUDA graphs with ``cuda_graph_vision`` (on a GPU).
+    With ``vision_batch`` > 0 the training step encodes the step's views as one stream, in
+    calls of at most that many views (:func:`~megatron_sphinx.train.step.encoded_ahead`),
+    replayed as CUDA graphs with ``cuda_graph_vision`` (on a GPU).
 
     Returns:
         This rank's model chunks (one without interleaving), as Megatron's schedules expect.
@@ -154,7 +154,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         device: The rank's device.
         fp8: FP8 GEMMs in the TE layers.
         images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
-        vision_batch: Views per encoder call of a whole step (0: per micro-batch).
+        vision_batch: Views per encoder call of a step's view stream (0: per micro-batch).
         cuda_graph_vision: The encoders replay CUDA graphs.
     """
     from megatron.core import optimizer as megatron_optimizer
@@ -172,7 +172,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
-            "vision": (f"whole step, {vision_batch} views per call" if vision_batch
+            "vision": (f"step's views in calls of {vision_batch}" if vision_batch
                        else "per micro-batch") + (", CUDA graphs" if cuda_graph_vision else ""),
             "adam": f"{adam.__module__.split('.')[0]} {adam.__name__}",
             "communication": torch.distributed.get_backend()}

@@ -80,10 +80,11 @@ class RunConfig:
     (docs/PERFORMANCE.md). Takes effect through ``TORCH_COMPILE_DISABLE``, which torch reads at
     import, so the training command sets it before importing torch."""
     vision_batch: int = 0
-    """Encode all views of a step at once, before its first forward pass, in encoder calls of
-    at most this many views (a multiple of 8; the last call is padded with zero views to a
-    multiple of 8, so calls take few shapes); 0: each micro-batch encodes its own views. The
-    tokens are the same (the encoders are frozen)."""
+    """Encode the views of a step's micro-batches as one stream, in encoder calls of at most
+    this many views (a multiple of 8; the last call is padded with zero views to a multiple of
+    8, so calls take few shapes), each queued just before the first micro-batch that needs it;
+    0: each micro-batch encodes its own views. The tokens are the same (the encoders are
+    frozen)."""
     cuda_graph_vision: bool = False
     """Replay the frozen encoders as CUDA graphs, one per call size (needs ``vision_batch``
     and a GPU)."""
