@@ -161,7 +161,8 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     assert len(lines) == 1, proc.stderr[-2000:]
     if not torch.cuda.is_available():
         assert lines[0].endswith("kernels: layers local | attention sdpa | pack_tokens torch | "
-                                 "images DALI cpu | adam torch AdamW | communication gloo")
+                                 "images DALI cpu | vision per micro-batch | adam torch AdamW | "
+                                 "communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user
