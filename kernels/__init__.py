@@ -4,6 +4,9 @@
 index -1) in one pass, with autograd. Implementations: CUDA C++ extension, Triton, torch reference
 (:mod:`kernels.select` chooses; ``MEGATRON_SPHINX_PACK_IMPL`` forces). The environment is read
 once per process: call :func:`refresh_settings` after changing it in-process.
+
+:mod:`kernels.triton_rope` holds the fused rotary embedding of packed tokens (opt-in,
+``MEGATRON_SPHINX_ROPE=triton``).
 """
 from kernels.reference import PackPlan, PackTokensFunction, build_plan
 from kernels.select import IMPLS, impl_status, pack_tokens, resolve_impl

@@ -225,7 +225,9 @@ def thd_rope_one_gather(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.
 
     The rotation of Megatron's ``_apply_rotary_pos_emb_bshd`` over all tokens at once (no host
     sync), its ``cos`` / ``sin`` gathered by position once per micro-batch
-    (:func:`thd_rope_tables`); the same values as Megatron's per-segment loop.
+    (:func:`thd_rope_tables`); the same values as Megatron's per-segment loop. With
+    ``MEGATRON_SPHINX_ROPE=triton`` the rotation is one fused kernel each way where it applies
+    (:mod:`kernels.triton_rope`).
     """
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -236,6 +238,10 @@ def thd_rope_one_gather(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.
             mla_rotary_interleaved=True, mscale=mscale).squeeze(1)
     cos, sin = thd_rope_tables(cu_seqlens, freqs, t.shape[0], t.dtype, mscale)
     rot_dim = freqs.shape[-1]
+    from kernels import triton_rope
+
+    if triton_rope.requested() and triton_rope.supported(t, rot_dim, rotary_interleaved):
+        return triton_rope.fused_rope(t, cos, sin)  # one kernel each way (opt-in)
     x = t.unsqueeze(1)  # [t, 1, h, d]: Megatron's 4-D layout
     x, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     out = x * cos + rope_utils._rotate_half(x, rotary_interleaved) * sin

@@ -22,6 +22,7 @@ def test_bench_packed_layers_table():
             if line.startswith(("rope:", "attention:"))}
     assert set(rows) >= {"megatron", "one", "sdpa"}, proc.stdout
     assert int(rows["one"][3]) < int(rows["megatron"][3])  # fewer ops than the per-segment loop
+    assert int(rows["tables"][3]) < int(rows["one"][3])  # the kept tables: fewer again
 
 
 def test_bench_train_rows_per_variant(tmp_path):

@@ -8,7 +8,8 @@ attention, forward + backward):
 * RoPE: Megatron's per-segment loop (``rope_utils._apply_rotary_pos_emb_thd``) against the one
   gather that ``megatron_sphinx.upstream_fixes`` installs for CUDA tensors, at a micro-batch's
   first call (which gathers the cos / sin tables) and at the others (tables kept: every later
-  layer, queries and keys);
+  layer, queries and keys), and the fused Triton rotation (``MEGATRON_SPHINX_ROPE=triton``,
+  GPU only) forward and backward;
 * attention: one SDPA call per segment against one FlashAttention varlen call (GPU only).
 
 Usage::
@@ -32,6 +33,7 @@ from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()  # before Megatron's imports: --help stays clean
 from megatron_sphinx import upstream_fixes  # noqa: E402
+from kernels import triton_rope  # noqa: E402
 from megatron_sphinx.model import attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                 ("rope: tables kept", lambda: upstream_fixes.thd_rope_one_gather(x, cu, freqs)))
     for name, call in variants:
         rows.append((name, _ops(call), _time(call, device, args.repeats), None))
+    # forward + backward of the kept-tables rotation against the fused kernel (GPU)
+    xg = x.clone().requires_grad_(True)
+    rope_paths = {"rope: tables kept": lambda: upstream_fixes.thd_rope_one_gather(xg, cu, freqs)}
+    if triton_rope.supported(x, d, False):
+        rope_paths["rope: triton fused"] = lambda: triton_rope.fused_rope(
+            xg, *upstream_fixes.thd_rope_tables(cu, freqs, args.tokens, dtype))
+    for name, call in rope_paths.items():
+        def both(call=call):
+            call().sum().backward()
+        timed = _time(both, device, args.repeats)
+        if name == "rope: tables kept":  # its forward row is above
+            rows[-1] = rows[-1][:3] + (timed,)
+        else:
+            rows.append((name, _ops(call), _time(call, device, args.repeats), timed))
 
     q = torch.randn(args.tokens, heads, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(args.tokens, groups, d, device=device, dtype=dtype, requires_grad=True)

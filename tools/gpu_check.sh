@@ -3,11 +3,12 @@
 #   1. installs what the device lacks from wheels carried in .whl/ (megatron-core, zarr, ...)
 #      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
-#      tests_kernels   pack kernels, packed attention, encoders (CUDA graphs) against references;
+#      tests_kernels   encoders (CUDA graphs), fused RoPE, packed attention, pack kernels,
+#                      each against its reference;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
-#                      rows per micro-batch), and with one; the encoders' calls in fixed sizes
-#                      replayed as CUDA graphs (--vision-batch 32 --cuda-graph-vision);
-#                      --no-packing --no-skip (the reference);
+#                      rows per micro-batch), with the fused Triton RoPE, with one row, with the
+#                      encoders' calls in fixed sizes replayed as CUDA graphs (--vision-batch 32
+#                      --cuda-graph-vision); --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
@@ -91,11 +92,16 @@ PYEOF
 
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
 PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
-# The ahead-of-time sm_90 compile test is for machines without a GPU (here the kernels run).
-KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_attention.py tests/test_pack_kernel.py}
-run tests_kernels 100 $PYTEST $KERNEL_TESTS \
-  --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs1 packed-graphs reference}
+# The ahead-of-time sm_90 compiles and the RoPE interpreter run are for machines without a GPU
+# (here the kernels run).
+KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py tests/test_attention.py
+  tests/test_pack_kernel.py}
+run tests_kernels 150 $PYTEST $KERNEL_TESTS \
+  --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
+  --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
+  --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-rope-triton packed-mbs1 packed-graphs
+  reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
