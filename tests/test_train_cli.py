@@ -160,9 +160,9 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     assert len(lines) == 1, proc.stderr[-2000:]
     if not torch.cuda.is_available():
-        assert lines[0].endswith("kernels: layers local | attention sdpa | pack_tokens torch | "
-                                 "images DALI cpu | vision per micro-batch | adam torch AdamW | "
-                                 "communication gloo")
+        assert lines[0].endswith("kernels: layers local | attention sdpa | rope Megatron's "
+                                 "per-sample loop | pack_tokens torch | images DALI cpu | vision "
+                                 "per micro-batch | adam torch AdamW | communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user
@@ -430,6 +430,24 @@ def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):
     local = kernel_choices(get_recipe("debug"), backend="local", dtype=torch.float32, device=cpu)
     assert local["layers"] == "local" and local["attention"] != te["attention"]
     assert local["images"] == "none decoded (synthetic data)"
+    assert (te["rope"], local["rope"]) == ("Transformer Engine fused", "Megatron's per-sample loop")
+
+
+def test_rope_choice_is_checked_at_start_up(monkeypatch):
+    from kernels import triton_rope
+    from megatron_sphinx.train.build import rope_choice
+
+    gpu = torch.device("cuda")  # only its type is read
+    assert rope_choice("local", gpu) == "one gather, tables kept"
+    monkeypatch.setenv(triton_rope.ROPE_ENV, "triton")
+    assert rope_choice("local", gpu) == "triton fused"
+    assert rope_choice("local", torch.device("cpu")) == "Megatron's per-sample loop"
+    monkeypatch.setattr(triton_rope, "triton", None)
+    with pytest.raises(ValueError, match="triton does not import here: unset it"):
+        rope_choice("local", gpu)
+    monkeypatch.setenv(triton_rope.ROPE_ENV, "fast")
+    with pytest.raises(ValueError, match="choose torch or triton"):
+        rope_choice("te", gpu)
 
 
 # ------------------------------------------- evaluation and schedule checks (mutation audit)

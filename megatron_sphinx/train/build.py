@@ -141,6 +141,29 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     return optimizer, scheduler
 
 
+def rope_choice(backend: str, device: torch.device) -> str:
+    """The rotary embedding the layers run on ``device``: Transformer Engine's fused one with its
+    layers; else Megatron's per-sample loop on CPUs (faster there) and on GPUs the one gather
+    with tables kept per micro-batch (``upstream_fixes``), or the fused Triton kernel with
+    ``MEGATRON_SPHINX_ROPE=triton``.
+
+    Raises:
+        ValueError: A bad ``MEGATRON_SPHINX_ROPE``, or ``triton`` asked for where it does not
+            import.
+    """
+    from kernels import triton_rope
+
+    fused = triton_rope.requested()  # checks the value everywhere
+    if backend == "te":
+        return "Transformer Engine fused"
+    if device.type != "cuda":
+        return "Megatron's per-sample loop"
+    if fused and triton_rope.triton is None:
+        raise ValueError(f"{triton_rope.ROPE_ENV}=triton, but triton does not import here: "
+                         "unset it")
+    return "triton fused" if fused else "one gather, tables kept"
+
+
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
                    device: torch.device, fp8: bool = False, images: str | None = None,
                    vision_batch: int = 0, cuda_graph_vision: bool = False) -> dict:
@@ -170,6 +193,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         attention = choose_kernel(probe, 0.0, head_dim ** -0.5)
     adam = megatron_optimizer.Adam
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
+            "rope": rope_choice(backend, device),
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
             "vision": (f"step's views in calls of {vision_batch}" if vision_batch
