@@ -1,4 +1,4 @@
-"""Environment settings of the pack op, read once per process.
+"""Environment settings of the fused kernels (the pack op, the RoPE), read once per process.
 
 ``pack_tokens`` runs on the model's hot path at every micro-batch, where each ``os.environ`` read
 costs ~0.7 us of host time. The variables below are therefore read at first use and kept in a
@@ -20,6 +20,9 @@ TILE_ENV = "MEGATRON_SPHINX_TRITON_TILE"
 #: Where the CUDA implementation's autograd node lives: ``cpp`` (default: the extension's own
 #: C++ autograd function, no Python per call) or ``python`` (the shared ``PackTokensFunction``).
 CUDA_AUTOGRAD_ENV = "MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD"
+#: RoPE of packed tokens on GPUs: ``torch`` (default: the unfused rotation) or ``triton`` (one
+#: fused kernel each way, ``kernels.triton_rope``).
+ROPE_ENV = "MEGATRON_SPHINX_ROPE"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Settings:
     """``TRITON_INTERPRET`` as written (part of the implementation choice's cache key)."""
     cuda_autograd: str = "cpp"
     """``MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD``: ``cpp`` or ``python``."""
+    rope: str = "torch"
+    """``MEGATRON_SPHINX_ROPE``: ``torch`` or ``triton``."""
 
 
 _current: Settings | None = None
@@ -50,10 +55,14 @@ def refresh() -> Settings:
         debug=env.get(DEBUG_ENV, "0") not in ("", "0", "false", "False"),
         triton_tile=env.get(TILE_ENV, ""),
         triton_interpret=env.get("TRITON_INTERPRET"),
-        cuda_autograd=env.get(CUDA_AUTOGRAD_ENV, "") or "cpp")
+        cuda_autograd=env.get(CUDA_AUTOGRAD_ENV, "") or "cpp",
+        rope=env.get(ROPE_ENV, "") or "torch")
     if _current.cuda_autograd not in ("cpp", "python"):
         bad, _current = _current.cuda_autograd, None
         raise ValueError(f"{CUDA_AUTOGRAD_ENV}={bad!r}: use cpp or python")
+    if _current.rope not in ("torch", "triton"):
+        bad, _current = _current.rope, None
+        raise ValueError(f"{ROPE_ENV}={bad!r}: choose torch or triton")
     return _current
 
 

@@ -21,9 +21,9 @@ is how the tests check it on machines without a GPU.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kernels.settings import ROPE_ENV, settings
 
 try:  # triton is optional: without it the fused path is unavailable
     import triton
@@ -31,19 +31,20 @@ try:  # triton is optional: without it the fused path is unavailable
 except Exception:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-#: Environment variable choosing the RoPE implementation: ``triton`` or ``torch`` (default).
-ROPE_ENV = "MEGATRON_SPHINX_ROPE"
+__all__ = ["ROPE_ENV", "FusedRotaryTHD", "fused_rope", "requested", "supported"]
 
 #: Tokens per program.
 BLOCK_T = 16
 
 
 def requested() -> bool:
-    """Whether ``MEGATRON_SPHINX_ROPE=triton`` asks for the fused kernel."""
-    value = os.environ.get(ROPE_ENV, "torch")
-    if value not in ("torch", "triton"):
-        raise ValueError(f"{ROPE_ENV}={value!r}: choose torch or triton")
-    return value == "triton"
+    """Whether ``MEGATRON_SPHINX_ROPE=triton`` asks for the fused kernel (read once per process,
+    with the other kernel settings: :func:`kernels.refresh_settings` re-reads it).
+
+    Raises:
+        ValueError: On a value other than ``torch`` or ``triton``.
+    """
+    return settings().rope == "triton"
 
 
 def supported(x: torch.Tensor, rot_dim: int, interleaved: bool) -> bool:

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # torch.compile-based fusions add seconds to the first CPU step; nothing may touch the network;
 # one intra-op thread per process (tests run several ranks on 2 shared cores, and forked workers
 # must not inherit a started OpenMP pool).
@@ -23,3 +25,20 @@ if os.environ.get("MEGATRON_SPHINX_NO_SHRINK") == "1":
 
     settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
     settings.load_profile("no-shrink")
+
+
+
+@pytest.fixture
+def rope_env(monkeypatch):
+    """Sets ``MEGATRON_SPHINX_ROPE`` and re-reads the kernel settings (read once per process
+    otherwise); the old value and settings come back after the test."""
+    from kernels import refresh_settings
+    from kernels.settings import ROPE_ENV
+
+    def set_rope(value: str) -> None:
+        monkeypatch.setenv(ROPE_ENV, value)
+        refresh_settings()
+
+    yield set_rope
+    monkeypatch.undo()
+    refresh_settings()

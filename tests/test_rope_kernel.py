@@ -104,7 +104,7 @@ def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):
                 assert ".entry _rope_kernel" in ptx
 
 
-def test_fused_rope_is_opt_in_and_dispatched_where_it_applies(monkeypatch):
+def test_fused_rope_is_opt_in_and_dispatched_where_it_applies(monkeypatch, rope_env):
     """``MEGATRON_SPHINX_ROPE=triton`` routes the one-gather RoPE through the kernel for full,
     non-interleaved rotations; partial or interleaved ones keep the unfused path; a bad value
     says what to choose."""
@@ -117,13 +117,14 @@ def test_fused_rope_is_opt_in_and_dispatched_where_it_applies(monkeypatch):
     freqs = torch.randn(3, 1, 1, 8)
     upstream_fixes.thd_rope_one_gather(x, cu, freqs)
     assert calls == []  # default: the unfused path
-    monkeypatch.setenv(triton_rope.ROPE_ENV, "triton")
+    rope_env("triton")
     upstream_fixes.thd_rope_one_gather(x, cu, freqs)
     assert calls == [(5, 2, 8)]
     upstream_fixes.thd_rope_one_gather(x, cu, freqs, rotary_interleaved=True)
     upstream_fixes.thd_rope_one_gather(x, cu, freqs[..., :4])  # partial rotation
     assert len(calls) == 1
-    monkeypatch.setenv(triton_rope.ROPE_ENV, "fast")
+    with pytest.raises(ValueError, match="choose torch or triton"):
+        rope_env("fast")
     with pytest.raises(ValueError, match="choose torch or triton"):
         upstream_fixes.thd_rope_one_gather(x, cu, freqs)
 

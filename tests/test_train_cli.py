@@ -433,19 +433,20 @@ def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):
     assert (te["rope"], local["rope"]) == ("Transformer Engine fused", "Megatron's per-sample loop")
 
 
-def test_rope_choice_is_checked_at_start_up(monkeypatch):
+def test_rope_choice_is_checked_at_start_up(monkeypatch, rope_env):
     from kernels import triton_rope
     from megatron_sphinx.train.build import rope_choice
 
     gpu = torch.device("cuda")  # only its type is read
     assert rope_choice("local", gpu) == "one gather, tables kept"
-    monkeypatch.setenv(triton_rope.ROPE_ENV, "triton")
+    rope_env("triton")
     assert rope_choice("local", gpu) == "triton fused"
     assert rope_choice("local", torch.device("cpu")) == "Megatron's per-sample loop"
     monkeypatch.setattr(triton_rope, "triton", None)
     with pytest.raises(ValueError, match="triton does not import here: unset it"):
         rope_choice("local", gpu)
-    monkeypatch.setenv(triton_rope.ROPE_ENV, "fast")
+    with pytest.raises(ValueError, match="choose torch or triton"):
+        rope_env("fast")
     with pytest.raises(ValueError, match="choose torch or triton"):
         rope_choice("te", gpu)
 

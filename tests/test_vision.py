@@ -77,7 +77,7 @@ def test_vit_attention_on_a_gpu_avoids_cudnn_and_matches_the_cpu(debug_vision):
 
 
 def test_encode_in_fixed_size_calls_gives_the_per_call_tokens(debug_vision):
-    """``encode`` splits any number of views into calls of at most ``max_views``, pads the last
+    """``encode_in_calls`` splits any number of views into calls of at most ``max_views``, pads the last
     one with zero views to a multiple of 8, and returns exactly the real views' tokens."""
     torch.manual_seed(0)
     mov = MixtureOfVisualExperts(debug_vision)
@@ -86,15 +86,15 @@ def test_encode_in_fixed_size_calls_gives_the_per_call_tokens(debug_vision):
     shapes = []
     handle = mov.register_forward_pre_hook(lambda mod, args: shapes.append(args[0].shape[0]))
     mov.num_views_encoded = 0
-    got = mov.encode(views, max_views=16)
+    got = torch.cat(list(mov.encode_in_calls(views, max_views=16)))
     handle.remove()
     assert shapes == [16, 8]  # 16 real, then 5 real + 3 padding
     assert mov.num_views_encoded == 21 and mov.num_padding_views == 3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    empty = mov.encode(views[:0], max_views=16)
-    assert empty.shape == (0, 257, debug_vision.channels)
+    assert list(mov.encode_in_calls(views[:0], max_views=16)) == []  # no view, no call
+    assert shapes == [16, 8]
     with pytest.raises(ValueError, match="give a multiple of 8"):
-        mov.encode(views, max_views=12)
+        list(mov.encode_in_calls(views, max_views=12))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -112,7 +112,8 @@ def test_cuda_graph_replay_matches_eager_encoding(debug_vision):
     assert not torch.allclose(want[0], want[2], **tol)  # new pixels, new tokens (none stale)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
-    out = mov.encode(torch.cat(batches[:2])[:21], max_views=16)  # sizes 16 and 8 replayed
+    # sizes 16 and 8 replayed
+    out = torch.cat(list(mov.encode_in_calls(torch.cat(batches[:2])[:21], max_views=16)))
     torch.testing.assert_close(out, torch.cat(want[:2])[:21], **tol)
     assert len(mov._graphs) == 2
 

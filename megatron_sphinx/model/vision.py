@@ -10,7 +10,7 @@ Per 224-pixel view (pixels in [0, 1], normalised here per encoder):
 The two ``[V, 257, C_i]`` sequences are concatenated along channels (3072 + 1536 = 4608). The
 encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
 
-:meth:`MixtureOfVisualExperts.encode` encodes any number of views in calls of a few fixed sizes
+:meth:`MixtureOfVisualExperts.encode_in_calls` encodes any number of views in calls of a few fixed sizes
 (the training step encodes a step's views with it as one stream, ``--vision-batch``). Fixed
 sizes let cuDNN and cuBLAS reuse their plans, and let each size be one CUDA graph
 (``cuda_graphs``): the encoders' ~2,000 small kernel launches per call become one replay.
@@ -158,7 +158,7 @@ class _GraphedCall:
 class MixtureOfVisualExperts(nn.Module):
     """The frozen encoders of :class:`VisionConfig`, concatenated along channels."""
 
-    #: :meth:`encode` rounds a call's views up to a multiple of this (zero views as padding).
+    #: :meth:`encode_in_calls` rounds a call's views up to a multiple of this (zero views as padding).
     VIEW_MULTIPLE = 8
 
     def __init__(self, cfg: VisionConfig):
@@ -169,11 +169,11 @@ class MixtureOfVisualExperts(nn.Module):
             if enc.cfg.weights:
                 enc.load_pretrained(enc.cfg.weights)
         #: Encoder calls and views encoded since construction (tests count skipped views here);
-        #: the zero views :meth:`encode` pads with are counted apart, in ``num_padding_views``.
+        #: the zero views :meth:`encode_in_calls` pads with are counted apart, in ``num_padding_views``.
         self.num_calls = 0
         self.num_views_encoded = 0
         self.num_padding_views = 0
-        #: Replay one CUDA graph per number of views on a GPU (use with :meth:`encode`, whose
+        #: Replay one CUDA graph per number of views on a GPU (use with :meth:`encode_in_calls`, whose
         #: calls take few sizes; each size is captured at its first call).
         self.cuda_graphs = False
         self._graphs: dict[tuple, _GraphedCall] = {}
@@ -224,12 +224,3 @@ class MixtureOfVisualExperts(nn.Module):
             with torch.no_grad():
                 tokens = self(part)
             yield tokens[:part.shape[0] - pad]
-
-    def encode(self, views: torch.Tensor, max_views: int) -> torch.Tensor:
-        """All tokens of :meth:`encode_in_calls`: ``[V, 257, sum(C_i)]``, as :meth:`forward`
-        gives them."""
-        parts = list(self.encode_in_calls(views, max_views))
-        if not parts:  # no view
-            dtype = next(self.parameters()).dtype
-            return views.new_zeros(0, self.cfg.tokens_per_view, self.channels, dtype=dtype)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
