@@ -61,16 +61,19 @@ def test_loader_summary_counts(tmp_path):
 
 def test_synthetic_prefetch_gives_the_same_batches():
     """The training command's synthetic loader makes the next global batch in a background
-    thread; its batches are those of the loader without it, also after a rewind and a close."""
+    thread on GPUs; its batches are those of the loader without it, also after a rewind and a
+    close."""
     from dataclasses import fields
 
     from megatron_sphinx.data.synthetic import SyntheticLoader
 
     cfg = get_recipe("debug")
-    loader = build_loader(RunConfig(data="synthetic"), cfg, dp_rank=0, dp_size=1)
-    assert isinstance(loader, SyntheticLoader) and loader.prefetch
-    plain = SyntheticLoader(cfg.llm.vocab_size, cfg.train.seq_length, cfg.vision.image_size,
-                            cfg.vision.grid, cfg.train.global_batch_size, seed=cfg.train.seed)
+    built = build_loader(RunConfig(data="synthetic"), cfg, dp_rank=0, dp_size=1)
+    assert isinstance(built, SyntheticLoader) and built.prefetch == torch.cuda.is_available()
+    args = (cfg.llm.vocab_size, cfg.train.seq_length, cfg.vision.image_size, cfg.vision.grid,
+            cfg.train.global_batch_size)
+    loader = SyntheticLoader(*args, seed=cfg.train.seed, prefetch=True)
+    plain = SyntheticLoader(*args, seed=cfg.train.seed)
 
     def same(a, b):
         assert len(a) == len(b)

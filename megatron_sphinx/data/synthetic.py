@@ -5,9 +5,9 @@ data-parallel rank) without a store or image decoding, so parallel-layout tests 
 and the training step only. Global batch ``g`` is a pure function of ``(seed, g)``; data-parallel
 rank ``r`` of ``D`` takes rows ``r * G/D ... (r + 1) * G/D - 1`` of it.
 
-With ``prefetch`` (as the training command builds it) one background thread makes the next
-global batch while the current one trains, as the real loader's workers do: drawing ~100 views
-of random pixels and pinning them takes ~0.1 s, which would otherwise stall every step.
+With ``prefetch`` (as the training command builds it on GPUs) one background thread makes the
+next global batch while the current one trains, as the real loader's workers do: drawing ~100
+views of random pixels and pinning them takes ~0.1 s, which would otherwise stall every step.
 """
 from __future__ import annotations
 

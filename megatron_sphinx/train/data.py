@@ -39,7 +39,10 @@ def build_loader(rc: RunConfig, cfg: SphinxConfig, *, dp_rank: int, dp_size: int
                                cfg.vision.grid, t.global_batch_size, dp_rank, dp_size,
                                t.seed + (EVAL_SEED_OFFSET if evaluation else 0),
                                packing=rc.packing, skip_padded=rc.skip_padded_views,
-                               micro_batch_size=t.micro_batch_size, prefetch=True)
+                               micro_batch_size=t.micro_batch_size,
+                               # GPUs only: there the step waits on it; on CPUs a 4-rank
+                               # test crashed once (segfault) with the thread, cause unknown
+                               prefetch=torch.cuda.is_available())
     from megatron_sphinx.data.loader import LoaderConfig, PackedLoader
     from megatron_sphinx.data.store import StoreReader
 
