@@ -1,4 +1,4 @@
-"""Environment settings of the fused kernels (the pack op, the RoPE), read once per process.
+"""Environment settings of the fused kernels (the pack op, RoPE, SwiGLU), read once per process.
 
 ``pack_tokens`` runs on the model's hot path at every micro-batch, where each ``os.environ`` read
 costs ~0.7 us of host time. The variables below are therefore read at first use and kept in a
@@ -20,9 +20,14 @@ TILE_ENV = "MEGATRON_SPHINX_TRITON_TILE"
 #: Where the CUDA implementation's autograd node lives: ``cpp`` (default: the extension's own
 #: C++ autograd function, no Python per call) or ``python`` (the shared ``PackTokensFunction``).
 CUDA_AUTOGRAD_ENV = "MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD"
-#: RoPE of packed tokens on GPUs: ``torch`` (default: the unfused rotation) or ``triton`` (one
-#: fused kernel each way, ``kernels.triton_rope``).
+#: RoPE of packed tokens: ``auto`` (default: the fused Triton kernel on GPUs where its start-up
+#: check passes, ``kernels.fused_layers``), ``torch`` (the unfused rotation) or ``triton``.
 ROPE_ENV = "MEGATRON_SPHINX_ROPE"
+#: SwiGLU of the local spec's MLP: ``auto`` (default, as for RoPE), ``torch`` (Megatron's) or
+#: ``triton`` (one fused kernel each way, ``kernels.triton_swiglu``).
+SWIGLU_ENV = "MEGATRON_SPHINX_SWIGLU"
+#: Values of :data:`ROPE_ENV` and :data:`SWIGLU_ENV`.
+FUSED_CHOICES = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,10 @@ class Settings:
     """``TRITON_INTERPRET`` as written (part of the implementation choice's cache key)."""
     cuda_autograd: str = "cpp"
     """``MEGATRON_SPHINX_PACK_CUDA_AUTOGRAD``: ``cpp`` or ``python``."""
-    rope: str = "torch"
-    """``MEGATRON_SPHINX_ROPE``: ``torch`` or ``triton``."""
+    rope: str = "auto"
+    """``MEGATRON_SPHINX_ROPE``: ``auto``, ``torch`` or ``triton``."""
+    swiglu: str = "auto"
+    """``MEGATRON_SPHINX_SWIGLU``: ``auto``, ``torch`` or ``triton``."""
 
 
 _current: Settings | None = None
@@ -56,13 +63,15 @@ def refresh() -> Settings:
         triton_tile=env.get(TILE_ENV, ""),
         triton_interpret=env.get("TRITON_INTERPRET"),
         cuda_autograd=env.get(CUDA_AUTOGRAD_ENV, "") or "cpp",
-        rope=env.get(ROPE_ENV, "") or "torch")
+        rope=env.get(ROPE_ENV, "") or "auto",
+        swiglu=env.get(SWIGLU_ENV, "") or "auto")
     if _current.cuda_autograd not in ("cpp", "python"):
         bad, _current = _current.cuda_autograd, None
         raise ValueError(f"{CUDA_AUTOGRAD_ENV}={bad!r}: use cpp or python")
-    if _current.rope not in ("torch", "triton"):
-        bad, _current = _current.rope, None
-        raise ValueError(f"{ROPE_ENV}={bad!r}: choose torch or triton")
+    for name, value in ((ROPE_ENV, _current.rope), (SWIGLU_ENV, _current.swiglu)):
+        if value not in FUSED_CHOICES:
+            _current = None
+            raise ValueError(f"{name}={value!r}: choose auto, torch or triton")
     return _current
 
 

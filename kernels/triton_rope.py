@@ -15,7 +15,8 @@ rounding (the unfused path rounds after every operation, so results differ by ab
 the last place in bf16). The input may be a strided view (Megatron's query / key split of the
 QKV projection); the output is contiguous.
 
-Chosen with ``MEGATRON_SPHINX_ROPE=triton`` (default: the unfused path), where :func:`supported`.
+Which path runs is chosen by :mod:`kernels.fused_layers` (``MEGATRON_SPHINX_ROPE``; by default
+the kernel on GPUs where it passes a start-up check), where :func:`supported`.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs on CPU tensors, which
 is how the tests check it on machines without a GPU.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels.settings import ROPE_ENV, settings
 
 try:  # triton is optional: without it the fused path is unavailable
     import triton
@@ -31,20 +31,10 @@ try:  # triton is optional: without it the fused path is unavailable
 except Exception:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-__all__ = ["ROPE_ENV", "FusedRotaryTHD", "fused_rope", "requested", "supported"]
+__all__ = ["FusedRotaryTHD", "fused_rope", "supported"]
 
 #: Tokens per program.
 BLOCK_T = 16
-
-
-def requested() -> bool:
-    """Whether ``MEGATRON_SPHINX_ROPE=triton`` asks for the fused kernel (read once per process,
-    with the other kernel settings: :func:`kernels.refresh_settings` re-reads it).
-
-    Raises:
-        ValueError: On a value other than ``torch`` or ``triton``.
-    """
-    return settings().rope == "triton"
 
 
 def supported(x: torch.Tensor, rot_dim: int, interleaved: bool) -> bool:

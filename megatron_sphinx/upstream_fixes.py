@@ -6,7 +6,9 @@ checks ``HAVE_APEX_OR_TE`` and does nothing where the fused optimizers are used.
 replaces the same installs' fallback multi-tensor gradient norm and scale, which read one value
 per gradient tensor on the host, with ``torch._foreach`` ops. The fifth makes the unfused RoPE of
 packed (THD) sequences on GPUs one vectorised op instead of a Python loop over segments with
-host syncs (GPUs without TE's fused RoPE). CPU-only patches live in
+host syncs (GPUs without TE's fused RoPE), its rotation one Triton kernel each way. The sixth
+runs the MLP's SwiGLU as one Triton kernel each way instead of Megatron's unfused ops (GPUs
+without TE; both kernels chosen by :mod:`kernels.fused_layers`). CPU-only patches live in
 :mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
 these.
 """
@@ -225,9 +227,9 @@ def thd_rope_one_gather(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.
 
     The rotation of Megatron's ``_apply_rotary_pos_emb_bshd`` over all tokens at once (no host
     sync), its ``cos`` / ``sin`` gathered by position once per micro-batch
-    (:func:`thd_rope_tables`); the same values as Megatron's per-segment loop. With
-    ``MEGATRON_SPHINX_ROPE=triton`` the rotation is one fused kernel each way where it applies
-    (:mod:`kernels.triton_rope`).
+    (:func:`thd_rope_tables`); the same values as Megatron's per-segment loop. The rotation is
+    one fused kernel each way where it applies (:mod:`kernels.triton_rope`) and
+    :mod:`kernels.fused_layers` chooses it (``MEGATRON_SPHINX_ROPE``).
     """
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -238,10 +240,11 @@ def thd_rope_one_gather(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.
             mla_rotary_interleaved=True, mscale=mscale).squeeze(1)
     cos, sin = thd_rope_tables(cu_seqlens, freqs, t.shape[0], t.dtype, mscale)
     rot_dim = freqs.shape[-1]
-    from kernels import triton_rope
+    from kernels import fused_layers, triton_rope
 
-    if triton_rope.requested() and triton_rope.supported(t, rot_dim, rotary_interleaved):
-        return triton_rope.fused_rope(t, cos, sin)  # one kernel each way (opt-in)
+    if (triton_rope.supported(t, rot_dim, rotary_interleaved)
+            and fused_layers.use_triton("rope", t)):
+        return triton_rope.fused_rope(t, cos, sin)  # one kernel each way
     x = t.unsqueeze(1)  # [t, 1, h, d]: Megatron's 4-D layout
     x, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     out = x * cos + rope_utils._rotate_half(x, rotary_interleaved) * sin
@@ -281,12 +284,43 @@ def _fix_thd_rope_loop() -> None:
     mod._apply_rotary_pos_emb_thd = _apply_rotary_pos_emb_thd
 
 
+def swiglu_impl(original):
+    """Megatron's ``bias_swiglu_impl`` (the MLP's SwiGLU when ``bias_activation_fusion`` is on,
+    as it is on GPUs) with its plain case, no bias and no FP8 or offloaded input, as
+    :class:`kernels.triton_swiglu.FusedSwiGLU` where :mod:`kernels.fused_layers` chooses it: one
+    kernel each way for the ~13 of the unfused path (Megatron's ``torch.compile`` of it is off
+    by default: ``RunConfig.compile_fusions``)."""
+
+    @functools.wraps(original)
+    def bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=False):
+        from kernels import fused_layers, triton_swiglu
+
+        plain = bias is None and not fp8_input_store and not cpu_offload_input
+        if plain and input.dim() in (2, 3):
+            y = input.view(-1, input.shape[-1])  # [s * b, 2 * ffn]
+            if triton_swiglu.supported(y) and fused_layers.use_triton("swiglu", y):
+                out = triton_swiglu.FusedSwiGLU.apply(y)
+                return out if input.dim() == 2 else out.view(*input.shape[:2], -1)
+        return original(input, bias, fp8_input_store, cpu_offload_input)
+
+    bias_swiglu_impl.unfused = original
+    return bias_swiglu_impl
+
+
+def _fix_swiglu_unfused() -> None:
+    """The MLP's SwiGLU as one fused kernel each way on GPUs (see :func:`swiglu_impl`)."""
+    from megatron.core.transformer import mlp
+
+    mlp.bias_swiglu_impl = swiglu_impl(mlp.bias_swiglu_impl)
+
+
 _FIXES = (
     _fix_distrib_optimizer_step_unshare,
     _fix_distrib_optimizer_fresh_state,
     _fix_distrib_optimizer_load_skips_step,
     _fix_local_multi_tensor_ops,
     _fix_thd_rope_loop,
+    _fix_swiglu_unfused,
 )
 
 

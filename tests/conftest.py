@@ -29,16 +29,23 @@ if os.environ.get("MEGATRON_SPHINX_NO_SHRINK") == "1":
 
 
 @pytest.fixture
-def rope_env(monkeypatch):
-    """Sets ``MEGATRON_SPHINX_ROPE`` and re-reads the kernel settings (read once per process
-    otherwise); the old value and settings come back after the test."""
+def kernel_env(monkeypatch):
+    """Sets a kernel environment variable (``kernel_env(name, value)``) and re-reads the kernel
+    settings (read once per process otherwise); the old values come back after the test."""
     from kernels import refresh_settings
-    from kernels.settings import ROPE_ENV
 
-    def set_rope(value: str) -> None:
-        monkeypatch.setenv(ROPE_ENV, value)
+    def set_env(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
         refresh_settings()
 
-    yield set_rope
+    yield set_env
     monkeypatch.undo()
     refresh_settings()
+
+
+@pytest.fixture
+def rope_env(kernel_env):
+    """``rope_env(value)`` sets ``MEGATRON_SPHINX_ROPE`` as :func:`kernel_env` does."""
+    from kernels.settings import ROPE_ENV
+
+    return lambda value: kernel_env(ROPE_ENV, value)

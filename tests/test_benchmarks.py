@@ -18,11 +18,16 @@ def test_bench_packed_layers_table():
     proc = _run(["tools/bench_packed_layers.py", "--tokens", "256", "--segments", "8",
                  "--repeats", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {line.split()[1]: line.split() for line in proc.stdout.splitlines()
-            if line.startswith(("rope:", "attention:"))}
-    assert set(rows) >= {"megatron", "one", "sdpa"}, proc.stdout
-    assert int(rows["one"][3]) < int(rows["megatron"][3])  # fewer ops than the per-segment loop
-    assert int(rows["tables"][3]) < int(rows["one"][3])  # the kept tables: fewer again
+    rows = {line[:22].strip(): line[22:].split() for line in proc.stdout.splitlines()
+            if line.startswith(("rope:", "attention:", "swiglu:")) and "not run" not in line}
+    assert set(rows) == {"rope: megatron loop", "rope: one gather", "rope: tables kept",
+                         "attention: sdpa", "swiglu: megatron"}, proc.stdout
+    ops = {name: int(row[0]) for name, row in rows.items()}
+    # fewer ops than the per-segment loop; the kept tables: fewer again
+    assert ops["rope: tables kept"] < ops["rope: one gather"] < ops["rope: megatron loop"]
+    # Megatron's unfused SwiGLU: silu and a product forward, 11 more backward (+ 2: the sum
+    # and its gradient), which the fused kernel makes one launch each way on a GPU
+    assert (ops["swiglu: megatron"], int(rows["swiglu: megatron"][2])) == (2, 15), proc.stdout
 
 
 def test_bench_train_rows_per_variant(tmp_path):
@@ -42,3 +47,19 @@ def test_audit_host_syncs_lists_call_sites():
     table = proc.stdout.split("by call site:")[-1]
     # the step's own loss read, attributed to its line in the project
     assert "megatron_sphinx/train/step.py:" in table, table
+
+
+def test_gpu_check_names_existing_tests():
+    """Every test file and ``--deselect`` of tools/gpu_check.sh exists (a rename must not turn
+    a deselected CPU-only test back on, or drop a GPU test, on the next lent machine)."""
+    import re
+
+    script = (REPO / "tools" / "gpu_check.sh").read_text()
+    files = set(re.findall(r"tests/test_\w+\.py", script))
+    assert "tests/test_swiglu_kernel.py" in files and "tests/test_gpu.py" in files
+    for path in files:
+        assert (REPO / path).exists(), path
+    deselected = re.findall(r"--deselect (tests/test_\w+\.py)::(\w+)", script)
+    assert len(deselected) >= 5
+    for path, name in deselected:
+        assert f"def {name}(" in (REPO / path).read_text(), f"{path}::{name}"

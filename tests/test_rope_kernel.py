@@ -104,28 +104,34 @@ def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):
                 assert ".entry _rope_kernel" in ptx
 
 
-def test_fused_rope_is_opt_in_and_dispatched_where_it_applies(monkeypatch, rope_env):
-    """``MEGATRON_SPHINX_ROPE=triton`` routes the one-gather RoPE through the kernel for full,
-    non-interleaved rotations; partial or interleaved ones keep the unfused path; a bad value
-    says what to choose."""
+def test_fused_rope_is_dispatched_where_it_applies(monkeypatch, rope_env):
+    """The one-gather RoPE runs the kernel for full, non-interleaved rotations where
+    :mod:`kernels.fused_layers` chooses it (``auto`` or ``triton``), never with ``torch``;
+    partial or interleaved ones keep the unfused path; a bad value says what to choose."""
+    from kernels import fused_layers
+
     calls = []
     monkeypatch.setattr(triton_rope, "fused_rope", lambda x, c, s: calls.append(x.shape) or x)
     monkeypatch.setattr(triton_rope, "supported",
                         lambda x, rot, inter: rot == x.shape[-1] and not inter)
+    monkeypatch.setattr(fused_layers, "choose", lambda op, device, dtype: (
+        fused_layers.settings().rope != "torch", "faked"))
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     x = torch.randn(5, 2, 8)
     freqs = torch.randn(3, 1, 1, 8)
+    rope_env("torch")
     upstream_fixes.thd_rope_one_gather(x, cu, freqs)
-    assert calls == []  # default: the unfused path
-    rope_env("triton")
-    upstream_fixes.thd_rope_one_gather(x, cu, freqs)
-    assert calls == [(5, 2, 8)]
+    assert calls == []
+    for value in ("auto", "triton"):
+        rope_env(value)
+        upstream_fixes.thd_rope_one_gather(x, cu, freqs)
+    assert calls == [(5, 2, 8)] * 2
     upstream_fixes.thd_rope_one_gather(x, cu, freqs, rotary_interleaved=True)
     upstream_fixes.thd_rope_one_gather(x, cu, freqs[..., :4])  # partial rotation
-    assert len(calls) == 1
-    with pytest.raises(ValueError, match="choose torch or triton"):
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="choose auto, torch or triton"):
         rope_env("fast")
-    with pytest.raises(ValueError, match="choose torch or triton"):
+    with pytest.raises(ValueError, match="choose auto, torch or triton"):
         upstream_fixes.thd_rope_one_gather(x, cu, freqs)
 
 

@@ -160,9 +160,10 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     assert len(lines) == 1, proc.stderr[-2000:]
     if not torch.cuda.is_available():
-        assert lines[0].endswith("kernels: layers local | attention sdpa | rope Megatron's "
-                                 "per-sample loop | pack_tokens torch | images DALI cpu | vision "
-                                 "per micro-batch | adam torch AdamW | communication gloo")
+        assert lines[0].endswith(
+            "kernels: layers local | attention sdpa | rope Megatron's per-sample loop | swiglu "
+            "torch ops | wgrad addmm into main_grad, start-up check passed | pack_tokens torch | "
+            "images DALI cpu | vision per micro-batch | adam torch AdamW | communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user
@@ -433,22 +434,48 @@ def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):
     assert (te["rope"], local["rope"]) == ("Transformer Engine fused", "Megatron's per-sample loop")
 
 
-def test_rope_choice_is_checked_at_start_up(monkeypatch, rope_env):
-    from kernels import triton_rope
-    from megatron_sphinx.train.build import rope_choice
+def test_fused_kernel_choices_are_checked_at_start_up(monkeypatch, rope_env, caplog):
+    """On GPUs the RoPE and SwiGLU kernels run where their start-up check passes (``auto``);
+    a failed check falls back to the torch ops with the reason, or fails the start-up when
+    ``triton`` was asked for; ``torch`` skips the check; a bad value says what to choose."""
+    from kernels import fused_layers
+    from megatron_sphinx.train.build import rope_choice, swiglu_choice
 
-    gpu = torch.device("cuda")  # only its type is read
-    assert rope_choice("local", gpu) == "one gather, tables kept"
+    gpu, bf16 = torch.device("cuda"), torch.bfloat16  # the checks are faked: no GPU is touched
+    checks = []
+    monkeypatch.setattr(fused_layers, "self_check", lambda op, d, dt: checks.append(op) or "")
+    rope_env("auto")
+    assert rope_choice("local", gpu, bf16) == (
+        "one gather, tables kept, triton fused (passed its start-up check)")
+    assert swiglu_choice(gpu, bf16) == "triton fused (passed its start-up check)"
+    assert checks == ["rope", "swiglu"]
+    assert rope_choice("local", gpu, bf16).endswith("(passed its start-up check)")
+    assert checks == ["rope", "swiglu"]  # kept: checked once per op and dtype
+    monkeypatch.setattr(fused_layers, "self_check", lambda op, d, dt: "forward differs by 1")
+    rope_env("auto")  # settings re-read: chosen anew
+    with caplog.at_level("WARNING", logger="kernels.fused_layers"):
+        assert rope_choice("local", gpu, bf16) == (
+            "one gather, tables kept, torch ops (the kernel failed its start-up check: forward "
+            "differs by 1)")
+    assert "MEGATRON_SPHINX_ROPE=torch hides this warning" in caplog.text
+    assert swiglu_choice(gpu, bf16).startswith("Megatron's, eager (the kernel failed")
     rope_env("triton")
-    assert rope_choice("local", gpu) == "triton fused"
-    assert rope_choice("local", torch.device("cpu")) == "Megatron's per-sample loop"
-    monkeypatch.setattr(triton_rope, "triton", None)
-    with pytest.raises(ValueError, match="triton does not import here: unset it"):
-        rope_choice("local", gpu)
-    with pytest.raises(ValueError, match="choose torch or triton"):
+    with pytest.raises(RuntimeError, match="failed its start-up check on cuda.*forward differs "
+                       "by 1; unset MEGATRON_SPHINX_ROPE"):
+        rope_choice("local", gpu, bf16)
+    rope_env("torch")
+    assert rope_choice("local", gpu, bf16) == (
+        "one gather, tables kept, torch ops (MEGATRON_SPHINX_ROPE=torch)")
+    assert rope_choice("local", torch.device("cpu"), bf16) == "Megatron's per-sample loop"
+    assert rope_choice("te", gpu, bf16) == "Transformer Engine fused"
+    rope_env("triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    with pytest.raises(ValueError, match="triton does not import here .*: unset it"):
+        rope_choice("local", gpu, bf16)
+    with pytest.raises(ValueError, match="choose auto, torch or triton"):
         rope_env("fast")
-    with pytest.raises(ValueError, match="choose torch or triton"):
-        rope_choice("te", gpu)
+    with pytest.raises(ValueError, match="choose auto, torch or triton"):
+        rope_choice("te", gpu, bf16)
 
 
 # ------------------------------------------- evaluation and schedule checks (mutation audit)

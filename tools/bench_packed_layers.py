@@ -1,16 +1,19 @@
 """Benchmark of the packed-sequence (THD) pieces of the local layer spec, side by side.
 
 For one packed row (``--tokens`` positions cut into ``--segments`` samples of random lengths,
-TinyLlama's 32 query / 4 key-value heads of 64 channels) prints per variant the top-level torch
-ops per call (each one a kernel launch or more on a GPU) and the time of a forward (and, for
-attention, forward + backward):
+TinyLlama's 32 query / 4 key-value heads of 64 channels) prints per variant the kernel launches
+of a forward and of a forward + backward on a GPU (on a CPU: the aten ops that compute, each one
+launch or more on a GPU) and their times:
 
 * RoPE: Megatron's per-segment loop (``rope_utils._apply_rotary_pos_emb_thd``) against the one
   gather that ``megatron_sphinx.upstream_fixes`` installs for CUDA tensors, at a micro-batch's
   first call (which gathers the cos / sin tables) and at the others (tables kept: every later
-  layer, queries and keys), and the fused Triton rotation (``MEGATRON_SPHINX_ROPE=triton``,
-  GPU only) forward and backward;
-* attention: one SDPA call per segment against one FlashAttention varlen call (GPU only).
+  layer, queries and keys) in torch ops, and the fused Triton rotation (``kernels.triton_rope``,
+  what GPUs run by default, GPU only);
+* attention: one SDPA call per segment against one FlashAttention varlen call (GPU only);
+* SwiGLU of the MLP (``[tokens, 2 x 5632]``, TinyLlama's): Megatron's ``SwiGLUFunction`` on eager
+  ops (``MEGATRON_SPHINX_SWIGLU=torch``) against the fused Triton kernel (``kernels.triton_swiglu``,
+  what GPUs run by default, GPU only).
 
 Usage::
 
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,9 +37,14 @@ from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()  # before Megatron's imports: --help stays clean
 from megatron_sphinx import upstream_fixes  # noqa: E402
-from kernels import triton_rope  # noqa: E402
+from kernels import triton_rope, triton_swiglu  # noqa: E402
 from megatron_sphinx.model import attention  # noqa: E402
 
+#: CUDA runtime / driver calls that launch one kernel each (as the profiler names them).
+LAUNCH_CALLS = {"cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"}
+#: Aten ops that launch no kernel on a GPU (besides views).
+NO_COMPUTE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "detach", "lift_fresh", "_to_copy_noop"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,11 +73,30 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that compute something (views and allocations left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.overloadpacket.__name__ in NO_COMPUTE):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _ops(fn) -> int:
-    """Top-level aten ops of one ``fn()`` call."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    """Kernel launches of one ``fn()`` call on a GPU (the host's launch calls, Triton's
+    included); on a CPU the aten ops that compute something, the backward's included (each
+    one a launch or more on a GPU)."""
+    if torch.cuda.is_available():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(1 for e in prof.events() if e.name in LAUNCH_CALLS)
+    with _CountOps() as counter:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    return counter.count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples the row is cut into, random lengths (default 40)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help="default fp32; bf16 on a GPU")
+    p.add_argument("--ffn", type=int, default=5632,
+                   help="MLP width per half for the SwiGLU rows (default 5632, TinyLlama's)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs, median reported (default 5)")
     args = p.parse_args(argv)
     if not 1 <= args.segments <= args.tokens:
@@ -103,58 +133,66 @@ def main(argv: list[str] | None = None) -> int:
     freqs = torch.outer(torch.arange(max_len, device=device).float(), inv)
     freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]
 
+    def measure(name, call, grad_of=None):
+        """A row: launches and ms of the forward (no grad), and of forward + backward when
+        ``grad_of`` (a tensor needing grad) is given (``.sum().backward()``: 2 more launches)."""
+        def fwd():
+            with torch.no_grad():
+                return call()
+
+        def fwd_bwd():
+            call().sum().backward()
+
+        row = (name, _ops(fwd), _time(fwd, device, args.repeats))
+        if grad_of is None:
+            rows.append(row + (None, None))
+        else:
+            rows.append(row + (_ops(fwd_bwd), _time(fwd_bwd, device, args.repeats)))
+
     def first_call():  # a micro-batch's first layer: gathers its cos / sin tables
         upstream_fixes._ROPE_TABLES.clear()
         return upstream_fixes.thd_rope_one_gather(x, cu, freqs)
 
-    variants = (("rope: megatron loop", lambda: loop(x, cu, freqs, cp_group=_OneRank())),
-                ("rope: one gather", first_call),
-                ("rope: tables kept", lambda: upstream_fixes.thd_rope_one_gather(x, cu, freqs)))
-    for name, call in variants:
-        rows.append((name, _ops(call), _time(call, device, args.repeats), None))
-    # forward + backward of the kept-tables rotation against the fused kernel (GPU)
+    measure("rope: megatron loop", lambda: loop(x, cu, freqs, cp_group=_OneRank()))
+    measure("rope: one gather", first_call)
     xg = x.clone().requires_grad_(True)
-    rope_paths = {"rope: tables kept": lambda: upstream_fixes.thd_rope_one_gather(xg, cu, freqs)}
+    x_cos, x_sin = upstream_fixes.thd_rope_tables(cu, freqs, args.tokens, dtype)
+
+    def unfused_kept():  # the kept-tables rotation in torch ops (MEGATRON_SPHINX_ROPE=torch)
+        y = xg.unsqueeze(1)
+        return (y * x_cos + rope_utils._rotate_half(y, False) * x_sin).squeeze(1)
+
+    measure("rope: tables kept", unfused_kept, xg)
     if triton_rope.supported(x, d, False):
-        rope_paths["rope: triton fused"] = lambda: triton_rope.fused_rope(
-            xg, *upstream_fixes.thd_rope_tables(cu, freqs, args.tokens, dtype))
-    for name, call in rope_paths.items():
-        def both(call=call):
-            call().sum().backward()
-        timed = _time(both, device, args.repeats)
-        if name == "rope: tables kept":  # its forward row is above
-            rows[-1] = rows[-1][:3] + (timed,)
-        else:
-            rows.append((name, _ops(call), _time(call, device, args.repeats), timed))
+        measure("rope: triton fused", lambda: triton_rope.fused_rope(xg, x_cos, x_sin), xg)
 
     q = torch.randn(args.tokens, heads, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(args.tokens, groups, d, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(args.tokens, groups, d, device=device, dtype=dtype, requires_grad=True)
     ok, why = attention.varlen_status(q, 0.0, d ** -0.5)
-    kernels = ["sdpa"] + (["varlen"] if ok else [])
-    for kernel in kernels:
+    for kernel in ["sdpa"] + (["varlen"] if ok else []):
         os.environ[attention.ATTENTION_ENV] = kernel
-
-        def fwd():
-            with torch.no_grad():
-                return attention.packed_causal_attention(q, k, v, cu, max_len, scale=d ** -0.5)
-
-        def fwd_bwd():
-            out = attention.packed_causal_attention(q, k, v, cu, max_len, scale=d ** -0.5)
-            out.sum().backward()
-
-        rows.append((f"attention: {kernel}", _ops(fwd), _time(fwd, device, args.repeats),
-                     _time(fwd_bwd, device, args.repeats)))
+        measure(f"attention: {kernel}", lambda: attention.packed_causal_attention(
+            q, k, v, cu, max_len, scale=d ** -0.5), q)
     os.environ.pop(attention.ATTENTION_ENV, None)
+
+    from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
+
+    y = torch.randn(args.tokens, 2 * args.ffn, device=device, dtype=dtype, requires_grad=True)
+    measure("swiglu: megatron", lambda: SwiGLUFunction.apply(y, False, False), y)
+    if triton_swiglu.supported(y):
+        measure("swiglu: triton fused", lambda: triton_swiglu.FusedSwiGLU.apply(y), y)
 
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU ({os.cpu_count()} cores)")
     print(f"\n{where}; {args.tokens} tokens in {args.segments} segments (longest {max_len}), "
           f"{heads} heads / {groups} kv groups x {d}, {args.dtype}; median of {args.repeats}")
-    print(f"{'variant':22} {'ops/call':>8} {'fwd ms':>9} {'fwd+bwd ms':>11}")
-    for name, ops, t, tb in rows:
-        both = "-" if tb is None else f"{tb:.2f}"
-        print(f"{name:22} {ops:>8} {t:>9.2f} {both:>11}")
+    unit = "launches" if device.type == "cuda" else "ops"
+    print(f"{'variant':22} {'fwd ' + unit:>13} {'fwd ms':>9} {'fwd+bwd ' + unit:>17} "
+          f"{'fwd+bwd ms':>11}")
+    for name, ops, t, ops_b, tb in rows:
+        both = ("-", "-") if tb is None else (ops_b, f"{tb:.2f}")
+        print(f"{name:22} {ops:>13} {t:>9.2f} {both[0]:>17} {both[1]:>11}")
     if not ok:
         print(f"attention: varlen not run here ({why})")
     return 0

@@ -3,11 +3,12 @@
 #   1. installs what the device lacks from wheels carried in .whl/ (megatron-core, zarr, ...)
 #      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
-#      tests_kernels   encoders (CUDA graphs), fused RoPE, packed attention, pack kernels,
-#                      each against its reference;
+#      tests_kernels   encoders (CUDA graphs), fused RoPE and SwiGLU (and their start-up checks),
+#                      packed attention, pack kernels, each against its reference;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
-#                      rows per micro-batch), with the fused Triton RoPE, with one row, with the
-#                      encoders' calls in fixed sizes replayed as CUDA graphs (--vision-batch 32
+#                      rows per micro-batch, the fused Triton RoPE and SwiGLU), the same with
+#                      RoPE and SwiGLU in torch ops, with one row, with the encoders' calls in
+#                      fixed sizes replayed as CUDA graphs (--vision-batch 32
 #                      --cuda-graph-vision); --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
@@ -17,8 +18,8 @@
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
-#      bench_packed_layers, bench_pack_overhead   RoPE and attention kernels of one packed row;
-#                      the pack op's host cost;
+#      bench_packed_layers, bench_pack_overhead   RoPE, attention and SwiGLU kernels of one
+#                      packed row; the pack op's host cost;
 #   3. prints one summary at the end.
 # Output in $OUT (default /tmp/gpu_check), few files as the device tool returns at most 8:
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
@@ -92,15 +93,17 @@ PYEOF
 
 # In order of what the open issues need most (ONLY="NAME ..." runs just those parts).
 PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovider -o addopts= -rs"
-# The ahead-of-time sm_90 compiles and the RoPE interpreter run are for machines without a GPU
+# The ahead-of-time sm_90 compiles and the interpreter runs are for machines without a GPU
 # (here the kernels run).
-KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py tests/test_attention.py
-  tests/test_pack_kernel.py}
+KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py
+  tests/test_swiglu_kernel.py tests/test_attention.py tests/test_pack_kernel.py}
 run tests_kernels 150 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
-  --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-rope-triton packed-mbs1 packed-graphs
+  --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter \
+  --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
+  --deselect tests/test_swiglu_kernel.py::test_swiglu_kernel_under_the_interpreter
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-unfused packed-mbs1 packed-graphs
   reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
@@ -131,7 +134,7 @@ done
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
   grep -A 10 "^host operators" "$OUT/kernels.txt"
-for log in bench_packed_layers:8 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
+for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
   [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done
 exit 0

@@ -46,7 +46,8 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype,
                        on_gpu: bool, backend: str = "local",
-                       recompute: str | None = None, fp8: bool = False) -> TransformerConfig:
+                       recompute: str | None = None, fp8: bool = False,
+                       wgrad_fusion: bool = False) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for ``llm`` at the given parallel sizes.
 
     Args:
@@ -58,6 +59,9 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         recompute: None, ``"selective"`` (core attention) or ``"full"`` activation recompute.
         fp8: FP8 GEMMs in the TE layers (hybrid: E4M3 forward, E5M2 gradients; delayed scaling
             over a 1024-step amax history). Needs ``backend="te"`` (see ``specs.check_fp8``).
+        wgrad_fusion: Weight-gradient GEMMs accumulate into the fp32 ``main_grad`` (Megatron's
+            gradient-accumulation fusion; :mod:`megatron_sphinx.model.wgrad_fusion` provides it
+            without Apex, chosen by :func:`~megatron_sphinx.model.wgrad_fusion.choose`).
     """
     kwargs = {}
     if llm.is_moe:
@@ -80,6 +84,10 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         # pp 2, where the previous and the next stage are the same rank.)
         kwargs.update(virtual_pipeline_model_parallel_size=par.vpp, overlap_p2p_comm=True,
                       batch_p2p_comm=False)
+    if wgrad_fusion:
+        from megatron_sphinx.model import wgrad_fusion as fusion
+
+        fusion.install()
     if fp8:
         if backend != "te":
             raise ValueError("FP8 needs the Transformer Engine layers: use --backend te")
@@ -116,7 +124,7 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
         persist_layer_norm=False,  # needs apex
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=backend == "te",  # TE's fused (THD) RoPE; else upstream_fixes
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=wgrad_fusion,
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
         **kwargs,

@@ -12,6 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_sphinx.config import SphinxConfig
+from megatron_sphinx.model import wgrad_fusion
 from megatron_sphinx.model.llm import ParallelSizes, transformer_config
 from megatron_sphinx.model.sphinx import SphinxModel
 
@@ -50,8 +51,10 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     if cuda_graph_vision and not (on_gpu and vision_batch):
         raise ValueError("--cuda-graph-vision needs a GPU and --vision-batch N: drop it, or "
                          "run on a GPU with --vision-batch")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
-                              recompute=recompute, fp8=fp8)
+                              recompute=recompute, fp8=fp8,
+                              wgrad_fusion=wgrad_fusion.choose(device, dtype)[0])
     pp = pg_collection.pp
     interleaved = par.vpp > 1
     ddp_cfg = DistributedDataParallelConfig(
@@ -62,7 +65,6 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         check_for_nan_in_grad=True, bucket_size=None)
     # On GPUs, modules that do not place their parameters themselves (timm encoders, the
     # projector) are created and initialised on the device directly.
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     chunks = []
     for vp_stage in range(par.vpp):
         with device:
@@ -141,27 +143,48 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     return optimizer, scheduler
 
 
-def rope_choice(backend: str, device: torch.device) -> str:
+def rope_choice(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The rotary embedding the layers run on ``device``: Transformer Engine's fused one with its
     layers; else Megatron's per-sample loop on CPUs (faster there) and on GPUs the one gather
-    with tables kept per micro-batch (``upstream_fixes``), or the fused Triton kernel with
-    ``MEGATRON_SPHINX_ROPE=triton``.
+    with tables kept per micro-batch (``upstream_fixes``), its rotation the fused Triton kernel
+    unless ``MEGATRON_SPHINX_ROPE=torch`` or the kernel fails its start-up check
+    (:mod:`kernels.fused_layers`).
 
     Raises:
         ValueError: A bad ``MEGATRON_SPHINX_ROPE``, or ``triton`` asked for where it does not
             import.
+        RuntimeError: ``triton`` asked for and the kernel fails its check here.
     """
-    from kernels import triton_rope
+    from kernels import fused_layers
+    from kernels.settings import settings
 
-    fused = triton_rope.requested()  # checks the value everywhere
+    settings()  # checks the value everywhere
     if backend == "te":
         return "Transformer Engine fused"
     if device.type != "cuda":
         return "Megatron's per-sample loop"
-    if fused and triton_rope.triton is None:
-        raise ValueError(f"{triton_rope.ROPE_ENV}=triton, but triton does not import here: "
-                         "unset it")
-    return "triton fused" if fused else "one gather, tables kept"
+    fused, why = fused_layers.choice("rope", device, dtype)
+    return f"one gather, tables kept, {'triton fused' if fused else 'torch ops'} ({why})"
+
+
+def swiglu_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The MLP's SwiGLU on ``device``: unfused torch ops on CPUs (no ``bias_activation_fusion``);
+    on GPUs Megatron's fused function, as the Triton kernel unless ``MEGATRON_SPHINX_SWIGLU=torch``
+    or the kernel fails its start-up check, else as torch ops (``torch.compile``'d with
+    ``--compile-fusions``). Raises as :func:`rope_choice`."""
+    import os
+
+    from kernels import fused_layers
+    from kernels.settings import settings
+
+    settings()
+    if device.type != "cuda":
+        return "torch ops"
+    fused, why = fused_layers.choice("swiglu", device, dtype)
+    if fused:
+        return f"triton fused ({why})"
+    compiled = os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0")
+    return f"Megatron's, {'torch.compile' if compiled else 'eager'} ({why})"
 
 
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
@@ -193,7 +216,9 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         attention = choose_kernel(probe, 0.0, head_dim ** -0.5)
     adam = megatron_optimizer.Adam
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
-            "rope": rope_choice(backend, device),
+            "rope": rope_choice(backend, device, dtype),
+            "swiglu": swiglu_choice(device, dtype),
+            "wgrad": wgrad_fusion.choose(device, dtype)[1],
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
             "vision": (f"step's views in calls of {vision_batch}" if vision_batch
