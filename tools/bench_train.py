@@ -18,8 +18,8 @@ varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-unfused`` (Ro
 in torch ops instead of the fused Triton kernels GPUs run by default, ``kernels/fused_layers.py``;
 the same as ``packed`` on CPUs), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
-default), ``packed-mbs1`` / ``packed-mbs2`` (one / two packed rows per forward pass, one THD
-sequence; the recipe sets the default, sphinx-tiny's is two),
+default), ``packed-mbs1`` / ``packed-mbs2`` / ``packed-mbs4`` (1, 2, 4 packed rows per forward
+pass, one THD sequence; the recipe sets the default, sphinx-tiny's is two),
 ``packed-vb32`` (``--vision-batch 32``: the step's views encoded as one stream, 32 per call),
 ``packed-graphs`` (the same replayed as CUDA graphs, ``--cuda-graph-vision``; GPU only),
 ``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one / two rows) and ``reference``
@@ -59,6 +59,7 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
                                     "MEGATRON_SPHINX_SWIGLU": "torch"}),
             "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
+            "packed-mbs4": (["--micro-batch-size", "4"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

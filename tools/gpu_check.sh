@@ -5,11 +5,13 @@
 #   2. runs, most needed first, each part under its own time limit:
 #      tests_kernels   encoders (CUDA graphs), fused RoPE and SwiGLU (and their start-up checks),
 #                      packed attention, pack kernels, each against its reference;
+#      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1, 2, 4 packed
+#                      rows, RoPE / SwiGLU / weight-gradient accumulation fused or not: launches
+#                      per layer, ms, GPU busy;
 #      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
-#                      rows per micro-batch, the fused Triton RoPE and SwiGLU), the same with
-#                      RoPE and SwiGLU in torch ops, with one row, with the encoders' calls in
-#                      fixed sizes replayed as CUDA graphs (--vision-batch 32
-#                      --cuda-graph-vision); --no-packing --no-skip (the reference);
+#                      rows per micro-batch, the fused Triton RoPE and SwiGLU, fused weight-
+#                      gradient accumulation), the same unfused, with four rows, with one row;
+#                      --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
@@ -29,7 +31,7 @@
 # parts' limits add up to more, so if the call ends
 # before the last parts, run them in a second call, e.g. ONLY="bench_pack" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
-# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow the first two parts for a short rerun.
+# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -103,8 +105,8 @@ run tests_kernels 150 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernel_under_the_interpreter
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-unfused packed-mbs1 packed-graphs
-  reference}
+run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 4
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-unfused packed-mbs4 packed-mbs1 reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
@@ -116,7 +118,7 @@ $PY -c "import nvidia.dali" 2> /dev/null &&
   TESTS="$TESTS tests/test_images.py::test_gpu_mixed_matches_cpu" LIMIT=150
 run tests_train $LIMIT $PYTEST $TESTS
 # As run 2's profile (docs/PERFORMANCE.md): one row per micro-batch, CUDA-graphed encoders, so
-# that the LLM's host-bound phase and its kernel launches compare across runs.
+# that the LLM's host-bound phase and its kernel launches compare across runs (now fused).
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
   --global-batch-size 8 --micro-batch-size 1 --vision-batch 32 --cuda-graph-vision \
   --warmup 3 --steps 2 \
@@ -131,6 +133,7 @@ cat "$LOGS/status.txt"
 for log in tests_kernels tests_train; do
   [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
 done
+[ -f "$LOGS/bench_llm.log" ] && tail -n 8 "$LOGS/bench_llm.log"
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
   grep -A 10 "^host operators" "$OUT/kernels.txt"
