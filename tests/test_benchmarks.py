@@ -66,16 +66,14 @@ def test_gpu_check_names_existing_tests():
 
 
 def test_bench_llm_layers_table():
-    """The LLM-only benchmark runs both variants; the fused one accumulates weight gradients in
-    the GEMMs (on CPUs in fp32 too), so it runs one op fewer per linear weight (4 per layer and
-    the output layer's)."""
+    """The LLM-only benchmark runs both variants; on a CPU nothing is fused by default (the
+    kernels need a GPU, the weight-gradient fusion runs on GPUs), so both run the same ops."""
     proc = _run(["tools/bench_llm_layers.py", "--layers", "2", "--tokens", "128",
                  "--segments", "4", "--repeats", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
             if line.startswith(("unfused ", "fused "))}
     assert set(rows) == {"unfused", "fused"}, proc.stdout
-    ops = {name: float(row[2]) * 2 for name, row in rows.items()}  # per micro-batch
-    assert ops["unfused"] - ops["fused"] == 4 * 2 + 1, proc.stdout
+    assert rows["unfused"][2] == rows["fused"][2] and float(rows["fused"][2]) > 0, proc.stdout
     assert "fused, 1 row(s): rope Megatron's per-sample loop | swiglu torch ops | wgrad fused " \
-           "True" in proc.stderr
+           "False" in proc.stderr

@@ -40,24 +40,34 @@ def test_accumulates_the_weight_gradient_into_main_grad():
 
 
 def test_choice_per_environment(wgrad_env, monkeypatch, caplog):
-    wgrad_env("auto")
+    wgrad_env("auto")  # GPUs only
+    assert wgrad_fusion.choose(CPU, torch.float32) == (
+        False, "cpu tensors (MEGATRON_SPHINX_WGRAD_FUSION=addmm forces it)")
+    wgrad_env("addmm")
     assert wgrad_fusion.choose(CPU, torch.float32) == (
         True, "addmm into main_grad, start-up check passed")
     assert wgrad_fusion.choose(CPU, torch.bfloat16) == (
         False, "torch.bfloat16 on cpu (mixed-dtype GEMMs are CUDA-only)")
     wgrad_env("torch")
     assert wgrad_fusion.choose(CPU, torch.float32) == (False, "MEGATRON_SPHINX_WGRAD_FUSION=torch")
-    # a device where the GEMM is wrong (here: faked by a broken stand-in)
-    monkeypatch.setattr(wgrad_fusion, "wgrad_gemm_accum_fp32",
-                        lambda x, dy, main: main.add_(dy.t() @ x * 1.01))
+    # a broken GEMM fails the check, which names the error
+    with monkeypatch.context() as m:
+        m.setattr(wgrad_fusion, "wgrad_gemm_accum_fp32",
+                  lambda x, dy, main: main.add_(dy.t() @ x * 1.01))
+        why = wgrad_fusion.self_check(CPU, torch.float32)
+    assert why.startswith("differs from float64 by"), why
+    # a GPU whose check fails (faked: no GPU is touched): auto warns and runs the hook's add,
+    # addmm stops the start-up
+    monkeypatch.setattr(wgrad_fusion, "self_check", lambda device, dtype: why)
+    gpu = torch.device("cuda", 0)
     wgrad_env("auto")
     with caplog.at_level(logging.WARNING, logger="megatron_sphinx.model.wgrad_fusion"):
-        fused, why = wgrad_fusion.choose(CPU, torch.float32)
-    assert not fused and why.startswith("failed its start-up check: differs from float64"), why
+        assert wgrad_fusion.choose(gpu, torch.bfloat16) == (
+            False, f"failed its start-up check: {why}")
     assert "MEGATRON_SPHINX_WGRAD_FUSION=torch hides this warning" in caplog.text
     wgrad_env("addmm")
-    with pytest.raises(RuntimeError, match="failed its start-up check on cpu .*; unset MEGA"):
-        wgrad_fusion.choose(CPU, torch.float32)
+    with pytest.raises(RuntimeError, match="failed its start-up check on cuda:0 .*; unset MEGA"):
+        wgrad_fusion.choose(gpu, torch.bfloat16)
     wgrad_env("fast")
     with pytest.raises(ValueError, match="choose auto, torch or addmm"):
         wgrad_fusion.choose(CPU, torch.float32)
@@ -72,7 +82,7 @@ def _two_steps(rank, world_size, fusion):
     from megatron_sphinx.train.step import train_step
     from tests.sphinx_runs import SEQ, setup
 
-    os.environ[wgrad_fusion.WGRAD_ENV] = "auto" if fusion else "torch"
+    os.environ[wgrad_fusion.WGRAD_ENV] = "addmm" if fusion else "torch"  # auto: GPUs only
     calls = []
     real = wgrad_fusion.wgrad_gemm_accum_fp32
     wgrad_fusion.TORCH_WGRAD.wgrad_gemm_accum_fp32 = lambda *a: calls.append(1) or real(*a)

@@ -14,10 +14,13 @@ module provides the two functions from torch:
 * bf16 / fp16 activations into an fp32 ``main_grad``: ``torch.addmm(..., out_dtype=float32)``
   written into ``main_grad`` (cuBLAS with beta = 1, fp32 accumulation and output; CUDA only).
 
-Where it runs is decided once at start-up by :func:`choose`, after a check of both functions
+Where it runs is decided once at start-up by :func:`choose`, after a check of the function
 against a float64 reference on this device (``MEGATRON_SPHINX_WGRAD_FUSION``: ``auto``
-(default) uses it where the check passes, ``torch`` never, ``addmm`` fails the start-up if the
-check fails). Transformer Engine's layers fuse natively with the same config flag.
+(default) uses it on GPUs where the check passes, ``torch`` never, ``addmm`` wherever the check
+passes, CPUs in fp32 included, and fails the start-up where it does not). As with Apex, the
+linear layers' backward then returns a placeholder weight gradient (the real one is in
+``main_grad``): right for Megatron's schedules, wrong for ``torch.autograd.grad`` on the
+parameters. Transformer Engine's layers fuse natively with the same config flag.
 """
 from __future__ import annotations
 
@@ -92,6 +95,10 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return False, f"{WGRAD_ENV}=torch"
     if device.type != "cuda" and dtype != torch.float32:
         return False, f"{dtype} on {device.type} (mixed-dtype GEMMs are CUDA-only)"
+    if device.type != "cuda" and value == "auto":
+        # Megatron's fused backward returns a placeholder weight gradient: fine for its own
+        # schedules, wrong for torch.autograd.grad on the parameters (tests take references so).
+        return False, f"{device.type} tensors ({WGRAD_ENV}=addmm forces it)"
     key = (device, dtype, value)
     if key not in _chosen:  # checked once per process
         _chosen[key] = _choose(device, dtype, value)
