@@ -34,13 +34,10 @@ from kernels import (DEBUG_ENV, IMPL_ENV, pack_tokens, refresh_settings,  # noqa
 from kernels.reference import PackTokensFunction, ReferenceBackend  # noqa: E402
 from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
 from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
+from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Whether this process runs Triton's CPU interpreter (the variable must precede importing triton).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of "
-    "test_triton_interpreter_suite (triton reads the variable at import)")
+needs_interpreter = only_interpreted("test_triton_interpreter_suite")
 INTERPRETER_TESTS = ["test_triton_interpreter_on_packed_layouts",
                      "test_triton_interpreter_on_arbitrary_indices",
                      "test_triton_interpreter_small_tiles",
@@ -415,16 +412,7 @@ def test_triton_interpreter_selection():
 @pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_triton_interpreter_suite():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    res = subprocess.run(
-        # addopts emptied: the parent's own limit applies, and pytest.ini's --timeout needs a
-        # plugin that GPU images without plugin autoload (tools/gpu_check.sh) do not load
-        [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
-         "-o", "addopts=", "-k", " or ".join(INTERPRETER_TESTS)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"})
-    tail = res.stdout[-3000:] + res.stderr[-2000:]
-    assert res.returncode == 0, tail
-    assert f"{len(INTERPRETER_TESTS)} passed" in res.stdout and "skipped" not in res.stdout, tail
+    run_interpreted(__file__, " or ".join(INTERPRETER_TESTS), len(INTERPRETER_TESTS))
 
 
 # ------------------------------------------------------------------------------ GPU (skipped)

@@ -6,19 +6,13 @@ on a GPU it runs for real in bf16.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels import triton_rope
 from megatron_sphinx import upstream_fixes
+from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -66,21 +60,15 @@ def _check(device, dtype, atol):
             torch.testing.assert_close(g_got.float(), g_want.float(), atol=atol, rtol=atol)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of "
-                    "test_rope_kernel_under_the_interpreter (triton reads it at import)")
+@only_interpreted("test_rope_kernel_under_the_interpreter")
 def test_interpreted_rope_matches_the_unfused_rotation():
     _check("cpu", torch.float32, 1e-6)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_rope_kernel_under_the_interpreter():
     """Runs the interpreter test above in a process that sets TRITON_INTERPRET=1 first."""
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
-         "-o", "addopts=", "-k", "test_interpreted_rope_matches_the_unfused_rotation"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"})
-    tail = res.stdout[-3000:] + res.stderr[-2000:]
-    assert res.returncode == 0 and "1 passed" in res.stdout, tail
+    run_interpreted(__file__, "test_interpreted_rope_matches_the_unfused_rotation", 1)
 
 
 def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):

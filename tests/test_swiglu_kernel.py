@@ -8,22 +8,15 @@ on a GPU they run for real in bf16.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import fused_layers, triton_rope, triton_swiglu
+from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
-interpreted = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of "
-    "test_swiglu_kernel_under_the_interpreter (triton reads it at import)")
+interpreted = only_interpreted("test_swiglu_kernel_under_the_interpreter")
 
 
 def _megatron_swiglu(y: torch.Tensor) -> torch.Tensor:
@@ -125,15 +118,10 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_swiglu_kernel_under_the_interpreter():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider",
-         "-o", "addopts=", "-k", "test_interpreted"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"})
-    tail = res.stdout[-3000:] + res.stderr[-2000:]
-    assert res.returncode == 0 and "4 passed" in res.stdout, tail
+    run_interpreted(__file__, "test_interpreted", 4)
 
 
 def test_swiglu_kernels_compile_for_hopper(tmp_path, monkeypatch):
