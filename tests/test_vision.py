@@ -27,6 +27,53 @@ def test_mov_tokens_channels_and_frozen(debug_vision):
     torch.testing.assert_close(conv[:, 0], conv[:, 1:].mean(1))
 
 
+def _timm_forward(mov: MixtureOfVisualExperts) -> None:
+    """Drops the fused block forwards: every block runs timm's own again."""
+    for enc in mov.encoders:
+        for module in enc.model.modules():
+            module.__dict__.pop("forward", None)
+
+
+@pytest.mark.parametrize("recipe", ["debug", "sphinx-tiny"])
+def test_fused_blocks_are_every_block_of_the_encoders(recipe):
+    """Every ConvNeXt block, ViT block and ViT SwiGLU feed-forward of the recipe's encoders runs
+    the fused forward (full-size encoders built on the meta device: no memory, no maths)."""
+    import timm
+
+    from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks
+
+    for enc in get_recipe(recipe).vision.encoders:
+        with torch.device("meta"):
+            model = timm.create_model(enc.timm_name, pretrained=False, num_classes=0,
+                                      **enc.timm_kwargs)
+        blocks = sum(len(s.blocks) for s in model.stages) if enc.kind == "convnext" \
+            else len(model.blocks)
+        assert blocks >= 1
+        want = ({"convnext_block": blocks, "vit_block": 0, "swiglu_mlp": 0}
+                if enc.kind == "convnext" else
+                {"convnext_block": 0, "vit_block": blocks, "swiglu_mlp": blocks})
+        assert fuse_frozen_blocks(model) == want
+
+
+def test_fused_blocks_give_timms_tokens(debug_vision):
+    """Layer scale + residual as one addcmul, the ViT's SwiGLU gate fused: timm's tokens up to
+    fp32 rounding, with layer scales far from their tiny initial values, and the same state
+    dict names."""
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision)
+    names = [sorted(enc.state_dict()) for enc in mov.encoders]
+    for p in mov.parameters():
+        p.data.normal_(0.0, 0.5)
+    views = torch.rand(3, 3, 224, 224)
+    fused = mov(views)
+    _timm_forward(mov)
+    reference = mov(views)
+    assert [sorted(enc.state_dict()) for enc in mov.encoders] == names
+    assert reference.abs().max() > 1.0
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(fused, reference)  # the fused path did run (other roundings)
+
+
 def test_loads_timm_and_open_clip_weights(debug_vision, tmp_path):
     enc_cfg = debug_vision.encoders[0]
     torch.manual_seed(1)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_sphinx.config import EncoderConfig, VisionConfig
+from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class FrozenEncoder(nn.Module):
         self._channels_last = False  # weights moved to NHWC (once, at the first CUDA call)
         self.requires_grad_(False)
         self.eval()
+        #: Blocks whose forward runs fewer memory passes (:mod:`.vision_fusions`), by kind.
+        self.fused_blocks = fuse_frozen_blocks(self.model)
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         """Stays in eval mode whatever the caller asks: the encoder is frozen."""

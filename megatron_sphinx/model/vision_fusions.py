@@ -1,0 +1,87 @@
+"""Fewer memory passes in the frozen encoders' blocks (same maths, same parameters and names).
+
+The encoders run forward only, in eval mode, and their step is bound by the GPU (H100 run 2:
+97-100% busy, ~600 ms per sphinx-tiny step), much of it in memory-bound elementwise kernels.
+Three patterns of timm's blocks take an extra pass over a full activation each:
+
+* layer scale then residual add (``x + gamma * y``: a product broadcast over channels, then a
+  sum), once per ConvNeXt block and twice per ViT block: here one ``torch.addcmul``, one kernel
+  and one rounding;
+* the ViT's SwiGLU feed-forward (DINOv2 ViT-g: ``silu(x1) * x2`` on the two strided halves of
+  the first projection, two kernels): here the fused Triton kernel on GPUs
+  (:mod:`kernels.triton_swiglu`, chosen as for the LLM by :mod:`kernels.fused_layers`).
+
+:func:`fuse_frozen_blocks` rebinds the ``forward`` of the matching block instances; parameters,
+buffers and state-dict names stay timm's, so weights load and save as before. Outputs equal
+timm's up to rounding (``tests/test_vision.py``).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers.layer_scale import LayerScale
+from timm.layers.mlp import GluMlp
+from timm.models.convnext import ConvNeXtBlock
+from timm.models.vision_transformer import Block
+
+
+def _convnext_block(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``ConvNeXtBlock.forward`` in eval mode (no drop path), layer scale and residual
+    add as one ``addcmul``."""
+    shortcut = x
+    x = self.conv_dw(x)
+    x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)  # NHWC maths, NCHW view
+    return torch.addcmul(self.shortcut(shortcut), x, self.gamma.reshape(1, -1, 1, 1))
+
+
+def _vit_block(self: Block, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               is_causal: bool = False) -> torch.Tensor:
+    """timm's ``Block.forward`` in eval mode, each layer scale and residual add one ``addcmul``."""
+    y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+    x = torch.addcmul(x, y, self.ls1.gamma)
+    return torch.addcmul(x, self.mlp(self.norm2(x)), self.ls2.gamma)
+
+
+def _swiglu_mlp(self: GluMlp, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``GluMlp.forward`` with SiLU on the first half (``SwiGLUPacked``) in eval mode, the
+    gate one fused kernel where chosen."""
+    from kernels import fused_layers, triton_swiglu
+
+    h = self.fc1(x)  # [..., 2f]
+    flat = h.reshape(-1, h.shape[-1])
+    if triton_swiglu.supported(flat) and fused_layers.use_triton("swiglu", flat):
+        gated = triton_swiglu.FusedSwiGLU.apply(flat).view(*h.shape[:-1], -1)
+    else:
+        a, b = h.chunk(2, dim=-1)
+        gated = F.silu(a) * b
+    return self.fc2(self.norm(gated))
+
+
+def _no_drop_path(module: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Identity) or
+               getattr(getattr(module, n, None), "drop_prob", 1.0) == 0.0 for n in names)
+
+
+def fuse_frozen_blocks(model: nn.Module) -> dict[str, int]:
+    """Rebinds the ``forward`` of the blocks of a frozen (eval-mode) timm encoder that match a
+    pattern above; returns how many of each kind. Blocks with drop paths that could be active,
+    other variants (convolutional MLP, no layer scale, gate last, dropout) keep timm's."""
+    counts = {"convnext_block": 0, "vit_block": 0, "swiglu_mlp": 0}
+    for module in model.modules():
+        if (type(module) is ConvNeXtBlock and not module.use_conv_mlp
+                and module.gamma is not None and _no_drop_path(module, "drop_path")):
+            module.forward = types.MethodType(_convnext_block, module)
+            counts["convnext_block"] += 1
+        elif (type(module) is Block and isinstance(module.ls1, LayerScale)
+                and isinstance(module.ls2, LayerScale)
+                and _no_drop_path(module, "drop_path1", "drop_path2")):
+            module.forward = types.MethodType(_vit_block, module)
+            counts["vit_block"] += 1
+        elif (type(module) is GluMlp and isinstance(module.act, nn.SiLU) and not module.gate_last
+                and module.chunk_dim == -1 and module.drop1.p == 0.0 and module.drop2.p == 0.0):
+            module.forward = types.MethodType(_swiglu_mlp, module)
+            counts["swiglu_mlp"] += 1
+    return counts
