@@ -15,8 +15,9 @@ variant in one invocation and prints one table:
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
 varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-unfused`` (RoPE and SwiGLU
-in torch ops instead of the fused Triton kernels GPUs run by default, ``kernels/fused_layers.py``;
-the same as ``packed`` on CPUs), ``packed-compiled``
+in torch ops instead of the fused Triton kernels GPUs run by default, ``kernels/fused_layers.py``,
+and weight gradients added by the hook, ``megatron_sphinx/model/wgrad_fusion.py``; the same as
+``packed`` on CPUs), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
 default), ``packed-mbs1`` / ``packed-mbs2`` / ``packed-mbs4`` (1, 2, 4 packed rows per forward
 pass, one THD sequence; the recipe sets the default, sphinx-tiny's is two),
@@ -56,7 +57,8 @@ LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2,
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": (["--compile-fusions"], {}),
             "packed-unfused": ([], {"MEGATRON_SPHINX_ROPE": "torch",
-                                    "MEGATRON_SPHINX_SWIGLU": "torch"}),
+                                    "MEGATRON_SPHINX_SWIGLU": "torch",
+                                    "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}),
             "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "packed-mbs4": (["--micro-batch-size", "4"], {}),
