@@ -77,3 +77,12 @@ def test_bench_llm_layers_table():
     assert rows["unfused"][2] == rows["fused"][2] and float(rows["fused"][2]) > 0, proc.stdout
     assert "fused, 1 row(s): rope Megatron's per-sample loop | swiglu torch ops | wgrad fused " \
            "False" in proc.stderr
+
+
+def test_bench_vision_table():
+    proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("timm ", "fused "))]
+    assert [r[0] for r in rows] == ["timm", "fused"], proc.stdout
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)

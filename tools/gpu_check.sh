@@ -13,6 +13,8 @@
 #                      gradient accumulation), the same unfused, with four rows, with one row;
 #                      --no-packing --no-skip (the reference);
 #      bench_images    DALI images/s (when DALI is there);
+#      bench_vision    the full-size encoders alone, 32 views per call: timm's blocks, the fused
+#                      ones, the fused ones as a CUDA graph (ms, views/s, TFLOP/s, MFU);
 #      tests_train     GPU bf16 vs CPU fp32, TE vs local spec, FP8, DALI mixed vs CPU (each skips
 #                      with its reason when its piece is missing);
 #      profile_kernels one sphinx-tiny step (one row, CUDA-graphed encoders) under torch.profiler:
@@ -113,6 +115,7 @@ run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
 if $PY -c "import nvidia.dali" 2> /dev/null; then
   run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
 fi
+run bench_vision 60 $PY tools/bench_vision.py --recipe sphinx-tiny --views 32
 TESTS="tests/test_gpu.py" LIMIT=120
 $PY -c "import nvidia.dali" 2> /dev/null &&
   TESTS="$TESTS tests/test_images.py::test_gpu_mixed_matches_cpu" LIMIT=150
@@ -134,6 +137,7 @@ for log in tests_kernels tests_train; do
   [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
 done
 [ -f "$LOGS/bench_llm.log" ] && tail -n 8 "$LOGS/bench_llm.log"
+[ -f "$LOGS/bench_vision.log" ] && tail -n 5 "$LOGS/bench_vision.log"
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
   grep -A 10 "^host operators" "$OUT/kernels.txt"
