@@ -114,6 +114,67 @@ def test_interpreted_checks_pass_and_catch_wrong_kernels(op, monkeypatch, kernel
     assert fused_layers.choice(op, cpu, torch.float32) == (True, "passed its start-up check")
 
 
+def _llm_loss_and_grad_norm(rank, world_size, fused):
+    """Loss and gradient norm of one debug-LLM forward + backward on a packed row, on the path
+    GPUs run (Megatron's fused SwiGLU entry point, the one-gather RoPE), with the Triton kernels
+    (interpreted) or the torch ops; and how many times each kernel ran."""
+    import os
+
+    from kernels import refresh_settings
+    from kernels.settings import ROPE_ENV, SWIGLU_ENV
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_sphinx import cpu_compat, upstream_fixes
+    from tests.sphinx_runs import model_of, setup
+
+    os.environ[ROPE_ENV] = os.environ[SWIGLU_ENV] = "triton" if fused else "torch"
+    refresh_settings()
+    for op in fused_layers.OPS:  # the start-up checks first: they run the kernels too
+        fused_layers.choice(op, "cpu", torch.float32)
+    calls = {"rope": 0, "swiglu": 0}
+    rope_fn, swiglu_fn = triton_rope.fused_rope, triton_swiglu.FusedSwiGLU.apply
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    triton_rope.fused_rope = count("rope", rope_fn)
+    triton_swiglu.FusedSwiGLU.apply = count("swiglu", swiglu_fn)
+    # CPUs keep Megatron's per-sample RoPE loop; GPUs run the one gather (and the kernel)
+    rope_utils._apply_rotary_pos_emb_thd = (
+        lambda t, cu, freqs, **kw: upstream_fixes.thd_rope_one_gather(t, cu, freqs))
+    with cpu_compat.cpu_device_mode():
+        cfg, dims, pgs, chunks, *_ = setup(1, "debug")
+        gpt = model_of(chunks).language_model
+        gpt.config.bias_activation_fusion = True  # as on GPUs: Megatron's fused SwiGLU path
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, cfg.llm.vocab_size, (1, 96), generator=g)
+        cu = torch.tensor([0, 30, 31, 77, 96], dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=46, max_seqlen_kv=46)
+        loss = gpt(input_ids=ids, position_ids=None, attention_mask=None, labels=ids,
+                   packed_seq_params=packed).sum()
+        loss.backward()
+        norm = torch.sqrt(sum((p.main_grad.double() ** 2).sum() for p in gpt.parameters()))
+        return float(loss), float(norm), calls
+
+
+@interpreted
+def test_interpreted_llm_runs_the_kernels_and_matches_the_torch_ops():
+    """The debug LLM on the GPU path: with the kernels (queries and keys of every layer rotated
+    by the RoPE kernel, every MLP's SwiGLU by its kernel) the loss and the gradient norm equal
+    those of the torch ops."""
+    from tests.dist_harness import run_ranks
+
+    loss, norm, calls = run_ranks(_llm_loss_and_grad_norm, 1, True, timeout=300)[0]
+    loss0, norm0, calls0 = run_ranks(_llm_loss_and_grad_norm, 1, False, timeout=300)[0]
+    assert calls == {"rope": 2 * 4, "swiglu": 4} and calls0 == {"rope": 0, "swiglu": 0}
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert norm == pytest.approx(norm0, rel=1e-5)
+
+
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
@@ -121,7 +182,7 @@ def _as_tuple(x):
 @pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_swiglu_kernel_under_the_interpreter():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 4)
+    run_interpreted(__file__, "test_interpreted", 5)
 
 
 def test_swiglu_kernels_compile_for_hopper(tmp_path, monkeypatch):
