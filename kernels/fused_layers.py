@@ -117,13 +117,13 @@ def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> tuple[boo
         return False, f"{env}=torch"
     forced = value == "triton"
     try:
-        import triton
+        import triton  # noqa: F401  (the kernels need it)
     except Exception as exc:
         if forced:
             raise ValueError(f"{env}=triton, but triton does not import here ({exc}): "
                              f"unset it") from exc
         return False, "triton does not import"
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+    if device.type != "cuda" and settings().triton_interpret != "1":
         return False, f"{device.type} tensors (the kernel needs a GPU)"
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
