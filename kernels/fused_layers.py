@@ -16,6 +16,7 @@ path costs a dict lookup (:func:`use_triton`).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -117,7 +118,7 @@ def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> tuple[boo
         return False, f"{env}=torch"
     forced = value == "triton"
     try:
-        import triton  # noqa: F401  (the kernels need it)
+        importlib.import_module("triton")  # the kernels need it
     except Exception as exc:
         if forced:
             raise ValueError(f"{env}=triton, but triton does not import here ({exc}): "
