@@ -90,9 +90,11 @@ def _ops(fn) -> int:
     """Kernel launches of one ``fn()`` call on a GPU (the host's launch calls, Triton's
     included); on a CPU the aten ops that compute something, the backward's included (each
     one a launch or more on a GPU)."""
-    if torch.cuda.is_available():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    if torch.cuda.is_available():  # the runtime's launch calls are recorded with CUDA activity
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             fn()
+            torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.name in LAUNCH_CALLS)
     with _CountOps() as counter:
         fn()
