@@ -98,7 +98,7 @@ def _profile(fn, on_gpu: bool) -> tuple[int, float]:
         torch.cuda.synchronize()
     events = prof.events()
     launches = sum(1 for e in events if e.name in LAUNCH_CALLS)
-    gpu_us = sum(e.device_time for e in events
+    gpu_us = sum(e.time_range.elapsed_us() for e in events
                  if e.device_type == torch.autograd.DeviceType.CUDA)
     return launches, gpu_us / 1e3
 
