@@ -21,14 +21,23 @@ COMMON = ["--data", "synthetic", "--steps", "4", "--global-batch-size", "4",
           "--seq-length", "1400"]
 
 
-def _run(args: list[str], save: Path, cpu: bool = False) -> list[float]:
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1")
+#: What turns today's fused layer kernels off (kernels/fused_layers.py, model/wgrad_fusion.py).
+UNFUSED = {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
+           "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}
+
+
+def _run(args: list[str], save: Path, cpu: bool = False, env: dict | None = None,
+         kernels: list | None = None) -> list[float]:
+    """The training command's losses; its start-up ``kernels:`` line appended to ``kernels``."""
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", **(env or {}))
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", *args, "--save",
                            str(save)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if kernels is not None:
+        kernels += [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -43,13 +52,32 @@ def init_weights(tmp_path_factory, request):
 
 
 def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, tmp_path):
+    """GPU bf16 with the default kernels (the fused RoPE and SwiGLU must have passed their
+    start-up checks) against CPU fp32."""
+    kernels = []
     gpu = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
-                "--backend", "local", *COMMON], tmp_path / "gpu")
+                "--backend", "local", *COMMON], tmp_path / "gpu", kernels=kernels)
+    assert "rope one gather, tables kept, triton fused" in kernels[0], kernels
+    assert "swiglu triton fused" in kernels[0], kernels
     cpu = _run(["--recipe", "debug", "--load", str(init_weights), *COMMON], tmp_path / "cpu",
                cpu=True)
     assert len(gpu) == len(cpu) == 4
     for g, c in zip(gpu, cpu):
         assert abs(g - c) < 2e-2 * abs(c), (gpu, cpu)  # bf16 tolerance
+
+
+def test_gpu_fused_kernels_track_the_torch_ops(init_weights, tmp_path):
+    """bf16 on the GPU: the fused RoPE, SwiGLU and weight-gradient accumulation against the
+    torch ops, from the same weights (one rounding against several: bf16 tolerance)."""
+    fused, unfused = [], []
+    a = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+              "--backend", "local", *COMMON], tmp_path / "fused", kernels=fused)
+    b = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
+              "--backend", "local", *COMMON], tmp_path / "unfused", env=UNFUSED,
+             kernels=unfused)
+    assert "MEGATRON_SPHINX_ROPE=torch" in unfused[0] and "triton fused" not in unfused[0]
+    for x, y in zip(a, b):
+        assert abs(x - y) < 2e-2 * abs(y), (a, b, fused, unfused)
 
 
 @pytest.mark.skipif(not transformer_engine_available(),
