@@ -38,9 +38,12 @@ def _check(device, dtype, atol):
         w = torch.randn(rows, f, generator=g).to(device, dtype)
         got = triton_swiglu.fused_swiglu(y)
         (g_got,) = torch.autograd.grad((got.float() * w.float()).sum(), base)
-        want = _megatron_swiglu(y)
-        (g_want,) = torch.autograd.grad((want.float() * w.float()).sum(), base)
-        assert got.shape == want.shape == (rows, f) and got.dtype == want.dtype
+        # Megatron's SwiGLU in fp32 on the same inputs: the kernel rounds once, so in bf16 it
+        # is within one unit of the last place of the exact result
+        base32 = base.detach().float().requires_grad_(True)
+        want = _megatron_swiglu(base32[:, :2 * f])
+        (g_want,) = torch.autograd.grad((want * w.float()).sum(), base32)
+        assert got.shape == want.shape == (rows, f) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
         torch.testing.assert_close(g_got.float(), g_want.float(), atol=atol, rtol=atol)
         assert not g_got[:, 2 * f:].any()
@@ -218,9 +221,9 @@ def test_kernels_not_chosen_without_a_gpu(kernel_env):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_swiglu_matches_megatron():
-    """bf16 on a GPU: one rounding against the unfused path's several (about 1 bf16 ulp); the
+    """bf16 on a GPU against the exact (fp32) maths: one rounding, within 1 bf16 ulp; the
     start-up checks of both kernels pass on this GPU."""
-    _check("cuda", torch.bfloat16, 2e-2)
+    _check("cuda", torch.bfloat16, 1e-2)
     _check("cuda", torch.float32, 1e-5)
     for op in fused_layers.OPS:
         for dtype in (torch.bfloat16, torch.float32):
