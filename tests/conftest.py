@@ -27,7 +27,6 @@ if os.environ.get("MEGATRON_SPHINX_NO_SHRINK") == "1":
     settings.load_profile("no-shrink")
 
 
-
 @pytest.fixture
 def kernel_env(monkeypatch):
     """Sets a kernel environment variable (``kernel_env(name, value)``) and re-reads the kernel

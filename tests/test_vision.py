@@ -27,13 +27,6 @@ def test_mov_tokens_channels_and_frozen(debug_vision):
     torch.testing.assert_close(conv[:, 0], conv[:, 1:].mean(1))
 
 
-def _timm_forward(mov: MixtureOfVisualExperts) -> None:
-    """Drops the fused block forwards: every block runs timm's own again."""
-    for enc in mov.encoders:
-        for module in enc.model.modules():
-            module.__dict__.pop("forward", None)
-
-
 @pytest.mark.parametrize("recipe", ["debug", "sphinx-tiny"])
 def test_fused_blocks_are_every_block_of_the_encoders(recipe):
     """Every ConvNeXt block, ViT block and ViT SwiGLU feed-forward of the recipe's encoders runs
@@ -66,7 +59,10 @@ def test_fused_blocks_give_timms_tokens(debug_vision):
         p.data.normal_(0.0, 0.5)
     views = torch.rand(3, 3, 224, 224)
     fused = mov(views)
-    _timm_forward(mov)
+    from megatron_sphinx.model.vision_fusions import restore_timm_forwards
+
+    for enc in mov.encoders:
+        restore_timm_forwards(enc.model)
     reference = mov(views)
     assert [sorted(enc.state_dict()) for enc in mov.encoders] == names
     assert reference.abs().max() > 1.0
@@ -124,8 +120,9 @@ def test_vit_attention_on_a_gpu_avoids_cudnn_and_matches_the_cpu(debug_vision):
 
 
 def test_encode_in_fixed_size_calls_gives_the_per_call_tokens(debug_vision):
-    """``encode_in_calls`` splits any number of views into calls of at most ``max_views``, pads the last
-    one with zero views to a multiple of 8, and returns exactly the real views' tokens."""
+    """``encode_in_calls`` splits any number of views into calls of at most ``max_views``, pads
+    the last one with zero views to a multiple of 8, and returns exactly the real views'
+    tokens."""
     torch.manual_seed(0)
     mov = MixtureOfVisualExperts(debug_vision)
     views = torch.rand(21, 3, 224, 224)

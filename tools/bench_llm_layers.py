@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()  # before Megatron's imports: --help stays clean
+from tools.bench_common import launches, median_ms  # noqa: E402
 
 #: Environment of each variant (unset variables take their defaults).
 VARIANTS = {
@@ -50,7 +49,6 @@ VARIANTS = {
               "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAUNCH_CALLS = {"cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"}
 
 
 def _cu_seqlens(rows: int, tokens: int, segments: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,25 +82,6 @@ def _build(cfg, layers: int, dtype: torch.dtype, on_gpu: bool):
     return DistributedDataParallel(tcfg, ddp, model), llm
 
 
-def _profile(fn, on_gpu: bool) -> tuple[int, float]:
-    """(launches, GPU kernel ms) of one ``fn()`` call; on a CPU (aten ops that compute, 0)."""
-    if not on_gpu:
-        from tools.bench_packed_layers import _CountOps
-
-        with _CountOps() as counter:
-            fn()
-        return counter.count, 0.0
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = prof.events()
-    launches = sum(1 for e in events if e.name in LAUNCH_CALLS)
-    gpu_us = sum(e.time_range.elapsed_us() for e in events
-                 if e.device_type == torch.autograd.DeviceType.CUDA)
-    return launches, gpu_us / 1e3
-
-
 def _measure(cfg, args, variant: str, rows: int, dtype, on_gpu: bool) -> dict:
     from kernels import refresh_settings
     from megatron_sphinx.train.build import rope_choice, swiglu_choice
@@ -127,23 +106,13 @@ def _measure(cfg, args, variant: str, rows: int, dtype, on_gpu: bool) -> dict:
                      packed_seq_params=packed)
         loss.float().sum().backward()
 
-    for _ in range(2):  # warm-up: start-up checks, kernel compiles, allocator
-        step()
-    times = []
-    for _ in range(args.repeats):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    launches, gpu_ms = _profile(step, on_gpu)
-    wall_ms = statistics.median(times) * 1e3
+    # warm-up: start-up checks, kernel compiles, allocator
+    wall_ms = median_ms(step, args.repeats, warmup=2)
+    launched, gpu_ms = launches(step)
     kernels = (f"rope {rope_choice('local', device, dtype)} | swiglu "
                f"{swiglu_choice(device, dtype)} | wgrad fused "
                f"{model.config.gradient_accumulation_fusion}")
-    return {"variant": variant, "rows": rows, "launches_per_layer": launches / args.layers,
+    return {"variant": variant, "rows": rows, "launches_per_layer": launched / args.layers,
             "ms_per_layer": wall_ms / args.layers, "ms": wall_ms,
             "gpu_busy": gpu_ms / wall_ms if on_gpu else None,
             "tokens_per_s": n / (wall_ms / 1e3), "kernels": kernels}

@@ -23,13 +23,10 @@ Usage::
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,12 +36,8 @@ quiet_import_notices()  # before Megatron's imports: --help stays clean
 from megatron_sphinx import upstream_fixes  # noqa: E402
 from kernels import triton_rope, triton_swiglu  # noqa: E402
 from megatron_sphinx.model import attention  # noqa: E402
+from tools.bench_common import launches, median_ms  # noqa: E402
 
-#: CUDA runtime / driver calls that launch one kernel each (as the profiler names them).
-LAUNCH_CALLS = {"cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"}
-#: Aten ops that launch no kernel on a GPU (besides views).
-NO_COMPUTE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-              "detach", "lift_fresh", "_to_copy_noop"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,49 +49,6 @@ class _OneRank:
 
     def rank(self) -> int:
         return 0
-
-
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-class _CountOps(TorchDispatchMode):
-    """Counts the aten ops that compute something (views and allocations left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or func.overloadpacket.__name__ in NO_COMPUTE):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _ops(fn) -> int:
-    """Kernel launches of one ``fn()`` call on a GPU (the host's launch calls, Triton's
-    included); on a CPU the aten ops that compute something, the backward's included (each
-    one a launch or more on a GPU)."""
-    if torch.cuda.is_available():  # the runtime's launch calls are recorded with CUDA activity
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.name in LAUNCH_CALLS)
-    with _CountOps() as counter:
-        fn()
-    return counter.count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         def fwd_bwd():
             call().sum().backward()
 
-        row = (name, _ops(fwd), _time(fwd, device, args.repeats))
+        row = (name, launches(fwd)[0], median_ms(fwd, args.repeats))
         if grad_of is None:
             rows.append(row + (None, None))
         else:
-            rows.append(row + (_ops(fwd_bwd), _time(fwd_bwd, device, args.repeats)))
+            rows.append(row + (launches(fwd_bwd)[0], median_ms(fwd_bwd, args.repeats)))
 
     def first_call():  # a micro-batch's first layer: gathers its cos / sin tables
         upstream_fixes._ROPE_TABLES.clear()

@@ -19,9 +19,7 @@ Usage::
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,17 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
+from tools.bench_common import median_ms  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _set_fused(mov, fused: bool) -> None:
     """Every encoder block on the fused forwards, or back on timm's."""
-    from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks
+    from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks, restore_timm_forwards
 
     for enc in mov.encoders:
-        for module in enc.model.modules():
-            module.__dict__.pop("forward", None)
+        restore_timm_forwards(enc.model)
         if fused:
             fuse_frozen_blocks(enc.model)
 
@@ -76,27 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     flops = args.views * sum(encoder_flops_per_view(e) for e in cfg.vision.encoders)
     peak = device_peak_tflops()
 
-    def timed() -> float:
-        for _ in range(2):  # warm-up: planning, kernel compiles, a graph's capture
-            mov(views)
-        times = []
-        for _ in range(args.repeats):
-            if on_gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            mov(views)
-            if on_gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     rows = []
     variants = ["timm", "fused"] + (["fused-graph"] if on_gpu else [])
     for variant in variants:
         _set_fused(mov, variant != "timm")
         mov.cuda_graphs = variant == "fused-graph"
         mov._graphs.clear()
-        rows.append((variant, timed()))
+        # warm-up: planning, kernel compiles, a graph's capture
+        rows.append((variant, median_ms(lambda: mov(views), args.repeats, warmup=2) / 1e3))
     where = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{where}; {args.recipe} encoders "
           f"({', '.join(e.timm_name for e in cfg.vision.encoders)}), {args.views} views per "

@@ -10,9 +10,9 @@ Per 224-pixel view (pixels in [0, 1], normalised here per encoder):
 The two ``[V, 257, C_i]`` sequences are concatenated along channels (3072 + 1536 = 4608). The
 encoders are frozen: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
 
-:meth:`MixtureOfVisualExperts.encode_in_calls` encodes any number of views in calls of a few fixed sizes
-(the training step encodes a step's views with it as one stream, ``--vision-batch``). Fixed
-sizes let cuDNN and cuBLAS reuse their plans, and let each size be one CUDA graph
+:meth:`MixtureOfVisualExperts.encode_in_calls` encodes any number of views in calls of a few
+fixed sizes (the training step encodes a step's views with it as one stream, ``--vision-batch``).
+Fixed sizes let cuDNN and cuBLAS reuse their plans, and let each size be one CUDA graph
 (``cuda_graphs``): the encoders' ~2,000 small kernel launches per call become one replay.
 """
 from __future__ import annotations
@@ -161,7 +161,8 @@ class _GraphedCall:
 class MixtureOfVisualExperts(nn.Module):
     """The frozen encoders of :class:`VisionConfig`, concatenated along channels."""
 
-    #: :meth:`encode_in_calls` rounds a call's views up to a multiple of this (zero views as padding).
+    #: :meth:`encode_in_calls` rounds a call's views up to a multiple of this (zero views as
+    #: padding).
     VIEW_MULTIPLE = 8
 
     def __init__(self, cfg: VisionConfig):
@@ -172,12 +173,13 @@ class MixtureOfVisualExperts(nn.Module):
             if enc.cfg.weights:
                 enc.load_pretrained(enc.cfg.weights)
         #: Encoder calls and views encoded since construction (tests count skipped views here);
-        #: the zero views :meth:`encode_in_calls` pads with are counted apart, in ``num_padding_views``.
+        #: the zero views :meth:`encode_in_calls` pads with are counted apart, in
+        #: ``num_padding_views``.
         self.num_calls = 0
         self.num_views_encoded = 0
         self.num_padding_views = 0
-        #: Replay one CUDA graph per number of views on a GPU (use with :meth:`encode_in_calls`, whose
-        #: calls take few sizes; each size is captured at its first call).
+        #: Replay one CUDA graph per number of views on a GPU (use with :meth:`encode_in_calls`,
+        #: whose calls take few sizes; each size is captured at its first call).
         self.cuda_graphs = False
         self._graphs: dict[tuple, _GraphedCall] = {}
 

@@ -85,3 +85,10 @@ def fuse_frozen_blocks(model: nn.Module) -> dict[str, int]:
             module.forward = types.MethodType(_swiglu_mlp, module)
             counts["swiglu_mlp"] += 1
     return counts
+
+
+def restore_timm_forwards(model: nn.Module) -> None:
+    """Undoes :func:`fuse_frozen_blocks`: every block runs timm's own forward again (benchmarks
+    and tests compare the two)."""
+    for module in model.modules():
+        module.__dict__.pop("forward", None)

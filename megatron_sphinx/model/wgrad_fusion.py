@@ -99,8 +99,8 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         # Megatron's fused backward returns a placeholder weight gradient: fine for its own
         # schedules, wrong for torch.autograd.grad on the parameters (tests take references so).
         return False, f"{device.type} tensors ({WGRAD_ENV}=addmm forces it)"
-    key = (device, dtype, value)
-    if key not in _chosen:  # checked once per process
+    key = (device.type, dtype, value)
+    if key not in _chosen:  # checked once per process (a rank drives one GPU)
         _chosen[key] = _choose(device, dtype, value)
     return _chosen[key]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -172,8 +173,6 @@ def swiglu_choice(device: torch.device, dtype: torch.dtype) -> str:
     on GPUs Megatron's fused function, as the Triton kernel unless ``MEGATRON_SPHINX_SWIGLU=torch``
     or the kernel fails its start-up check, else as torch ops (``torch.compile``'d with
     ``--compile-fusions``). Raises as :func:`rope_choice`."""
-    import os
-
     from kernels import fused_layers
     from kernels.settings import settings
 
