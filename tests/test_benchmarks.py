@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,12 +35,17 @@ def test_bench_packed_layers_table():
 def test_bench_train_rows_per_variant(tmp_path):
     out = tmp_path / "rows.json"
     proc = _run(["tools/bench_train.py", "--recipe", "debug", "--layouts", "tp1", "--variants",
-                 "packed", "packed-sdpa", "--steps", "2", "--global-batch-size", "1",
-                 "--json", str(out)])
+                 "packed", "packed-sdpa", "--steps", "3", "--warmup", "2",
+                 "--global-batch-size", "1", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["packed", "packed-sdpa"]
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows)
+    for r in rows:  # the figures are the last step's alone
+        assert len(r["step_times_s"]) == len(r["step_tflops"]) == 3 and r["warmup_steps"] == 2
+        assert r["step_s"] == r["step_times_s"][2]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_times_s"][2])
+        assert r["max_memory_gib"] is None  # GPU only
 
 
 def test_audit_host_syncs_lists_call_sites():

@@ -290,7 +290,8 @@ def test_profile_throughput_arguments(tmp_path, extra, needle):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--steps", "1"], "--steps 1: give at least 2"),              # statistics traceback at end
+    (["--steps", "1"], "--steps 1: give more than --warmup (1) steps"),  # statistics traceback
+    (["--steps", "4", "--warmup", "-1"], "--warmup -1: give 0 or more steps"),
     (["--steps", "2", "--stepz", "3"], "unrecognized arguments: --stepz 3"),  # torchrun trace
     (["--steps", "2", "--seq-length", "100"], "use a --seq-length above 1295"),
 ])

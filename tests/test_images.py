@@ -168,11 +168,81 @@ def test_device_is_cpu_without_cuda():
 def test_gpu_mixed_matches_cpu():
     datas = [f.read_bytes() for f in _files()]
     cpu = ImageProcessor(ImageConfig(device="cpu"))(datas)
-    gpu = ImageProcessor(ImageConfig(device="gpu"))(datas)
+    proc = ImageProcessor(ImageConfig(device="gpu"))
+    gpu = proc(datas)
     assert gpu.views.is_cuda
+    # DALI on the GPU decoded them (not the Pillow path, as the CPU run: all but the RGBA file)
+    assert gpu.paths == cpu.paths and proc.stats["dali"] == len(datas) - 1, proc.stats
     assert gpu.view_counts.tolist() == cpu.view_counts.tolist()
-    # nvJPEG's IDCT differs from libjpeg-turbo's by a level or two
-    assert float((gpu.views.cpu() - cpu.views).abs().max()) <= 3.0 / 255.0
+    err = float((gpu.views.cpu() - cpu.views).abs().max())
+    assert err <= TOL, f"DALI mixed vs CPU: max diff {err * 255:.2f}/255"
+
+
+@pytest.mark.parametrize("image_size,grid,skip", [(448, 2, True), (672, 3, True),
+                                                   (448, 2, False)])
+def test_batched_views_equal_per_image_views(image_size, grid, skip):
+    """The GPU's batch-wise cutting of the views (run here on the CPU) gives the per-image
+    path's views: the photos, the hard files, and a chunk with a Pillow-path image inside."""
+    datas = [f.read_bytes() for f in _files()]
+    cfg = ImageConfig(image_size, grid, device="cpu", skip_padded=skip, max_batch_size=5)
+    per_image, batched = ImageProcessor(cfg), ImageProcessor(cfg)
+    batched.batched_views = True
+    assert not per_image.batched_views
+    a, b = per_image(datas), batched(datas)
+    assert a.paths == b.paths and a.view_counts.tolist() == b.view_counts.tolist()
+    assert batched.stats == per_image.stats
+    assert float((a.views - b.views).abs().max()) < 1e-6
+
+
+def _failing_build(monkeypatch, device):
+    """``_build`` failing for ``device``; "gpu" processors allocate on the CPU (no CUDA here)."""
+    real = ImageProcessor._build
+    monkeypatch.setattr(ImageProcessor, "_dev", property(lambda self: torch.device("cpu")))
+
+    def build(self):
+        if self.device == device:
+            raise RuntimeError("nvJPEG library not found\nmore detail")
+        return real(self)
+    return build
+
+
+def test_gpu_pipeline_that_does_not_build_gives_way_to_the_cpu(monkeypatch, caplog):
+    """Device 'auto' on a GPU whose DALI pipeline does not build: a warning with the reason,
+    then the CPU pipeline (stands in for the GPU here by setting the processor's device)."""
+    monkeypatch.setattr(ImageProcessor, "_build", _failing_build(monkeypatch, "gpu"))
+    proc = ImageProcessor(ImageConfig(device="auto"))
+    proc.device = "gpu"  # as if CUDA were there
+    with caplog.at_level("WARNING", logger="megatron_sphinx.data.images"):
+        batch = proc._process([p.read_bytes() for p in PHOTOS[:2]])  # no CUDA device context
+    assert "could not build its GPU (mixed) image pipeline: nvJPEG library not found" in \
+        caplog.text
+    assert proc.device == "cpu" and not batch.views.is_cuda
+    assert batch.paths == ["dali", "dali"] and proc.stats["dali_gpu_unavailable"] == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_pipeline_of_a_chosen_device_that_does_not_build_is_an_error(monkeypatch, device):
+    monkeypatch.setattr(ImageProcessor, "_build", _failing_build(monkeypatch, device))
+    proc = ImageProcessor(ImageConfig(device="cpu"))
+    proc.device = device
+    proc.cfg.device = device
+    with pytest.raises(RuntimeError, match=f"DALI could not build its {device} image pipeline: "
+                       "nvJPEG library not found; check the DALI install"):
+        proc._process([PHOTOS[0].read_bytes()])
+
+
+def test_dali_failing_on_an_image_warns_once(monkeypatch, caplog):
+    """A DALI failure on single images (a broken decoder fails them all) is said once, with
+    DALI's reason; each such image takes the Pillow path."""
+    proc = ImageProcessor(ImageConfig(device="cpu"))
+
+    def run_dali(datas, hws):
+        raise RuntimeError("[nvjpeg] decode failed\ntrace")
+    monkeypatch.setattr(proc, "_run_dali", run_dali)
+    with caplog.at_level("WARNING", logger="megatron_sphinx.data.images"):
+        batch = proc([p.read_bytes() for p in PHOTOS[:3]])
+    assert caplog.text.count("failed on an image: [nvjpeg] decode failed") == 1
+    assert batch.paths == ["pillow:dali_error"] * 3 and proc.stats["dali_error"] == 3
 
 
 @pytest.mark.parametrize("image_size,grid,interp",

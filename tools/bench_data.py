@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
                lambda d: pillow_plain_views(d, interp=interp), xs)),
            "Pillow reference (exact)": lambda xs: list(pool.map(
                lambda d: reference_views(d, interp=interp), xs))}
+    dali_procs = {name: ps for name, ps in zip(fns, ([*procs], [proc]))}
     rates: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -119,8 +121,22 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
     # vs ref: median over rounds of (this pipeline's rate / the reference's rate in the same
     # round): robust to load that comes and goes between rounds.
     return [(name, max(r), float(np.median(r)), max(rates[first]) / max(r),
-             float(np.median(np.asarray(r) / ref)), float(np.median(cpu[name])))
+             float(np.median(np.asarray(r) / ref)), float(np.median(cpu[name])),
+             dali_share(dali_procs.get(name, [])))
             for name, r in rates.items()]
+
+
+def dali_share(procs: list[ImageProcessor]) -> str:
+    """The share of images that DALI decoded (the rest took the Pillow path: DALI failing, or
+    a GPU pipeline that fell back to the CPU), e.g. ``100%`` or ``0% (dali_error 96)``."""
+    if not procs:
+        return "-"
+    stats = sum((p.stats for p in procs), Counter())
+    total = sum(v for k, v in stats.items() if k == "dali" or k.startswith("pillow:"))
+    other = ", ".join(f"{k} {v}" for k, v in sorted(stats.items())
+                      if k != "dali" and not k.startswith("pillow:alpha") and v)
+    share = f"{100.0 * stats['dali'] / max(total, 1):.0f}%"
+    return f"{share} ({other})" if other else share
 
 
 def photo_source(datas: list[bytes], n: int, seed: int = 0) -> InMemorySource:
@@ -234,21 +250,22 @@ def main(argv=None) -> int:
     if not photos:
         return fail(f"no test photos under {IMAGES}: run from the project checkout or set "
                     "MEGATRON_SPHINX_TESTDATA")
-    datas = [f.read_bytes() for f in photos] * 8
+    datas = [f.read_bytes() for f in photos] * max(8, -(-2 * args.batch // len(photos)))
 
     print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "
           f"{len(photos)} photos ({os.cpu_count()} CPUs)")
     print(f"{'pipeline':28s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
-          f"{'vs ref':>6s} {'CPU ms/img':>10s}")
+          f"{'vs ref':>6s} {'CPU ms/img':>10s} by DALI")
     for interp in args.interp:
-        for name, best, med, ratio, vs_ref, cpu_ms in bench_images(datas, args.threads,
-                                                                   args.batch, secs, interp):
+        for name, best, med, ratio, vs_ref, cpu_ms, share in bench_images(
+                datas, args.threads, args.batch, secs, interp):
             print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
-                  f"{cpu_ms:10.2f}")
+                  f"{cpu_ms:10.2f} {share}")
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
           "this row's best;\n vs ref: median over rounds of this row's rate over the exact "
           "reference's in the same round;\n CPU ms/img: process CPU time per image, all threads,"
-          " median round: robust to other load)")
+          " median round: robust to other load;\n by DALI: share of the images DALI decoded, the "
+          "rest by the Pillow path (the RGBA-free photos: all, if DALI works))")
 
     reader = None
     if args.store:

@@ -10,7 +10,10 @@ random lengths) per variant, all in one process:
   MEGATRON_SPHINX_WGRAD_FUSION=torch``: GPU training before 2026-11-27);
 * ``fused``: the defaults (``auto``): on GPUs the Triton RoPE and SwiGLU kernels and the
   weight-gradient GEMMs accumulating into the fp32 gradients, each where its start-up check
-  passes (the kernels line printed per variant says which ran).
+  passes (the kernels line printed per variant says which ran);
+* ``kernels`` (the Triton RoPE and SwiGLU alone) and ``wgrad`` (the weight-gradient fusion
+  alone): which of the two a difference comes from (H100 run 4: ``fused`` was slower than
+  ``unfused`` at one row, host-bound, and faster at two and four).
 
 Per variant and number of rows it prints the kernel launches of the micro-batch's forward +
 backward divided by the layers (the embedding, output layer and loss included; on a CPU, the
@@ -46,6 +49,10 @@ VARIANTS = {
     "unfused": {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
                 "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
     "fused": {"MEGATRON_SPHINX_ROPE": "auto", "MEGATRON_SPHINX_SWIGLU": "auto",
+              "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
+    "kernels": {"MEGATRON_SPHINX_ROPE": "auto", "MEGATRON_SPHINX_SWIGLU": "auto",
+                "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
+    "wgrad": {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
               "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows per micro-batch, one measurement each (default 1)")
     p.add_argument("--segments", type=int, default=40,
                    help="samples per row, random lengths (default 40)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["unfused", "fused"], choices=list(VARIANTS),
+                   help="default: unfused fused")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="default bf16 on GPUs, fp32 on CPUs")
     p.add_argument("--repeats", type=int, default=5, help="timed runs, median (default 5)")

@@ -3,11 +3,15 @@
 Runs ``python -m megatron_sphinx.train`` under torchrun on synthetic data for each layout and
 variant in one invocation and prints one table:
 
-* step time: median over the steps after the first (which pays one-off set-up costs);
+* step time: median over the steps after the ``--warmup`` first ones (default 1: the first step
+  pays one-off set-up costs; on a GPU the next two were still ~1.6x slower in H100 run 4, with
+  new shapes' kernel choices and the allocator filling up);
 * tokens/s: real (non-padding) LLM tokens per second; TFLOP/s and MFU as the training command
-  counts them (megatron_sphinx/train/flops.py); all three over the steps after the first as
-  totals (tokens or FLOPs over their summed time), so that they describe the same steps (the
-  FLOPs of a step change with its views; medians taken apart came from different steps);
+  counts them (megatron_sphinx/train/flops.py); all three over the same steps as totals (tokens
+  or FLOPs over their summed time), so that they describe the same steps (the FLOPs of a step
+  change with its views; medians taken apart came from different steps);
+* on a GPU, the peak memory allocated and the allocator's retries (cache flushes when an
+  allocation did not fit) by the end of the run;
 * launch overhead: process wall time minus the time spent in steps (imports, process groups,
   model and optimizer construction, the first step's one-off costs). No checkpoint is written
   (``--no-final-save``): saving a full-size model would dominate it.
@@ -71,7 +75,8 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "reference": (["--no-packing", "--no-skip"], {})}
 
 
-def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str]) -> dict:
+def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str],
+               warmup: int = 1) -> dict:
     nproc, args = LAYOUTS[name]
     variant_args, variant_env = VARIANTS[variant]
     args = args + variant_args
@@ -93,16 +98,20 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
                     "error": f"exit {proc.returncode}"}
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
     times = [r["step_time_s"] for r in rows]
-    measured = rows[1:]  # the first step pays one-off costs
+    measured = rows[warmup:]  # the first steps pay one-off costs
     seconds = sum(r["step_time_s"] for r in measured)
     tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in measured) / seconds
     peak = next((r["tflops_per_gpu"] / r["mfu"] for r in measured if r.get("mfu")), None)
     return {"layout": name, "variant": variant, "processes": nproc, "first_step_s": times[0],
-            "step_s": statistics.median(times[1:]), "tokens_per_step": rows[-1]["tokens"],
+            "warmup_steps": warmup, "step_s": statistics.median(times[warmup:]),
+            "tokens_per_step": rows[-1]["tokens"],
             "tokens_per_s": sum(r["tokens"] for r in measured) / seconds,
             "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
             "packing_efficiency": statistics.median(r["packing_efficiency"] for r in rows),
-            "step_times_s": times, "wall_s": wall, "launch_overhead_s": wall - sum(times)}
+            "step_times_s": times, "step_tflops": [r["tflops_per_gpu"] for r in rows],
+            "max_memory_gib": rows[-1].get("max_memory_gib"),
+            "alloc_retries": rows[-1].get("alloc_retries"),
+            "wall_s": wall, "launch_overhead_s": wall - sum(times)}
 
 
 def machine() -> str:
@@ -127,9 +136,11 @@ def check_args(args: argparse.Namespace, extra: list[str]) -> None:
     import contextlib
     import io
 
-    if args.steps < 2:
-        raise ValueError(f"--steps {args.steps}: give at least 2 (the first step is left out "
-                         "of the median)")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: give 0 or more steps")
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps {args.steps}: give more than --warmup ({args.warmup}) steps, "
+                         "which are left out of the figures")
     if args.json:
         from megatron_sphinx.cli import check_output_file
 
@@ -180,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                        epilog="Other arguments (e.g. --seq-length 4096 --global-batch-size 8) "
                               "are passed on to python -m megatron_sphinx.train.")
     p.add_argument("--recipe", default="debug", help="recipe name (default: debug)")
-    p.add_argument("--steps", type=int, default=8,
-                   help="training steps per run; the first is left out of the median (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="first steps of each run left out of the figures (default 1)")
     p.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS),
                    help="process layouts, each its own torchrun (default: tp1 tp2)")
     p.add_argument("--variants", nargs="+", default=["packed"], choices=list(VARIANTS),
@@ -200,17 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, variant) in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {name} {variant}: {args.steps} steps ...", file=sys.stderr,
               flush=True)
-        rows.append(run_layout(args.recipe, name, variant, args.steps, extra))
+        rows.append(run_layout(args.recipe, name, variant, args.steps, extra, args.warmup))
         r = rows[-1]
         if "error" not in r:  # each result as soon as it is known (a cut-off run keeps it)
             print(f"[{i}/{len(runs)}] {name} {variant}: {r['step_s']:.3f} s/step, "
                   f"{r['tokens_per_s']:.0f} tokens/s"
                   + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""),
                   file=sys.stderr, flush=True)
-    print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps, "
-          f"extra args {' '.join(extra) or '-'}")
+    print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps "
+          f"(figures over the last {args.steps - args.warmup}), extra args "
+          f"{' '.join(extra) or '-'}")
     print(f"{'layout':7} {'variant':18} {'procs':>5} {'step s':>8} {'1st step s':>10} "
-          f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8}")
+          f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8} "
+          f"{'peak GiB':>8} {'retries':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} failed ({r['error']})")
@@ -218,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} {r['step_s']:>8.3f} "
               f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
-              f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f}")
+              f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f} "
+              + (f"{r['max_memory_gib']:>8.1f} {r['alloc_retries']:>7d}"
+                 if r["max_memory_gib"] is not None else f"{'-':>8} {'-':>7}"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any("error" in r for r in rows) else 0

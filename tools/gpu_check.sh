@@ -4,20 +4,21 @@
 #      and, if its parts were carried (docs/gpu/RUNBOOK.md), DALI;
 #   2. runs, most needed first, each part under its own time limit:
 #      tests_kernels   encoders (CUDA graphs), fused RoPE and SwiGLU (and their start-up checks),
-#                      packed attention, pack kernels, each against its reference;
-#      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1, 2, 4 packed
-#                      rows, RoPE / SwiGLU / weight-gradient accumulation fused or not: launches
-#                      per layer, ms, GPU busy;
-#      bench_train     sphinx-tiny full size, seq 4096: packed + skip tokens (the recipe's two
-#                      rows per micro-batch, the fused Triton RoPE and SwiGLU, fused weight-
-#                      gradient accumulation), the same unfused, with four rows, with one row;
-#                      --no-packing --no-skip (the reference);
-#      bench_images    DALI images/s (when DALI is there);
+#                      packed attention, pack kernels, each against its reference; with DALI,
+#                      DALI mixed against the CPU pipeline;
+#      bench_images    DALI images/s against Pillow, and the share DALI decoded (when DALI is
+#                      there);
+#      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1 and 2 packed
+#                      rows: unfused, fused (the default), the Triton kernels alone, the weight-
+#                      gradient fusion alone: launches per layer, ms, GPU busy;
+#      bench_train     sphinx-tiny full size, seq 4096, figures after 3 warm-up steps: packed +
+#                      skip tokens (the recipe's two rows per micro-batch, the fused Triton RoPE
+#                      and SwiGLU, fused weight-gradient accumulation), with four rows, unfused;
+#                      --no-packing --no-skip (the reference); peak memory per variant;
 #      bench_vision    the full-size encoders alone, 32 views per call: timm's blocks, the fused
 #                      ones, the fused ones as a CUDA graph (ms, views/s, TFLOP/s, MFU);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, TE vs
-#                      local spec, FP8, DALI mixed vs CPU (each skips with its reason when its
-#                      piece is missing);
+#                      local spec, FP8 (each skips with its reason when its piece is missing);
 #      profile_kernels one sphinx-tiny step (one row, CUDA-graphed encoders) under torch.profiler:
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
@@ -30,9 +31,9 @@
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
 # profile.json, kernels.txt, step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
-# Expected run time about 9 minutes (H100 run 2, 2026-11-26: 8.5 minutes without DALI); the
-# parts' limits add up to more, so if the call ends
-# before the last parts, run them in a second call, e.g. ONLY="bench_pack" bash tools/gpu_check.sh
+# Expected run time: more than one call (H100 run 4, 2026-11-27: the first 590 s call reached
+# tests_train, in the order of that day); the parts' limits add up to more, so run the rest in a
+# second call, e.g. ONLY="tests_train profile_kernels" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
 # KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun.
 set -uo pipefail
@@ -102,25 +103,31 @@ PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovide
 # (here the kernels run).
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py
   tests/test_swiglu_kernel.py tests/test_attention.py tests/test_pack_kernel.py}
+HAS_DALI=0
+$PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
+# DALI mixed against the CPU pipeline (pixels, and that DALI, not the Pillow path, decoded)
+[ $HAS_DALI = 1 ] && KERNEL_TESTS="$KERNEL_TESTS tests/test_images.py::test_gpu_mixed_matches_cpu"
 run tests_kernels 150 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernel_under_the_interpreter
-run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 4
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-unfused packed-mbs4 packed-mbs1 reference}
+# Run 4 measured DALI "gpu" at 86 images/s, below Pillow: the "by DALI" column now says whether
+# DALI decoded them; batches of 128 as a GPU wants them.
+[ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
+  --interp cubic --seconds 2
+# kernels / wgrad: the Triton kernels alone, the weight-gradient fusion alone (run 4: fused was
+# slower than unfused at one row, faster at two and four)
+run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 \
+  --variants unfused fused kernels wgrad
+# Figures over the steps after 3 warm-up steps (run 4: steps 2-3 still ~1.6x slower).
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-mbs4 packed-unfused reference}
 run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
-  --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-8}" --seq-length 4096 \
+  --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-10}" --warmup 3 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
-if $PY -c "import nvidia.dali" 2> /dev/null; then
-  run bench_images 40 $PY tools/bench_data.py --threads 16 --seconds 3
-fi
 run bench_vision 60 $PY tools/bench_vision.py --recipe sphinx-tiny --views 32
-TESTS="tests/test_gpu.py" LIMIT=180
-$PY -c "import nvidia.dali" 2> /dev/null &&
-  TESTS="$TESTS tests/test_images.py::test_gpu_mixed_matches_cpu" LIMIT=210
-run tests_train $LIMIT $PYTEST $TESTS
+run tests_train 180 $PYTEST tests/test_gpu.py
 # As run 2's profile (docs/PERFORMANCE.md): one row per micro-batch, CUDA-graphed encoders, so
 # that the LLM's host-bound phase and its kernel launches compare across runs (now fused).
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \

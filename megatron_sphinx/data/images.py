@@ -355,12 +355,23 @@ class ImageProcessor:
                                else torch.cuda.current_device())
         self.stats: Counter = Counter()
         self._pipe = None
+        self._batched: bool | None = None  # None: by device (see batched_views)
         self._ws: dict[str, torch.Tensor] = {}
         self._outs: list[torch.Tensor] = []  # earlier outputs' memory, see _output
         w, self._left = downsample_weights(self.cfg.grid, self.cfg.interp)
         self._big = self.cfg.image_size + len(w) - self.cfg.grid
         self._pad = torch.tensor(self.cfg.pad_color, dtype=torch.float32,
                                  device=self._dev).view(3, 1, 1)
+
+    @property
+    def batched_views(self) -> bool:
+        """Whether the views are cut batch-wise (:meth:`_views_batched`: the GPU, where launches
+        cost) or image by image (the CPU, where one image's data stays in cache)."""
+        return self._batched if self._batched is not None else self.device == "gpu"
+
+    @batched_views.setter
+    def batched_views(self, value: bool | None) -> None:
+        self._batched = value
 
     @property
     def _dev(self) -> torch.device:
@@ -429,6 +440,34 @@ class ImageProcessor:
         pipe.build()
         return pipe
 
+    def _pipeline(self):
+        """The DALI pipeline, built on first use.
+
+        A GPU (``mixed``) pipeline that does not build, with the device chosen automatically,
+        gives way to the CPU pipeline with a warning (and ``stats["dali_gpu_unavailable"]``):
+        the views then come back on the CPU.
+
+        Raises:
+            RuntimeError: If the pipeline of a device chosen explicitly does not build.
+        """
+        if self._pipe is not None:
+            return self._pipe
+        try:
+            self._pipe = self._build()
+        except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError, imports others
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if self.device != "gpu" or self.cfg.device != "auto":
+                hint = " (or set the image device to 'cpu')" if self.device == "gpu" else ""
+                raise RuntimeError(f"DALI could not build its {self.device} image pipeline: "
+                                   f"{reason}; check the DALI install{hint}") from exc
+            logger.warning("DALI could not build its GPU (mixed) image pipeline: %s; decoding "
+                           "on the CPU instead", reason)
+            self.stats["dali_gpu_unavailable"] += 1
+            self.device, self._gpu_index, self._ws = "cpu", None, {}
+            self._pad = self._pad.cpu()
+            self._pipe = self._build()
+        return self._pipe
+
     def _run_dali(self, datas: list[bytes], hws: list[tuple[int, int]]):
         """One DALI run.
 
@@ -437,15 +476,14 @@ class ImageProcessor:
             zero-copy view of DALI's output, valid until the next run; on the GPU a reused
             buffer) and the decoded ``(h, w)``.
         """
-        if self._pipe is None:
-            self._pipe = self._build()
+        pipe = self._pipeline()
         cfg, s = self.cfg, self.cfg.image_size
         geos = [image_geometry(h, w, s, cfg.grid) for h, w in hws]
         sizes = [np.array([g.resized_height, g.resized_width], dtype=np.float32) for g in geos]
-        self._pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
-        self._pipe.feed_input("size", sizes)
+        pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
+        pipe.feed_input("size", sizes)
         try:
-            out, shapes = self._pipe.run()
+            out, shapes = pipe.run()
         except Exception:
             self._pipe = None  # rebuilt on the next call, whatever state DALI is left in
             raise
@@ -512,6 +550,8 @@ class ImageProcessor:
                 dali_idx.append(i)
             else:
                 call.fallback(i, p.pillow_reason)
+        if dali_idx:
+            self._pipeline()  # a pipeline that cannot build is no image's fault: not per image
         for a in range(0, len(dali_idx), self.cfg.max_batch_size):
             self._dali_chunk(call, dali_idx[a:a + self.cfg.max_batch_size])
         self.stats["failed"] += sum(e is not None for e in call.errors)
@@ -528,15 +568,26 @@ class ImageProcessor:
                 self._dali_chunk(call, chunk[:half])
                 self._dali_chunk(call, chunk[half:])
                 return
-            logger.debug("DALI failed on one image (%s); trying Pillow", str(e).splitlines()[0])
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not self.stats["dali_error"]:  # once per processor: a broken decoder shows
+                logger.warning("DALI (%s) failed on an image: %s; such images take the Pillow "
+                               "path (counted in stats)", self.device, reason)
+            self.stats["dali_error"] += 1
             call.fallback(chunk[0], "dali_error")
             return
-        cfg, v = self.cfg, self.cfg.view_size
+        good = []
         for k, i in enumerate(chunk):
             if decoded[k] != hws[k]:
                 # DALI oriented the image differently from the header: trust the reference.
                 call.fallback(i, "orientation")
-                continue
+            else:
+                good.append(k)
+        if self.batched_views:
+            self._views_batched(call, chunk, hws, square, good)
+            return
+        cfg, v = self.cfg, self.cfg.view_size
+        for k in good:
+            i = chunk[k]
             geo = image_geometry(*hws[k], cfg.image_size, cfg.grid, cfg.skip_padded)
             valid = geo.view_valid()
             # The views go straight into this image's slot of the output (planned from the same
@@ -551,6 +602,35 @@ class ImageProcessor:
                     n += 1
             call.done(i, hws[k], "dali")
             self.stats["dali"] += 1
+
+    def _views_batched(self, call: "_Call", chunk: list[int], hws: list[tuple[int, int]],
+                       square: torch.Tensor, good: list[int]) -> None:
+        """The views of the chunk's images ``good`` in a few whole-batch ops: every global view
+        at once (:func:`global_view`, the same values as :meth:`_global_view`), then one gather
+        of the valid sub-images into their slots. The GPU path: per image, the ~20 small ops of
+        the global view cost more host time than the GPU spends on them."""
+        if not good:
+            return
+        cfg, g, v = self.cfg, self.cfg.grid, self.cfg.view_size
+        src, dst, glob_dst = [], [], []
+        for j, k in enumerate(good):
+            i = chunk[k]
+            valid = image_geometry(*hws[k], cfg.image_size, g, cfg.skip_padded).view_valid()
+            a = int(call.offsets[i])
+            glob_dst.append(a)
+            tiles = [t for t, ok in enumerate(valid[1:]) if ok]
+            src += [j * g * g + t for t in tiles]
+            dst += range(a + 1, a + 1 + len(tiles))
+            call.done(i, hws[k], "dali")
+        picked = square[torch.tensor(good, device=square.device)] if len(good) < len(square) \
+            else square
+        dev = call.out.device
+        call.out[torch.tensor(glob_dst, device=dev)] = global_view(picked, g, cfg.interp)
+        if src:
+            m = len(good)  # [m, 3, g*v, g*v] -> [m * g * g, 3, v, v], row-major tiles
+            tiles = picked.view(m, 3, g, v, g, v).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, v, v)
+            call.out[torch.tensor(dst, device=dev)] = tiles[torch.tensor(src, device=dev)]
+        self.stats["dali"] += len(good)
 
 
 class _Call:
