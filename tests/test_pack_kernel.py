@@ -683,7 +683,7 @@ def test_cpp_autograd_glue_refuses_double_backward_and_bad_input(cpu_glue_ext):
     # the rest of the test session; here it must reach Python as a RuntimeError. (Training
     # never gets there: kernels.select.pack_tokens checks its inputs in Python first.)
     code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from tests.test_pack_kernel import NUM_SPECIAL, _load_cpu_glue\n"
+            "from tests.test_pack_kernel import _load_cpu_glue\n"
             "ext = _load_cpu_glue()\n"
             "text, visual = torch.randn(2, 4), torch.randn(3, 4)\n"
             "index = torch.tensor([0, 4, -1, 2, 5, 5])\n"
@@ -691,8 +691,8 @@ def test_cpp_autograd_glue_refuses_double_backward_and_bad_input(cpu_glue_ext):
             "    ext.pack_tokens(text, visual, torch.zeros(3, 5), index, 4, False)\n"
             "except RuntimeError as exc:\n"
             "    print('raised:', str(exc).splitlines()[0])\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0 and "raised:" in res.stdout and "hidden size" in res.stdout, (
         f"exit {res.returncode}: {res.stdout[-500:]} {res.stderr[-2000:]}")
 

@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from megatron_sphinx.config import CLIP_MEAN  # noqa: E402
@@ -97,12 +98,18 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
         return list(pool.map(lambda kp: procs[kp[0]](kp[1]), enumerate(parts)))
 
     fns = {f"DALI {proc.device} {threads}x1 workers": per_worker,
-           f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs),
-           "Pillow plain uint8": lambda xs: list(pool.map(
-               lambda d: pillow_plain_views(d, interp=interp), xs)),
-           "Pillow reference (exact)": lambda xs: list(pool.map(
-               lambda d: reference_views(d, interp=interp), xs))}
+           f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs)}
     dali_procs = {name: ps for name, ps in zip(fns, ([*procs], [proc]))}
+    if proc.device == "gpu":  # nvJPEG's own chroma upsampling (its hardware decoder's)
+        plain = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
+                                           interp=interp, fancy_upsampling=False))
+        name = f"DALI gpu 1x{threads} nvJPEG upsample"
+        fns[name], dali_procs[name] = (lambda xs: plain(xs)), [plain]
+    fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
+                    lambda d: pillow_plain_views(d, interp=interp), xs)),
+                "Pillow reference (exact)": lambda xs: list(pool.map(
+                    lambda d: reference_views(d, interp=interp), xs))})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rates: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -113,6 +120,7 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
             t0, c0 = time.perf_counter(), time.process_time()
             for a in range(0, len(datas), batch):
                 fn(datas[a:a + batch])
+            sync()  # the GPU's views are made asynchronously
             rates[name].append(len(datas) / (time.perf_counter() - t0))
             cpu[name].append((time.process_time() - c0) / len(datas) * 1e3)
     pool.shutdown()

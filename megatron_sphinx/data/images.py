@@ -3,8 +3,10 @@
 One encoded image (JPEG / PNG / ... bytes from the store) becomes its encoded views:
 
 1. **Decode** to RGB, EXIF orientation applied. DALI ``fn.decoders.image`` runs with
-   ``device="mixed"`` (nvJPEG on the GPU) when CUDA is available and ``device="cpu"`` otherwise,
-   chosen once per process and logged.
+   ``device="mixed"`` (nvJPEG on the GPU, chroma upsampled as libjpeg-turbo does unless
+   ``ImageConfig.fancy_upsampling`` is off) when CUDA is available and ``device="cpu"``
+   otherwise, chosen once per process and logged; a GPU pipeline that does not build gives way
+   to the CPU one with a warning.
 2. **Resize** (antialiased bicubic, or linear with ``ImageConfig.interp="linear"``; DALI
    ``fn.resize``) so that the longer side is
    ``image_size``; the resized size is exactly
@@ -136,6 +138,10 @@ class ImageConfig:
     """Images per DALI run (larger requests are split)."""
     skip_padded: bool = True
     """Leave out fully padded sub-images (SPHINX-X); False emits all ``1 + grid**2`` views."""
+    fancy_upsampling: bool = True
+    """GPU JPEG decoding upsamples chroma as libjpeg-turbo does (DALI's
+    ``jpeg_fancy_upsampling``), so that the GPU's views match the CPU pipeline's; False lets
+    nvJPEG use its own (and its hardware decoder where it has one)."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.grid:
@@ -421,8 +427,9 @@ class ImageProcessor:
         def views_pipeline():
             enc = fn.external_source(name="enc", dtype=types.UINT8)
             size = fn.external_source(name="size", dtype=types.FLOAT)  # [2] (rh, rw)
-            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu",
-                                    output_type=types.RGB)  # [h, w, 3] uint8, EXIF applied
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                    jpeg_fancy_upsampling=cfg.fancy_upsampling and gpu
+                                    )  # [h, w, 3] uint8, EXIF applied
             interp = types.INTERP_CUBIC if cfg.interp == "cubic" else types.INTERP_LINEAR
             resized = fn.resize(img, size=size, interp_type=interp,
                                 antialias=True)  # [rh, rw, 3] uint8

@@ -321,7 +321,7 @@ def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
         }
         if on_gpu:  # this rank's peak since the start, and the allocator's cache flushes
             record.update(max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                          alloc_retries=torch.cuda.memory_stats(device)["num_alloc_retries"])
+                          alloc_retries=torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
         if res.source_losses:  # a mix of several sources: the loss of each
             record["source_loss"] = by_source(names, res.source_losses)
             record["source_loss_tokens"] = {n: t for n, (_, t) in zip(names, res.source_losses)}
