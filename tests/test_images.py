@@ -343,3 +343,16 @@ def test_header_and_decoder_disagreeing_is_resolved_by_the_reference(proc448, mo
     ref, _ = reference_views(data)
     assert b.view_counts[0] == ref.shape[0]
     assert float((b.views[:ref.shape[0]] - torch.from_numpy(ref)).abs().max()) <= TOL
+
+
+def test_gpu_pipeline_that_fails_to_rebuild_is_not_swapped_for_the_cpu(monkeypatch):
+    """Once a GPU pipeline has been built, a failed rebuild (after a failed run) is an error,
+    not a silent switch of the outputs' device mid-run."""
+    proc = ImageProcessor(ImageConfig(device="auto"))
+    datas = [p.read_bytes() for p in PHOTOS[:2]]
+    proc(datas)  # built and run (on the CPU here)
+    monkeypatch.setattr(ImageProcessor, "_build", _failing_build(monkeypatch, "gpu"))
+    proc.device, proc._pipe = "gpu", None  # as if a GPU run had failed
+    with pytest.raises(RuntimeError, match="DALI could not build its gpu image pipeline: nvJPEG"):
+        proc._process(datas)
+    assert proc.device == "gpu" and "dali_gpu_unavailable" not in proc.stats

@@ -361,6 +361,7 @@ class ImageProcessor:
                                else torch.cuda.current_device())
         self.stats: Counter = Counter()
         self._pipe = None
+        self._built = False  # a pipeline was built once (see _pipeline)
         self._batched: bool | None = None  # None: by device (see batched_views)
         self._ws: dict[str, torch.Tensor] = {}
         self._outs: list[torch.Tensor] = []  # earlier outputs' memory, see _output
@@ -450,12 +451,13 @@ class ImageProcessor:
     def _pipeline(self):
         """The DALI pipeline, built on first use.
 
-        A GPU (``mixed``) pipeline that does not build, with the device chosen automatically,
-        gives way to the CPU pipeline with a warning (and ``stats["dali_gpu_unavailable"]``):
-        the views then come back on the CPU.
+        A GPU (``mixed``) pipeline that does not build the first time, with the device chosen
+        automatically, gives way to the CPU pipeline with a warning (and
+        ``stats["dali_gpu_unavailable"]``): the views then come back on the CPU.
 
         Raises:
-            RuntimeError: If the pipeline of a device chosen explicitly does not build.
+            RuntimeError: If the pipeline of a device chosen explicitly does not build, or a
+                rebuild (after a failed run) fails.
         """
         if self._pipe is not None:
             return self._pipe
@@ -463,7 +465,7 @@ class ImageProcessor:
             self._pipe = self._build()
         except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError, imports others
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if self.device != "gpu" or self.cfg.device != "auto":
+            if self.device != "gpu" or self.cfg.device != "auto" or self._built:
                 hint = " (or set the image device to 'cpu')" if self.device == "gpu" else ""
                 raise RuntimeError(f"DALI could not build its {self.device} image pipeline: "
                                    f"{reason}; check the DALI install{hint}") from exc
@@ -473,6 +475,7 @@ class ImageProcessor:
             self.device, self._gpu_index, self._ws = "cpu", None, {}
             self._pad = self._pad.cpu()
             self._pipe = self._build()
+        self._built = True  # later rebuilds keep the device (outputs stay where they were)
         return self._pipe
 
     def _run_dali(self, datas: list[bytes], hws: list[tuple[int, int]]):
