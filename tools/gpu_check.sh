@@ -107,7 +107,7 @@ HAS_DALI=0
 $PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
 # DALI mixed against the CPU pipeline (pixels, and that DALI, not the Pillow path, decoded)
 [ $HAS_DALI = 1 ] && KERNEL_TESTS="$KERNEL_TESTS tests/test_images.py::test_gpu_mixed_matches_cpu"
-run tests_kernels 150 $PYTEST $KERNEL_TESTS \
+run tests_kernels 200 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter \
