@@ -19,7 +19,7 @@
 #                      ones, the fused ones as a CUDA graph (ms, views/s, TFLOP/s, MFU);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, TE vs
 #                      local spec, FP8 (each skips with its reason when its piece is missing);
-#      profile_kernels one sphinx-tiny step (one row, CUDA-graphed encoders) under torch.profiler:
+#      profile_kernels one sphinx-tiny step (the training defaults) under torch.profiler:
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
@@ -35,7 +35,8 @@
 # tests_train, in the order of that day); the parts' limits add up to more, so run the rest in a
 # second call, e.g. ONLY="tests_train profile_kernels" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
-# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun.
+# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun;
+# PROFILE_ARGS adds training arguments to profile_kernels.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -128,11 +129,11 @@ run bench_train 280 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
   --global-batch-size 8 --json "$OUT/train.json"
 run bench_vision 60 $PY tools/bench_vision.py --recipe sphinx-tiny --views 32
 run tests_train 180 $PYTEST tests/test_gpu.py
-# As run 2's profile (docs/PERFORMANCE.md): one row per micro-batch, CUDA-graphed encoders, so
-# that the LLM's host-bound phase and its kernel launches compare across runs (now fused).
+# The default training configuration (two rows per micro-batch, fused kernels): what is left
+# to speed up. PROFILE_ARGS="--micro-batch-size 1 --vision-batch 32 --cuda-graph-vision" gives
+# run 2's configuration, to compare with its profile (docs/PERFORMANCE.md).
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
-  --global-batch-size 8 --micro-batch-size 1 --vision-batch 32 --cuda-graph-vision \
-  --warmup 3 --steps 2 \
+  --global-batch-size 8 ${PROFILE_ARGS:-} --warmup 3 --steps 2 \
   --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
