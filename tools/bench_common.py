@@ -14,6 +14,29 @@ NO_COMPUTE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
               "detach", "lift_fresh", "_to_copy_noop"}
 
 
+#: ``--dtype`` of the model benchmarks; the default is bf16 on GPUs, fp32 on CPUs.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_dtype_arg(parser) -> None:
+    """``--dtype`` (see :data:`DTYPES`)."""
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default bf16 on GPUs, fp32 on CPUs")
+
+
+def recipe_and_dtype(parser, args) -> tuple[object, bool, torch.dtype]:
+    """``(recipe config, on_gpu, dtype)`` of ``args.recipe`` and ``args.dtype``; an unknown
+    recipe is a one-line usage error."""
+    from megatron_sphinx.config import get_recipe
+
+    try:
+        cfg = get_recipe(args.recipe)
+    except (KeyError, ValueError) as exc:
+        parser.error(str(exc))
+    on_gpu = torch.cuda.is_available()
+    return cfg, on_gpu, DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+
+
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls (the GPU
     synchronised around each call)."""

@@ -99,7 +99,7 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
 
     fns = {f"DALI {proc.device} {threads}x1 workers": per_worker,
            f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs)}
-    dali_procs = {name: ps for name, ps in zip(fns, ([*procs], [proc]))}
+    dali_procs = dict(zip(fns, (procs, [proc])))
     if proc.device == "gpu":  # nvJPEG's own chroma upsampling (its hardware decoder's)
         plain = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
                                            interp=interp, fancy_upsampling=False))

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()  # before Megatron's imports: --help stays clean
-from tools.bench_common import launches, median_ms  # noqa: E402
+from tools.bench_common import (add_dtype_arg, launches, median_ms,  # noqa: E402
+                                 recipe_and_dtype)
 
 #: Environment of each variant (unset variables take their defaults).
 VARIANTS = {
@@ -55,7 +56,6 @@ VARIANTS = {
     "wgrad": {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
               "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _cu_seqlens(rows: int, tokens: int, segments: int, gen: torch.Generator) -> torch.Tensor:
@@ -138,22 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples per row, random lengths (default 40)")
     p.add_argument("--variants", nargs="+", default=["unfused", "fused"], choices=list(VARIANTS),
                    help="default: unfused fused")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="default bf16 on GPUs, fp32 on CPUs")
+    add_dtype_arg(p)
     p.add_argument("--repeats", type=int, default=5, help="timed runs, median (default 5)")
     args = p.parse_args(argv)
     if args.layers < 1 or args.repeats < 1 or min(args.rows) < 1:
         p.error("--layers, --repeats and --rows must be at least 1")
     if not 1 <= args.segments <= args.tokens:
         p.error("--segments must lie in [1, --tokens]")
-    from megatron_sphinx.config import get_recipe
-
-    try:
-        cfg = get_recipe(args.recipe)
-    except (KeyError, ValueError) as exc:
-        p.error(str(exc))
-    on_gpu = torch.cuda.is_available()
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    cfg, on_gpu, dtype = recipe_and_dtype(p, args)
 
     from megatron_sphinx import cpu_compat
     from megatron_sphinx.distributed import free_port, init_distributed, shutdown

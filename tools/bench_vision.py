@@ -29,9 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
-from tools.bench_common import median_ms  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from tools.bench_common import add_dtype_arg, median_ms, recipe_and_dtype  # noqa: E402
 
 
 def _set_fused(mov, fused: bool) -> None:
@@ -51,22 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="debug", help="whose encoders (default debug)")
     p.add_argument("--views", type=int, default=32, help="views per call (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls, median (default 5)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="default bf16 on GPUs, fp32 on CPUs")
+    add_dtype_arg(p)
     args = p.parse_args(argv)
     if args.views < 1 or args.repeats < 1:
         p.error("--views and --repeats must be at least 1")
-    from megatron_sphinx.config import get_recipe
     from megatron_sphinx.model.vision import MixtureOfVisualExperts
     from megatron_sphinx.train.flops import device_peak_tflops, encoder_flops_per_view
 
-    try:
-        cfg = get_recipe(args.recipe)
-    except (KeyError, ValueError) as exc:
-        p.error(str(exc))
-    on_gpu = torch.cuda.is_available()
+    cfg, on_gpu, dtype = recipe_and_dtype(p, args)
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     torch.manual_seed(0)
     with device:
         mov = MixtureOfVisualExperts(cfg.vision).to(dtype)
