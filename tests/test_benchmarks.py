@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def test_bench_packed_layers_table():
@@ -70,6 +72,16 @@ def test_gpu_check_names_existing_tests():
     assert len(deselected) >= 5
     for path, name in deselected:
         assert f"def {name}(" in (REPO / path).read_text(), f"{path}::{name}"
+    # the training variants it times are bench_train's, the scripts it calls exist
+    sys.path.insert(0, str(REPO))
+    from tools.bench_train import VARIANTS
+
+    default = re.search(r"TRAIN_VARIANTS=\$\{TRAIN_VARIANTS:-([^}]*)\}", script).group(1)
+    names = default.replace("\\\n", " ").split()
+    assert "packed" in names and "reference" in names
+    assert set(names) <= set(VARIANTS), set(names) - set(VARIANTS)
+    for path in re.findall(r"tools/\w+\.(?:py|sh)", script):
+        assert (REPO / path).exists(), path
 
 
 def test_bench_llm_layers_table():
@@ -93,6 +105,22 @@ def test_bench_vision_table():
             if line.startswith(("timm ", "fused "))]
     assert [r[0] for r in rows] == ["timm", "fused"], proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert all(float(r[-1]) < 1e-5 for r in rows), proc.stdout  # fp32: the same tokens
+    if not torch.cuda.is_available():
+        proc = _run(["tools/bench_vision.py", "--variants", "fused-graph"])
+        assert proc.returncode == 2 and "has no GPU: drop it" in proc.stderr, proc.stderr
+
+
+def test_bench_vision_compiled_encoders():
+    """The torch.compile'd encoders (opt-in row, for the GPU check) give the eager tokens."""
+    proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1", "--variants",
+                 "compiled"], env={"TORCH_COMPILE_DISABLE": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("compiled"))
+    assert float(row[1]) > 0 and float(row[-1]) < 1e-4, proc.stdout
+    proc = _run(["tools/bench_vision.py", "--variants", "compiled"],
+                env={"TORCH_COMPILE_DISABLE": "1"})
+    assert proc.returncode == 2 and "unset it for this run" in proc.stderr, proc.stderr
 
 
 def test_bench_images_says_what_share_dali_decoded():

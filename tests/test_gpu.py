@@ -51,12 +51,24 @@ def init_weights(tmp_path_factory, request):
     return out
 
 
-def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, tmp_path):
+def _bf16_args(init_weights: Path) -> list[str]:
+    return ["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16", "--backend",
+            "local", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def bf16_default(init_weights, tmp_path_factory):
+    """The losses and ``kernels:`` line of GPU bf16 training with the defaults (one run, which
+    several tests compare against)."""
+    kernels = []
+    losses = _run(_bf16_args(init_weights), tmp_path_factory.mktemp("bf16"), kernels=kernels)
+    return losses, kernels
+
+
+def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, bf16_default, tmp_path):
     """GPU bf16 with the default kernels (the fused RoPE and SwiGLU must have passed their
     start-up checks) against CPU fp32."""
-    kernels = []
-    gpu = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
-                "--backend", "local", *COMMON], tmp_path / "gpu", kernels=kernels)
+    gpu, kernels = bf16_default
     assert "rope one gather, tables kept, triton fused" in kernels[0], kernels
     assert "swiglu triton fused" in kernels[0], kernels
     cpu = _run(["--recipe", "debug", "--load", str(init_weights), *COMMON], tmp_path / "cpu",
@@ -66,27 +78,44 @@ def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, tmp_path):
         assert abs(g - c) < 2e-2 * abs(c), (gpu, cpu)  # bf16 tolerance
 
 
-def test_gpu_fused_kernels_track_the_torch_ops(init_weights, tmp_path):
+def test_gpu_fused_kernels_track_the_torch_ops(init_weights, bf16_default, tmp_path):
     """bf16 on the GPU: the fused RoPE, SwiGLU and weight-gradient accumulation against the
     torch ops, from the same weights (one rounding against several: bf16 tolerance)."""
-    fused, unfused = [], []
-    a = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
-              "--backend", "local", *COMMON], tmp_path / "fused", kernels=fused)
-    b = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
-              "--backend", "local", *COMMON], tmp_path / "unfused", env=UNFUSED,
-             kernels=unfused)
+    (a, fused), unfused = bf16_default, []
+    b = _run(_bf16_args(init_weights), tmp_path / "unfused", env=UNFUSED, kernels=unfused)
     assert "MEGATRON_SPHINX_ROPE=torch" in unfused[0] and "triton fused" not in unfused[0]
     for x, y in zip(a, b):
         assert abs(x - y) < 2e-2 * abs(y), (a, b, fused, unfused)
 
 
+def test_gpu_overlapped_vision_gives_the_same_training(init_weights, bf16_default, tmp_path):
+    """``--overlap-vision`` (the next micro-batch's views encoded on a second CUDA stream, the
+    main stream waiting for them only where it reads them) trains as without it: the same
+    first loss (a missing wait would read tokens not yet written), then bf16 tolerance (the
+    LLM's backward kernels are not bitwise deterministic). Also with the encoders' calls of 8
+    views replayed as CUDA graphs. The debug recipe runs one row per micro-batch: four here."""
+    base = _bf16_args(init_weights)
+    kernels, queues = [], {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}  # streams side by side
+    plain = bf16_default[0]
+    overlapped = _run([*base, "--overlap-vision"], tmp_path / "overlap", env=queues,
+                      kernels=kernels)
+    graphed = _run([*base, "--overlap-vision", "--vision-batch", "8", "--cuda-graph-vision"],
+                   tmp_path / "graphs", env=queues, kernels=kernels)
+    assert all("one micro-batch ahead on a second CUDA stream" in k and "one hardware queue"
+               not in k for k in kernels), kernels
+    for run in (overlapped, graphed):
+        assert len(run) == len(plain) == 4
+        assert abs(run[0] - plain[0]) <= 1e-3 * abs(plain[0]), (plain, run)
+        for x, y in zip(run, plain):
+            assert abs(x - y) < 2e-2 * abs(y), (plain, run)
+
+
 @pytest.mark.skipif(not transformer_engine_available(),
                     reason="Transformer Engine is not importable on this machine")
-def test_te_spec_matches_local_spec(init_weights, tmp_path):
+def test_te_spec_matches_local_spec(init_weights, bf16_default, tmp_path):
     te = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
                "--backend", "te", *COMMON], tmp_path / "te")
-    local = _run(["--recipe", "debug", "--load", str(init_weights), "--dtype", "bf16",
-                  "--backend", "local", *COMMON], tmp_path / "local")
+    local = bf16_default[0]
     for a, b in zip(te, local):
         assert abs(a - b) < 2e-2 * abs(b), (te, local)
 

@@ -63,13 +63,15 @@ def test_interleaved_layouts_that_cannot_run(capsys, monkeypatch, argv, needle):
     (["--cuda-graph-vision"], "add --vision-batch N"),
 ] + ([] if torch.cuda.is_available() else [
     (["--vision-batch", "8", "--cuda-graph-vision"], "needs a GPU, and this machine has none"),
+    (["--overlap-vision"], "second CUDA stream, and this machine has no GPU: drop it"),
 ]))
 def test_vision_batch_settings_that_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
 
 
 def test_cuda_graph_vision_without_a_gpu_is_refused():
-    """The encoders' CUDA graphs need a GPU: on a CPU the model build says what to change."""
+    """The encoders' CUDA graphs and their second stream need a GPU: on a CPU the model build
+    says what to change."""
     import torch
 
     from megatron_sphinx.train.build import build_model
@@ -79,6 +81,9 @@ def test_cuda_graph_vision_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match="--cuda-graph-vision needs a GPU"):
         build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
                     vision_batch=8, cuda_graph_vision=True)
+    with pytest.raises(ValueError, match="--overlap-vision .* needs a GPU"):
+        build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
+                    overlap_vision=True)
 
 
 def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
@@ -566,7 +571,8 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     assert parse_args([]).compile_fusions is False
     assert parse_args(["--compile-fusions"]).compile_fusions is True
     vb = parse_args(["--vision-batch", "32", "--cuda-graph-vision"])
-    assert (vb.vision_batch, vb.cuda_graph_vision) == (32, True)
+    assert (vb.vision_batch, vb.cuda_graph_vision, vb.overlap_vision) == (32, True, False)
+    assert parse_args(["--overlap-vision"]).overlap_vision is True
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert main(["--recipe", "nope"]) == 2
     assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
@@ -574,3 +580,18 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     assert main(["--recipe", "nope", "--compile-fusions"]) == 2
     assert os.environ["TORCH_COMPILE_DISABLE"] == "0"
     assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_overlap_note_says_when_one_hardware_queue_serialises_the_streams(monkeypatch):
+    """--overlap-vision's start-up line warns where CUDA_DEVICE_MAX_CONNECTIONS=1 (as Megatron
+    wants for tensor parallelism, slurm/common.sh sets by default) keeps the streams apart."""
+    from megatron_sphinx.train.build import overlap_note
+
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    assert "one hardware queue: unset it, or set 8" in overlap_note()
+    for value in ("8", None):
+        if value is None:
+            monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+        else:
+            monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", value)
+        assert overlap_note() == ", one micro-batch ahead on a second CUDA stream"

@@ -162,10 +162,14 @@ def test_cuda_graph_replay_matches_eager_encoding(debug_vision):
     assert len(mov._graphs) == 2
 
 
-def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vision):
+@pytest.mark.parametrize("vision_batch,overlap", [(8, False), (8, True), (0, True)])
+def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vision,
+                                                                        vision_batch, overlap):
     """``encoded_ahead`` hands out each micro-batch's tokens (equal to its own encoder call's)
-    and queues an encoder call only when the first micro-batch holding its views is read, so
-    that on a GPU the encoders' work interleaves with the LLM's micro-batches."""
+    and queues an encoder call only when the first micro-batch holding its views is read (with
+    ``vision_overlap``: when the micro-batch before it is read, as a GPU then runs the call on a
+    second stream during that micro-batch), so that on a GPU the encoders' work interleaves
+    with the LLM's micro-batches. Without ``vision_batch`` each micro-batch is one call."""
     from torch import nn
 
     from megatron_sphinx.data.synthetic import SyntheticLoader
@@ -176,21 +180,28 @@ def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vi
     mov = MixtureOfVisualExperts(debug_vision)
     model = SphinxModel.__new__(SphinxModel)  # only what encoded_ahead reads of a first stage
     nn.Module.__init__(model)
-    model.pre_process, model.vision_batch, model.vision = True, 8, mov
+    model.pre_process, model.vision_batch, model.vision = True, vision_batch, mov
+    model.vision_overlap, model.vision_stream = overlap, None
     micro = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=6, seed=3).next_step()
+    micro[3] = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=1, seed=3,
+                               image_fraction=0.0).next_step()[0]  # one without views
     counts = [m.views.shape[0] for m in micro]
     assert sum(counts) > 8 and 0 < min(counts[:2])  # several calls; the first two have views
+    assert counts[3] == 0
     want = [mov(m.views) if m.views.shape[0] else None for m in micro]
     mov.num_calls = 0
     ahead = encoded_ahead(model, micro, torch.device("cpu"))
     assert mov.num_calls == 0  # nothing runs before the schedule reads the first micro-batch
-    seen = 0
     for k, (m, w) in enumerate(zip(ahead, want)):
-        seen += counts[k]
-        assert mov.num_calls == -(-seen // 8)  # just the calls covering views read so far
+        last = min(k + overlap, len(micro) - 1)  # the micro-batches whose views are queued
+        if vision_batch:
+            assert mov.num_calls == -(-sum(counts[:last + 1]) // vision_batch), k
+        else:
+            assert mov.num_calls == sum(n > 0 for n in counts[:last + 1]), k
         if w is None:
             assert m.features is None
         else:
             torch.testing.assert_close(m.features, w, atol=1e-5, rtol=1e-5)
-    model.vision_batch = 0  # off: the micro-batches as given, the model encodes them itself
+    model.vision_batch, model.vision_overlap = 0, False  # off: the micro-batches as given, the
+    # model encodes them itself
     assert [m.features for m in encoded_ahead(model, micro, torch.device("cpu"))] == [None] * 6

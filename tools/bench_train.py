@@ -25,9 +25,14 @@ and weight gradients added by the hook, ``megatron_sphinx/model/wgrad_fusion.py`
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
 default), ``packed-mbs1`` / ``packed-mbs2`` / ``packed-mbs4`` (1, 2, 4 packed rows per forward
 pass, one THD sequence; the recipe sets the default, sphinx-tiny's is two),
-``packed-vb32`` (``--vision-batch 32``: the step's views encoded as one stream, 32 per call),
-``packed-graphs`` (the same replayed as CUDA graphs, ``--cuda-graph-vision``; GPU only),
-``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one / two rows) and ``reference``
+``packed-mbs4-expandable`` (four rows, the CUDA allocator's expandable segments: less
+fragmentation), ``packed-overlap`` (``--overlap-vision``: the next micro-batch's views encoded
+on a second CUDA stream while this one trains, with 8 hardware queues so that the streams can
+run side by side; GPU only), ``packed-vb32`` (``--vision-batch 32``: the step's views encoded
+as one stream, 32 per call), ``packed-graphs`` (the same replayed as CUDA graphs,
+``--cuda-graph-vision``; GPU only), ``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one /
+two rows), ``packed-graphs-overlap`` / ``packed-graphs-overlap-mbs4`` (graphs, overlapped; two /
+four rows) and ``reference``
 (``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
 reference implementation does).
 
@@ -66,6 +71,15 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "packed-mbs4": (["--micro-batch-size", "4"], {}),
+            "packed-mbs4-expandable": (["--micro-batch-size", "4"],
+                                       {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+            # the default is 8 hardware queues; 1 (tools/gpu_check.sh, slurm/) serialises streams
+            "packed-overlap": (["--overlap-vision"], {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+            "packed-graphs-overlap": (["--vision-batch", "32", "--cuda-graph-vision",
+                                       "--overlap-vision"], {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+            "packed-graphs-overlap-mbs4": (["--vision-batch", "32", "--cuda-graph-vision",
+                                            "--overlap-vision", "--micro-batch-size", "4"],
+                                           {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

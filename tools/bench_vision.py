@@ -6,20 +6,27 @@ views (what one ``--vision-batch`` call encodes) per variant, in one process:
 * ``timm``: every block runs timm's own forward;
 * ``fused``: the training default (``megatron_sphinx/model/vision_fusions.py``: layer scale and
   residual add as one ``addcmul``, the ViT's SwiGLU gate as the fused kernel where chosen);
-* ``fused-graph`` (GPU): the same replayed as one CUDA graph per call (``--cuda-graph-vision``).
+* ``fused-graph`` (GPU): the same replayed as one CUDA graph per call (``--cuda-graph-vision``);
+* ``compiled`` (opt-in): the fused encoders through ``torch.compile`` (Inductor fuses the
+  LayerNorms, GELUs and layer scales into fewer memory passes; whether that pays for the
+  encoders, bound by the GPU at ~40% MFU in H100 run 4, is what this row measures). Not a
+  training option yet. Needs ``TORCH_COMPILE_DISABLE`` unset.
 
 Prints milliseconds per call, views/s and TFLOP/s (the encoders' forward FLOPs as the training
-command counts them, ``megatron_sphinx/train/flops.py``) and MFU where the peak is known.
+command counts them, ``megatron_sphinx/train/flops.py``), MFU where the peak is known, and the
+first call's seconds (cuDNN planning, a graph's capture, a compile).
 
 Usage::
 
     python tools/bench_vision.py                                       # CPU: debug encoders
     python tools/bench_vision.py --recipe sphinx-tiny --views 32       # one GPU, bf16
+    python tools/bench_vision.py --recipe sphinx-tiny --variants fused compiled
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +37,9 @@ from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
 from tools.bench_common import add_dtype_arg, median_ms, recipe_and_dtype  # noqa: E402
+
+
+VARIANTS = ["timm", "fused", "fused-graph", "compiled"]
 
 
 def _set_fused(mov, fused: bool) -> None:
@@ -49,10 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="debug", help="whose encoders (default debug)")
     p.add_argument("--views", type=int, default=32, help="views per call (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls, median (default 5)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="what to time (default: timm fused, and fused-graph on a GPU)")
     add_dtype_arg(p)
     args = p.parse_args(argv)
     if args.views < 1 or args.repeats < 1:
         p.error("--views and --repeats must be at least 1")
+    gpu = torch.cuda.is_available()
+    variants = args.variants or ["timm", "fused"] + (["fused-graph"] if gpu else [])
+    if "fused-graph" in variants and not gpu:
+        p.error("--variants fused-graph replays a CUDA graph, and this machine has no GPU: "
+                "drop it")
+    if "compiled" in variants and os.environ.get("TORCH_COMPILE_DISABLE", "0") not in ("", "0"):
+        p.error("--variants compiled: TORCH_COMPILE_DISABLE is set, which turns torch.compile "
+                "into a no-op: unset it for this run")
     from megatron_sphinx.model.vision import MixtureOfVisualExperts
     from megatron_sphinx.train.flops import device_peak_tflops, encoder_flops_per_view
 
@@ -65,25 +85,46 @@ def main(argv: list[str] | None = None) -> int:
     flops = args.views * sum(encoder_flops_per_view(e) for e in cfg.vision.encoders)
     peak = device_peak_tflops()
 
+    _set_fused(mov, True)
+    mov.cuda_graphs = False
+    ref = mov(views).float()  # the training default's tokens, which every variant must give
     rows = []
-    variants = ["timm", "fused"] + (["fused-graph"] if on_gpu else [])
     for variant in variants:
         _set_fused(mov, variant != "timm")
         mov.cuda_graphs = variant == "fused-graph"
         mov._graphs.clear()
-        # warm-up: planning, kernel compiles, a graph's capture
-        rows.append((variant, median_ms(lambda: mov(views), args.repeats, warmup=2) / 1e3))
+        call = mov
+        if variant == "compiled":
+            encode = torch.compile(mov._encode)
+            call = torch.no_grad()(encode)
+        first = _seconds(lambda: call(views))  # planning, kernel compiles, a capture, a compile
+        err = float((call(views).float() - ref).norm() / ref.norm())
+        rows.append((variant, median_ms(lambda: call(views), args.repeats, warmup=1) / 1e3,
+                     first, err))
     where = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{where}; {args.recipe} encoders "
           f"({', '.join(e.timm_name for e in cfg.vision.encoders)}), {args.views} views per "
           f"call, {dtype}; median of {args.repeats}")
-    print(f"{'variant':12} {'ms/call':>9} {'views/s':>9} {'TFLOP/s':>9} {'MFU':>6}")
-    for variant, seconds in rows:
+    print(f"{'variant':12} {'ms/call':>9} {'views/s':>9} {'TFLOP/s':>9} {'MFU':>6} "
+          f"{'1st call s':>10} {'vs fused':>9}")
+    for variant, seconds, first, err in rows:
         tflops = flops / seconds / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
         print(f"{variant:12} {seconds * 1e3:>9.2f} {args.views / seconds:>9.1f} "
-              f"{tflops:>9.2f} {mfu:>6}")
+              f"{tflops:>9.2f} {mfu:>6} {first:>10.2f} {err:>9.1e}")
+    print("(vs fused: |tokens - fused eager tokens| / |fused eager tokens|, Frobenius norms)")
     return 0
+
+
+def _seconds(fn) -> float:
+    """Wall seconds of one call of ``fn`` (the GPU's work included)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

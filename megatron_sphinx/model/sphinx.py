@@ -62,6 +62,10 @@ class SphinxModel(MegatronModule):
         #: (:func:`~megatron_sphinx.train.step.encoded_ahead`); 0: each micro-batch encodes its
         #: own views. Set by ``build_model``.
         self.vision_batch = 0
+        #: Encode micro-batch k+1's views on a second CUDA stream while micro-batch k trains
+        #: (``encoded_ahead``; the stream is made at the first step). Set by ``build_model``.
+        self.vision_overlap = False
+        self.vision_stream: torch.cuda.Stream | None = None
         if pre_process:
             self.vision = MixtureOfVisualExperts(cfg.vision)
             self.projector = Projector(cfg.vision.channels, cfg.llm.hidden_size,

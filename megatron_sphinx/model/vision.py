@@ -136,10 +136,13 @@ class _GraphedCall:
 
     ``fn`` runs twice on a side stream first, outside the capture, so that lazy initialisation
     and cuDNN/cuBLAS planning happen there; the graph then replays the captured kernels on its
-    own static input and output buffers (in a private memory pool).
+    own static input and output buffers. Its memory comes from ``pool``, which the graphs of
+    one model share: they are replayed one at a time on one stream, and each replay's output is
+    copied out before the next (a replay may overwrite the others' intermediates and outputs,
+    never its own input).
     """
 
-    def __init__(self, fn, example: torch.Tensor):
+    def __init__(self, fn, example: torch.Tensor, pool):
         self.static_in = example.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -149,7 +152,7 @@ class _GraphedCall:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA work of other threads (a loader's) may go on during the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.static_out = fn(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +185,7 @@ class MixtureOfVisualExperts(nn.Module):
         #: whose calls take few sizes; each size is captured at its first call).
         self.cuda_graphs = False
         self._graphs: dict[tuple, _GraphedCall] = {}
+        self._graph_pool = None  # the memory pool the graphs share (made at the first capture)
 
     def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
         """Stays in eval mode whatever the caller asks: the encoders are frozen."""
@@ -201,7 +205,9 @@ class MixtureOfVisualExperts(nn.Module):
             key = (tuple(views.shape), views.dtype, views.device)
             if key not in self._graphs:
                 log.info("capturing the encoders' CUDA graph for %d views", views.shape[0])
-                self._graphs[key] = _GraphedCall(self._encode, views)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                self._graphs[key] = _GraphedCall(self._encode, views, self._graph_pool)
             return self._graphs[key](views)
         return self._encode(views)
 

@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--cuda-graph-vision", action="store_true",
                    help="replay the frozen encoders as CUDA graphs, one per call size (GPU; "
                    "needs --vision-batch)")
+    p.add_argument("--overlap-vision", action="store_true",
+                   help="encode the next micro-batch's views on a second CUDA stream while this "
+                   "one trains (GPU; side by side only with CUDA_DEVICE_MAX_CONNECTIONS unset or "
+                   "above 1)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",

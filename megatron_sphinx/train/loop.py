@@ -150,6 +150,9 @@ def preflight(rc: RunConfig):
         check_fp8(rc.backend, dtype)
     if rc.cuda_graph_vision and not torch.cuda.is_available():
         raise ValueError("--cuda-graph-vision needs a GPU, and this machine has none: drop it")
+    if rc.overlap_vision and not torch.cuda.is_available():
+        raise ValueError("--overlap-vision runs the encoders on a second CUDA stream, and this "
+                         "machine has no GPU: drop it")
     return cfg, dims, dtype
 
 
@@ -205,7 +208,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                         recompute=rc.recompute, fp8=rc.fp8,
                         overlap_grad_reduce=rc.overlap_grad_reduce,
                         overlap_param_gather=rc.overlap_param_gather,
-                        vision_batch=rc.vision_batch, cuda_graph_vision=rc.cuda_graph_vision)
+                        vision_batch=rc.vision_batch, cuda_graph_vision=rc.cuda_graph_vision,
+                        overlap_vision=rc.overlap_vision)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None
@@ -214,7 +218,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
         images = resolve_device(loader.cfg.image_device)
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
                              images=images, vision_batch=rc.vision_batch,
-                             cuda_graph_vision=rc.cuda_graph_vision)
+                             cuda_graph_vision=rc.cuda_graph_vision,
+                             overlap_vision=rc.overlap_vision)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None

@@ -88,6 +88,12 @@ class RunConfig:
     cuda_graph_vision: bool = False
     """Replay the frozen encoders as CUDA graphs, one per call size (needs ``vision_batch``
     and a GPU)."""
+    overlap_vision: bool = False
+    """Encode micro-batch k+1's views on a second CUDA stream while micro-batch k trains, so
+    that the encoders (bound by the GPU) fill the gaps of the LLM's forward and backward (bound
+    by the host's launches); needs a GPU, and more than one hardware queue
+    (``CUDA_DEVICE_MAX_CONNECTIONS`` unset or above 1) for the streams to run side by side. The
+    tokens are the same."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True

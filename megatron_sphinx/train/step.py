@@ -94,44 +94,98 @@ def forward_step(device: torch.device, num_sources: int, data_iterator, model):
     return output, partial(loss_func, batch.loss_mask, batch.loss_sources, num_sources)
 
 
+class _QueuedCalls:
+    """The encoder calls of a step, run in order as :func:`encoded_ahead` asks for views.
+
+    With ``stream`` (a second CUDA stream) each call runs there and records an event; the main
+    stream waits for that event only where it reads the call's tokens, so the encoders run
+    while the main stream is busy with the micro-batches before.
+    """
+
+    def __init__(self, calls: Iterator[torch.Tensor], stream: torch.cuda.Stream | None):
+        self.calls, self.stream = calls, stream
+        self.held: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self.encoded = 0  # views encoded so far
+        if stream is not None:  # the views were copied and concatenated on the main stream
+            stream.wait_stream(torch.cuda.current_stream())
+
+    def cover(self, views: int) -> None:
+        """Runs (queues, on a GPU) the calls up to the one holding view ``views - 1``."""
+        while self.encoded < views:
+            event = None
+            if self.stream is None:
+                tokens = next(self.calls)
+            else:
+                main = torch.cuda.current_stream()
+                with torch.cuda.stream(self.stream):
+                    tokens = next(self.calls)
+                    event = torch.cuda.Event()
+                    event.record(self.stream)
+                tokens.record_stream(main)  # made on the side stream, read on the main one
+            self.held.append((self.encoded, tokens, event))
+            self.encoded += tokens.shape[0]
+
+    def take(self, start: int, n: int) -> torch.Tensor:
+        """The tokens of views ``start .. start + n - 1`` (covered), ready on the main stream;
+        calls holding no later view are dropped."""
+        parts = []
+        for at, tokens, event in self.held:
+            if at < start + n and at + tokens.shape[0] > start:
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)
+                # slices (never written again: autograd may keep them for the projector's
+                # backward), concatenated when the micro-batch spans two calls
+                parts.append(tokens[max(start - at, 0):start + n - at])
+        self.held = [h for h in self.held if h[0] + h[1].shape[0] > start + n]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def encoded_ahead(model_chunk, microbatches: Iterable[PackedBatch],
                   device: torch.device) -> Iterator[PackedBatch]:
-    """The micro-batches, their views encoded as one stream (``features``) where the chunk
-    builds the LLM input and asks for it (``SphinxModel.vision_batch`` > 0).
+    """The micro-batches, their views encoded ahead (``features``) where the chunk builds the
+    LLM input and asks for it (``SphinxModel.vision_batch`` > 0 or ``vision_overlap``).
 
-    The views of all the step's micro-batches are encoded in calls of ``vision_batch`` views
-    (:meth:`MixtureOfVisualExperts.encode_in_calls`: few fixed sizes, CUDA graphs possible). A
-    generator, read by the schedule one micro-batch at a time: a call is queued just before the
-    first micro-batch whose views it holds, so the GPU runs it while the host is still launching
-    the LLM's many small kernels of the micro-batches before (the LLM's forward and backward
-    are bound by the host's launches, the encoders by the GPU). The encoders are frozen: the
-    tokens are those each micro-batch's own call would give.
+    With ``vision_batch`` the views of all the step's micro-batches are encoded in calls of
+    that many views (:meth:`MixtureOfVisualExperts.encode_in_calls`: few fixed sizes, CUDA
+    graphs possible), else in one call per micro-batch. A generator, read by the schedule one
+    micro-batch at a time: a call is queued just before the first micro-batch whose views it
+    holds, so the GPU runs it while the host is still launching the LLM's many small kernels of
+    the micro-batches before (the LLM's forward and backward are bound by the host's launches,
+    the encoders by the GPU).
+
+    With ``vision_overlap`` (GPUs) the calls run one micro-batch further ahead, on a second
+    CUDA stream (``SphinxModel.vision_stream``): micro-batch k+1's views are encoded while the
+    main stream runs micro-batch k's forward and backward, in the gaps the host leaves there.
+    The encoders are frozen: the tokens are those each micro-batch's own call would give.
     """
     model = unwrap(model_chunk)
-    if not (model.pre_process and model.vision_batch):
+    overlap = model.pre_process and model.vision_overlap
+    if not (model.pre_process and (model.vision_batch or overlap)):
         yield from microbatches
         return
     batches = [b.to(device, non_blocking=True) for b in microbatches]
     counts = [b.views.shape[0] for b in batches]
-    calls = model.vision.encode_in_calls(torch.cat([b.views for b in batches]),
-                                         model.vision_batch)
-    held, encoded, start = [], 0, 0  # calls' tokens not yet fully handed out, with their start
-    for batch, n in zip(batches, counts):
-        while encoded < start + n:  # queue the calls holding this micro-batch's views
-            tokens = next(calls)
-            held.append((encoded, tokens))
-            encoded += tokens.shape[0]
-        if not n:
-            yield batch
-            continue
-        # slices of the calls' tokens (never written again: autograd may keep them for the
-        # projector's backward), concatenated when the micro-batch spans two calls
-        parts = [t[max(start - at, 0):start + n - at] for at, t in held
-                 if at < start + n and at + t.shape[0] > start]
-        held = [(at, t) for at, t in held if at + t.shape[0] > start + n]
-        yield dataclasses.replace(batch, features=parts[0] if len(parts) == 1
-                                  else torch.cat(parts))
-        start += n
+    if model.vision_batch:
+        views = [torch.cat([b.views for b in batches])]
+        calls = model.vision.encode_in_calls(views[0], model.vision_batch)
+    else:
+        views = [b.views for b in batches if b.views.shape[0]]
+        calls = (model.vision(v) for v in views)
+    stream = None
+    if overlap and device.type == "cuda":
+        if model.vision_stream is None:
+            model.vision_stream = torch.cuda.Stream(device=device)
+        stream = model.vision_stream
+        for v in views:  # made on the main stream, read on the side one
+            v.record_stream(stream)
+    queue = _QueuedCalls(calls, stream)
+    ends = [sum(counts[:k + 1]) for k in range(len(counts))]  # views up to micro-batch k
+    ahead = 1 if overlap else 0
+    for k, (batch, n) in enumerate(zip(batches, counts)):
+        queue.cover(ends[min(k + ahead, len(ends) - 1)])
+        if n:
+            batch = dataclasses.replace(batch, features=queue.take(ends[k] - n, n))
+        yield batch
 
 
 def run_schedule(model_chunks: list, microbatches: Iterable[PackedBatch], *,
