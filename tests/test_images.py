@@ -178,6 +178,17 @@ def test_gpu_mixed_matches_cpu():
     assert err <= TOL, f"DALI mixed vs CPU: max diff {err * 255:.2f}/255"
 
 
+def test_gpu_pipeline_graph_is_valid_without_a_gpu():
+    """The GPU (``mixed``) pipeline's graph passes DALI's checks, which run when it is defined,
+    before any GPU is needed: until 2026-11-27 it asked for the decoded shape on the CPU, a
+    GPU-to-CPU transition the legacy executor refuses, so the GPU pipeline never built (H100
+    run 4 fell back to the CPU pipeline, then silently)."""
+    proc = ImageProcessor(ImageConfig(device="cpu"))
+    proc.device, proc._gpu_index = "gpu", 0  # define only: nothing here touches a GPU
+    pipe = proc._define()
+    assert pipe.device_id == 0 and not pipe.exec_dynamic
+
+
 @pytest.mark.parametrize("image_size,grid,skip", [(448, 2, True), (672, 3, True),
                                                    (448, 2, False)])
 def test_batched_views_equal_per_image_views(image_size, grid, skip):

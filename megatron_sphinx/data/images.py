@@ -414,6 +414,13 @@ class ImageProcessor:
 
     # The pipeline is built lazily: importing DALI costs ~1 s and text-only runs never need it.
     def _build(self):
+        pipe = self._define()
+        pipe.build()
+        return pipe
+
+    def _define(self):
+        """The DALI pipeline for this processor's device, defined but not built (defining needs
+        no GPU: DALI checks the graph, e.g. for GPU-to-CPU transitions, already here)."""
         from nvidia.dali import fn, pipeline_def, types
 
         cfg, s = self.cfg, self.cfg.image_size
@@ -442,11 +449,12 @@ class ImageProcessor:
                 resized, crop=(s, s), crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad",
                 fill_values=[float(c) for c in cfg.pad_color], mean=[0.0] * 3,
                 std=[255.0] * 3, dtype=types.FLOAT, output_layout="CHW")  # [3, S, S] float32
-            return square, img.shape()
+            # The decoded shape stays on the decoder's device: the legacy executor forbids a
+            # GPU-to-CPU transition inside the pipeline (a CPU shape of the mixed decoder's
+            # output made the GPU pipeline fail to build); _run_dali copies it out.
+            return square, img.shape(device="gpu" if gpu else "cpu")
 
-        pipe = views_pipeline()
-        pipe.build()
-        return pipe
+        return views_pipeline()
 
     def _pipeline(self):
         """The DALI pipeline, built on first use.
@@ -503,6 +511,7 @@ class ImageProcessor:
 
             square = feed_ndarray(out.as_tensor(), self._buf("square", (n, 3, s, s)),
                                   torch.cuda.current_stream())
+            shapes = shapes.as_cpu()  # [n] x [3], read on the host just below
         else:
             square = torch.from_numpy(np.array(out.as_tensor(), copy=False))  # [n, 3, S, S]
         decoded = [tuple(int(x) for x in np.asarray(shapes[i])[:2]) for i in range(n)]
