@@ -205,3 +205,35 @@ def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vi
     model.vision_batch, model.vision_overlap = 0, False  # off: the micro-batches as given, the
     # model encodes them itself
     assert [m.features for m in encoded_ahead(model, micro, torch.device("cpu"))] == [None] * 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the encoders' second stream")
+@pytest.mark.parametrize("vision_batch", [0, 8])
+def test_overlapped_encoding_on_a_second_stream_gives_the_same_tokens(debug_vision,
+                                                                       vision_batch):
+    """With ``vision_overlap`` on a GPU the encoders run on a second stream: each micro-batch's
+    tokens, read (copied) on the main stream as soon as the schedule gets them, equal its own
+    eager call's. A missing wait for the second stream would copy tokens still being written.
+    With ``vision_batch`` 8 the calls replay CUDA graphs (sizes differ from the eager calls:
+    TF32 convolutions, hence the looser tolerance)."""
+    from torch import nn
+
+    from megatron_sphinx.data.synthetic import SyntheticLoader
+    from megatron_sphinx.model.sphinx import SphinxModel
+    from megatron_sphinx.train.step import encoded_ahead
+
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision).cuda()
+    model = SphinxModel.__new__(SphinxModel)
+    nn.Module.__init__(model)
+    model.pre_process, model.vision_batch, model.vision = True, vision_batch, mov
+    model.vision_overlap, model.vision_stream = True, None
+    micro = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=6, seed=3).next_step()
+    want = [mov(m.views.cuda()) for m in micro]
+    mov.cuda_graphs = bool(vision_batch)
+    got = [m.features.clone() for m in encoded_ahead(model, micro, torch.device("cuda"))]
+    assert model.vision_stream is not None and model.vision_stream != torch.cuda.current_stream()
+    tol = dict(atol=1e-2, rtol=1e-2) if vision_batch else dict(atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
