@@ -8,9 +8,6 @@
 #                      DALI mixed against the CPU pipeline;
 #      bench_images    DALI images/s against Pillow, and the share DALI decoded (when DALI is
 #                      there);
-#      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1 and 2 packed
-#                      rows: unfused, fused (the default), the Triton kernels alone, the weight-
-#                      gradient fusion alone: launches per layer, ms, GPU busy;
 #      bench_train     sphinx-tiny full size, seq 4096, figures after 3 warm-up steps: packed +
 #                      skip tokens (the recipe's two rows per micro-batch, the fused Triton RoPE
 #                      and SwiGLU, fused weight-gradient accumulation), the encoders in calls of
@@ -19,12 +16,15 @@
 #      profile_kernels one sphinx-tiny step (the training defaults) under torch.profiler:
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
+#      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
+#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager
+#                      and through torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, the
 #                      overlapped encoders vs not, TE vs local spec, FP8 (each skips with its
 #                      reason when its piece is missing);
-#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager
-#                      and through torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
-#      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
+#      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1 and 2 packed
+#                      rows: unfused, fused (the default), the Triton kernels alone, the weight-
+#                      gradient fusion alone: launches per layer, ms, GPU busy;
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
 #      bench_packed_layers, bench_pack_overhead   RoPE, attention and SwiGLU kernels of one
@@ -36,7 +36,7 @@
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
 # Expected run time: more than one call (H100 run 4, 2026-11-27: the first 590 s call reached
 # tests_train, in the order of that day); the parts' limits add up to more, so run the rest in a
-# second call, e.g. ONLY="tests_train bench_vision diag_glue" bash tools/gpu_check.sh
+# second call, e.g. ONLY="diag_glue bench_vision tests_train" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
 # KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun;
 # PROFILE_ARGS adds training arguments to profile_kernels.
@@ -121,10 +121,6 @@ run tests_kernels 200 $PYTEST $KERNEL_TESTS \
 # DALI decoded them; batches of 128 as a GPU wants them.
 [ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
   --interp cubic --seconds 2
-# kernels / wgrad: the Triton kernels alone, the weight-gradient fusion alone (run 4: fused was
-# slower than unfused at one row, faster at two and four)
-run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 \
-  --variants unfused fused kernels wgrad
 # Figures over the steps after 3 warm-up steps (run 4: steps 2-3 ~1.6x slower, and four rows
 # spiked at steps 4 and 6; likely the encoders' convolutions planned anew for each new number
 # of views per micro-batch, which fixed-size calls, packed-graphs, do not do). New since run 4:
@@ -142,13 +138,19 @@ run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
   --global-batch-size 8 ${PROFILE_ARGS:-} --warmup 3 --steps 2 \
   --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
-run tests_train 240 $PYTEST tests/test_gpu.py
+# run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
+run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
 # run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now the fused ones
 # through torch.compile (its first call compiles: ~1-2 minutes expected)
 run bench_vision 200 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
   --recipe sphinx-tiny --views 32 --variants fused compiled
-# run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
-run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
+# bf16 GPU vs fp32 CPU and fused vs torch ops passed in run 4 (unchanged since); new: the
+# overlapped encoders against the default at the level of training losses
+run tests_train 240 $PYTEST tests/test_gpu.py
+# kernels / wgrad: the Triton kernels alone, the weight-gradient fusion alone (run 4: fused was
+# slower than unfused at one row, faster at two and four)
+run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 \
+  --variants unfused fused kernels wgrad
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
