@@ -162,6 +162,19 @@ def test_cuda_graph_replay_matches_eager_encoding(debug_vision):
     assert len(mov._graphs) == 2
 
 
+def _first_stage(mov: MixtureOfVisualExperts, vision_batch: int, overlap: bool):
+    """A first-stage ``SphinxModel`` holding only what ``encoded_ahead`` reads."""
+    from torch import nn
+
+    from megatron_sphinx.model.sphinx import SphinxModel
+
+    model = SphinxModel.__new__(SphinxModel)
+    nn.Module.__init__(model)
+    model.pre_process, model.vision_batch, model.vision = True, vision_batch, mov
+    model.vision_overlap, model.vision_stream = overlap, None
+    return model
+
+
 @pytest.mark.parametrize("vision_batch,overlap", [(8, False), (8, True), (0, True)])
 def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vision,
                                                                         vision_batch, overlap):
@@ -170,18 +183,12 @@ def test_step_views_are_encoded_call_by_call_as_micro_batches_need_them(debug_vi
     ``vision_overlap``: when the micro-batch before it is read, as a GPU then runs the call on a
     second stream during that micro-batch), so that on a GPU the encoders' work interleaves
     with the LLM's micro-batches. Without ``vision_batch`` each micro-batch is one call."""
-    from torch import nn
-
     from megatron_sphinx.data.synthetic import SyntheticLoader
-    from megatron_sphinx.model.sphinx import SphinxModel
     from megatron_sphinx.train.step import encoded_ahead
 
     torch.manual_seed(0)
     mov = MixtureOfVisualExperts(debug_vision)
-    model = SphinxModel.__new__(SphinxModel)  # only what encoded_ahead reads of a first stage
-    nn.Module.__init__(model)
-    model.pre_process, model.vision_batch, model.vision = True, vision_batch, mov
-    model.vision_overlap, model.vision_stream = overlap, None
+    model = _first_stage(mov, vision_batch, overlap)
     micro = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=6, seed=3).next_step()
     micro[3] = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=1, seed=3,
                                image_fraction=0.0).next_step()[0]  # one without views
@@ -217,18 +224,12 @@ def test_overlapped_encoding_on_a_second_stream_gives_the_same_tokens(debug_visi
     eager call's. A missing wait for the second stream would copy tokens still being written.
     With ``vision_batch`` 8 the calls replay CUDA graphs (sizes differ from the eager calls:
     TF32 convolutions, hence the looser tolerance)."""
-    from torch import nn
-
     from megatron_sphinx.data.synthetic import SyntheticLoader
-    from megatron_sphinx.model.sphinx import SphinxModel
     from megatron_sphinx.train.step import encoded_ahead
 
     torch.manual_seed(0)
     mov = MixtureOfVisualExperts(debug_vision).cuda()
-    model = SphinxModel.__new__(SphinxModel)
-    nn.Module.__init__(model)
-    model.pre_process, model.vision_batch, model.vision = True, vision_batch, mov
-    model.vision_overlap, model.vision_stream = True, None
+    model = _first_stage(mov, vision_batch, overlap=True)
     micro = SyntheticLoader(1000, 1400, 448, 2, global_batch_size=6, seed=3).next_step()
     want = [mov(m.views.cuda()) for m in micro]
     mov.cuda_graphs = bool(vision_batch)

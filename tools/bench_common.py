@@ -55,6 +55,19 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def call_seconds(fn) -> float:
+    """Wall seconds of one call of ``fn()``, the GPU's work included (e.g. a first call, which
+    plans, compiles or captures)."""
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 class CountOps(TorchDispatchMode):
     """Counts the aten ops that compute something (views and allocations left out)."""
 

@@ -62,6 +62,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "dp2": (2, []), "pp2": (2, ["--pp", "2"])}
+#: The default of 8 hardware queues, so that the overlap variants' two CUDA streams can run side
+#: by side (tools/gpu_check.sh and slurm/common.sh export 1, which serialises them).
+QUEUES = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": (["--compile-fusions"], {}),
@@ -73,13 +76,12 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-mbs4": (["--micro-batch-size", "4"], {}),
             "packed-mbs4-expandable": (["--micro-batch-size", "4"],
                                        {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-            # the default is 8 hardware queues; 1 (tools/gpu_check.sh, slurm/) serialises streams
-            "packed-overlap": (["--overlap-vision"], {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+            "packed-overlap": (["--overlap-vision"], QUEUES),
             "packed-graphs-overlap": (["--vision-batch", "32", "--cuda-graph-vision",
-                                       "--overlap-vision"], {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+                                       "--overlap-vision"], QUEUES),
             "packed-graphs-overlap-mbs4": (["--vision-batch", "32", "--cuda-graph-vision",
                                             "--overlap-vision", "--micro-batch-size", "4"],
-                                           {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+                                           QUEUES),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
-from tools.bench_common import add_dtype_arg, median_ms, recipe_and_dtype  # noqa: E402
+from tools.bench_common import (add_dtype_arg, call_seconds, median_ms,  # noqa: E402
+                                recipe_and_dtype)
 
 
 VARIANTS = ["timm", "fused", "fused-graph", "compiled"]
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "compiled":
             encode = torch.compile(mov._encode)
             call = torch.no_grad()(encode)
-        first = _seconds(lambda: call(views))  # planning, kernel compiles, a capture, a compile
+        first = call_seconds(lambda: call(views))  # planning, kernel compiles, a capture, a compile
         err = float((call(views).float() - ref).norm() / ref.norm())
         rows.append((variant, median_ms(lambda: call(views), args.repeats, warmup=1) / 1e3,
                      first, err))
@@ -114,17 +114,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{tflops:>9.2f} {mfu:>6} {first:>10.2f} {err:>9.1e}")
     print("(vs fused: |tokens - fused eager tokens| / |fused eager tokens|, Frobenius norms)")
     return 0
-
-
-def _seconds(fn) -> float:
-    """Wall seconds of one call of ``fn`` (the GPU's work included)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
