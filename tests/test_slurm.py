@@ -670,9 +670,11 @@ def test_convert_good_variables_reach_srun(tmp_path, variables, argv):
 
 
 def test_scripts_parse():
+    tools = [f"tools/{p.name}" for p in sorted((REPO / "tools").glob("*.sh"))]
+    assert {"tools/gpu_check.sh", "tools/gpu_bundle.sh", "tools/diag_cpp_glue.sh"} <= set(tools)
     for script in ["slurm/train.sbatch", "slurm/train_torchrun.sbatch", "slurm/preprocess.sbatch",
                    "slurm/profile.sbatch", "slurm/convert.sbatch", "slurm/common.sh",
-                   "scripts/local_slurm.sh"]:
+                   "scripts/local_slurm.sh", *tools]:
         out = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
         assert out.returncode == 0, f"{script}: {out.stderr}"
     text = TRAIN_SBATCH.read_text()
