@@ -136,3 +136,64 @@ def test_bench_images_says_what_share_dali_decoded():
                           "Pillow reference (exact)"]
     assert [r[-1] for r in rows.values()] == ["100%", "100%", "-", "-"]
     assert all(r[1] > 0 for r in rows.values())
+
+
+def test_gpu_summary_table(tmp_path):
+    """The GPU check's goals table: H100 run 4's recorded train.json, a pack and an images
+    file in the benchmarks' formats (one goal met, one not), then an empty folder."""
+    sys.path.insert(0, str(REPO))
+    from tools.gpu_summary import summary
+
+    (tmp_path / "train.json").write_text(
+        (REPO / "docs" / "gpu" / "h100" / "run4" / "train.json").read_text())
+    case = {"impls": {"torch": {"pct_copy": 9.0}, "cuda": {"pct_copy": 106.0}}}
+    (tmp_path / "pack.json").write_text(json.dumps(
+        {"device": "NVIDIA H100 80GB HBM3",
+         "cases": [case, {"impls": {"cuda": {"pct_copy": 129.0}}}]}))
+    rows = [{"pipeline": "DALI gpu 1x16 threads", "best_per_s": 2400.0, "by_dali": "100%"},
+            {"pipeline": "DALI gpu 16x1 workers", "best_per_s": 900.0, "by_dali": "100%"},
+            {"pipeline": "Pillow plain uint8", "best_per_s": 287.4, "by_dali": "-"}]
+    (tmp_path / "images.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3",
+                                                       "threads": 16, "rows": rows}))
+    lines = summary(tmp_path).splitlines()
+    assert "NVIDIA H100 80GB HBM3" in lines[0]
+    goals = {ln[:44].strip(): ln[44:].split(None, 2) for ln in lines[2:6]}
+    assert goals["sphinx-tiny MFU, one GPU, bf16"] == ["45%", "no", "34.0% (packed)"]
+    assert goals["packed vs --no-packing --no-skip, tokens/s"][:3] == [
+        "1.5x", "yes", "3.81x (25,093 vs 6,594)"]
+    assert goals["pack kernel bandwidth, % of a d2d copy"] == [
+        "80%", "yes", "106-129% (cuda, 2 shapes)"]
+    assert goals["DALI mixed images/s, 448 px"] == [
+        "3,000", "no", "2,400 (DALI gpu 1x16 threads, by DALI 100%); Pillow 287 on 16 threads"]
+    assert [ln.split()[0] for ln in lines[8:]] == ["packed", "packed-unfused", "packed-mbs4",
+                                                   "packed-mbs1", "reference"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = summary(empty)
+    assert text.count("not measured") == 4 and "training variant" not in text
+
+
+def test_benchmarks_write_what_the_gpu_summary_reads(tmp_path):
+    """bench_pack_kernel and bench_data write the JSON files gpu_check.sh hands to
+    tools/gpu_summary.py (here on the CPU: no kernel or DALI GPU row, which it says)."""
+    proc = _run(["tools/bench_pack_kernel.py", "--quick", "--repeat", "1", "--skip", "0.4",
+                 "--json", str(tmp_path / "pack.json")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run(["tools/bench_data.py", "--threads", "1", "--batch", "4", "--interp", "linear",
+                 "--seconds", "0.1", "--images-only", "--json", str(tmp_path / "images.json")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## loader" not in proc.stdout  # --images-only
+    pack = json.loads((tmp_path / "pack.json").read_text())
+    assert [c["batch"] for c in pack["cases"]] == [1, 2]
+    assert all(c["impls"]["torch"]["pct_copy"] > 0 for c in pack["cases"])
+    images = json.loads((tmp_path / "images.json").read_text())
+    assert {r["pipeline"] for r in images["rows"]} >= {"DALI cpu 1x1 threads",
+                                                       "Pillow plain uint8"}
+    assert all(r["best_per_s"] > 0 for r in images["rows"])
+    proc = _run(["tools/gpu_summary.py", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not measured (no CUDA or Triton kernel ran)" in proc.stdout
+    assert "not measured (DALI ran on the CPU); Pillow" in proc.stdout
+    assert "not measured (no train.json)" in proc.stdout
+    proc = _run(["tools/gpu_summary.py", str(tmp_path / "nope")])
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr

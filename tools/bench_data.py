@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import sys
@@ -207,8 +208,10 @@ def check_args(args: argparse.Namespace) -> None:
     Raises:
         ValueError: One line saying what to change.
     """
-    from megatron_sphinx.cli import check_input_file, check_store
+    from megatron_sphinx.cli import check_input_file, check_output_file, check_store
 
+    if args.json:
+        check_output_file(args.json, "--json")
     for name in ("threads", "batch", "global_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
@@ -245,6 +248,10 @@ def main(argv=None) -> int:
     p.add_argument("--step-seconds", type=float, default=None,
                    help="training step time to compare the loader with")
     p.add_argument("--quick", action="store_true", help="short measurements")
+    p.add_argument("--images-only", action="store_true",
+                   help="only the images table (no loader, no packing)")
+    p.add_argument("--json", default=None,
+                   help="also write the images table's rows here (when it is done)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     from megatron_sphinx.cli import fail
@@ -264,16 +271,26 @@ def main(argv=None) -> int:
           f"{len(photos)} photos ({os.cpu_count()} CPUs)")
     print(f"{'pipeline':28s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
           f"{'vs ref':>6s} {'CPU ms/img':>10s} by DALI")
+    rows = []
     for interp in args.interp:
         for name, best, med, ratio, vs_ref, cpu_ms, share in bench_images(
                 datas, args.threads, args.batch, secs, interp):
             print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
                   f"{cpu_ms:10.2f} {share}")
+            rows.append({"pipeline": name, "interp": interp, "best_per_s": best,
+                         "median_per_s": med, "cpu_ms_per_image": cpu_ms, "by_dali": share})
+    if args.json:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+            f"CPU, {os.cpu_count()} cores"
+        Path(args.json).write_text(json.dumps({"device": device, "threads": args.threads,
+                                               "batch": args.batch, "rows": rows}, indent=1))
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
           "this row's best;\n vs ref: median over rounds of this row's rate over the exact "
           "reference's in the same round;\n CPU ms/img: process CPU time per image, all threads,"
           " median round: robust to other load;\n by DALI: share of the images DALI decoded, the "
           "rest by the Pillow path (the RGBA-free photos: all, if DALI works))")
+    if args.images_only:
+        return 0
 
     reader = None
     if args.store:

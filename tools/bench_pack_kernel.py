@@ -37,6 +37,7 @@ Examples::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
 import sys
@@ -196,6 +197,16 @@ def bench_case(args, device, impls, h, b, skip, dtype, tiles):
         cells = [f"{e},{w} {1e3 * t[f'tile.{(e, w)}']:.3f} ms "
                  f"{100 * moved / t[f'tile.{(e, w)}'] / bw_copy:.0f}%" for e, w in tiles]
         print("  triton fwd by tile (ELEMENTS,WARPS: kern ms, %copy): " + " | ".join(cells))
+    return {"seq": args.seq, "batch": b, "hidden": h, "skipped": skipped,
+            "dtype": str(dtype).replace("torch.", ""), "copy_gbs": bw_copy / 1e9,
+            "impls": {name: {"kern_ms": 1e3 * t[f"{name}.kern"], "op_ms": 1e3 * t[f"{name}.op"],
+                             "gbs": moved / t[f"{name}.kern"] / 1e9,
+                             "pct_copy": 100 * moved / t[f"{name}.kern"] / bw_copy,
+                             "vs_unfused": t["unfused"] / t[f"{name}.op"],
+                             "vs_unfused_fb": t["unfused.fb"] / t[f"{name}.fb"]}
+                      for name in impls},
+            "tiles": {f"{e},{w}": 100 * moved / t[f"tile.{(e, w)}"] / bw_copy
+                      for e, w in tiles}}
 
 
 class NullBackend:
@@ -311,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-tiles", nargs="+", default=None, metavar="ELEMENTS,WARPS",
                    help="also time the Triton forward for each tile, e.g. 4096,4 8192,8 16384,8 "
                         "(CUDA, or CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--json", default=None, help="also write each case's figures here")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -322,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--seq must be at least 1300 (one image sample takes up to 1295 positions)")
     if args.repeat is not None and args.repeat < 1 or args.calls < 1:
         return fail("--repeat and --calls must be at least 1")
+    if args.json:
+        from megatron_sphinx.cli import check_output_file
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as exc:
+            return fail(exc)
     if args.quick:
         args.hidden, args.batch = [2048], [1, 2]
     args.repeat = args.repeat or (20 if args.overhead else 10 if device.type == "cpu" else 50)
@@ -353,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"device: {dev_name}; torch {torch.__version__}; timing: {how} of {args.repeat} "
           "round-robin rounds")
-    for h in args.hidden:
-        for b in args.batch:
-            for skip in args.skip:
-                bench_case(args, device, impls, h, b, skip, dtype, tiles)
+    cases = [bench_case(args, device, impls, h, b, skip, dtype, tiles)
+             for h in args.hidden for b in args.batch for skip in args.skip]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev_name, "cases": cases}, indent=1))
     return 0
 
 

@@ -29,10 +29,11 @@
 #                      tile sweep;
 #      bench_packed_layers, bench_pack_overhead   RoPE, attention and SwiGLU kernels of one
 #                      packed row; the pack op's host cost;
-#   3. prints one summary at the end.
-# Output in $OUT (default /tmp/gpu_check), few files as the device tool returns at most 8:
+#   3. prints a summary at the end, last the issue's goals in one table (tools/gpu_summary.py).
+# Output in $OUT (default /tmp/gpu_check), eight files as the device tool returns at most 8:
 # machine.txt (GPU, versions), log.txt (every part's output and exit code), train.json,
-# profile.json, kernels.txt, step_trace.json.gz (the profiled step's timeline, for Perfetto).
+# images.json, pack.json (what tools/gpu_summary.py reads), profile.json, kernels.txt,
+# step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
 # Expected run time: more than one call (H100 run 4, 2026-11-27: the first 590 s call reached
 # tests_train, in the order of that day); the parts' limits add up to more, so run the rest in a
@@ -120,7 +121,7 @@ run tests_kernels 200 $PYTEST $KERNEL_TESTS \
 # Run 4 measured DALI "gpu" at 86 images/s, below Pillow: the "by DALI" column now says whether
 # DALI decoded them; batches of 128 as a GPU wants them.
 [ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
-  --interp cubic --seconds 2
+  --interp cubic --seconds 2 --images-only --json "$OUT/images.json"
 # Figures over the steps after 3 warm-up steps (run 4: steps 2-3 ~1.6x slower, and four rows
 # spiked at steps 4 and 6; likely the encoders' convolutions planned anew for each new number
 # of views per micro-batch, which fixed-size calls, packed-graphs, do not do). New since run 4:
@@ -152,7 +153,7 @@ run tests_train 240 $PYTEST tests/test_gpu.py
 run bench_llm 90 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 \
   --variants unfused fused kernels wgrad
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
-  --triton-tiles 4096,4 8192,8 16384,8
+  --triton-tiles 4096,4 8192,8 16384,8 --json "$OUT/pack.json"
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
 run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 
@@ -171,4 +172,7 @@ done
 for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
   [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done
+echo
+# The issue's goals in one table (from the JSON files above; a part not run says so).
+$PY tools/gpu_summary.py "$OUT"
 exit 0
