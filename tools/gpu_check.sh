@@ -40,7 +40,10 @@
 # second call, e.g. ONLY="diag_glue bench_vision tests_train" bash tools/gpu_check.sh
 # (the kernel benchmarks last: their code did not change since the H100 run measured them).
 # KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun;
-# PROFILE_ARGS adds training arguments to profile_kernels.
+# PROFILE_ARGS adds training arguments to profile_kernels. Only what issue 7 lists (the GPU
+# tests; packed against --no-packing --no-skip; pack bandwidth; DALI against Pillow), ~8.5
+# minutes by run 4's timings: ONLY="tests_kernels bench_images bench_train tests_train
+# bench_pack" TRAIN_VARIANTS="packed reference" bash tools/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
