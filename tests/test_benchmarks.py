@@ -179,8 +179,11 @@ def test_benchmarks_write_what_the_gpu_summary_reads(tmp_path):
     proc = _run(["tools/bench_pack_kernel.py", "--quick", "--repeat", "1", "--skip", "0.4",
                  "--json", str(tmp_path / "pack.json")])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    from tests.files import TEST_IMAGES
+
     proc = _run(["tools/bench_data.py", "--threads", "1", "--batch", "4", "--interp", "linear",
-                 "--seconds", "0.1", "--images-only", "--json", str(tmp_path / "images.json")])
+                 "--seconds", "0.1", "--images-only", "--json", str(tmp_path / "images.json")],
+                env={"MEGATRON_SPHINX_TESTDATA": str(TEST_IMAGES)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "## loader" not in proc.stdout  # --images-only
     pack = json.loads((tmp_path / "pack.json").read_text())

@@ -17,10 +17,11 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: Issue 7's targets.
 GOALS = {"mfu": 0.45, "packed_vs_reference": 1.5, "pack_pct_copy": 80.0, "dali_per_s": 3000.0}
@@ -119,7 +120,9 @@ def summary(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_sphinx.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", help="the GPU check's output folder ($OUT)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
