@@ -40,19 +40,9 @@ def recipe_and_dtype(parser, args) -> tuple[object, bool, torch.dtype]:
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls (the GPU
     synchronised around each call)."""
-    gpu = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if gpu:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(1e3 * call_seconds(fn) for _ in range(repeats))
 
 
 def call_seconds(fn) -> float:
