@@ -1,6 +1,7 @@
 """Measurements the benchmark scripts share: median wall time, kernel launches, GPU time."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -35,6 +36,13 @@ def recipe_and_dtype(parser, args) -> tuple[object, bool, torch.dtype]:
         parser.error(str(exc))
     on_gpu = torch.cuda.is_available()
     return cfg, on_gpu, DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+
+
+def device_label() -> str:
+    """What a benchmark ran on: the GPU's name, or the CPU's core count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:

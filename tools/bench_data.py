@@ -280,9 +280,9 @@ def main(argv=None) -> int:
             rows.append({"pipeline": name, "interp": interp, "best_per_s": best,
                          "median_per_s": med, "cpu_ms_per_image": cpu_ms, "by_dali": share})
     if args.json:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f"CPU, {os.cpu_count()} cores"
-        Path(args.json).write_text(json.dumps({"device": device, "threads": args.threads,
+        from tools.bench_common import device_label
+
+        Path(args.json).write_text(json.dumps({"device": device_label(), "threads": args.threads,
                                                "batch": args.batch, "rows": rows}, indent=1))
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
           "this row's best;\n vs ref: median over rounds of this row's rate over the exact "

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()  # before Megatron's imports: --help stays clean
-from tools.bench_common import (add_dtype_arg, launches, median_ms,  # noqa: E402
-                                 recipe_and_dtype)
+from tools.bench_common import (add_dtype_arg, device_label, launches,  # noqa: E402
+                                 median_ms, recipe_and_dtype)
 
 #: Environment of each variant (unset variables take their defaults).
 VARIANTS = {
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
     finally:
         shutdown()
-    where = (torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)")
+    where = device_label()
     unit = "launches" if on_gpu else "ops"
     print(f"\n{where}; {args.recipe} LLM, {args.layers} layers, {args.tokens} tokens per row in "
           f"{args.segments} samples, {dtype}; median of {args.repeats}")

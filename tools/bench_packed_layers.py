@@ -36,7 +36,7 @@ quiet_import_notices()  # before Megatron's imports: --help stays clean
 from megatron_sphinx import upstream_fixes  # noqa: E402
 from kernels import triton_rope, triton_swiglu  # noqa: E402
 from megatron_sphinx.model import attention  # noqa: E402
-from tools.bench_common import launches, median_ms  # noqa: E402
+from tools.bench_common import device_label, launches, median_ms  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if triton_swiglu.supported(y):
         measure("swiglu: triton fused", lambda: triton_swiglu.FusedSwiGLU.apply(y), y)
 
-    where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"CPU ({os.cpu_count()} cores)")
+    where = device_label()
     print(f"\n{where}; {args.tokens} tokens in {args.segments} segments (longest {max_len}), "
           f"{heads} heads / {groups} kv groups x {d}, {args.dtype}; median of {args.repeats}")
     unit = "launches" if device.type == "cuda" else "ops"

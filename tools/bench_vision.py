@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
-from tools.bench_common import (add_dtype_arg, call_seconds, median_ms,  # noqa: E402
-                                recipe_and_dtype)
+from tools.bench_common import (add_dtype_arg, call_seconds, device_label,  # noqa: E402
+                                median_ms, recipe_and_dtype)
 
 
 VARIANTS = ["timm", "fused", "fused-graph", "compiled"]
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         err = float((call(views).float() - ref).norm() / ref.norm())
         rows.append((variant, median_ms(lambda: call(views), args.repeats, warmup=1) / 1e3,
                      first, err))
-    where = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{where}; {args.recipe} encoders "
+    print(f"\n{device_label()}; {args.recipe} encoders "
           f"({', '.join(e.timm_name for e in cfg.vision.encoders)}), {args.views} views per "
           f"call, {dtype}; median of {args.repeats}")
     print(f"{'variant':12} {'ms/call':>9} {'views/s':>9} {'TFLOP/s':>9} {'MFU':>6} "

@@ -7,6 +7,7 @@ global token count, so every parallel layout and micro-batch split gives the sam
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator
@@ -179,7 +180,7 @@ def encoded_ahead(model_chunk, microbatches: Iterable[PackedBatch],
         for v in views:  # made on the main stream, read on the side one
             v.record_stream(stream)
     queue = _QueuedCalls(calls, stream)
-    ends = [sum(counts[:k + 1]) for k in range(len(counts))]  # views up to micro-batch k
+    ends = list(itertools.accumulate(counts))  # views up to micro-batch k, included
     ahead = 1 if overlap else 0
     for k, (batch, n) in enumerate(zip(batches, counts)):
         queue.cover(ends[min(k + ahead, len(ends) - 1)])
