@@ -11,6 +11,7 @@ from megatron_sphinx.model.llm import ParallelSizes
 from megatron_sphinx.parallel_dims import ParallelDims
 from megatron_sphinx.train import checkpoint as ckpt_lib
 from megatron_sphinx.train.build import build_model, build_optimizer, unwrap
+from megatron_sphinx.train.run_config import VisionRun
 from megatron_sphinx.train.step import train_step
 
 SEQ = 1400  # fits one 5-view image (1295 positions) plus text
@@ -40,7 +41,7 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
     torch.manual_seed(seed)
     model = build_model(cfg, ParallelSizes(tp, pp, ep, sp, vpp), pgs, backend="local",
                         dtype=torch.float32, on_gpu=False, overlap_grad_reduce=overlap,
-                        overlap_param_gather=param_gather, vision_batch=vision_batch)
+                        overlap_param_gather=param_gather, vision=VisionRun(batch=vision_batch))
     assert len(model) == vpp
     assert model[0].ddp_config.overlap_grad_reduce is overlap
     assert model[0].ddp_config.overlap_param_gather is param_gather

@@ -78,12 +78,16 @@ def test_cuda_graph_vision_without_a_gpu_is_refused():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the refusal is for CPUs")
+    from megatron_sphinx.train.run_config import VisionRun
+
     with pytest.raises(ValueError, match="--cuda-graph-vision needs a GPU"):
         build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
-                    vision_batch=8, cuda_graph_vision=True)
-    with pytest.raises(ValueError, match="--overlap-vision .* needs a GPU"):
+                    vision=VisionRun(batch=8, cuda_graphs=True))
+    with pytest.raises(ValueError, match="--overlap-vision .* no GPU"):
         build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
-                    overlap_vision=True)
+                    vision=VisionRun(overlap=True))
+    with pytest.raises(ValueError, match="--vision-gelu fast: choose exact or tanh"):
+        VisionRun(gelu="fast")
 
 
 def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
@@ -156,7 +160,8 @@ def test_fp8_where_it_cannot_run(capsys, argv, needle):
 def test_kernel_choices_logged_and_no_final_save(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", "--recipe", "debug",
                            "--steps", "1", "--global-batch-size", "1", "--no-final-save",
-                           "--save", str(tmp_path / "run")], capture_output=True, text=True,
+                           "--vision-gelu", "tanh", "--save", str(tmp_path / "run")],
+                          capture_output=True, text=True,
                           cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # --no-final-save: the step's metrics, no checkpoint
@@ -168,8 +173,8 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
         assert lines[0].endswith(
             "kernels: layers local | attention sdpa | rope Megatron's per-sample loop | swiglu "
             "torch ops | wgrad cpu tensors (MEGATRON_SPHINX_WGRAD_FUSION=addmm forces it) | "
-            "pack_tokens torch | images DALI cpu | vision per micro-batch | adam torch AdamW | "
-            "communication gloo")
+            "pack_tokens torch | images DALI cpu | vision per micro-batch, GELU exact (the tanh "
+            "form is for GPUs) | adam torch AdamW | communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user
@@ -573,6 +578,8 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     vb = parse_args(["--vision-batch", "32", "--cuda-graph-vision"])
     assert (vb.vision_batch, vb.cuda_graph_vision, vb.overlap_vision) == (32, True, False)
     assert parse_args(["--overlap-vision"]).overlap_vision is True
+    assert (parse_args([]).vision_gelu, parse_args(["--vision-gelu", "tanh"]).vision.gelu) == (
+        "exact", "tanh")
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert main(["--recipe", "nope"]) == 2
     assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
@@ -582,16 +589,24 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     assert "unknown recipe" in capsys.readouterr().err
 
 
-def test_overlap_note_says_when_one_hardware_queue_serialises_the_streams(monkeypatch):
+def test_vision_line_says_when_one_hardware_queue_serialises_the_streams(monkeypatch):
     """--overlap-vision's start-up line warns where CUDA_DEVICE_MAX_CONNECTIONS=1 (as Megatron
-    wants for tensor parallelism, slurm/common.sh sets by default) keeps the streams apart."""
-    from megatron_sphinx.train.build import overlap_note
+    wants for tensor parallelism, slurm/common.sh sets by default) keeps the streams apart;
+    --vision-gelu tanh says where it takes effect."""
+    from megatron_sphinx.train.run_config import VisionRun
 
+    overlap = VisionRun(batch=32, cuda_graphs=True, overlap=True)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    assert "one hardware queue: unset it, or set 8" in overlap_note()
+    assert "one hardware queue: unset it, or set 8" in overlap.describe(on_gpu=True)
     for value in ("8", None):
         if value is None:
             monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
         else:
             monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", value)
-        assert overlap_note() == ", one micro-batch ahead on a second CUDA stream"
+        assert overlap.describe(on_gpu=True) == ("step's views in calls of 32, CUDA graphs, one "
+                                                 "micro-batch ahead on a second CUDA stream")
+    assert VisionRun().describe(on_gpu=True) == "per micro-batch"
+    assert VisionRun(gelu="tanh").describe(on_gpu=True) == (
+        "per micro-batch, GELU in tanh form in the GEMM epilogue")
+    assert VisionRun(gelu="tanh").describe(on_gpu=False) == (
+        "per micro-batch, GELU exact (the tanh form is for GPUs)")

@@ -45,7 +45,10 @@ def test_fused_blocks_are_every_block_of_the_encoders(recipe):
         want = ({"convnext_block": blocks, "vit_block": 0, "swiglu_mlp": 0}
                 if enc.kind == "convnext" else
                 {"convnext_block": 0, "vit_block": blocks, "swiglu_mlp": blocks})
-        assert fuse_frozen_blocks(model) == want
+        assert fuse_frozen_blocks(model) == {**want, "gelu_mlp_epilogue": 0}
+        # tanh GELU: every ConvNeXt feed-forward (Linear, GELU, Linear) too; DINOv2's is SwiGLU
+        assert fuse_frozen_blocks(model, gelu="tanh") == {
+            **want, "gelu_mlp_epilogue": blocks if enc.kind == "convnext" else 0}
 
 
 def test_fused_blocks_give_timms_tokens(debug_vision):
@@ -68,6 +71,61 @@ def test_fused_blocks_give_timms_tokens(debug_vision):
     assert reference.abs().max() > 1.0
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-5)
     assert not torch.equal(fused, reference)  # the fused path did run (other roundings)
+
+
+def test_gelu_in_the_gemm_epilogue_gives_timms_tokens_and_undoes(debug_vision):
+    """``--vision-gelu tanh``: ConvNeXt's feed-forward as one ``_addmm_activation`` (on CPUs
+    torch computes the exact GELU there, so the tokens equal timm's up to fp32 rounding: this
+    checks the plumbing; the tanh form is checked on a GPU below); ``exact`` undoes it."""
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision)
+    for p in mov.parameters():
+        p.data.normal_(0.0, 0.5)
+    views = torch.rand(3, 3, 224, 224)
+    want = mov(views)
+    calls = []
+    real = torch._addmm_activation
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_gelu"))
+        return real(*args, **kwargs)
+
+    mov.set_gelu("tanh")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "_addmm_activation", counted)
+        got = mov(views)
+        assert calls == [True] * 4  # the debug ConvNeXt's four blocks
+        mov.set_gelu("exact")
+        torch.testing.assert_close(mov(views), want, atol=0, rtol=0)
+        assert len(calls) == 4
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="choose exact or tanh"):
+        mov.set_gelu("fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
+    """On a GPU ``--vision-gelu tanh`` computes ConvNeXt's GELU in the first GEMM's epilogue
+    (cuBLASLt): no GELU kernel runs; the bf16 tokens stay within bf16 noise of exact GELU's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = get_recipe("debug").vision
+    enc_cfg = next(e for e in cfg.encoders if e.kind == "convnext")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        enc = FrozenEncoder(enc_cfg).to(torch.bfloat16)
+    views = torch.rand(8, 3, 224, 224, device="cuda")
+    exact = enc(views).float()
+    enc.set_gelu("tanh")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tanh = enc(views).float()
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages()]
+    assert not any("gelu" in k.lower() and "gemm" not in k.lower() and "nvjet" not in k
+                   for k in kernels), kernels
+    rel = float((tanh - exact).norm() / exact.norm())
+    assert 0 < rel < 2e-2, rel
 
 
 def test_loads_timm_and_open_clip_weights(debug_vision, tmp_path):

@@ -32,7 +32,8 @@ run side by side; GPU only), ``packed-vb32`` (``--vision-batch 32``: the step's 
 as one stream, 32 per call), ``packed-graphs`` (the same replayed as CUDA graphs,
 ``--cuda-graph-vision``; GPU only), ``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one /
 two rows), ``packed-graphs-overlap`` / ``packed-graphs-overlap-mbs4`` (graphs, overlapped; two /
-four rows) and ``reference``
+four rows), ``packed-tanh`` / ``packed-graphs-overlap-tanh`` (``--vision-gelu tanh``: ConvNeXt's
+GELU in its first GEMM's epilogue) and ``reference``
 (``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
 reference implementation does).
 
@@ -82,6 +83,9 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-graphs-overlap-mbs4": (["--vision-batch", "32", "--cuda-graph-vision",
                                             "--overlap-vision", "--micro-batch-size", "4"],
                                            QUEUES),
+            "packed-tanh": (["--vision-gelu", "tanh"], {}),
+            "packed-graphs-overlap-tanh": (["--vision-batch", "32", "--cuda-graph-vision",
+                                            "--overlap-vision", "--vision-gelu", "tanh"], QUEUES),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

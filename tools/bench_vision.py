@@ -7,6 +7,9 @@ views (what one ``--vision-batch`` call encodes) per variant, in one process:
 * ``fused``: the training default (``megatron_sphinx/model/vision_fusions.py``: layer scale and
   residual add as one ``addcmul``, the ViT's SwiGLU gate as the fused kernel where chosen);
 * ``fused-graph`` (GPU): the same replayed as one CUDA graph per call (``--cuda-graph-vision``);
+* ``fused-tanh``: the fused blocks with ConvNeXt's GELU in the epilogue of its first GEMM, in
+  tanh form (``--vision-gelu tanh``; on CPUs torch computes the exact GELU there): one pass over
+  the feed-forward's 4x-wide activation fewer; its "vs fused" column is the tokens' change;
 * ``compiled`` (opt-in): the fused encoders through ``torch.compile`` (Inductor fuses the
   LayerNorms, GELUs and layer scales into fewer memory passes; whether that pays for the
   encoders, bound by the GPU at ~40% MFU in H100 run 4, is what this row measures). Not a
@@ -20,7 +23,7 @@ Usage::
 
     python tools/bench_vision.py                                       # CPU: debug encoders
     python tools/bench_vision.py --recipe sphinx-tiny --views 32       # one GPU, bf16
-    python tools/bench_vision.py --recipe sphinx-tiny --variants fused compiled
+    python tools/bench_vision.py --recipe sphinx-tiny --variants fused fused-tanh compiled
 """
 from __future__ import annotations
 
@@ -39,17 +42,19 @@ from tools.bench_common import (add_dtype_arg, call_seconds, device_label,  # no
                                 median_ms, recipe_and_dtype)
 
 
-VARIANTS = ["timm", "fused", "fused-graph", "compiled"]
+VARIANTS = ["timm", "fused", "fused-graph", "fused-tanh", "compiled"]
 
 
-def _set_fused(mov, fused: bool) -> None:
-    """Every encoder block on the fused forwards, or back on timm's."""
-    from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks, restore_timm_forwards
+def _set_variant(mov, variant: str) -> None:
+    """Every encoder block on the variant's forwards: timm's, or the fused ones (with the GELU
+    in the GEMM epilogue for ``fused-tanh``)."""
+    from megatron_sphinx.model.vision_fusions import restore_timm_forwards
 
-    for enc in mov.encoders:
-        restore_timm_forwards(enc.model)
-        if fused:
-            fuse_frozen_blocks(enc.model)
+    if variant == "timm":
+        for enc in mov.encoders:
+            restore_timm_forwards(enc.model)
+    else:
+        mov.set_gelu("tanh" if variant == "fused-tanh" else "exact")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     flops = args.views * sum(encoder_flops_per_view(e) for e in cfg.vision.encoders)
     peak = device_peak_tflops()
 
-    _set_fused(mov, True)
+    _set_variant(mov, "fused")
     mov.cuda_graphs = False
     ref = mov(views).float()  # the training default's tokens, which every variant must give
     rows = []
     for variant in variants:
-        _set_fused(mov, variant != "timm")
+        _set_variant(mov, variant)
         mov.cuda_graphs = variant == "fused-graph"
         mov._graphs.clear()
         call = mov

@@ -17,8 +17,9 @@
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
-#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager
-#                      and through torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
+#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager,
+#                      with ConvNeXt's GELU in the GEMM epilogue, and through torch.compile
+#                      (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, the
 #                      overlapped encoders vs not, TE vs local spec, FP8 (each skips with its
 #                      reason when its piece is missing);
@@ -144,10 +145,11 @@ run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --s
   --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
 # run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
 run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
-# run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now the fused ones
-# through torch.compile (its first call compiles: ~1-2 minutes expected)
+# run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now ConvNeXt's GELU
+# in the GEMM epilogue (--vision-gelu tanh) and the fused ones through torch.compile (its first
+# call compiles: ~1-2 minutes expected)
 run bench_vision 200 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
-  --recipe sphinx-tiny --views 32 --variants fused compiled
+  --recipe sphinx-tiny --views 32 --variants fused fused-tanh compiled
 # bf16 GPU vs fp32 CPU and fused vs torch ops passed in run 4 (unchanged since); new: the
 # overlapped encoders against the default at the level of training losses
 run tests_train 240 $PYTEST tests/test_gpu.py

@@ -198,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replay the encoders as CUDA graphs (GPU; needs --vision-batch)")
     p.add_argument("--overlap-vision", action="store_true",
                    help="encode the next micro-batch's views on a second CUDA stream (GPU)")
+    p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
+                   help="tanh: the encoders' GELU in tanh form, in the GEMM epilogue (GPU)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (default 10)")
     return p.parse_args(argv)
@@ -249,7 +251,8 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      backend=args.backend, dtype=args.dtype, recompute=args.recompute,
                      fp8=args.fp8, packing=packing, skip_padded_views=skip,
                      vision_batch=args.vision_batch, cuda_graph_vision=args.cuda_graph_vision,
-                     overlap_vision=args.overlap_vision, timeout_minutes=args.timeout_minutes)
+                     overlap_vision=args.overlap_vision, vision_gelu=args.vision_gelu,
+                     timeout_minutes=args.timeout_minutes)
 
 
 def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: int):
@@ -450,9 +453,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                                                     dims.sequence_parallel, dims.vpp or 1), pgs,
                                 backend=backend, dtype=dtype, on_gpu=on_gpu,
                                 recompute=args.recompute, fp8=args.fp8,
-                                vision_batch=args.vision_batch,
-                                cuda_graph_vision=args.cuda_graph_vision,
-                                overlap_vision=args.overlap_vision)
+                                vision=_run_config(args).vision)
             names = _variants(args)
             optimizer, scheduler = build_optimizer(
                 cfg, model, pgs, dtype=dtype,
@@ -463,9 +464,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 from megatron_sphinx.data.images import resolve_device
                 images = resolve_device()
             kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
-                                     fp8=args.fp8, images=images, vision_batch=args.vision_batch,
-                                     cuda_graph_vision=args.cuda_graph_vision,
-                                     overlap_vision=args.overlap_vision)
+                                     fp8=args.fp8, images=images,
+                                     vision=_run_config(args).vision)
             recorder = StepRecorder(on_gpu)
             variants = []
             with instrument(model, optimizer, recorder, scheduler):

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_sphinx.config import EncoderConfig, VisionConfig
-from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks
+from megatron_sphinx.model.vision_fusions import fuse_frozen_blocks, restore_timm_forwards
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class FrozenEncoder(nn.Module):
         self.eval()
         #: Blocks whose forward runs fewer memory passes (:mod:`.vision_fusions`), by kind.
         self.fused_blocks = fuse_frozen_blocks(self.model)
+
+    def set_gelu(self, gelu: str) -> None:
+        """``exact`` or ``tanh`` GELU in the GELU feed-forwards
+        (:func:`~megatron_sphinx.model.vision_fusions.fuse_frozen_blocks`)."""
+        restore_timm_forwards(self.model)
+        self.fused_blocks = fuse_frozen_blocks(self.model, gelu)
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         """Stays in eval mode whatever the caller asks: the encoder is frozen."""
@@ -195,6 +201,14 @@ class MixtureOfVisualExperts(nn.Module):
     def channels(self) -> int:
         """Concatenated output channels."""
         return self.cfg.channels
+
+    def set_gelu(self, gelu: str) -> None:
+        """``exact`` or ``tanh`` GELU in the encoders' GELU feed-forwards
+        (:func:`~megatron_sphinx.model.vision_fusions.fuse_frozen_blocks`); drops the CUDA
+        graphs captured with the other."""
+        for enc in self.encoders:
+            enc.set_gelu(gelu)
+        self._graphs.clear()
 
     @torch.no_grad()
     def forward(self, views: torch.Tensor) -> torch.Tensor:

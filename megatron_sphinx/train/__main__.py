@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="encode the next micro-batch's views on a second CUDA stream while this "
                    "one trains (GPU; side by side only with CUDA_DEVICE_MAX_CONNECTIONS unset or "
                    "above 1)")
+    p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
+                   help="tanh: the encoders' GELU feed-forwards (ConvNeXt's) compute GELU in its "
+                   "tanh form in their first GEMM's epilogue on GPUs, one pass over their widest "
+                   "activation fewer; tokens differ slightly (default exact)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",

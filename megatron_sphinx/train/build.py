@@ -16,6 +16,7 @@ from megatron_sphinx.config import SphinxConfig
 from megatron_sphinx.model import wgrad_fusion
 from megatron_sphinx.model.llm import ParallelSizes, transformer_config
 from megatron_sphinx.model.sphinx import SphinxModel
+from megatron_sphinx.train.run_config import VisionRun
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend: str,
                 dtype: torch.dtype, on_gpu: bool, recompute: str | None = None,
                 fp8: bool = False, overlap_grad_reduce: bool = True,
-                overlap_param_gather: bool = True, vision_batch: int = 0,
-                cuda_graph_vision: bool = False, overlap_vision: bool = False) -> list:
+                overlap_param_gather: bool = True, vision: VisionRun = VisionRun()) -> list:
     """This rank's SPHINX-X stage wrapped in Megatron's DDP (distributed optimizer layout).
 
     With ``overlap_grad_reduce`` the gradient reduce-scatter of each bucket starts during the
@@ -42,20 +42,14 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     holds the encoders, the projector and the embeddings, the last chunk of the last rank the
     output layer.
 
-    With ``vision_batch`` > 0 the training step encodes the step's views as one stream, in
-    calls of at most that many views (:func:`~megatron_sphinx.train.step.encoded_ahead`),
-    replayed as CUDA graphs with ``cuda_graph_vision`` (on a GPU). With ``overlap_vision`` (on a
-    GPU) it encodes micro-batch k+1's views on a second CUDA stream while micro-batch k trains.
+    ``vision`` says how the frozen encoders run in the training step (:class:`VisionRun`:
+    the step's views as one stream of fixed-size calls, CUDA graphs, a second CUDA stream, the
+    GELU's form; :func:`~megatron_sphinx.train.step.encoded_ahead`).
 
     Returns:
         This rank's model chunks (one without interleaving), as Megatron's schedules expect.
     """
-    if cuda_graph_vision and not (on_gpu and vision_batch):
-        raise ValueError("--cuda-graph-vision needs a GPU and --vision-batch N: drop it, or "
-                         "run on a GPU with --vision-batch")
-    if overlap_vision and not on_gpu:
-        raise ValueError("--overlap-vision runs the encoders on a second CUDA stream and needs "
-                         "a GPU: drop it")
+    vision.check_device(on_gpu)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
                               recompute=recompute, fp8=fp8,
@@ -78,10 +72,11 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
                 pre_process=pp.rank() == 0 and vp_stage == 0,
                 post_process=pp.rank() == pp.size() - 1 and vp_stage == par.vpp - 1,
                 vp_stage=vp_stage if interleaved else None)
-        model.vision_batch = vision_batch
-        model.vision_overlap = overlap_vision
+        model.vision_batch = vision.batch
+        model.vision_overlap = vision.overlap
         if model.pre_process:
-            model.vision.cuda_graphs = cuda_graph_vision
+            model.vision.cuda_graphs = vision.cuda_graphs
+            model.vision.set_gelu(vision.gelu)
         if dtype != torch.float32:
             model = Float16Module(tcfg, model)
         # As Megatron's training does: one bucket for every chunk after the first, whose
@@ -191,22 +186,9 @@ def swiglu_choice(device: torch.device, dtype: torch.dtype) -> str:
     return f"Megatron's, {'torch.compile' if compiled else 'eager'} ({why})"
 
 
-def overlap_note() -> str:
-    """How ``--overlap-vision`` runs, for the start-up ``kernels:`` line: with
-    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (which Megatron wants for tensor parallelism on Hopper and
-    older) the two streams share one hardware queue, so the encoders' kernels cannot run beside
-    the LLM's."""
-    note = ", one micro-batch ahead on a second CUDA stream"
-    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
-        note += (" (but CUDA_DEVICE_MAX_CONNECTIONS=1 gives both streams one hardware queue: "
-                 "unset it, or set 8, where tensor parallelism is off)")
-    return note
-
-
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
                    device: torch.device, fp8: bool = False, images: str | None = None,
-                   vision_batch: int = 0, cuda_graph_vision: bool = False,
-                   overlap_vision: bool = False) -> dict:
+                   vision: VisionRun = VisionRun()) -> dict:
     """Which implementation backs each performance-critical part on this rank, resolved now
     (so that a forced choice that cannot run fails at start-up, not at the first step).
 
@@ -217,9 +199,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         device: The rank's device.
         fp8: FP8 GEMMs in the TE layers.
         images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
-        vision_batch: Views per encoder call of a step's view stream (0: per micro-batch).
-        cuda_graph_vision: The encoders replay CUDA graphs.
-        overlap_vision: The encoders run one micro-batch ahead on a second CUDA stream.
+        vision: How the frozen encoders run.
     """
     from megatron.core import optimizer as megatron_optimizer
 
@@ -239,8 +219,6 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
             "wgrad": wgrad_fusion.choose(device, dtype)[1],
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
-            "vision": (f"step's views in calls of {vision_batch}" if vision_batch
-                       else "per micro-batch") + (", CUDA graphs" if cuda_graph_vision else "")
-                      + (overlap_note() if overlap_vision else ""),
+            "vision": vision.describe(device.type == "cuda"),
             "adam": f"{adam.__module__.split('.')[0]} {adam.__name__}",
             "communication": torch.distributed.get_backend()}

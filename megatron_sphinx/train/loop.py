@@ -148,11 +148,7 @@ def preflight(rc: RunConfig):
     if rc.fp8:
         from megatron_sphinx.model.specs import check_fp8
         check_fp8(rc.backend, dtype)
-    if rc.cuda_graph_vision and not torch.cuda.is_available():
-        raise ValueError("--cuda-graph-vision needs a GPU, and this machine has none: drop it")
-    if rc.overlap_vision and not torch.cuda.is_available():
-        raise ValueError("--overlap-vision runs the encoders on a second CUDA stream, and this "
-                         "machine has no GPU: drop it")
+    rc.vision.check_device(torch.cuda.is_available())
     return cfg, dims, dtype
 
 
@@ -208,8 +204,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                         recompute=rc.recompute, fp8=rc.fp8,
                         overlap_grad_reduce=rc.overlap_grad_reduce,
                         overlap_param_gather=rc.overlap_param_gather,
-                        vision_batch=rc.vision_batch, cuda_graph_vision=rc.cuda_graph_vision,
-                        overlap_vision=rc.overlap_vision)
+                        vision=rc.vision)
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None
@@ -217,9 +212,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
         from megatron_sphinx.data.images import resolve_device
         images = resolve_device(loader.cfg.image_device)
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
-                             images=images, vision_batch=rc.vision_batch,
-                             cuda_graph_vision=rc.cuda_graph_vision,
-                             overlap_vision=rc.overlap_vision)
+                             images=images, vision=rc.vision)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None

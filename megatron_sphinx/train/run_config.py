@@ -4,12 +4,75 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from megatron_sphinx.config import SphinxConfig
+
+
+@dataclass(frozen=True)
+class VisionRun:
+    """How the frozen encoders run in the training step (the ``--vision-batch``,
+    ``--cuda-graph-vision``, ``--overlap-vision`` and ``--vision-gelu`` flags). Every choice
+    gives the same tokens, but ``gelu="tanh"``.
+
+    Raises:
+        ValueError: For settings that do not go together, saying what to change.
+    """
+
+    batch: int = 0
+    """Encode the views of a step's micro-batches as one stream, in calls of at most this many
+    views (a multiple of 8); 0: each micro-batch encodes its own views."""
+    cuda_graphs: bool = False
+    """Replay each call size as a CUDA graph (GPU; needs ``batch``)."""
+    overlap: bool = False
+    """Encode micro-batch k+1's views on a second CUDA stream while micro-batch k trains (GPU)."""
+    gelu: str = "exact"
+    """``exact``, or ``tanh``: the GELU feed-forwards' GELU in its tanh form, in the epilogue of
+    their first GEMM on GPUs (:mod:`megatron_sphinx.model.vision_fusions`)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or (
+                self.batch < 0 or self.batch % 8):  # MixtureOfVisualExperts.VIEW_MULTIPLE
+            raise ValueError(f"--vision-batch {self.batch}: give a multiple of 8 views per "
+                             "encoder call, e.g. 32 (0: each micro-batch encodes its own)")
+        if self.cuda_graphs and not self.batch:
+            raise ValueError("--cuda-graph-vision captures one graph per encoder call size: add "
+                             "--vision-batch N (e.g. 32) so that calls take few sizes")
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"--vision-gelu {self.gelu}: choose exact or tanh")
+
+    def check_device(self, on_gpu: bool) -> None:
+        """Raises ValueError (saying what to change) where a choice needs a GPU and
+        ``on_gpu`` is False."""
+        if on_gpu:
+            return
+        if self.cuda_graphs:
+            raise ValueError("--cuda-graph-vision needs a GPU, and this machine has none: "
+                             "drop it")
+        if self.overlap:
+            raise ValueError("--overlap-vision runs the encoders on a second CUDA stream, and "
+                             "this machine has no GPU: drop it")
+
+    def describe(self, on_gpu: bool) -> str:
+        """The ``vision`` entry of the start-up ``kernels:`` line."""
+        text = f"step's views in calls of {self.batch}" if self.batch else "per micro-batch"
+        if self.cuda_graphs:
+            text += ", CUDA graphs"
+        if self.overlap:
+            text += ", one micro-batch ahead on a second CUDA stream"
+            if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+                # As Megatron wants for tensor parallelism on Hopper and older: the two streams
+                # then share one hardware queue, and their kernels cannot run side by side.
+                text += (" (but CUDA_DEVICE_MAX_CONNECTIONS=1 gives both streams one hardware "
+                         "queue: unset it, or set 8, where tensor parallelism is off)")
+        if self.gelu == "tanh":
+            text += (", GELU in tanh form in the GEMM epilogue" if on_gpu
+                     else ", GELU exact (the tanh form is for GPUs)")
+        return text
 
 
 @dataclass
@@ -94,6 +157,11 @@ class RunConfig:
     by the host's launches); needs a GPU, and more than one hardware queue
     (``CUDA_DEVICE_MAX_CONNECTIONS`` unset or above 1) for the streams to run side by side. The
     tokens are the same."""
+    vision_gelu: str = "exact"
+    """``exact``, or ``tanh``: the encoders' GELU feed-forwards (ConvNeXt's) compute GELU in its
+    tanh form in the epilogue of their first GEMM on GPUs, one pass over their widest
+    activation fewer; the tokens then differ slightly from exact GELU's
+    (:mod:`megatron_sphinx.model.vision_fusions`)."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
@@ -152,13 +220,7 @@ class RunConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("--sp splits sequences over the TP group: raise --tp to 2 or more, "
                              "or drop --sp")
-        if isinstance(self.vision_batch, bool) or not isinstance(self.vision_batch, int) or (
-                self.vision_batch < 0 or self.vision_batch % 8):
-            raise ValueError(f"--vision-batch {self.vision_batch}: give a multiple of 8 views "
-                             "per encoder call, e.g. 32 (0: each micro-batch encodes its own)")
-        if self.cuda_graph_vision and not self.vision_batch:
-            raise ValueError("--cuda-graph-vision captures one graph per encoder call size: add "
-                             "--vision-batch N (e.g. 32) so that calls take few sizes")
+        self.vision  # checks the encoder flags
         if self.backend not in ("auto", "te", "local"):
             raise ValueError(f"--backend {self.backend}: choose auto, te or local")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -188,6 +250,12 @@ class RunConfig:
         if self.eval_interval and not self.evaluates:
             raise ValueError(f"--eval-interval {self.eval_interval} needs --eval-data (a "
                              "held-out store) or --eval-split (a part of --data)")
+
+    @property
+    def vision(self) -> VisionRun:
+        """How the frozen encoders run (the ``--vision-*`` flags)."""
+        return VisionRun(self.vision_batch, self.cuda_graph_vision, self.overlap_vision,
+                         self.vision_gelu)
 
     @property
     def evaluates(self) -> bool:
