@@ -5,9 +5,10 @@ index -1) in one pass, with autograd. Implementations: CUDA C++ extension, Trito
 (:mod:`kernels.select` chooses; ``MEGATRON_SPHINX_PACK_IMPL`` forces). The environment is read
 once per process: call :func:`refresh_settings` after changing it in-process.
 
-:mod:`kernels.triton_rope` and :mod:`kernels.triton_swiglu` hold the fused rotary embedding of
-packed tokens and the fused SwiGLU of the LLM's MLP; :mod:`kernels.fused_layers` chooses them
-(on GPUs where their start-up check passes; ``MEGATRON_SPHINX_ROPE`` / ``MEGATRON_SPHINX_SWIGLU``).
+:mod:`kernels.triton_rope`, :mod:`kernels.triton_swiglu` and :mod:`kernels.triton_cross_entropy`
+hold the fused rotary embedding of packed tokens, the fused SwiGLU of the LLM's MLP and its fused
+cross-entropy loss; :mod:`kernels.fused_layers` chooses them (on GPUs where their start-up check
+passes; ``MEGATRON_SPHINX_ROPE`` / ``MEGATRON_SPHINX_SWIGLU`` / ``MEGATRON_SPHINX_CE``).
 """
 from kernels.reference import PackPlan, PackTokensFunction, build_plan
 from kernels.select import IMPLS, impl_status, pack_tokens, resolve_impl

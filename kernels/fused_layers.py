@@ -1,8 +1,9 @@
-"""Which path runs the LLM layers' fused Triton kernels (RoPE, SwiGLU), chosen once per dtype.
+"""Which path runs the LLM's fused Triton kernels (RoPE, SwiGLU, the loss), chosen once per dtype.
 
 Each op has an environment variable (:mod:`kernels.settings`): ``MEGATRON_SPHINX_ROPE`` for the
 rotary embedding of packed tokens (:mod:`kernels.triton_rope`), ``MEGATRON_SPHINX_SWIGLU`` for the
-MLP's activation (:mod:`kernels.triton_swiglu`). Their values:
+MLP's activation (:mod:`kernels.triton_swiglu`), ``MEGATRON_SPHINX_CE`` for the cross-entropy
+loss (:mod:`kernels.triton_cross_entropy`). Their values:
 
 * ``auto`` (default): the Triton kernel for CUDA tensors, if it passes a start-up check (forward
   and backward of a small random input against the torch ops it replaces, on this GPU, in this
@@ -21,12 +22,12 @@ import logging
 
 import torch
 
-from kernels.settings import ROPE_ENV, SWIGLU_ENV, Settings, settings
+from kernels.settings import CE_ENV, ROPE_ENV, SWIGLU_ENV, Settings, settings
 
 log = logging.getLogger(__name__)
 
 #: The ops and their environment variables.
-OPS = {"rope": ROPE_ENV, "swiglu": SWIGLU_ENV}
+OPS = {"rope": ROPE_ENV, "swiglu": SWIGLU_ENV, "ce": CE_ENV}
 _choices: dict[tuple[str, str, torch.dtype], tuple[bool, str]] = {}
 _choices_for: Settings | None = None
 
@@ -90,7 +91,33 @@ def _check_swiglu(device: torch.device, dtype: torch.dtype) -> str:
             or ("the backward wrote past the rows" if bool(g_got[:, 2 * cols:].any()) else ""))
 
 
-_CHECKS = {"rope": _check_rope, "swiglu": _check_swiglu}
+def _check_ce(device: torch.device, dtype: torch.dtype) -> str:
+    """The fused cross-entropy of row-strided logits (two vocabulary blocks, the second partial;
+    one label outside the vocabulary) against torch's maths in fp32; '' if equal."""
+    from kernels import triton_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    rows, words = 37, 3000
+    base = torch.randn(rows, words + 8, generator=g).mul(4).to(device, dtype)
+    base.requires_grad_(True)
+    x = base[:, :words]  # rows strided by words + 8
+    if not triton_cross_entropy.supported(x):
+        return f"the kernel does not take {dtype} tensors on {device.type}"
+    labels = torch.randint(0, words, (rows,), generator=g)
+    labels[3] = words
+    labels = labels.to(device)
+    w = torch.randn(rows, generator=g).to(device)
+    got = triton_cross_entropy.FusedCrossEntropy.apply(x, labels)
+    (g_got,) = torch.autograd.grad(got, base, w)
+    xf = x.detach().float().requires_grad_(True)
+    want = triton_cross_entropy.reference_cross_entropy(xf, labels)
+    (g_want,) = torch.autograd.grad(want, xf, w)
+    return (_compare("forward", got, want, torch.float32)
+            or _compare("backward", g_got[:, :words], g_want, dtype)
+            or ("the backward wrote past the rows" if bool(g_got[:, words:].any()) else ""))
+
+
+_CHECKS = {"rope": _check_rope, "swiglu": _check_swiglu, "ce": _check_ce}
 
 
 def self_check(op: str, device: torch.device, dtype: torch.dtype) -> str:

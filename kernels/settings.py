@@ -1,4 +1,5 @@
-"""Environment settings of the fused kernels (the pack op, RoPE, SwiGLU), read once per process.
+"""Environment settings of the fused kernels (the pack op, RoPE, SwiGLU, the loss), read once per
+process.
 
 ``pack_tokens`` runs on the model's hot path at every micro-batch, where each ``os.environ`` read
 costs ~0.7 us of host time. The variables below are therefore read at first use and kept in a
@@ -26,7 +27,10 @@ ROPE_ENV = "MEGATRON_SPHINX_ROPE"
 #: SwiGLU of the local spec's MLP: ``auto`` (default, as for RoPE), ``torch`` (Megatron's) or
 #: ``triton`` (one fused kernel each way, ``kernels.triton_swiglu``).
 SWIGLU_ENV = "MEGATRON_SPHINX_SWIGLU"
-#: Values of :data:`ROPE_ENV` and :data:`SWIGLU_ENV`.
+#: The LLM's cross-entropy loss: ``auto`` (default, as for RoPE), ``torch`` (Megatron's) or
+#: ``triton`` (one fused kernel each way, ``kernels.triton_cross_entropy``).
+CE_ENV = "MEGATRON_SPHINX_CE"
+#: Values of :data:`ROPE_ENV`, :data:`SWIGLU_ENV` and :data:`CE_ENV`.
 FUSED_CHOICES = ("auto", "torch", "triton")
 
 
@@ -48,6 +52,8 @@ class Settings:
     """``MEGATRON_SPHINX_ROPE``: ``auto``, ``torch`` or ``triton``."""
     swiglu: str = "auto"
     """``MEGATRON_SPHINX_SWIGLU``: ``auto``, ``torch`` or ``triton``."""
+    ce: str = "auto"
+    """``MEGATRON_SPHINX_CE``: ``auto``, ``torch`` or ``triton``."""
 
 
 _current: Settings | None = None
@@ -64,11 +70,13 @@ def refresh() -> Settings:
         triton_interpret=env.get("TRITON_INTERPRET"),
         cuda_autograd=env.get(CUDA_AUTOGRAD_ENV, "") or "cpp",
         rope=env.get(ROPE_ENV, "") or "auto",
-        swiglu=env.get(SWIGLU_ENV, "") or "auto")
+        swiglu=env.get(SWIGLU_ENV, "") or "auto",
+        ce=env.get(CE_ENV, "") or "auto")
     if _current.cuda_autograd not in ("cpp", "python"):
         bad, _current = _current.cuda_autograd, None
         raise ValueError(f"{CUDA_AUTOGRAD_ENV}={bad!r}: use cpp or python")
-    for name, value in ((ROPE_ENV, _current.rope), (SWIGLU_ENV, _current.swiglu)):
+    for name, value in ((ROPE_ENV, _current.rope), (SWIGLU_ENV, _current.swiglu),
+                        (CE_ENV, _current.ce)):
         if value not in FUSED_CHOICES:
             _current = None
             raise ValueError(f"{name}={value!r}: choose auto, torch or triton")

@@ -94,8 +94,8 @@ def test_bench_llm_layers_table():
             if line.startswith(("unfused ", "fused "))}
     assert set(rows) == {"unfused", "fused"}, proc.stdout
     assert rows["unfused"][2] == rows["fused"][2] and float(rows["fused"][2]) > 0, proc.stdout
-    assert "fused, 1 row(s): rope Megatron's per-sample loop | swiglu torch ops | wgrad fused " \
-           "False" in proc.stderr
+    assert "fused, 1 row(s): rope Megatron's per-sample loop | swiglu torch ops | loss " \
+           "Megatron's | wgrad fused False" in proc.stderr
 
 
 def test_bench_vision_table():

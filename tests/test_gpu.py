@@ -23,7 +23,7 @@ COMMON = ["--data", "synthetic", "--steps", "4", "--global-batch-size", "4",
 
 #: What turns today's fused layer kernels off (kernels/fused_layers.py, model/wgrad_fusion.py).
 UNFUSED = {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
-           "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}
+           "MEGATRON_SPHINX_CE": "torch", "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}
 
 
 def _run(args: list[str], save: Path, cpu: bool = False, env: dict | None = None,
@@ -66,11 +66,12 @@ def bf16_default(init_weights, tmp_path_factory):
 
 
 def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, bf16_default, tmp_path):
-    """GPU bf16 with the default kernels (the fused RoPE and SwiGLU must have passed their
-    start-up checks) against CPU fp32."""
+    """GPU bf16 with the default kernels (the fused RoPE, SwiGLU and cross-entropy must have
+    passed their start-up checks) against CPU fp32."""
     gpu, kernels = bf16_default
     assert "rope one gather, tables kept, triton fused" in kernels[0], kernels
     assert "swiglu triton fused" in kernels[0], kernels
+    assert "loss triton fused" in kernels[0], kernels
     cpu = _run(["--recipe", "debug", "--load", str(init_weights), *COMMON], tmp_path / "cpu",
                cpu=True)
     assert len(gpu) == len(cpu) == 4
@@ -79,8 +80,9 @@ def test_gpu_bf16_training_tracks_cpu_fp32(init_weights, bf16_default, tmp_path)
 
 
 def test_gpu_fused_kernels_track_the_torch_ops(init_weights, bf16_default, tmp_path):
-    """bf16 on the GPU: the fused RoPE, SwiGLU and weight-gradient accumulation against the
-    torch ops, from the same weights (one rounding against several: bf16 tolerance)."""
+    """bf16 on the GPU: the fused RoPE, SwiGLU, cross-entropy and weight-gradient accumulation
+    against the torch ops and Megatron's loss, from the same weights (one rounding against
+    several: bf16 tolerance)."""
     (a, fused), unfused = bf16_default, []
     b = _run(_bf16_args(init_weights), tmp_path / "unfused", env=UNFUSED, kernels=unfused)
     assert "MEGATRON_SPHINX_ROPE=torch" in unfused[0] and "triton fused" not in unfused[0]

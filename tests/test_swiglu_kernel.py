@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from kernels import fused_layers, triton_rope, triton_swiglu
+from kernels import fused_layers, triton_cross_entropy, triton_rope, triton_swiglu
 from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
 
 HAS_CUDA = torch.cuda.is_available()
@@ -86,7 +86,7 @@ def test_interpreted_mlp_runs_the_kernel_where_chosen(monkeypatch, kernel_env):
 
 
 @interpreted
-@pytest.mark.parametrize("op", ["rope", "swiglu"])
+@pytest.mark.parametrize("op", ["rope", "swiglu", "ce"])
 def test_interpreted_checks_pass_and_catch_wrong_kernels(op, monkeypatch, kernel_env, caplog):
     """The start-up check passes the real kernel in both dtypes; a kernel whose forward or
     backward is off by 1% fails it: ``auto`` then runs the torch ops (with a warning naming
@@ -94,7 +94,8 @@ def test_interpreted_checks_pass_and_catch_wrong_kernels(op, monkeypatch, kernel
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16):
         assert fused_layers.self_check(op, cpu, dtype) == ""
-    fn = triton_rope.FusedRotaryTHD if op == "rope" else triton_swiglu.FusedSwiGLU
+    fn = {"rope": triton_rope.FusedRotaryTHD, "swiglu": triton_swiglu.FusedSwiGLU,
+          "ce": triton_cross_entropy.FusedCrossEntropy}[op]
     forward, backward = fn.forward, fn.backward
     for name, broken in (
             ("forward", lambda ctx, *a: forward(ctx, *a) * 1.01),
@@ -119,23 +120,26 @@ def test_interpreted_checks_pass_and_catch_wrong_kernels(op, monkeypatch, kernel
 
 def _llm_loss_and_grad_norm(rank, world_size, fused):
     """Loss and gradient norm of one debug-LLM forward + backward on a packed row, on the path
-    GPUs run (Megatron's fused SwiGLU entry point, the one-gather RoPE), with the Triton kernels
-    (interpreted) or the torch ops; and how many times each kernel ran."""
+    GPUs run (Megatron's fused SwiGLU entry point, the one-gather RoPE, the loss of
+    ``fused_loss``), with the Triton kernels (interpreted) or the torch ops (and Megatron's
+    cross-entropy); and how many times each kernel ran."""
     import os
 
     from kernels import refresh_settings
-    from kernels.settings import ROPE_ENV, SWIGLU_ENV
+    from kernels.settings import CE_ENV, ROPE_ENV, SWIGLU_ENV
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron_sphinx import cpu_compat, upstream_fixes
     from tests.sphinx_runs import model_of, setup
 
-    os.environ[ROPE_ENV] = os.environ[SWIGLU_ENV] = "triton" if fused else "torch"
+    os.environ[ROPE_ENV] = os.environ[SWIGLU_ENV] = os.environ[CE_ENV] = (
+        "triton" if fused else "torch")
     refresh_settings()
     for op in fused_layers.OPS:  # the start-up checks first: they run the kernels too
         fused_layers.choice(op, "cpu", torch.float32)
-    calls = {"rope": 0, "swiglu": 0}
+    calls = {"rope": 0, "swiglu": 0, "ce": 0}
     rope_fn, swiglu_fn = triton_rope.fused_rope, triton_swiglu.FusedSwiGLU.apply
+    ce_fn = triton_cross_entropy.FusedCrossEntropy.apply
 
     def count(name, fn):
         def wrapped(*args):
@@ -145,6 +149,7 @@ def _llm_loss_and_grad_norm(rank, world_size, fused):
 
     triton_rope.fused_rope = count("rope", rope_fn)
     triton_swiglu.FusedSwiGLU.apply = count("swiglu", swiglu_fn)
+    triton_cross_entropy.FusedCrossEntropy.apply = count("ce", ce_fn)
     # CPUs keep Megatron's per-sample RoPE loop; GPUs run the one gather (and the kernel)
     rope_utils._apply_rotary_pos_emb_thd = (
         lambda t, cu, freqs, **kw: upstream_fixes.thd_rope_one_gather(t, cu, freqs))
@@ -167,13 +172,14 @@ def _llm_loss_and_grad_norm(rank, world_size, fused):
 @interpreted
 def test_interpreted_llm_runs_the_kernels_and_matches_the_torch_ops():
     """The debug LLM on the GPU path: with the kernels (queries and keys of every layer rotated
-    by the RoPE kernel, every MLP's SwiGLU by its kernel) the loss and the gradient norm equal
-    those of the torch ops."""
+    by the RoPE kernel, every MLP's SwiGLU by its kernel, the loss by the cross-entropy kernel)
+    the loss and the gradient norm equal those of the torch ops and Megatron's loss."""
     from tests.dist_harness import run_ranks
 
     loss, norm, calls = run_ranks(_llm_loss_and_grad_norm, 1, True, timeout=300)[0]
     loss0, norm0, calls0 = run_ranks(_llm_loss_and_grad_norm, 1, False, timeout=300)[0]
-    assert calls == {"rope": 2 * 4, "swiglu": 4} and calls0 == {"rope": 0, "swiglu": 0}
+    assert calls == {"rope": 2 * 4, "swiglu": 4, "ce": 1}
+    assert calls0 == {"rope": 0, "swiglu": 0, "ce": 0}
     assert loss == pytest.approx(loss0, rel=1e-6)
     assert norm == pytest.approx(norm0, rel=1e-5)
 
@@ -185,7 +191,7 @@ def _as_tuple(x):
 @pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_swiglu_kernel_under_the_interpreter():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 5)
+    run_interpreted(__file__, "test_interpreted", 6)
 
 
 def test_swiglu_kernels_compile_for_hopper(tmp_path, monkeypatch):

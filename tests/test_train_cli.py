@@ -172,9 +172,9 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
     if not torch.cuda.is_available():
         assert lines[0].endswith(
             "kernels: layers local | attention sdpa | rope Megatron's per-sample loop | swiglu "
-            "torch ops | wgrad cpu tensors (MEGATRON_SPHINX_WGRAD_FUSION=addmm forces it) | "
-            "pack_tokens torch | images DALI cpu | vision per micro-batch, GELU exact (the tanh "
-            "form is for GPUs) | adam torch AdamW | communication gloo")
+            "torch ops | loss Megatron's | wgrad cpu tensors (MEGATRON_SPHINX_WGRAD_FUSION=addmm "
+            "forces it) | pack_tokens torch | images DALI cpu | vision per micro-batch, GELU "
+            "exact (the tanh form is for GPUs) | adam torch AdamW | communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user

@@ -5,15 +5,17 @@ gradients, as training does) with ``--layers`` of its layers, and times forward 
 micro-batch of ``--rows`` packed rows of ``--tokens`` (cut into ``--segments`` samples per row,
 random lengths) per variant, all in one process:
 
-* ``unfused``: RoPE and SwiGLU in torch ops, weight gradients added to the fp32 gradients by a
-  hook (``MEGATRON_SPHINX_ROPE=torch MEGATRON_SPHINX_SWIGLU=torch
-  MEGATRON_SPHINX_WGRAD_FUSION=torch``: GPU training before 2026-11-27);
-* ``fused``: the defaults (``auto``): on GPUs the Triton RoPE and SwiGLU kernels and the
-  weight-gradient GEMMs accumulating into the fp32 gradients, each where its start-up check
-  passes (the kernels line printed per variant says which ran);
-* ``kernels`` (the Triton RoPE and SwiGLU alone) and ``wgrad`` (the weight-gradient fusion
-  alone): which of the two a difference comes from (H100 run 4: ``fused`` was slower than
-  ``unfused`` at one row, host-bound, and faster at two and four).
+* ``unfused``: RoPE and SwiGLU in torch ops, Megatron's cross-entropy, weight gradients added
+  to the fp32 gradients by a hook (``MEGATRON_SPHINX_ROPE=torch MEGATRON_SPHINX_SWIGLU=torch
+  MEGATRON_SPHINX_CE=torch MEGATRON_SPHINX_WGRAD_FUSION=torch``: GPU training before
+  2026-11-27);
+* ``fused``: the defaults (``auto``): on GPUs the Triton RoPE, SwiGLU and cross-entropy kernels
+  and the weight-gradient GEMMs accumulating into the fp32 gradients, each where its start-up
+  check passes (the kernels line printed per variant says which ran);
+* ``kernels`` (the Triton kernels alone), ``wgrad`` (the weight-gradient fusion alone) and
+  ``ce`` (all but the fused cross-entropy): which part a difference comes from (H100 run 4:
+  ``fused``, without the cross-entropy kernel then, was slower than ``unfused`` at one row,
+  host-bound, and faster at two and four).
 
 Per variant and number of rows it prints the kernel launches of the micro-batch's forward +
 backward divided by the layers (the embedding, output layer and loss included; on a CPU, the
@@ -48,13 +50,15 @@ from tools.bench_common import (add_dtype_arg, device_label, launches,  # noqa: 
 #: Environment of each variant (unset variables take their defaults).
 VARIANTS = {
     "unfused": {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
-                "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
+                "MEGATRON_SPHINX_CE": "torch", "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
     "fused": {"MEGATRON_SPHINX_ROPE": "auto", "MEGATRON_SPHINX_SWIGLU": "auto",
-              "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
+              "MEGATRON_SPHINX_CE": "auto", "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
     "kernels": {"MEGATRON_SPHINX_ROPE": "auto", "MEGATRON_SPHINX_SWIGLU": "auto",
-                "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
+                "MEGATRON_SPHINX_CE": "auto", "MEGATRON_SPHINX_WGRAD_FUSION": "torch"},
     "wgrad": {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
-              "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
+              "MEGATRON_SPHINX_CE": "torch", "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
+    "ce": {"MEGATRON_SPHINX_ROPE": "auto", "MEGATRON_SPHINX_SWIGLU": "auto",
+           "MEGATRON_SPHINX_CE": "torch", "MEGATRON_SPHINX_WGRAD_FUSION": "auto"},
 }
 
 
@@ -91,7 +95,7 @@ def _build(cfg, layers: int, dtype: torch.dtype, on_gpu: bool):
 
 def _measure(cfg, args, variant: str, rows: int, dtype, on_gpu: bool) -> dict:
     from kernels import refresh_settings
-    from megatron_sphinx.train.build import rope_choice, swiglu_choice
+    from megatron_sphinx.train.build import loss_choice, rope_choice, swiglu_choice
 
     os.environ.update(VARIANTS[variant])
     refresh_settings()
@@ -117,8 +121,8 @@ def _measure(cfg, args, variant: str, rows: int, dtype, on_gpu: bool) -> dict:
     wall_ms = median_ms(step, args.repeats, warmup=2)
     launched, gpu_ms = launches(step)
     kernels = (f"rope {rope_choice('local', device, dtype)} | swiglu "
-               f"{swiglu_choice(device, dtype)} | wgrad fused "
-               f"{model.config.gradient_accumulation_fusion}")
+               f"{swiglu_choice(device, dtype)} | loss {loss_choice(device, dtype)} | wgrad "
+               f"fused {model.config.gradient_accumulation_fusion}")
     return {"variant": variant, "rows": rows, "launches_per_layer": launched / args.layers,
             "ms_per_layer": wall_ms / args.layers, "ms": wall_ms,
             "gpu_busy": gpu_ms / wall_ms if on_gpu else None,

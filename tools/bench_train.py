@@ -18,8 +18,9 @@ variant in one invocation and prints one table:
 
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
-varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-unfused`` (RoPE and SwiGLU
-in torch ops instead of the fused Triton kernels GPUs run by default, ``kernels/fused_layers.py``,
+varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-unfused`` (RoPE, SwiGLU and
+the cross-entropy in torch ops instead of the fused Triton kernels GPUs run by default,
+``kernels/fused_layers.py``,
 and weight gradients added by the hook, ``megatron_sphinx/model/wgrad_fusion.py``; the same as
 ``packed`` on CPUs), ``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
@@ -71,6 +72,7 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-compiled": (["--compile-fusions"], {}),
             "packed-unfused": ([], {"MEGATRON_SPHINX_ROPE": "torch",
                                     "MEGATRON_SPHINX_SWIGLU": "torch",
+                                    "MEGATRON_SPHINX_CE": "torch",
                                     "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}),
             "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),

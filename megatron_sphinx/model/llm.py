@@ -14,6 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sphinx.config import LLMConfig
+from megatron_sphinx.model import fused_loss
 from megatron_sphinx.model.specs import layer_spec
 
 #: Megatron pads the vocabulary to a multiple of this (x tp); LLaMA-family vocabularies already are.
@@ -144,7 +145,7 @@ def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_pr
         pg_collection: Megatron ``ProcessGroupCollection``; None takes Megatron's defaults.
         vp_stage: This chunk's virtual pipeline stage (interleaved schedule), else None.
     """
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(llm, backend),
         vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
@@ -157,3 +158,5 @@ def build_gpt(llm: LLMConfig, config: TransformerConfig, backend: str, *, pre_pr
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    fused_loss.install(model)  # the kernel behind the loss, chosen when it runs
+    return model
