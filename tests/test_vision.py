@@ -113,8 +113,10 @@ def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
     cfg = get_recipe("debug").vision
     enc_cfg = next(e for e in cfg.encoders if e.kind == "convnext")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        enc = FrozenEncoder(enc_cfg).to(torch.bfloat16)
+    enc = FrozenEncoder(enc_cfg)
+    for p in enc.parameters():  # layer scales far from their tiny initial values (tokens ~30)
+        p.data.normal_(0.0, 0.5)
+    enc = enc.cuda().to(torch.bfloat16)
     views = torch.rand(8, 3, 224, 224, device="cuda")
     exact = enc(views).float()
     enc.set_gelu("tanh")
@@ -125,7 +127,7 @@ def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
     assert not any("gelu" in k.lower() and "gemm" not in k.lower() and "nvjet" not in k
                    for k in kernels), kernels
     rel = float((tanh - exact).norm() / exact.norm())
-    assert 0 < rel < 2e-2, rel
+    assert 0 < rel < 2e-2, rel  # the CPU emulation in bf16 (nn.GELU tanh): 0.6%
 
 
 def test_loads_timm_and_open_clip_weights(debug_vision, tmp_path):

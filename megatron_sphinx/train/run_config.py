@@ -220,7 +220,7 @@ class RunConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("--sp splits sequences over the TP group: raise --tp to 2 or more, "
                              "or drop --sp")
-        self.vision  # checks the encoder flags
+        _ = self.vision  # VisionRun checks the encoder flags when it is made
         if self.backend not in ("auto", "te", "local"):
             raise ValueError(f"--backend {self.backend}: choose auto, te or local")
         if self.dtype not in ("auto", "bf16", "fp32"):
