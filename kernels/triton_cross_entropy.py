@@ -12,9 +12,12 @@ all, nothing but the rows' log-sum-exp kept):
               loss = lse - x[label]
     backward  dx_j = g (exp(x_j - lse) - [j == label])      written in the logits' dtype
 
-A label outside ``[0, V)`` counts no target logit, as Megatron's does with one tensor-parallel
-rank: its loss is ``lse - max_j x_j`` and its gradient the softmax. One tensor-parallel rank only
-(the whole vocabulary in each row); sharded logits keep Megatron's path.
+With the vocabulary split over tensor-parallel ranks (``group``), each rank's forward kernel
+returns its rows' max, sum of ``exp(x - max)`` and target logit over its own words; two
+all-reduces over the group (the max, then the rescaled sums and the targets together) give the
+rows' ``lse``, and the backward needs no communication. A label outside the vocabulary counts no
+target logit, as Megatron's loss does: its loss is ``lse - max_j x_j`` and its gradient the
+softmax.
 
 Which path runs is chosen by :mod:`kernels.fused_layers` (``MEGATRON_SPHINX_CE``). Under
 ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors, which is
@@ -30,7 +33,7 @@ try:  # triton is optional: without it the fused path is unavailable
 except Exception:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-__all__ = ["FusedCrossEntropy", "reference_cross_entropy", "supported"]
+__all__ = ["FusedCrossEntropy", "cross_entropy", "reference_cross_entropy", "supported"]
 
 #: Words per program and loop step.
 BLOCK = 2048
@@ -57,8 +60,8 @@ def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 if triton is not None:
     @triton.jit
-    def _ce_fwd_kernel(x_ptr, labels_ptr, loss_ptr, lse_ptr, words, stride_x,
-                       BLOCK: tl.constexpr):
+    def _ce_fwd_kernel(x_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, words, vocab_start,
+                       stride_x, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         offs = tl.arange(0, BLOCK)
@@ -73,42 +76,56 @@ if triton is not None:
             s = s * tl.exp(m - new_m) + tl.exp(x - new_m)
             m = new_m
         row_max = tl.max(m, 0)
-        lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
-        label = tl.load(labels_ptr + row)
-        valid = (label >= 0) & (label < words)
-        target = tl.load(x_row + tl.where(valid, label, 0)).to(tl.float32)
-        target = tl.where(valid, target, row_max)
-        tl.store(loss_ptr + row, lse - target)
-        tl.store(lse_ptr + row, lse)
+        tl.store(max_ptr + row, row_max)
+        tl.store(sumexp_ptr + row, tl.sum(s * tl.exp(m - row_max), 0))
+        label = tl.load(labels_ptr + row) - vocab_start
+        hit = (label >= 0) & (label < words)
+        target = tl.load(x_row + tl.where(hit, label, 0)).to(tl.float32)
+        tl.store(target_ptr + row, tl.where(hit, target, 0.0))
+        tl.store(target_ptr + row + tl.num_programs(0), tl.where(hit, 1.0, 0.0))
 
     @triton.jit
-    def _ce_bwd_kernel(x_ptr, labels_ptr, lse_ptr, g_ptr, dx_ptr, words, stride_x, stride_g,
-                       BLOCK: tl.constexpr):
+    def _ce_bwd_kernel(x_ptr, labels_ptr, lse_ptr, g_ptr, dx_ptr, words, vocab_start, stride_x,
+                       stride_g, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < words
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row)
         g = tl.load(g_ptr + row * stride_g).to(tl.float32)
-        label = tl.load(labels_ptr + row)
+        label = tl.load(labels_ptr + row) - vocab_start
         p = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
         tl.store(dx_ptr + row * words + cols, (g * p).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 class FusedCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of ``logits`` ``[n, V]`` against ``labels`` ``[n]`` (int64):
-    ``[n]`` fp32 losses, one kernel each way; saves the logits, the labels and each row's
-    log-sum-exp."""
+    """Per-row cross-entropy of ``logits`` ``[n, V]`` (this rank's ``V`` words of the
+    vocabulary, from ``vocab_start``) against global ``labels`` ``[n]`` (int64): ``[n]`` fp32
+    losses, the same on every rank of ``group`` (None: one rank); one kernel each way, two
+    all-reduces of ``[n]`` rows forward with a group. Saves the logits, the labels and each
+    row's log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, group=None,
+                vocab_start: int = 0) -> torch.Tensor:
         rows, words = logits.shape
         labels = labels.to(torch.int64).contiguous()
-        loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        row_max, sumexp = torch.empty(rows, **f32), torch.empty(rows, **f32)
+        target = torch.empty(2, rows, **f32)  # the label's logit, whether this rank holds it
         if rows:
-            _ce_fwd_kernel[(rows,)](logits, labels, loss, lse, words, logits.stride(0),
-                                    BLOCK=BLOCK)
+            _ce_fwd_kernel[(rows,)](logits, labels, row_max, sumexp, target, words, vocab_start,
+                                    logits.stride(0), BLOCK=BLOCK)
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            local_max = row_max.clone()
+            torch.distributed.all_reduce(row_max, torch.distributed.ReduceOp.MAX, group=group)
+            parts = torch.cat([sumexp.mul_(torch.exp(local_max - row_max)).unsqueeze(0),
+                               target])
+            torch.distributed.all_reduce(parts, group=group)
+            sumexp, target = parts[0], parts[1:]
+        lse = row_max + torch.log(sumexp)
+        loss = lse - torch.where(target[1] > 0, target[0], row_max)
+        ctx.vocab_start = vocab_start
         ctx.save_for_backward(logits, labels, lse)
         return loss
 
@@ -119,6 +136,14 @@ class FusedCrossEntropy(torch.autograd.Function):
         dx = torch.empty((rows, words), dtype=logits.dtype, device=logits.device)
         if rows:
             _ce_bwd_kernel[(rows, triton.cdiv(words, BLOCK))](
-                logits, labels, lse, grad, dx, words, logits.stride(0), grad.stride(0),
-                BLOCK=BLOCK)
-        return dx, None
+                logits, labels, lse, grad, dx, words, ctx.vocab_start, logits.stride(0),
+                grad.stride(0), BLOCK=BLOCK)
+        return dx, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
+    """Per-row fp32 losses of ``logits`` ``[n, V / ranks]``, this rank's share of the
+    vocabulary split evenly over ``group`` in rank order (as Megatron's vocab-parallel output
+    layer holds it; None: the whole vocabulary), against global ``labels`` ``[n]``."""
+    start = 0 if group is None else torch.distributed.get_rank(group) * logits.shape[1]
+    return FusedCrossEntropy.apply(logits, labels, group, start)

@@ -3,8 +3,9 @@ Megatron's ``vocab_parallel_cross_entropy`` it replaces (megatron_sphinx/model/f
 
 On machines without a GPU the kernels run under Triton's CPU interpreter (in one subprocess that
 sets ``TRITON_INTERPRET=1`` before triton is imported) and are compiled ahead of time for sm_90;
-on a GPU they run for real. Its start-up check and the LLM's loss through it are tested with the
-other fused kernels' in tests/test_swiglu_kernel.py.
+on a GPU they run for real. With the vocabulary split over two ranks (gloo) it is checked against
+Megatron's vocab-parallel loss. Its start-up check and the LLM's loss through it are tested with
+the other fused kernels' in tests/test_swiglu_kernel.py.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _check(device, dtype, atol):
             labels[1], labels[2] = -1, words  # outside the vocabulary: no target logit
         labels = labels.to(device)
         w = torch.randn(rows, generator=g).to(device)
-        got = ce.FusedCrossEntropy.apply(x, labels)
+        got = ce.cross_entropy(x, labels)
         (g_got,) = torch.autograd.grad((got * w).sum(), base)
         xf = x.detach().float().requires_grad_(True)
         want = ce.reference_cross_entropy(xf, labels)
@@ -72,7 +73,7 @@ def test_interpreted_cross_entropy_matches_megatron(tmp_path):
         w = torch.randn(6, 2, generator=g)
         want = _megatron_cross_entropy(logits, labels)
         (g_want,) = torch.autograd.grad((want * w).sum(), logits)
-        got = ce.FusedCrossEntropy.apply(logits.view(12, 300), labels.view(12)).view(6, 2)
+        got = ce.cross_entropy(logits.view(12, 300), labels.view(12)).view(6, 2)
         (g_got,) = torch.autograd.grad((got * w).sum(), logits)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
@@ -80,10 +81,45 @@ def test_interpreted_cross_entropy_matches_megatron(tmp_path):
         torch.distributed.destroy_process_group()
 
 
+def _vocab_parallel(rank, world_size):
+    """This rank's share of the vocabulary (``[s, b, V / 2]``): the fused loss with the group,
+    Megatron's vocab-parallel loss, and the single-rank fp32 maths on the whole vocabulary."""
+    from megatron.core import tensor_parallel
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(6, 2, 400, generator=g).mul(5)
+    labels = torch.randint(0, 400, (6, 2), generator=g)
+    labels[0, 1], labels[4, 0] = 400, -1  # outside the vocabulary
+    labels[2, 0], labels[3, 1] = 199, 200  # the last word of rank 0, the first of rank 1
+    w = torch.randn(6, 2, generator=g)
+    share = full[..., rank * 200:(rank + 1) * 200].clone().requires_grad_(True)
+    group = torch.distributed.group.WORLD
+    got = ce.cross_entropy(share.view(12, 200), labels.view(12), group).view(6, 2)
+    (g_got,) = torch.autograd.grad((got * w).sum(), share)
+    want = tensor_parallel.vocab_parallel_cross_entropy(share.clone(), labels, tp_group=group)
+    (g_want,) = torch.autograd.grad((want * w).sum(), share)
+    single = ce.reference_cross_entropy(full.view(12, 400), labels.view(12)).view(6, 2)
+    return got.detach(), want.detach(), single, g_got, g_want
+
+
+@interpreted
+def test_interpreted_vocab_parallel_cross_entropy_matches_megatron():
+    """The vocabulary split over two ranks (as Megatron's output layer splits it): the fused
+    loss equals Megatron's vocab-parallel loss and the one-rank loss on the whole vocabulary;
+    each rank's gradient equals Megatron's for its words."""
+    from tests.dist_harness import run_ranks
+
+    for got, want, single, g_got, g_want in run_ranks(_vocab_parallel, 2, timeout=120):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
 def test_cross_entropy_kernel_under_the_interpreter():
     """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 2)
+    run_interpreted(__file__, "test_interpreted", 3)
 
 
 def test_cross_entropy_kernels_compile_for_hopper(tmp_path, monkeypatch):
@@ -94,8 +130,9 @@ def test_cross_entropy_kernels_compile_for_hopper(tmp_path, monkeypatch):
     from triton.compiler import ASTSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    pointers = {"x_ptr": None, "dx_ptr": None, "labels_ptr": "*i64", "loss_ptr": "*fp32",
-                "lse_ptr": "*fp32", "g_ptr": "*fp32"}
+    pointers = {"x_ptr": None, "dx_ptr": None, "labels_ptr": "*i64", "max_ptr": "*fp32",
+                "sumexp_ptr": "*fp32", "target_ptr": "*fp32", "lse_ptr": "*fp32",
+                "g_ptr": "*fp32"}
     for kernel in (ce._ce_fwd_kernel, ce._ce_bwd_kernel):
         for dtype in ("bf16", "fp32"):
             sig = {n: ("constexpr" if n == "BLOCK" else pointers[n] or f"*{dtype}"

@@ -118,7 +118,7 @@ def test_interpreted_checks_pass_and_catch_wrong_kernels(op, monkeypatch, kernel
     assert fused_layers.choice(op, cpu, torch.float32) == (True, "passed its start-up check")
 
 
-def _llm_loss_and_grad_norm(rank, world_size, fused):
+def _llm_loss_and_grad_norm(rank, world_size, fused, tp=1):
     """Loss and gradient norm of one debug-LLM forward + backward on a packed row, on the path
     GPUs run (Megatron's fused SwiGLU entry point, the one-gather RoPE, the loss of
     ``fused_loss``), with the Triton kernels (interpreted) or the torch ops (and Megatron's
@@ -154,7 +154,7 @@ def _llm_loss_and_grad_norm(rank, world_size, fused):
     rope_utils._apply_rotary_pos_emb_thd = (
         lambda t, cu, freqs, **kw: upstream_fixes.thd_rope_one_gather(t, cu, freqs))
     with cpu_compat.cpu_device_mode():
-        cfg, dims, pgs, chunks, *_ = setup(1, "debug")
+        cfg, dims, pgs, chunks, *_ = setup(world_size, "debug", tp=tp)
         gpt = model_of(chunks).language_model
         gpt.config.bias_activation_fusion = True  # as on GPUs: Megatron's fused SwiGLU path
         g = torch.Generator().manual_seed(0)
@@ -173,15 +173,19 @@ def _llm_loss_and_grad_norm(rank, world_size, fused):
 def test_interpreted_llm_runs_the_kernels_and_matches_the_torch_ops():
     """The debug LLM on the GPU path: with the kernels (queries and keys of every layer rotated
     by the RoPE kernel, every MLP's SwiGLU by its kernel, the loss by the cross-entropy kernel)
-    the loss and the gradient norm equal those of the torch ops and Megatron's loss."""
+    the loss and the gradient norm equal those of the torch ops and Megatron's loss; also on
+    two tensor-parallel ranks (the vocabulary split, the loss's two all-reduces; each rank's
+    gradient norm over its own shards)."""
     from tests.dist_harness import run_ranks
 
-    loss, norm, calls = run_ranks(_llm_loss_and_grad_norm, 1, True, timeout=300)[0]
-    loss0, norm0, calls0 = run_ranks(_llm_loss_and_grad_norm, 1, False, timeout=300)[0]
-    assert calls == {"rope": 2 * 4, "swiglu": 4, "ce": 1}
-    assert calls0 == {"rope": 0, "swiglu": 0, "ce": 0}
-    assert loss == pytest.approx(loss0, rel=1e-6)
-    assert norm == pytest.approx(norm0, rel=1e-5)
+    for tp in (1, 2):
+        fused = run_ranks(_llm_loss_and_grad_norm, tp, True, tp, timeout=300)
+        torch_ops = run_ranks(_llm_loss_and_grad_norm, tp, False, tp, timeout=300)
+        for (loss, norm, calls), (loss0, norm0, calls0) in zip(fused, torch_ops):
+            assert calls == {"rope": 2 * 4, "swiglu": 4, "ce": 1}
+            assert calls0 == {"rope": 0, "swiglu": 0, "ce": 0}
+            assert loss == pytest.approx(loss0, rel=1e-6)
+            assert norm == pytest.approx(norm0, rel=1e-5)
 
 
 def _as_tuple(x):

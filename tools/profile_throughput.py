@@ -465,7 +465,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 images = resolve_device()
             kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
                                      fp8=args.fp8, images=images,
-                                     vision=_run_config(args).vision, tp=dims.tp)
+                                     vision=_run_config(args).vision)
             recorder = StepRecorder(on_gpu)
             variants = []
             with instrument(model, optimizer, recorder, scheduler):

@@ -3,10 +3,10 @@
 Megatron's ``GPTModel.compute_language_model_loss`` without Transformer Engine runs
 ``vocab_parallel_cross_entropy``: an fp32 copy of the logits and about eight passes over them
 (:mod:`kernels.triton_cross_entropy` counts them). :func:`install` binds a loss to a model
-instance that runs one kernel each way instead, where :mod:`kernels.fused_layers` chooses it
-for the logits' device and dtype (``MEGATRON_SPHINX_CE``: on GPUs where its start-up check
-passes) and the model has one tensor-parallel rank (the whole vocabulary in each row);
-otherwise, and for sharded logits, Megatron's. The losses are the same up to fp32 rounding.
+instance that runs one kernel each way instead (with the vocabulary split over tensor-parallel
+ranks, two all-reduces of one value per token), where :mod:`kernels.fused_layers` chooses it for
+the logits' device and dtype (``MEGATRON_SPHINX_CE``: on GPUs where its start-up check passes);
+otherwise Megatron's. The losses are the same up to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ def _language_model_loss(self: GPTModel, labels: torch.Tensor, logits: torch.Ten
     if (flat is None or not triton_cross_entropy.supported(flat)
             or not fused_layers.use_triton("ce", flat)):
         return GPTModel.compute_language_model_loss(self, labels, logits)
-    loss = triton_cross_entropy.FusedCrossEntropy.apply(flat, labels.t().reshape(-1))
+    group = self.tp_group if self.config.tensor_model_parallel_size > 1 else None
+    loss = triton_cross_entropy.cross_entropy(flat, labels.t().reshape(-1), group)
     return loss.view(logits.shape[0], logits.shape[1]).t().contiguous()  # [s, b] -> [b, s]
 
 
 def install(model: GPTModel) -> bool:
-    """Makes ``model`` compute its loss as above where it can (the last pipeline stage of one
-    tensor-parallel rank); returns whether it was installed."""
-    if not model.post_process or model.config.tensor_model_parallel_size != 1:
+    """Makes ``model`` compute its loss as above (on the last pipeline stage, which holds the
+    output layer); returns whether it was installed."""
+    if not model.post_process:
         return False
     model.compute_language_model_loss = types.MethodType(_language_model_loss, model)
     return True

@@ -186,9 +186,9 @@ def swiglu_choice(device: torch.device, dtype: torch.dtype) -> str:
     return f"Megatron's, {'torch.compile' if compiled else 'eager'} ({why})"
 
 
-def loss_choice(device: torch.device, dtype: torch.dtype, tp: int = 1) -> str:
-    """The LLM's cross-entropy on ``device``: on GPUs with one tensor-parallel rank the fused
-    Triton kernel unless ``MEGATRON_SPHINX_CE=torch`` or it fails its start-up check
+def loss_choice(device: torch.device, dtype: torch.dtype) -> str:
+    """The LLM's cross-entropy on ``device``: on GPUs the fused Triton kernel unless
+    ``MEGATRON_SPHINX_CE=torch`` or it fails its start-up check
     (:mod:`megatron_sphinx.model.fused_loss`), else Megatron's. Raises as :func:`rope_choice`."""
     from kernels import fused_layers
     from kernels.settings import settings
@@ -196,15 +196,13 @@ def loss_choice(device: torch.device, dtype: torch.dtype, tp: int = 1) -> str:
     settings()
     if device.type != "cuda":
         return "Megatron's"
-    if tp > 1:
-        return "Megatron's (vocabulary split over tensor-parallel ranks)"
     fused, why = fused_layers.choice("ce", device, dtype)
     return f"triton fused ({why})" if fused else f"Megatron's ({why})"
 
 
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
                    device: torch.device, fp8: bool = False, images: str | None = None,
-                   vision: VisionRun = VisionRun(), tp: int = 1) -> dict:
+                   vision: VisionRun = VisionRun()) -> dict:
     """Which implementation backs each performance-critical part on this rank, resolved now
     (so that a forced choice that cannot run fails at start-up, not at the first step).
 
@@ -216,7 +214,6 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         fp8: FP8 GEMMs in the TE layers.
         images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
         vision: How the frozen encoders run.
-        tp: Tensor-parallel size.
     """
     from megatron.core import optimizer as megatron_optimizer
 
@@ -233,7 +230,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
             "rope": rope_choice(backend, device, dtype),
             "swiglu": swiglu_choice(device, dtype),
-            "loss": loss_choice(device, dtype, tp),
+            "loss": loss_choice(device, dtype),
             "wgrad": wgrad_fusion.choose(device, dtype)[1],
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",

@@ -212,7 +212,7 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
         from megatron_sphinx.data.images import resolve_device
         images = resolve_device(loader.cfg.image_device)
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
-                             images=images, vision=rc.vision, tp=dims.tp)
+                             images=images, vision=rc.vision)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None
