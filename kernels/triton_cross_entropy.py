@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # triton is optional: without it the fused path is unavailable
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
-    triton = tl = None
+from kernels.triton_support import runs_here, tl, triton
 
 __all__ = ["FusedCrossEntropy", "cross_entropy", "reference_cross_entropy", "supported"]
 
@@ -44,7 +40,7 @@ def supported(logits: torch.Tensor) -> bool:
     GPU (or a CPU tensor under the interpreter)."""
     if triton is None or logits.dim() != 2 or logits.shape[1] == 0 or logits.stride(1) != 1:
         return False
-    return logits.is_cuda or bool(triton.knobs.runtime.interpret)
+    return runs_here(logits)
 
 
 def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

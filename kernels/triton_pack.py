@@ -30,13 +30,7 @@ import torch
 from kernels.reference import PackPlan, alloc
 from kernels.settings import TILE_ENV, settings
 
-try:  # triton is optional: without it this module reports itself unavailable
-    import triton
-    import triton.language as tl
-    _IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = tl = None
-    _IMPORT_ERROR = f"triton does not import: {exc}"
+from kernels.triton_support import IMPORT_ERROR, tl, triton
 
 #: Positions per stage-1 chunk of the special-row reduction on GPU (256 under the interpreter).
 CHUNK = 32
@@ -64,7 +58,7 @@ def available(device: torch.device | str) -> tuple[bool, str]:
     """Whether the Triton kernels can run on tensors of ``device``, and why (not)."""
     device = torch.device(device)
     if triton is None:
-        return False, _IMPORT_ERROR
+        return False, IMPORT_ERROR
     if device.type == "cpu":
         if not interpret_env():
             return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter), " \

@@ -25,11 +25,7 @@ from __future__ import annotations
 import torch
 
 
-try:  # triton is optional: without it the fused path is unavailable
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
-    triton = tl = None
+from kernels.triton_support import runs_here, tl, triton
 
 __all__ = ["FusedRotaryTHD", "fused_rope", "supported"]
 
@@ -46,7 +42,7 @@ def supported(x: torch.Tensor, rot_dim: int, interleaved: bool) -> bool:
     d = x.shape[-1]
     if d < 2 or d & (d - 1) or x.stride(-1) != 1:
         return False
-    return x.is_cuda or bool(triton.knobs.runtime.interpret)
+    return runs_here(x)
 
 
 if triton is not None:

@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # triton is optional: without it the fused path is unavailable
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
-    triton = tl = None
+from kernels.triton_support import runs_here, tl, triton
 
 __all__ = ["FusedSwiGLU", "fused_swiglu", "reference_swiglu", "supported"]
 
@@ -38,7 +34,7 @@ def supported(y: torch.Tensor) -> bool:
     dimension, on a GPU (or a CPU tensor under the interpreter)."""
     if triton is None or y.dim() != 2 or y.shape[-1] % 2 or y.stride(-1) != 1:
         return False
-    return y.is_cuda or bool(triton.knobs.runtime.interpret)
+    return runs_here(y)
 
 
 def reference_swiglu(y: torch.Tensor) -> torch.Tensor:

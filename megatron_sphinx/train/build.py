@@ -76,7 +76,8 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         model.vision_overlap = vision.overlap
         if model.pre_process:
             model.vision.cuda_graphs = vision.cuda_graphs
-            model.vision.set_gelu(vision.gelu)
+            if vision.gelu != "exact":  # the encoders are built with the exact GELU
+                model.vision.set_gelu(vision.gelu)
         if dtype != torch.float32:
             model = Float16Module(tcfg, model)
         # As Megatron's training does: one bucket for every chunk after the first, whose
