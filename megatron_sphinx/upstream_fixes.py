@@ -61,7 +61,9 @@ def _fix_distrib_optimizer_fresh_state() -> None:
     asserts that all parameters share one Adam ``step``; a fresh torch ``AdamW`` has no state at
     all, so the assert fails, and ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``:
     resuming into a new process is impossible. An empty state is filled the way torch's
-    ``AdamW`` would on its first step (``step=0``, zero moments), which changes no update.
+    ``AdamW`` would on its first step (``step=0``, zero moments), which changes no update; the
+    ``step`` on the CPU, or on the parameter's device in fp32 for the fused and capturable forms
+    (:mod:`megatron_sphinx.train.adam`).
     """
     from megatron.core.optimizer import distrib_optimizer as mod
 
@@ -75,11 +77,13 @@ def _fix_distrib_optimizer_fresh_state() -> None:
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and len(inner.state) == 0:
             from torch.optim.optimizer import _get_scalar_dtype
 
-            step_dtype = _get_scalar_dtype()
             for group in inner.param_groups:
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                step_dtype = _get_scalar_dtype(is_fused=on_device)
                 for param in group["params"]:
                     state = inner.state[param]
-                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                    state["step"] = torch.zeros((), dtype=step_dtype, device=(
+                        param.device if on_device else "cpu"))
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param,
                                                            memory_format=torch.preserve_format)

@@ -27,11 +27,12 @@ def small_recipe(name: str):
 
 
 def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, seed=1234,
-          mbs=1, overlap=True, param_gather=True, vpp=1, vision_batch=0):
+          mbs=1, overlap=True, param_gather=True, vpp=1, vision_batch=0, adam="fused"):
     """Process groups, model, optimizer, scheduler and synthetic loader of one rank
     (``mbs`` packed rows per micro-batch; ``overlap``: gradient reduce during the backward;
     ``param_gather``: the updated parameters gathered during the next forward;
-    ``vision_batch``: the step's views encoded as one stream, that many per encoder call)."""
+    ``vision_batch``: the step's views encoded as one stream, that many per encoder call;
+    ``adam``: the AdamW form, ``build_optimizer``'s)."""
     cfg = small_recipe(recipe)
     cfg.train.micro_batch_size = mbs
     dims = ParallelDims(world_size=world_size, tp=tp, pp=pp, ep=ep, sequence_parallel=sp,
@@ -45,7 +46,8 @@ def setup(world_size: int, recipe: str, tp=1, pp=1, ep=1, sp=False, steps=10, se
     assert len(model) == vpp
     assert model[0].ddp_config.overlap_grad_reduce is overlap
     assert model[0].ddp_config.overlap_param_gather is param_gather
-    opt, sched = build_optimizer(cfg, model, pgs, dtype=torch.float32, total_steps=steps)
+    opt, sched = build_optimizer(cfg, model, pgs, dtype=torch.float32, total_steps=steps,
+                                 adam=adam)
     loader = SyntheticLoader(cfg.llm.vocab_size, SEQ, cfg.vision.image_size, cfg.vision.grid,
                              GLOBAL_BATCH, pgs.dp.rank(), pgs.dp.size(), seed=7,
                              micro_batch_size=mbs)

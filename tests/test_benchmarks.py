@@ -98,6 +98,20 @@ def test_bench_llm_layers_table():
            "Megatron's | wgrad fused False" in proc.stderr
 
 
+def test_bench_optimizer_table():
+    """The optimizer benchmark: the fused AdamW takes fewer ops than the multi-tensor form, both
+    move the parameters, and they end up within fp32 rounding of each other."""
+    proc = _run(["tools/bench_optimizer.py", "--layers", "2", "--repeats", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("foreach ", "fused "))}
+    assert set(rows) == {"foreach", "fused"}, proc.stdout
+    assert 0 < int(rows["fused"][2]) < int(rows["foreach"][2]), proc.stdout
+    assert float(rows["fused"][4]) > 1e-4 and float(rows["foreach"][4]) > 1e-4, proc.stdout
+    assert float(rows["fused"][5]) < 1e-6, proc.stdout
+    assert "fused: torch AdamW, fused (one kernel)" in proc.stderr
+
+
 def test_bench_vision_table():
     proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1", "--variants",
                  "timm", "fused", "fused-tanh"])

@@ -27,15 +27,16 @@ UNFUSED = {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
 
 
 def _run(args: list[str], save: Path, cpu: bool = False, env: dict | None = None,
-         kernels: list | None = None) -> list[float]:
-    """The training command's losses; its start-up ``kernels:`` line appended to ``kernels``."""
+         kernels: list | None = None, code: int = 0) -> list[float]:
+    """The training command's losses (all of ``save``'s so far); its start-up ``kernels:`` line
+    appended to ``kernels``; ``code``: the exit code it must end with."""
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", **(env or {}))
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", "megatron_sphinx.train", *args, "--save",
                            str(save)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     if kernels is not None:
         kernels += [line for line in proc.stderr.splitlines() if " INFO kernels: " in line]
     return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
@@ -110,6 +111,22 @@ def test_gpu_overlapped_vision_gives_the_same_training(init_weights, bf16_defaul
         assert abs(run[0] - plain[0]) <= 1e-3 * abs(plain[0]), (plain, run)
         for x, y in zip(run, plain):
             assert abs(x - y) < 2e-2 * abs(y), (plain, run)
+
+
+def test_gpu_resume_continues_the_fused_optimizer(init_weights, bf16_default, tmp_path):
+    """Stopped after step 2 and resumed from the checkpoint: torch's fused AdamW (the default
+    without Apex or TE) gets its step counters back on the GPU, where its kernel reads them,
+    and the run continues as the uninterrupted one (bf16 tolerance: the backward kernels are
+    not bitwise deterministic)."""
+    save, kernels = tmp_path / "resumed", []
+    _run([*_bf16_args(init_weights), "--exit-interval", "2"], save, code=3, kernels=kernels)
+    resumed = _run(_bf16_args(init_weights), save, kernels=kernels)  # --save's own checkpoint
+    assert all(" | adam torch AdamW, fused (one kernel) | " in k or "FusedAdam" in k
+               for k in kernels), kernels
+    plain = bf16_default[0]
+    assert len(resumed) == len(plain) == 4
+    for x, y in zip(resumed, plain):
+        assert abs(x - y) < 2e-2 * abs(y), (plain, resumed)
 
 
 @pytest.mark.skipif(not transformer_engine_available(),

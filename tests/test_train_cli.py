@@ -174,7 +174,8 @@ def test_kernel_choices_logged_and_no_final_save(tmp_path):
             "kernels: layers local | attention sdpa | rope Megatron's per-sample loop | swiglu "
             "torch ops | loss Megatron's | wgrad cpu tensors (MEGATRON_SPHINX_WGRAD_FUSION=addmm "
             "forces it) | pack_tokens torch | images DALI cpu | vision per micro-batch, GELU "
-            "exact (the tanh form is for GPUs) | adam torch AdamW | communication gloo")
+            "exact (the tanh form is for GPUs) | adam torch AdamW, fused (one kernel) | "
+            "communication gloo")
 
 
 # ------------------------------------------------------------------ the command line, as a user

@@ -20,9 +20,11 @@ Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (th
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
 varlen call, see ``megatron_sphinx/model/attention.py``), ``packed-unfused`` (RoPE, SwiGLU and
 the cross-entropy in torch ops instead of the fused Triton kernels GPUs run by default,
-``kernels/fused_layers.py``,
-and weight gradients added by the hook, ``megatron_sphinx/model/wgrad_fusion.py``; the same as
-``packed`` on CPUs), ``packed-compiled``
+``kernels/fused_layers.py``, weight gradients added by the hook,
+``megatron_sphinx/model/wgrad_fusion.py``, and torch's AdamW in multi-tensor ops; on CPUs only
+the optimizer differs from ``packed``), ``packed-foreach`` (``--adam foreach``: the optimizer
+step as torch's multi-tensor ops instead of one fused kernel, ``megatron_sphinx/train/adam.py``),
+``packed-compiled``
 (``--compile-fusions``: Megatron's torch.compile'd fusions, SwiGLU and bias-dropout-add, off by
 default), ``packed-mbs1`` / ``packed-mbs2`` / ``packed-mbs4`` (1, 2, 4 packed rows per forward
 pass, one THD sequence; the recipe sets the default, sphinx-tiny's is two),
@@ -70,10 +72,11 @@ QUEUES = {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}
 #: variant -> (extra training arguments, extra environment)
 VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION": "sdpa"}),
             "packed-compiled": (["--compile-fusions"], {}),
-            "packed-unfused": ([], {"MEGATRON_SPHINX_ROPE": "torch",
-                                    "MEGATRON_SPHINX_SWIGLU": "torch",
-                                    "MEGATRON_SPHINX_CE": "torch",
-                                    "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}),
+            "packed-unfused": (["--adam", "foreach"],
+                               {"MEGATRON_SPHINX_ROPE": "torch", "MEGATRON_SPHINX_SWIGLU": "torch",
+                                "MEGATRON_SPHINX_CE": "torch",
+                                "MEGATRON_SPHINX_WGRAD_FUSION": "torch"}),
+            "packed-foreach": (["--adam", "foreach"], {}),
             "packed-mbs1": (["--micro-batch-size", "1"], {}),
             "packed-mbs2": (["--micro-batch-size", "2"], {}),
             "packed-mbs4": (["--micro-batch-size", "4"], {}),

@@ -27,6 +27,8 @@
 #                      rows: unfused, fused (the default), the Triton kernels alone, the weight-
 #                      gradient fusion alone, all but the fused cross-entropy: launches per
 #                      layer, ms, GPU busy;
+#      bench_adam      the optimizer step of sphinx-tiny's LLM: torch's fused AdamW against its
+#                      multi-tensor form (ms, launches, GPU ms, agreement);
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
 #      bench_packed_layers, bench_pack_overhead   RoPE, attention and SwiGLU kernels of one
@@ -162,6 +164,9 @@ run tests_train 240 $PYTEST tests/test_gpu.py
 # cross-entropy (fused against ce: what that kernel takes off)
 run bench_llm 110 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 --rows 1 2 \
   --variants unfused fused kernels wgrad ce
+# the optimizer step of sphinx-tiny's whole LLM (1.1 B parameters): torch's fused AdamW (the
+# default since run 4) against the multi-tensor form (run 2's profile: ~22 ms of its kernels)
+run bench_adam 90 $PY tools/bench_optimizer.py --recipe sphinx-tiny
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8 --json "$OUT/pack.json"
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
@@ -175,6 +180,7 @@ for log in tests_kernels tests_train; do
   [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
 done
 [ -f "$LOGS/bench_llm.log" ] && tail -n 13 "$LOGS/bench_llm.log"
+[ -f "$LOGS/bench_adam.log" ] && tail -n 5 "$LOGS/bench_adam.log"
 [ -f "$LOGS/bench_vision.log" ] && tail -n 6 "$LOGS/bench_vision.log"
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&

@@ -200,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="encode the next micro-batch's views on a second CUDA stream (GPU)")
     p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
                    help="tanh: the encoders' GELU in tanh form, in the GEMM epilogue (GPU)")
+    p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
+                   help="torch's AdamW step as one fused kernel or multi-tensor ops (as training)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (default 10)")
     return p.parse_args(argv)
@@ -252,7 +254,7 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      fp8=args.fp8, packing=packing, skip_padded_views=skip,
                      vision_batch=args.vision_batch, cuda_graph_vision=args.cuda_graph_vision,
                      overlap_vision=args.overlap_vision, vision_gelu=args.vision_gelu,
-                     timeout_minutes=args.timeout_minutes)
+                     adam=args.adam, timeout_minutes=args.timeout_minutes)
 
 
 def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: int):
@@ -457,7 +459,8 @@ def run_profile(args: argparse.Namespace) -> dict | None:
             names = _variants(args)
             optimizer, scheduler = build_optimizer(
                 cfg, model, pgs, dtype=dtype,
-                total_steps=len(names) * (args.warmup + args.steps) + bool(args.kernels))
+                total_steps=len(names) * (args.warmup + args.steps) + bool(args.kernels),
+                adam=args.adam)
             peak = device_peak_tflops(args.peak_tflops)
             images = None  # stream / synthetic: generated pixels, nothing decoded
             if args.data not in ("stream", "synthetic"):
@@ -465,7 +468,7 @@ def run_profile(args: argparse.Namespace) -> dict | None:
                 images = resolve_device()
             kernels = kernel_choices(cfg, backend=backend, dtype=dtype, device=device,
                                      fp8=args.fp8, images=images,
-                                     vision=_run_config(args).vision)
+                                     vision=_run_config(args).vision, optimizer=optimizer)
             recorder = StepRecorder(on_gpu)
             variants = []
             with instrument(model, optimizer, recorder, scheduler):

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="AdamW weight decay (default: the recipe's, 0)")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="gradient-norm clip, 0 = none (default: the recipe's, 1.0)")
+    p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
+                   help="torch's AdamW step (where Megatron finds no Apex or Transformer "
+                   "Engine) as one fused kernel or as multi-tensor ops (default fused)")
     p.add_argument("--seed", type=int, default=None, help="default: the recipe's")
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"],
                    help="layers: auto = Transformer Engine when it and a GPU are present, else "

@@ -16,6 +16,7 @@ from megatron_sphinx.config import SphinxConfig
 from megatron_sphinx.model import wgrad_fusion
 from megatron_sphinx.model.llm import ParallelSizes, transformer_config
 from megatron_sphinx.model.sphinx import SphinxModel
+from megatron_sphinx.train import adam as fused_adam
 from megatron_sphinx.train.run_config import VisionRun
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,19 @@ def unwrap(chunk) -> SphinxModel:
 
 
 def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
-                    dtype: torch.dtype, total_steps: int):
+                    dtype: torch.dtype, total_steps: int, adam: str = "fused"):
     """Megatron's distributed AdamW and the warm-up + cosine schedule of the recipe.
+
+    Args:
+        adam: Where Megatron falls back to torch's AdamW (no Apex or TE), ``fused`` runs its
+            step as one kernel (:mod:`megatron_sphinx.train.adam`), ``foreach`` as torch's
+            multi-tensor ops.
 
     Returns:
         ``(optimizer, scheduler)``.
     """
+    if adam not in fused_adam.CHOICES:
+        raise ValueError(f"--adam {adam}: choose {' or '.join(fused_adam.CHOICES)}")
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -132,6 +140,8 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
         overlap_param_gather=any(c.ddp_config.overlap_param_gather for c in model_chunks))
     optimizer = get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False,
                                        pg_collection=pg_collection)
+    if adam == "fused":
+        fused_adam.use_fused(optimizer)
     for chunk in model_chunks:
         chunk.config.grad_scale_func = optimizer.scale_loss
     warmup = int(math.ceil(t.warmup_fraction * total_steps))
@@ -203,7 +213,7 @@ def loss_choice(device: torch.device, dtype: torch.dtype) -> str:
 
 def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
                    device: torch.device, fp8: bool = False, images: str | None = None,
-                   vision: VisionRun = VisionRun()) -> dict:
+                   vision: VisionRun = VisionRun(), optimizer=None) -> dict:
     """Which implementation backs each performance-critical part on this rank, resolved now
     (so that a forced choice that cannot run fails at start-up, not at the first step).
 
@@ -215,6 +225,7 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
         fp8: FP8 GEMMs in the TE layers.
         images: Where images are decoded (``gpu``/``cpu``), None when no images are decoded.
         vision: How the frozen encoders run.
+        optimizer: The Megatron optimizer built (None: the class Megatron chooses).
     """
     from megatron.core import optimizer as megatron_optimizer
 
@@ -227,7 +238,11 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
     else:
         probe = torch.empty(0, 1, head_dim, device=device, dtype=dtype)
         attention = choose_kernel(probe, 0.0, head_dim ** -0.5)
-    adam = megatron_optimizer.Adam
+    if optimizer is not None:
+        adam = fused_adam.describe(optimizer)
+    else:
+        cls = megatron_optimizer.Adam
+        adam = f"{cls.__module__.split('.')[0]} {cls.__name__}"
     return {"layers": backend + (" fp8" if fp8 else ""), "attention": attention,
             "rope": rope_choice(backend, device, dtype),
             "swiglu": swiglu_choice(device, dtype),
@@ -236,5 +251,5 @@ def kernel_choices(cfg: SphinxConfig, *, backend: str, dtype: torch.dtype,
             "pack_tokens": resolve_impl(None, device, dtype),
             "images": f"DALI {images}" if images else "none decoded (synthetic data)",
             "vision": vision.describe(device.type == "cuda"),
-            "adam": f"{adam.__module__.split('.')[0]} {adam.__name__}",
+            "adam": adam,
             "communication": torch.distributed.get_backend()}

@@ -205,14 +205,15 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                         overlap_grad_reduce=rc.overlap_grad_reduce,
                         overlap_param_gather=rc.overlap_param_gather,
                         vision=rc.vision)
-    optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps)
+    optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps,
+                                           adam=rc.adam)
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None
     if isinstance(loader, PackedLoader):  # decodes the store's images (synthetic data: none)
         from megatron_sphinx.data.images import resolve_device
         images = resolve_device(loader.cfg.image_device)
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
-                             images=images, vision=rc.vision)
+                             images=images, vision=rc.vision, optimizer=optimizer)
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None

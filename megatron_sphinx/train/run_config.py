@@ -122,6 +122,10 @@ class RunConfig:
     """AdamW weight decay; None takes the recipe's (0)."""
     clip_grad: float | None = None
     """Gradient-norm clip, 0 turns clipping off; None takes the recipe's (1.0)."""
+    adam: str = "fused"
+    """Where Megatron falls back to torch's AdamW (no Apex or Transformer Engine): ``fused``
+    runs the step as one kernel per parameter group, ``foreach`` as torch's multi-tensor ops
+    (:mod:`megatron_sphinx.train.adam`). The updates agree up to fp32 rounding."""
     seed: int | None = None
     """Seed; None takes the recipe's."""
     backend: str = "auto"
@@ -227,6 +231,8 @@ class RunConfig:
             raise ValueError(f"--dtype {self.dtype}: choose auto, bf16 or fp32")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"--recompute {self.recompute}: choose selective or full")
+        if self.adam not in ("fused", "foreach"):
+            raise ValueError(f"--adam {self.adam}: choose fused or foreach")
         if self.tensorboard_dir is not None and not str(self.tensorboard_dir).strip():
             raise ValueError("--tensorboard-dir is empty: pass a directory or leave it out")
         if self.data is not None and not str(self.data).strip():
