@@ -117,12 +117,33 @@ def _check_ce(device: torch.device, dtype: torch.dtype) -> str:
             or ("the backward wrote past the rows" if bool(g_got[:, words:].any()) else ""))
 
 
-_CHECKS = {"rope": _check_rope, "swiglu": _check_swiglu, "ce": _check_ce}
+def _check_dwconv(device: torch.device, dtype: torch.dtype) -> str:
+    """ConvNeXt's depthwise convolution + LayerNorm (forward only, frozen encoders) of a
+    channels-last map (channels not a power of 2, a row cut into two pixel tiles, the second
+    partial) against the torch ops in fp32; '' if equal."""
+    from kernels import triton_dwconv_norm as dw
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w, c = 1, 4, 40, 300
+    x = torch.randn(b, h, w, c, generator=g).to(device, dtype)
+    if not dw.supported(x, 7):
+        return f"the kernel does not take {dtype} tensors on {device.type}"
+    weight, bias = torch.randn(c, 1, 7, 7, generator=g) / 7, torch.randn(c, generator=g)
+    gamma, beta = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    got = dw.dwconv_norm(x, *(t.to(device, dtype) for t in (weight, bias, gamma, beta)), 1e-6)
+    want = dw.reference_dwconv_norm(x.float(), *(t.to(device).to(dtype).float()
+                                                 for t in (weight, bias, gamma, beta)), 1e-6)
+    return _compare("forward", got, want, dtype)
+
+
+_CHECKS = {"rope": _check_rope, "swiglu": _check_swiglu, "ce": _check_ce,
+           "dwconv": _check_dwconv}
 
 
 def self_check(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Runs ``op``'s kernel forward and backward on a small random input on ``device`` against
-    the torch maths; returns '' when they agree, else what went wrong."""
+    """Runs ``op``'s kernel forward and backward (``dwconv``: forward only) on a small random
+    input on ``device`` against the torch maths; returns '' when they agree, else what went
+    wrong."""
     try:
         with torch.inference_mode(False), torch.enable_grad():
             return _CHECKS[op](device, dtype)

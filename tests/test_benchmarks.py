@@ -113,14 +113,16 @@ def test_bench_optimizer_table():
 
 
 def test_bench_vision_table():
+    names = ["timm", "fused", "fused-tanh", "fused-dwconv"]
     proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1", "--variants",
-                 "timm", "fused", "fused-tanh"])
+                 *names])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.splitlines()
-            if line.startswith(("timm ", "fused ", "fused-tanh "))]
-    assert [r[0] for r in rows] == ["timm", "fused", "fused-tanh"], proc.stdout
+            if line.startswith(tuple(n + " " for n in names))]
+    assert [r[0] for r in rows] == names, proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
-    # fp32 (and on CPUs the epilogue's GELU is exact): the same tokens
+    # fp32 (and on CPUs the epilogue's GELU is exact, the depthwise convolution torch's): the
+    # same tokens
     assert all(float(r[-1]) < 1e-5 for r in rows), proc.stdout
     if not torch.cuda.is_available():
         proc = _run(["tools/bench_vision.py", "--variants", "fused-graph"])

@@ -86,8 +86,13 @@ def test_cuda_graph_vision_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match="--overlap-vision .* no GPU"):
         build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
                     vision=VisionRun(overlap=True))
+    with pytest.raises(ValueError, match="--vision-dwconv triton runs a GPU kernel"):
+        build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
+                    vision=VisionRun(dwconv="triton"))
     with pytest.raises(ValueError, match="--vision-gelu fast: choose exact or tanh"):
         VisionRun(gelu="fast")
+    with pytest.raises(ValueError, match="--vision-dwconv cudnn: choose torch or triton"):
+        VisionRun(dwconv="cudnn")
 
 
 def test_a_layout_that_does_not_fit_the_launch_is_printed_once(capsys, monkeypatch):
@@ -581,6 +586,9 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     assert parse_args(["--overlap-vision"]).overlap_vision is True
     assert (parse_args([]).vision_gelu, parse_args(["--vision-gelu", "tanh"]).vision.gelu) == (
         "exact", "tanh")
+    assert (parse_args([]).vision.dwconv,
+            parse_args(["--vision-dwconv", "triton"]).vision.dwconv) == ("torch", "triton")
+    assert (parse_args([]).adam, parse_args(["--adam", "foreach"]).adam) == ("fused", "foreach")
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert main(["--recipe", "nope"]) == 2
     assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
@@ -611,3 +619,5 @@ def test_vision_line_says_when_one_hardware_queue_serialises_the_streams(monkeyp
         "per micro-batch, GELU in tanh form in the GEMM epilogue")
     assert VisionRun(gelu="tanh").describe(on_gpu=False) == (
         "per micro-batch, GELU exact (the tanh form is for GPUs)")
+    assert VisionRun(dwconv="triton").describe(on_gpu=True) == (
+        "per micro-batch, depthwise convolution + norm one Triton kernel")

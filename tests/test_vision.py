@@ -45,10 +45,14 @@ def test_fused_blocks_are_every_block_of_the_encoders(recipe):
         want = ({"convnext_block": blocks, "vit_block": 0, "swiglu_mlp": 0}
                 if enc.kind == "convnext" else
                 {"convnext_block": 0, "vit_block": blocks, "swiglu_mlp": blocks})
-        assert fuse_frozen_blocks(model) == {**want, "gelu_mlp_epilogue": 0}
+        convnext = blocks if enc.kind == "convnext" else 0
+        assert fuse_frozen_blocks(model) == {**want, "gelu_mlp_epilogue": 0, "dwconv_norm": 0}
         # tanh GELU: every ConvNeXt feed-forward (Linear, GELU, Linear) too; DINOv2's is SwiGLU
         assert fuse_frozen_blocks(model, gelu="tanh") == {
-            **want, "gelu_mlp_epilogue": blocks if enc.kind == "convnext" else 0}
+            **want, "gelu_mlp_epilogue": convnext, "dwconv_norm": 0}
+        # every ConvNeXt block's depthwise convolution and norm as one kernel
+        assert fuse_frozen_blocks(model, dwconv="triton") == {
+            **want, "gelu_mlp_epilogue": 0, "dwconv_norm": convnext}
 
 
 def test_fused_blocks_give_timms_tokens(debug_vision):
@@ -90,18 +94,18 @@ def test_gelu_in_the_gemm_epilogue_gives_timms_tokens_and_undoes(debug_vision):
         calls.append(kwargs.get("use_gelu"))
         return real(*args, **kwargs)
 
-    mov.set_gelu("tanh")
+    mov.set_fusions(gelu="tanh")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "_addmm_activation", counted)
         got = mov(views)
         assert calls == [True] * 4  # the debug ConvNeXt's four blocks
-        mov.set_gelu("exact")
+        mov.set_fusions(gelu="exact")
         torch.testing.assert_close(mov(views), want, atol=0, rtol=0)
         assert len(calls) == 4
     assert want.abs().max() > 1.0
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="choose exact or tanh"):
-        mov.set_gelu("fast")
+        mov.set_fusions(gelu="fast")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -119,7 +123,7 @@ def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
     enc = enc.cuda().to(torch.bfloat16)
     views = torch.rand(8, 3, 224, 224, device="cuda")
     exact = enc(views).float()
-    enc.set_gelu("tanh")
+    enc.set_fusions(gelu="tanh")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tanh = enc(views).float()
         torch.cuda.synchronize()

@@ -36,7 +36,8 @@ as one stream, 32 per call), ``packed-graphs`` (the same replayed as CUDA graphs
 ``--cuda-graph-vision``; GPU only), ``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one /
 two rows), ``packed-graphs-overlap`` / ``packed-graphs-overlap-mbs4`` (graphs, overlapped; two /
 four rows), ``packed-tanh`` / ``packed-graphs-overlap-tanh`` (``--vision-gelu tanh``: ConvNeXt's
-GELU in its first GEMM's epilogue) and ``reference``
+GELU in its first GEMM's epilogue), ``packed-dwconv`` (``--vision-dwconv triton``: ConvNeXt's
+depthwise convolution and norm as one Triton kernel; GPU only) and ``reference``
 (``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
 reference implementation does).
 
@@ -91,6 +92,7 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-tanh": (["--vision-gelu", "tanh"], {}),
             "packed-graphs-overlap-tanh": (["--vision-batch", "32", "--cuda-graph-vision",
                                             "--overlap-vision", "--vision-gelu", "tanh"], QUEUES),
+            "packed-dwconv": (["--vision-dwconv", "triton"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

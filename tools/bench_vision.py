@@ -10,6 +10,10 @@ views (what one ``--vision-batch`` call encodes) per variant, in one process:
 * ``fused-tanh``: the fused blocks with ConvNeXt's GELU in the epilogue of its first GEMM, in
   tanh form (``--vision-gelu tanh``; on CPUs torch computes the exact GELU there): one pass over
   the feed-forward's 4x-wide activation fewer; its "vs fused" column is the tokens' change;
+* ``fused-dwconv``: the fused blocks with ConvNeXt's depthwise convolution and LayerNorm as one
+  Triton kernel (``--vision-dwconv triton``, ``kernels/triton_dwconv_norm.py``) instead of
+  cuDNN's convolution and the norm's kernel (GPU; on a CPU the blocks fall back to the torch
+  ops, so the row equals ``fused``);
 * ``compiled`` (opt-in): the fused encoders through ``torch.compile`` (Inductor fuses the
   LayerNorms, GELUs and layer scales into fewer memory passes; whether that pays for the
   encoders, bound by the GPU at ~40% MFU in H100 run 4, is what this row measures). Not a
@@ -23,7 +27,7 @@ Usage::
 
     python tools/bench_vision.py                                       # CPU: debug encoders
     python tools/bench_vision.py --recipe sphinx-tiny --views 32       # one GPU, bf16
-    python tools/bench_vision.py --recipe sphinx-tiny --variants fused fused-tanh compiled
+    python tools/bench_vision.py --recipe sphinx-tiny --variants fused fused-tanh fused-dwconv
 """
 from __future__ import annotations
 
@@ -42,19 +46,21 @@ from tools.bench_common import (add_dtype_arg, call_seconds, device_label,  # no
                                 median_ms, recipe_and_dtype)
 
 
-VARIANTS = ["timm", "fused", "fused-graph", "fused-tanh", "compiled"]
+VARIANTS = ["timm", "fused", "fused-graph", "fused-tanh", "fused-dwconv", "compiled"]
 
 
 def _set_variant(mov, variant: str) -> None:
     """Every encoder block on the variant's forwards: timm's, or the fused ones (with the GELU
-    in the GEMM epilogue for ``fused-tanh``)."""
+    in the GEMM epilogue for ``fused-tanh``, the depthwise convolution and norm one kernel for
+    ``fused-dwconv``)."""
     from megatron_sphinx.model.vision_fusions import restore_timm_forwards
 
     if variant == "timm":
         for enc in mov.encoders:
             restore_timm_forwards(enc.model)
     else:
-        mov.set_gelu("tanh" if variant == "fused-tanh" else "exact")
+        mov.set_fusions(gelu="tanh" if variant == "fused-tanh" else "exact",
+                        dwconv="triton" if variant == "fused-dwconv" else "torch")
 
 
 def main(argv: list[str] | None = None) -> int:

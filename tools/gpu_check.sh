@@ -18,7 +18,8 @@
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
 #      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager,
-#                      with ConvNeXt's GELU in the GEMM epilogue, and through torch.compile
+#                      with ConvNeXt's GELU in the GEMM epilogue, with its depthwise convolution
+#                      and norm as one Triton kernel, and through torch.compile
 #                      (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, the
 #                      overlapped encoders vs not, TE vs local spec, FP8 (each skips with its
@@ -114,8 +115,8 @@ PYTEST="env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -p no:cacheprovide
 # The ahead-of-time sm_90 compiles and the interpreter runs are for machines without a GPU
 # (here the kernels run).
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py
-  tests/test_swiglu_kernel.py tests/test_cross_entropy_kernel.py tests/test_attention.py
-  tests/test_pack_kernel.py}
+  tests/test_swiglu_kernel.py tests/test_cross_entropy_kernel.py tests/test_dwconv_norm_kernel.py
+  tests/test_attention.py tests/test_pack_kernel.py}
 HAS_DALI=0
 $PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
 # DALI mixed against the CPU pipeline (pixels, and that DALI, not the Pillow path, decoded)
@@ -127,7 +128,9 @@ run tests_kernels 200 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernel_under_the_interpreter \
   --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernels_compile_for_hopper \
-  --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernel_under_the_interpreter
+  --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernel_under_the_interpreter \
+  --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_compiles_for_hopper \
+  --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_under_the_interpreter
 # Run 4 measured DALI "gpu" at 86 images/s, below Pillow: the "by DALI" column now says whether
 # DALI decoded them; batches of 128 as a GPU wants them.
 [ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
@@ -155,7 +158,7 @@ run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
 # in the GEMM epilogue (--vision-gelu tanh) and the fused ones through torch.compile (its first
 # call compiles: ~1-2 minutes expected)
 run bench_vision 200 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
-  --recipe sphinx-tiny --views 32 --variants fused fused-tanh compiled
+  --recipe sphinx-tiny --views 32 --variants fused fused-tanh fused-dwconv compiled
 # bf16 GPU vs fp32 CPU and fused vs torch ops passed in run 4 (unchanged since); new: the
 # overlapped encoders against the default at the level of training losses
 run tests_train 240 $PYTEST tests/test_gpu.py

@@ -200,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="encode the next micro-batch's views on a second CUDA stream (GPU)")
     p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
                    help="tanh: the encoders' GELU in tanh form, in the GEMM epilogue (GPU)")
+    p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
+                   help="triton: ConvNeXt's depthwise convolution + norm as one kernel (GPU)")
     p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
                    help="torch's AdamW step as one fused kernel or multi-tensor ops (as training)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
@@ -254,7 +256,8 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      fp8=args.fp8, packing=packing, skip_padded_views=skip,
                      vision_batch=args.vision_batch, cuda_graph_vision=args.cuda_graph_vision,
                      overlap_vision=args.overlap_vision, vision_gelu=args.vision_gelu,
-                     adam=args.adam, timeout_minutes=args.timeout_minutes)
+                     vision_dwconv=args.vision_dwconv, adam=args.adam,
+                     timeout_minutes=args.timeout_minutes)
 
 
 def _build_loader(args, cfg, packing: bool, skip: bool, dp_rank: int, dp_size: int):

@@ -60,11 +60,12 @@ class FrozenEncoder(nn.Module):
         #: Blocks whose forward runs fewer memory passes (:mod:`.vision_fusions`), by kind.
         self.fused_blocks = fuse_frozen_blocks(self.model)
 
-    def set_gelu(self, gelu: str) -> None:
-        """``exact`` or ``tanh`` GELU in the GELU feed-forwards
+    def set_fusions(self, gelu: str = "exact", dwconv: str = "torch") -> None:
+        """The opt-in fusions: ``exact`` or ``tanh`` GELU in the GELU feed-forwards, ConvNeXt's
+        depthwise convolution and norm as ``torch`` ops or one ``triton`` kernel
         (:func:`~megatron_sphinx.model.vision_fusions.fuse_frozen_blocks`)."""
         restore_timm_forwards(self.model)
-        self.fused_blocks = fuse_frozen_blocks(self.model, gelu)
+        self.fused_blocks = fuse_frozen_blocks(self.model, gelu, dwconv)
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         """Stays in eval mode whatever the caller asks: the encoder is frozen."""
@@ -202,12 +203,11 @@ class MixtureOfVisualExperts(nn.Module):
         """Concatenated output channels."""
         return self.cfg.channels
 
-    def set_gelu(self, gelu: str) -> None:
-        """``exact`` or ``tanh`` GELU in the encoders' GELU feed-forwards
-        (:func:`~megatron_sphinx.model.vision_fusions.fuse_frozen_blocks`); drops the CUDA
-        graphs captured with the other."""
+    def set_fusions(self, gelu: str = "exact", dwconv: str = "torch") -> None:
+        """The encoders' opt-in fusions (:meth:`FrozenEncoder.set_fusions`); drops the CUDA
+        graphs captured with others."""
         for enc in self.encoders:
-            enc.set_gelu(gelu)
+            enc.set_fusions(gelu, dwconv)
         self._graphs.clear()
 
     @torch.no_grad()

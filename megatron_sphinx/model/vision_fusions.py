@@ -11,15 +11,22 @@ Three patterns of timm's blocks take an extra pass over a full activation each:
   the first projection, two kernels): here the fused Triton kernel on GPUs
   (:mod:`kernels.triton_swiglu`, chosen as for the LLM by :mod:`kernels.fused_layers`).
 
-One more is opt-in, as it changes the maths slightly (``gelu="tanh"``, ``--vision-gelu tanh``):
+Two more are opt-in:
 
 * the GELU of a ``Linear, GELU, Linear`` feed-forward (every ConvNeXt block's; ConvNeXt-XXL is
   ~3/4 of the encoders' FLOPs) on the widest activation of the block (4x the channels), in its
-  own kernel: here computed in the epilogue of the first GEMM (``torch._addmm_activation``,
-  cuBLASLt's bias + GELU epilogue), which saves a read and a write of that activation. cuBLASLt
-  computes GELU in its tanh form, which differs from the exact (erf) GELU by at most ~5e-4 per
-  activation, less than a bf16 rounding of activations above ~0.25. On CPUs torch computes the
-  exact GELU there.
+  own kernel: with ``gelu="tanh"`` (``--vision-gelu tanh``) computed in the epilogue of the first
+  GEMM (``torch._addmm_activation``, cuBLASLt's bias + GELU epilogue), which saves a read and a
+  write of that activation. cuBLASLt computes GELU in its tanh form, which differs from the
+  exact (erf) GELU by at most ~5e-4 per activation, less than a bf16 rounding of activations
+  above ~0.25 (hence opt-in: the maths change slightly). On CPUs torch computes the exact GELU
+  there.
+* ConvNeXt's depthwise convolution and the LayerNorm after it: with ``dwconv="triton"``
+  (``--vision-dwconv triton``) one Triton kernel (:mod:`kernels.triton_dwconv_norm`) that
+  writes the normalised map once, where the convolution writes its output and the norm reads it
+  back. Same maths and roundings; opt-in until a GPU measures it against cuDNN's convolution.
+  Where the kernel cannot run (CPU tensors outside Triton's interpreter, a map not channels
+  last) the block runs the torch ops.
 
 :func:`fuse_frozen_blocks` rebinds the ``forward`` of the matching block instances; parameters,
 buffers and state-dict names stay timm's, so weights load and save as before. Outputs equal
@@ -46,6 +53,36 @@ def _convnext_block(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     x = self.conv_dw(x)
     x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)  # NHWC maths, NCHW view
     return torch.addcmul(self.shortcut(shortcut), x, self.gamma.reshape(1, -1, 1, 1))
+
+
+def _convnext_block_dwconv_norm(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+    """:func:`_convnext_block` with the depthwise convolution and the norm one Triton kernel
+    where it takes the map (channels last, on a GPU)."""
+    from kernels import triton_dwconv_norm
+
+    shortcut = x
+    nhwc = x.permute(0, 2, 3, 1)  # contiguous for a channels-last map
+    conv = self.conv_dw
+    if triton_dwconv_norm.supported(nhwc, conv.kernel_size[0]):
+        z = triton_dwconv_norm.dwconv_norm(nhwc, conv.weight, conv.bias, self.norm.weight,
+                                           self.norm.bias, self.norm.eps)
+    else:
+        z = self.norm(conv(x).permute(0, 2, 3, 1))
+    x = self.mlp(z).permute(0, 3, 1, 2)
+    return torch.addcmul(self.shortcut(shortcut), x, self.gamma.reshape(1, -1, 1, 1))
+
+
+def _plain_dwconv_norm(block: ConvNeXtBlock) -> bool:
+    """A stride-1, zero-padded ``k x k`` depthwise convolution (k odd) and an affine LayerNorm
+    over the channels: what :mod:`kernels.triton_dwconv_norm` computes."""
+    conv, norm, channels = block.conv_dw, block.norm, block.conv_dw.out_channels
+    k = conv.kernel_size
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == channels
+            and k[0] == k[1] and k[0] % 2 == 1 and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.padding == (k[0] // 2, k[0] // 2)
+            and conv.padding_mode == "zeros" and isinstance(norm, nn.LayerNorm)
+            and norm.normalized_shape == (channels,) and norm.weight is not None
+            and norm.bias is not None)
 
 
 def _vit_block(self: Block, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -90,7 +127,8 @@ def _no_drop_path(module: nn.Module, *names: str) -> bool:
                getattr(getattr(module, n, None), "drop_prob", 1.0) == 0.0 for n in names)
 
 
-def fuse_frozen_blocks(model: nn.Module, gelu: str = "exact") -> dict[str, int]:
+def fuse_frozen_blocks(model: nn.Module, gelu: str = "exact",
+                       dwconv: str = "torch") -> dict[str, int]:
     """Rebinds the ``forward`` of the blocks of a frozen (eval-mode) timm encoder that match a
     pattern above; returns how many of each kind. Blocks with drop paths that could be active,
     other variants (convolutional MLP, no layer scale, gate last, dropout) keep timm's.
@@ -99,17 +137,26 @@ def fuse_frozen_blocks(model: nn.Module, gelu: str = "exact") -> dict[str, int]:
         model: The timm encoder.
         gelu: ``exact`` keeps the GELU feed-forwards' own kernels; ``tanh`` computes their GELU
             in the first GEMM's epilogue (see the module's docstring).
+        dwconv: ``torch`` runs ConvNeXt's depthwise convolution and norm as torch ops;
+            ``triton`` as one kernel where it takes the map (see the module's docstring).
     """
     if gelu not in ("exact", "tanh"):
         raise ValueError(f"encoder GELU {gelu!r}: choose exact or tanh")
-    counts = {"convnext_block": 0, "vit_block": 0, "swiglu_mlp": 0, "gelu_mlp_epilogue": 0}
+    if dwconv not in ("torch", "triton"):
+        raise ValueError(f"encoder depthwise convolution {dwconv!r}: choose torch or triton")
+    counts = {"convnext_block": 0, "vit_block": 0, "swiglu_mlp": 0, "gelu_mlp_epilogue": 0,
+              "dwconv_norm": 0}
     for module in model.modules():
         if gelu == "tanh" and _is_gelu_mlp(module):
             module.forward = types.MethodType(_gelu_mlp_epilogue, module)
             counts["gelu_mlp_epilogue"] += 1
         elif (type(module) is ConvNeXtBlock and not module.use_conv_mlp
                 and module.gamma is not None and _no_drop_path(module, "drop_path")):
-            module.forward = types.MethodType(_convnext_block, module)
+            if dwconv == "triton" and _plain_dwconv_norm(module):
+                module.forward = types.MethodType(_convnext_block_dwconv_norm, module)
+                counts["dwconv_norm"] += 1
+            else:
+                module.forward = types.MethodType(_convnext_block, module)
             counts["convnext_block"] += 1
         elif (type(module) is Block and isinstance(module.ls1, LayerScale)
                 and isinstance(module.ls2, LayerScale)

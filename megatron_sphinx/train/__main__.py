@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="tanh: the encoders' GELU feed-forwards (ConvNeXt's) compute GELU in its "
                    "tanh form in their first GEMM's epilogue on GPUs, one pass over their widest "
                    "activation fewer; tokens differ slightly (default exact)")
+    p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
+                   help="triton: ConvNeXt's depthwise convolution and the norm after it as one "
+                   "Triton kernel (GPU; checked at start-up; default torch)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",

@@ -52,6 +52,8 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
     """
     vision.check_device(on_gpu)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if vision.dwconv == "triton":
+        _check_dwconv(device, dtype)
     tcfg = transformer_config(cfg.llm, par, dtype=dtype, on_gpu=on_gpu, backend=backend,
                               recompute=recompute, fp8=fp8,
                               wgrad_fusion=wgrad_fusion.choose(device, dtype)[0])
@@ -77,8 +79,8 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         model.vision_overlap = vision.overlap
         if model.pre_process:
             model.vision.cuda_graphs = vision.cuda_graphs
-            if vision.gelu != "exact":  # the encoders are built with the exact GELU
-                model.vision.set_gelu(vision.gelu)
+            if (vision.gelu, vision.dwconv) != ("exact", "torch"):  # how they are built
+                model.vision.set_fusions(vision.gelu, vision.dwconv)
         if dtype != torch.float32:
             model = Float16Module(tcfg, model)
         # As Megatron's training does: one bucket for every chunk after the first, whose
@@ -94,6 +96,20 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         tcfg.param_sync_func = [c.start_param_sync for c in chunks]
     tcfg.finalize_model_grads_func = finalize_model_grads
     return chunks
+
+
+def _check_dwconv(device: torch.device, dtype: torch.dtype) -> None:
+    """``--vision-dwconv triton``: the kernel against the torch ops on this device, once.
+
+    Raises:
+        RuntimeError: It does not match them here (the reason, and what to change).
+    """
+    from kernels import fused_layers
+
+    why = fused_layers.self_check("dwconv", device, dtype)
+    if why:
+        raise RuntimeError(f"--vision-dwconv triton: the kernel failed its start-up check on "
+                           f"{device} ({dtype}): {why}; drop the flag")
 
 
 def sync_params(model_chunks: list) -> None:

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class VisionRun:
     """How the frozen encoders run in the training step (the ``--vision-batch``,
-    ``--cuda-graph-vision``, ``--overlap-vision`` and ``--vision-gelu`` flags). Every choice
-    gives the same tokens, but ``gelu="tanh"``.
+    ``--cuda-graph-vision``, ``--overlap-vision``, ``--vision-gelu`` and ``--vision-dwconv``
+    flags). Every choice gives the same tokens (up to rounding), but ``gelu="tanh"``.
 
     Raises:
         ValueError: For settings that do not go together, saying what to change.
@@ -33,6 +33,9 @@ class VisionRun:
     gelu: str = "exact"
     """``exact``, or ``tanh``: the GELU feed-forwards' GELU in its tanh form, in the epilogue of
     their first GEMM on GPUs (:mod:`megatron_sphinx.model.vision_fusions`)."""
+    dwconv: str = "torch"
+    """``torch``, or ``triton``: ConvNeXt's depthwise convolution and the LayerNorm after it as
+    one Triton kernel (GPU; :mod:`kernels.triton_dwconv_norm`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or (
@@ -44,6 +47,8 @@ class VisionRun:
                              "--vision-batch N (e.g. 32) so that calls take few sizes")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"--vision-gelu {self.gelu}: choose exact or tanh")
+        if self.dwconv not in ("torch", "triton"):
+            raise ValueError(f"--vision-dwconv {self.dwconv}: choose torch or triton")
 
     def check_device(self, on_gpu: bool) -> None:
         """Raises ValueError (saying what to change) where a choice needs a GPU and
@@ -56,6 +61,9 @@ class VisionRun:
         if self.overlap:
             raise ValueError("--overlap-vision runs the encoders on a second CUDA stream, and "
                              "this machine has no GPU: drop it")
+        if self.dwconv == "triton":
+            raise ValueError("--vision-dwconv triton runs a GPU kernel, and this machine has "
+                             "no GPU: drop it")
 
     def describe(self, on_gpu: bool) -> str:
         """The ``vision`` entry of the start-up ``kernels:`` line."""
@@ -72,6 +80,8 @@ class VisionRun:
         if self.gelu == "tanh":
             text += (", GELU in tanh form in the GEMM epilogue" if on_gpu
                      else ", GELU exact (the tanh form is for GPUs)")
+        if self.dwconv == "triton":
+            text += ", depthwise convolution + norm one Triton kernel"
         return text
 
 
@@ -166,6 +176,10 @@ class RunConfig:
     tanh form in the epilogue of their first GEMM on GPUs, one pass over their widest
     activation fewer; the tokens then differ slightly from exact GELU's
     (:mod:`megatron_sphinx.model.vision_fusions`)."""
+    vision_dwconv: str = "torch"
+    """``torch``, or ``triton``: ConvNeXt's depthwise convolution and the LayerNorm after it run
+    as one Triton kernel on GPUs (checked against the torch ops at start-up), which writes the
+    normalised map once; the same tokens up to rounding."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
@@ -261,7 +275,7 @@ class RunConfig:
     def vision(self) -> VisionRun:
         """How the frozen encoders run (the ``--vision-*`` flags)."""
         return VisionRun(self.vision_batch, self.cuda_graph_vision, self.overlap_vision,
-                         self.vision_gelu)
+                         self.vision_gelu, self.vision_dwconv)
 
     @property
     def evaluates(self) -> bool:
