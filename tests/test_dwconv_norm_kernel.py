@@ -12,6 +12,7 @@ import torch
 
 from kernels import fused_layers, triton_dwconv_norm as dw
 from megatron_sphinx.config import get_recipe
+from tests.encoders import debug_convnext
 from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
 
 HAS_CUDA = torch.cuda.is_available()
@@ -73,13 +74,7 @@ def test_interpreted_convnext_block_runs_the_kernel_and_gives_the_same_map():
     on a small channels-last map: with ``dwconv="triton"`` it runs the kernel once and gives
     the torch ops' map up to fp32 rounding. (The whole encoder at 512 px is the GPU test's: the
     interpreter would take minutes.)"""
-    from megatron_sphinx.model.vision import FrozenEncoder
-
-    cfg = next(e for e in get_recipe("debug").vision.encoders if e.kind == "convnext")
-    torch.manual_seed(0)
-    enc = FrozenEncoder(cfg)
-    for p in enc.parameters():
-        p.data.normal_(0.0, 0.5)
+    enc = debug_convnext()
     block = enc.model.stages[1].blocks[0]
     x = torch.randn(2, block.conv_dw.in_channels, 9, 12).contiguous(
         memory_format=torch.channels_last)
@@ -156,18 +151,11 @@ def test_gpu_kernel_matches_the_torch_ops_and_replaces_the_convolution():
     noise."""
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_sphinx.model.vision import FrozenEncoder
-
     cuda = torch.device("cuda")
     _check(cuda, torch.bfloat16, 5e-2)
     _check(cuda, torch.float32, 1e-4)
     assert fused_layers.self_check("dwconv", cuda, torch.bfloat16) == ""
-    cfg = next(e for e in get_recipe("debug").vision.encoders if e.kind == "convnext")
-    torch.manual_seed(0)
-    enc = FrozenEncoder(cfg)
-    for p in enc.parameters():
-        p.data.normal_(0.0, 0.5)
-    enc = enc.cuda().to(torch.bfloat16)
+    enc = debug_convnext().cuda().to(torch.bfloat16)
     views = torch.rand(8, 3, 224, 224, device="cuda")
     want = enc(views).float()
     enc.set_fusions(dwconv="triton")

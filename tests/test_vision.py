@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from megatron_sphinx.config import get_recipe
 from megatron_sphinx.model.vision import FrozenEncoder, MixtureOfVisualExperts
+from tests.encoders import debug_convnext, scaled
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +61,8 @@ def test_fused_blocks_give_timms_tokens(debug_vision):
     fp32 rounding, with layer scales far from their tiny initial values, and the same state
     dict names."""
     torch.manual_seed(0)
-    mov = MixtureOfVisualExperts(debug_vision)
+    mov = scaled(MixtureOfVisualExperts(debug_vision))
     names = [sorted(enc.state_dict()) for enc in mov.encoders]
-    for p in mov.parameters():
-        p.data.normal_(0.0, 0.5)
     views = torch.rand(3, 3, 224, 224)
     fused = mov(views)
     from megatron_sphinx.model.vision_fusions import restore_timm_forwards
@@ -82,9 +81,7 @@ def test_gelu_in_the_gemm_epilogue_gives_timms_tokens_and_undoes(debug_vision):
     torch computes the exact GELU there, so the tokens equal timm's up to fp32 rounding: this
     checks the plumbing; the tanh form is checked on a GPU below); ``exact`` undoes it."""
     torch.manual_seed(0)
-    mov = MixtureOfVisualExperts(debug_vision)
-    for p in mov.parameters():
-        p.data.normal_(0.0, 0.5)
+    mov = scaled(MixtureOfVisualExperts(debug_vision))
     views = torch.rand(3, 3, 224, 224)
     want = mov(views)
     calls = []
@@ -114,13 +111,7 @@ def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
     (cuBLASLt): no GELU kernel runs; the bf16 tokens stay within bf16 noise of exact GELU's."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = get_recipe("debug").vision
-    enc_cfg = next(e for e in cfg.encoders if e.kind == "convnext")
-    torch.manual_seed(0)
-    enc = FrozenEncoder(enc_cfg)
-    for p in enc.parameters():  # layer scales far from their tiny initial values (tokens ~30)
-        p.data.normal_(0.0, 0.5)
-    enc = enc.cuda().to(torch.bfloat16)
+    enc = debug_convnext().cuda().to(torch.bfloat16)
     views = torch.rand(8, 3, 224, 224, device="cuda")
     exact = enc(views).float()
     enc.set_fusions(gelu="tanh")
