@@ -49,10 +49,7 @@ from timm.models.vision_transformer import Block
 def _convnext_block(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     """timm's ``ConvNeXtBlock.forward`` in eval mode (no drop path), layer scale and residual
     add as one ``addcmul``."""
-    shortcut = x
-    x = self.conv_dw(x)
-    x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)  # NHWC maths, NCHW view
-    return torch.addcmul(self.shortcut(shortcut), x, self.gamma.reshape(1, -1, 1, 1))
+    return _convnext_rest(self, x, self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
 
 
 def _convnext_block_dwconv_norm(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
@@ -60,16 +57,20 @@ def _convnext_block_dwconv_norm(self: ConvNeXtBlock, x: torch.Tensor) -> torch.T
     where it takes the map (channels last, on a GPU)."""
     from kernels import triton_dwconv_norm
 
-    shortcut = x
     nhwc = x.permute(0, 2, 3, 1)  # contiguous for a channels-last map
     conv = self.conv_dw
-    if triton_dwconv_norm.supported(nhwc, conv.kernel_size[0]):
-        z = triton_dwconv_norm.dwconv_norm(nhwc, conv.weight, conv.bias, self.norm.weight,
-                                           self.norm.bias, self.norm.eps)
-    else:
-        z = self.norm(conv(x).permute(0, 2, 3, 1))
-    x = self.mlp(z).permute(0, 3, 1, 2)
-    return torch.addcmul(self.shortcut(shortcut), x, self.gamma.reshape(1, -1, 1, 1))
+    if not triton_dwconv_norm.supported(nhwc, conv.kernel_size[0]):
+        return _convnext_block(self, x)
+    z = triton_dwconv_norm.dwconv_norm(nhwc, conv.weight, conv.bias, self.norm.weight,
+                                       self.norm.bias, self.norm.eps)
+    return _convnext_rest(self, x, z)
+
+
+def _convnext_rest(block: ConvNeXtBlock, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A ConvNeXt block after its norm: the feed-forward on the normalised map ``z`` (NHWC
+    maths, an NCHW view after), then layer scale and residual add as one ``addcmul``."""
+    y = block.mlp(z).permute(0, 3, 1, 2)
+    return torch.addcmul(block.shortcut(x), y, block.gamma.reshape(1, -1, 1, 1))
 
 
 def _plain_dwconv_norm(block: ConvNeXtBlock) -> bool:
