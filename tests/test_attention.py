@@ -248,30 +248,33 @@ def test_segment_sdpa_uses_a_fused_kernel_on_gpu(monkeypatch):
     assert any("flash" in n or "efficient" in n or "cudnn" in n for n in names), names
 
 
-@pytest.mark.parametrize("api", ["window_size+gqa", "window_size", "is_causal"])
+@pytest.mark.parametrize("api", ["window_size+gqa", "window_size", "is_causal",
+                                 "window_size, heads through", "window_size, heads mixed up"])
 def test_varlen_call_plumbing_for_both_torch_signatures(api, monkeypatch):
     """The varlen path's arguments (causality, GQA, scale, cu_seqlens) for torch 2.10's, 2.11's
     and later ``varlen_attn`` signatures, with a stand-in kernel computing the masked
-    reference."""
+    reference. Without ``enable_gqa`` the first call probes whether the kernel takes fewer
+    key/value heads as they are (FlashAttention's do): a stand-in that refuses them, or maps
+    them to the wrong query heads, gets them repeated; one that computes grouped-query
+    attention gets them as they are."""
     seen = {}
+    monkeypatch.setattr(attention, "_gqa_through", {})  # the probe's answer is per stand-in
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
         seen.update(kwargs, cu_dtype=cu_q.dtype, max_q=max_q, kv_heads=k.shape[1])
         causal = kwargs.get("window_size") == (-1, 0) or kwargs.get("is_causal") is True
         assert causal and cu_q is cu_k
-        if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1 and api == "window_size, heads mixed up":
+            k, v = k.repeat(1, groups, 1), v.repeat(1, groups, 1)  # heads tiled, not grouped
+        elif groups > 1 and api != "window_size, heads through":
             assert kwargs.get("enable_gqa") is True
         return _reference(q, k, v, cu_q, kwargs.get("scale", q.shape[-1] ** -0.5)).to(q.dtype)
 
-    if api == "window_size+gqa":
-        monkeypatch.setattr(attention, "_varlen_api", lambda: (
-            fake_varlen, {"window_size": (-1, 0)}, True, True, ""))
-    elif api == "window_size":
-        monkeypatch.setattr(attention, "_varlen_api", lambda: (
-            fake_varlen, {"window_size": (-1, 0)}, False, False, ""))
-    else:
-        monkeypatch.setattr(attention, "_varlen_api", lambda: (
-            fake_varlen, {"is_causal": True}, False, False, ""))
+    gqa = api == "window_size+gqa"
+    monkeypatch.setattr(attention, "_varlen_api", lambda: (
+        fake_varlen, {"is_causal": True} if api == "is_causal" else {"window_size": (-1, 0)},
+        gqa, gqa, ""))
     torch.manual_seed(0)
     lengths = [5, 9, 2]  # no empty segment: Megatron's interleaved loop cannot reshape one
     cu = _layout(lengths).to(torch.int64)  # converted to int32 for the kernel
@@ -279,9 +282,12 @@ def test_varlen_call_plumbing_for_both_torch_signatures(api, monkeypatch):
     out = attention._varlen(q, k, v, cu, 9, 8 ** -0.5)
     torch.testing.assert_close(out.double(), _reference(q, k, v, cu, 8 ** -0.5))
     assert seen["cu_dtype"] == torch.int32 and seen["max_q"] == 9
-    # GQA: passed through where the signature takes enable_gqa, else K/V repeated to 4 heads
-    assert seen["kv_heads"] == (2 if api == "window_size+gqa" else 4)
-    assert ("scale" in seen) == (api == "window_size+gqa")
+    # GQA: passed through where the signature takes enable_gqa or the probe says the kernel
+    # computes it, else K/V repeated to 4 heads
+    through = api in ("window_size+gqa", "window_size, heads through")
+    assert seen["kv_heads"] == (2 if through else 4)
+    assert ("scale" in seen) == gqa
+    assert attention._gqa_through == ({} if gqa else {("cpu", torch.float32): through})
 
 
 def test_varlen_signature_detected_on_the_installed_torch():

@@ -9,8 +9,11 @@ runs. On GPUs the Transformer Engine spec does the same with fused THD kernels.
 Two kernels back :func:`packed_causal_attention` (the choice is logged once per device type):
 
 * ``varlen``: one FlashAttention call over all segments (``torch.nn.attention.varlen``, torch >=
-  2.10), grouped-query attention without copying keys and values. CUDA tensors in bf16/fp16,
-  no attention dropout.
+  2.10), grouped-query attention without copying keys and values: with ``enable_gqa`` where
+  ``varlen_attn`` takes it, else by passing the fewer key/value heads straight through where a
+  probe at first use shows that FlashAttention's kernels compute grouped-query attention that
+  way (forward and backward equal to keys and values repeated), else repeated. CUDA tensors in
+  bf16/fp16, no attention dropout.
 * ``sdpa``: one ``scaled_dot_product_attention`` per segment on 4-D ``[1, heads, len, dim]``
   views (CUDA's fused kernels refuse 3-D inputs and would fall back to the unfused maths, which
   materialises every ``len x len`` score matrix). Everywhere else, the CPU included.
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 ATTENTION_ENV = "MEGATRON_SPHINX_ATTENTION"
 KERNELS = ("varlen", "sdpa")
 _logged: set[tuple[str, str]] = set()
+#: (device type, dtype) -> whether ``varlen_attn`` without ``enable_gqa`` takes fewer key/value
+#: heads than query heads (:func:`_gqa_passes_through`).
+_gqa_through: dict[tuple[str, torch.dtype], bool] = {}
 
 
 @functools.cache
@@ -122,6 +128,46 @@ def _segments_sdpa(query, key, value, cu_seqlens, scale, dropout):
     return out
 
 
+def _probe_gqa(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Runs ``varlen_attn`` on a small grouped-query input (two segments, 4 query heads on 2
+    key/value heads) as it is and with keys and values repeated, forward and backward; returns
+    whether the two agree, and why not."""
+    fn, causal, _, _, _ = _varlen_api()
+    g = torch.Generator().manual_seed(0)
+    t, d, cu = 24, 64, torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
+    q = torch.randn(t, 4, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(t, 2, d, generator=g).to(device, dtype) for _ in range(2))
+    w = torch.randn(t, 4, d, generator=g).to(device)
+    results = []
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for repeat in (False, True):
+                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+                kk, vv = _repeat_kv(*leaves) if repeat else leaves[1:]
+                out = fn(leaves[0], kk, vv, cu, cu, 14, 14, **causal)
+                results.append((out, *torch.autograd.grad((out.float() * w).sum(), leaves)))
+    except Exception as exc:  # e.g. a torch that checks the head counts
+        return False, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, got, want in zip(("output", "dq", "dk", "dv"), *results):
+        if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+            return False, f"its {name} differs from keys and values repeated"
+    return True, "equal to keys and values repeated"
+
+
+def _gqa_passes_through(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's ``varlen_attn`` (one without ``enable_gqa``) computes grouped-query
+    attention from fewer key/value heads than query heads, as FlashAttention's kernels do:
+    probed once per device type and dtype (:func:`_probe_gqa`), the answer logged."""
+    key = (device.type, dtype)
+    if key not in _gqa_through:
+        ok, why = _probe_gqa(device, dtype)
+        _gqa_through[key] = ok
+        log.info("packed attention on %s (%s): grouped-query heads %s (%s)", device.type, dtype,
+                 "passed to varlen_attn as they are" if ok else "repeated", why)
+    return _gqa_through[key]
+
+
 def _varlen(query, key, value, cu_seqlens, max_seqlen, scale):
     fn, causal, takes_gqa, takes_scale, _ = _varlen_api()
     kwargs = dict(causal)
@@ -130,7 +176,7 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen, scale):
     if query.shape[1] != key.shape[1]:
         if takes_gqa:
             kwargs["enable_gqa"] = True
-        else:
+        elif not _gqa_passes_through(query.device, query.dtype):
             key, value = _repeat_kv(query, key, value)
     cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
     return fn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
