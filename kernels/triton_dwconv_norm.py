@@ -24,8 +24,10 @@ from kernels.triton_support import runs_here, tl, triton
 
 __all__ = ["dwconv_norm", "reference_dwconv_norm", "supported"]
 
-#: fp32 accumulators per program (pixels x padded channels): bounds the registers it holds.
-TILE = 16384
+#: ``(accumulators, warps)`` per program: fp32 accumulators (pixels x channels padded to a power
+#: of two), which bound the registers it holds, and warps. A first guess, not yet measured on a
+#: GPU; ``tools/bench_vision.py --dwconv-tiles`` sweeps others (it sets this).
+DEFAULT_TILE = (16384, 8)
 
 
 def supported(x: torch.Tensor, kernel_size: int) -> bool:
@@ -98,11 +100,12 @@ def dwconv_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if taps.stride(1) != 1:
         taps = taps.contiguous()
     z = torch.empty_like(x)
+    accumulators, warps = DEFAULT_TILE
     block_c = triton.next_power_of_2(c)
-    block_p = max(1, min(triton.next_power_of_2(w), TILE // block_c))
+    block_p = max(1, min(triton.next_power_of_2(w), accumulators // block_c))
     grid = (triton.cdiv(w, block_p), h, b)
     _dwconv_norm_kernel[grid](x, taps, bias if bias is not None else taps, norm_weight,
                               norm_bias, z, h, w, c, taps.stride(0), eps, K=k,
                               HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-                              num_warps=8)
+                              num_warps=warps)
     return z

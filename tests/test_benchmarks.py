@@ -115,8 +115,9 @@ def test_bench_optimizer_table():
 def test_bench_vision_table():
     names = ["timm", "fused", "fused-tanh", "fused-dwconv"]
     proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1", "--variants",
-                 *names])
+                 *names, "--dwconv-tiles", "8192,4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    names.append("dwconv-8192x4")
     rows = [line.split() for line in proc.stdout.splitlines()
             if line.startswith(tuple(n + " " for n in names))]
     assert [r[0] for r in rows] == names, proc.stdout
@@ -127,6 +128,9 @@ def test_bench_vision_table():
     if not torch.cuda.is_available():
         proc = _run(["tools/bench_vision.py", "--variants", "fused-graph"])
         assert proc.returncode == 2 and "has no GPU: drop it" in proc.stderr, proc.stderr
+    proc = _run(["tools/bench_vision.py", "--dwconv-tiles", "1000,4"])
+    assert proc.returncode == 2 and "--dwconv-tiles='1000,4': ELEMENTS must be a power of " \
+        "two" in proc.stderr, proc.stderr
 
 
 def test_bench_vision_compiled_encoders():

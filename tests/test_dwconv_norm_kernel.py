@@ -113,12 +113,12 @@ def test_dwconv_norm_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     for channels, dtype in ((384, "bf16"), (3072, "bf16"), (1536, "fp32")):
         block_c = triton.next_power_of_2(channels)
         consts = {"K": 7, "HAS_BIAS": True, "BLOCK_C": block_c,
-                  "BLOCK_P": max(1, dw.TILE // block_c)}
+                  "BLOCK_P": max(1, dw.DEFAULT_TILE[0] // block_c)}
         sig = {n: ("constexpr" if n in consts else f"*{dtype}" if n.endswith("_ptr")
                    else "fp32" if n == "eps" else "i32") for n in kernel.arg_names}
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 8}).asm["ptx"]
+                             options={"num_warps": dw.DEFAULT_TILE[1]}).asm["ptx"]
         assert f".entry {kernel.fn.__name__}" in ptx
 
 

@@ -13,7 +13,8 @@ views (what one ``--vision-batch`` call encodes) per variant, in one process:
 * ``fused-dwconv``: the fused blocks with ConvNeXt's depthwise convolution and LayerNorm as one
   Triton kernel (``--vision-dwconv triton``, ``kernels/triton_dwconv_norm.py``) instead of
   cuDNN's convolution and the norm's kernel (GPU; on a CPU the blocks fall back to the torch
-  ops, so the row equals ``fused``);
+  ops, so the row equals ``fused``); ``--dwconv-tiles A,W ...`` times it at other tiles (fp32
+  accumulators and warps per program), one ``dwconv-AxW`` row each;
 * ``compiled`` (opt-in): the fused encoders through ``torch.compile`` (Inductor fuses the
   LayerNorms, GELUs and layer scales into fewer memory passes; whether that pays for the
   encoders, bound by the GPU at ~40% MFU in H100 run 4, is what this row measures). Not a
@@ -72,10 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls, median (default 5)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                    help="what to time (default: timm fused, and fused-graph on a GPU)")
+    p.add_argument("--dwconv-tiles", nargs="+", default=[], metavar="A,W",
+                   help="also time fused-dwconv at these tiles: fp32 accumulators (a power of "
+                   "two) and warps per program, e.g. 8192,4 32768,16")
     add_dtype_arg(p)
     args = p.parse_args(argv)
     if args.views < 1 or args.repeats < 1:
         p.error("--views and --repeats must be at least 1")
+    from kernels import triton_dwconv_norm
+    from kernels.triton_pack import parse_tile
+
+    try:
+        tiles = [parse_tile(t, "--dwconv-tiles") for t in args.dwconv_tiles]
+    except ValueError as exc:
+        p.error(str(exc))
     gpu = torch.cuda.is_available()
     variants = args.variants or ["timm", "fused"] + (["fused-graph"] if gpu else [])
     if "fused-graph" in variants and not gpu:
@@ -100,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     mov.cuda_graphs = False
     ref = mov(views).float()  # the training default's tokens, which every variant must give
     rows = []
-    for variant in variants:
-        _set_variant(mov, variant)
+    default_tile = triton_dwconv_norm.DEFAULT_TILE
+    runs = [(v, default_tile) for v in variants] + [
+        (f"dwconv-{a}x{w}", (a, w)) for a, w in tiles]
+    for variant, tile in runs:
+        triton_dwconv_norm.DEFAULT_TILE = tile
+        _set_variant(mov, "fused-dwconv" if variant.startswith("dwconv-") else variant)
         mov.cuda_graphs = variant == "fused-graph"
         mov._graphs.clear()
         call = mov
