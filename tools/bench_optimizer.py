@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def _measure(cfg, args, variant: str, dtype, on_gpu: bool, groups) -> tuple[dict
     moved = max(float((a - b).abs().max()) for a, b in zip(initial, final)) / scale
     row = {"variant": variant, "adam": describe(optimizer), "params": params, "ms": wall_ms,
            "launches": launched, "gpu_ms": gpu_ms, "moved": moved}
-    del optimizer, model
+    del optimizer, scheduler, model
+    gc.collect()  # the model's config holds the optimizer's loss scaler: a reference cycle
     if on_gpu:
         torch.cuda.empty_cache()
     return row, final
