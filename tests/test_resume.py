@@ -98,6 +98,21 @@ def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
         assert torch.equal(want[key], got[key]), key
 
 
+def test_expert_parallel_moe_resumes_exactly(tmp_path):
+    """debug-moe on two expert-parallel ranks: Megatron chains two distributed optimizers (the
+    experts' parameters reduce over their own data-parallel group), each torch's fused AdamW;
+    a run stopped after step 3 and resumed reproduces the uninterrupted one exactly."""
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    moe = partial(_train, recipe="debug-moe", ep=2)
+    assert run_ranks(moe, 2, full, timeout=300) == [0, 0]
+    assert run_ranks(partial(moe, exit_interval=3), 2, stopped, timeout=300) == [3, 3]
+    assert run_ranks(moe, 2, stopped, timeout=300) == [0, 0]
+    reference, resumed = _losses(full), _losses(stopped)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == reference[step], step
+
+
 def _saved_weights(rank, world_size, ckpt) -> dict:
     """The model weights of a checkpoint as full tensors (no model needed)."""
     from megatron.core import dist_checkpointing
