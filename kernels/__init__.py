@@ -9,6 +9,8 @@ once per process: call :func:`refresh_settings` after changing it in-process.
 hold the fused rotary embedding of packed tokens, the fused SwiGLU of the LLM's MLP and its fused
 cross-entropy loss; :mod:`kernels.fused_layers` chooses them (on GPUs where their start-up check
 passes; ``MEGATRON_SPHINX_ROPE`` / ``MEGATRON_SPHINX_SWIGLU`` / ``MEGATRON_SPHINX_CE``).
+:mod:`kernels.triton_dwconv_norm` holds ConvNeXt's depthwise convolution + LayerNorm in one
+kernel (the frozen encoders; ``--vision-dwconv triton``, checked by the same start-up check).
 """
 from kernels.reference import PackPlan, PackTokensFunction, build_plan
 from kernels.select import IMPLS, impl_status, pack_tokens, resolve_impl
