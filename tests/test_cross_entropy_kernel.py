@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from kernels import triton_cross_entropy as ce
-from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
+from tests.interpreted import INTERPRETED, interpreted
 
-interpreted = only_interpreted("test_cross_entropy_kernel_under_the_interpreter")
 
 
 def _check(device, dtype, atol):
@@ -115,11 +114,6 @@ def test_interpreted_vocab_parallel_cross_entropy_matches_megatron():
         torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
-def test_cross_entropy_kernel_under_the_interpreter():
-    """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 3)
 
 
 def test_cross_entropy_kernels_compile_for_hopper(tmp_path, monkeypatch):

@@ -13,10 +13,9 @@ import torch
 from kernels import fused_layers, triton_dwconv_norm as dw
 from megatron_sphinx.config import get_recipe
 from tests.encoders import debug_convnext
-from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
+from tests.interpreted import INTERPRETED, interpreted
 
 HAS_CUDA = torch.cuda.is_available()
-interpreted = only_interpreted("test_dwconv_norm_kernel_under_the_interpreter")
 
 
 def _inputs(b, h, w, c, k, bias, dtype, device, gen):
@@ -95,10 +94,6 @@ def test_interpreted_convnext_block_runs_the_kernel_and_gives_the_same_map():
     assert want.abs().max() > 1.0
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
-
-def test_dwconv_norm_kernel_under_the_interpreter():
-    """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 3)
 
 
 def test_dwconv_norm_kernel_compiles_for_hopper(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ allocated NaN-filled (``MEGATRON_SPHINX_PACK_DEBUG=1``), so a position an implem
 write fails the comparison.
 
 Triton's CPU interpreter needs ``TRITON_INTERPRET=1`` before triton is imported, so the
-interpreter tests run in a subprocess started by ``test_triton_interpreter_suite`` (or directly
+interpreter tests run in a subprocess started by ``tests/test_interpreter.py`` (or directly
 when this file is run with ``TRITON_INTERPRET=1``). GPU cases skip here with the reason; the
 Triton kernels are still compiled for sm_90 ahead of time. The CUDA build test is opt-in
 (``MEGATRON_SPHINX_TEST_CUDA_BUILD=1``: 1-4 min of nvcc on this machine).
@@ -34,14 +34,9 @@ from kernels import (DEBUG_ENV, IMPL_ENV, pack_tokens, refresh_settings,  # noqa
 from kernels.reference import PackTokensFunction, ReferenceBackend  # noqa: E402
 from megatron_sphinx.data.geometry import TOKENS_PER_VIEW  # noqa: E402
 from megatron_sphinx.data.layout import NUM_SPECIAL, Sample, build_packed_batch  # noqa: E402
-from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted  # noqa: E402
+from tests.interpreted import INTERPRETED, interpreted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_interpreter = only_interpreted("test_triton_interpreter_suite")
-INTERPRETER_TESTS = ["test_triton_interpreter_on_packed_layouts",
-                     "test_triton_interpreter_on_arbitrary_indices",
-                     "test_triton_interpreter_small_tiles",
-                     "test_triton_interpreter_selection"]
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device on this machine (CUDA and GPU-Triton paths need one)"
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -349,11 +344,11 @@ def test_selection_on_cpu():
 
 # --------------------------------------------------------------- Triton under TRITON_INTERPRET
 
-@needs_interpreter
+@interpreted
 @settings(max_examples=8, **SETTINGS)
 @given(batch=layouts(max_rows=2, max_images=3), hidden=st.sampled_from([8, 24]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_triton_interpreter_on_packed_layouts(batch, hidden, dtype):
+def test_interpreted_triton_on_packed_layouts(batch, hidden, dtype):
     text, visual, special = sources(batch, hidden, dtype)
     out, grads = check_against_oracle("triton", batch, text, visual, special, dtype)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -363,11 +358,11 @@ def test_triton_interpreter_on_packed_layouts(batch, hidden, dtype):
     assert torch.equal(grads[0], ref_grads[0]) and torch.equal(grads[1], ref_grads[1])
 
 
-@needs_interpreter
+@interpreted
 @settings(max_examples=12, **SETTINGS)
 @given(case=random_indices(), hidden=st.sampled_from([3, 16]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_triton_interpreter_on_arbitrary_indices(case, hidden, dtype):
+def test_interpreted_triton_on_arbitrary_indices(case, hidden, dtype):
     t, r, index = case
     g = torch.Generator().manual_seed(0)
     text, visual, special = (torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
@@ -375,11 +370,11 @@ def test_triton_interpreter_on_arbitrary_indices(case, hidden, dtype):
     check_against_oracle("triton", index, text, visual, special, dtype)
 
 
-@needs_interpreter
+@interpreted
 @settings(max_examples=6, **SETTINGS)
 @given(case=random_indices(), hidden=st.sampled_from([3, 40]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_triton_interpreter_small_tiles(case, hidden, dtype):
+def test_interpreted_triton_small_tiles(case, hidden, dtype):
     """GPU-like small tiles: many programs along rows and (hidden 40 > 32) columns, so the row
     and column masks of every kernel's partial tiles are exercised."""
     from kernels.select import override_backend
@@ -394,8 +389,8 @@ def test_triton_interpreter_small_tiles(case, hidden, dtype):
         check_against_oracle("triton", index, text, visual, special, dtype)
 
 
-@needs_interpreter
-def test_triton_interpreter_selection():
+@interpreted
+def test_interpreted_triton_selection():
     assert resolve_impl(None, "cpu") == "triton"
     assert resolve_impl(None, "cpu", torch.float64) == "torch"  # kernels: 16/32-bit only
     with env(**{IMPL_ENV: "torch"}):
@@ -407,12 +402,6 @@ def test_triton_interpreter_selection():
     index = batch.pack_index[3:700]
     out = pack_tokens(text, visual, special, index)
     assert torch.equal(out, oracle(text, visual, special, index, torch.zeros(697, 8))[0].float())
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
-def test_triton_interpreter_suite():
-    """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, " or ".join(INTERPRETER_TESTS), len(INTERPRETER_TESTS))
 
 
 # ------------------------------------------------------------------------------ GPU (skipped)

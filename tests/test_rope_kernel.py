@@ -11,7 +11,7 @@ import torch
 
 from kernels import triton_rope
 from megatron_sphinx import upstream_fixes
-from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
+from tests.interpreted import interpreted
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -65,15 +65,10 @@ def _check(device, dtype, atol):
             torch.testing.assert_close(g_got.float(), g_want.float(), atol=atol, rtol=atol)
 
 
-@only_interpreted("test_rope_kernel_under_the_interpreter")
+@interpreted
 def test_interpreted_rope_matches_the_unfused_rotation():
     _check("cpu", torch.float32, 1e-6)
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
-def test_rope_kernel_under_the_interpreter():
-    """Runs the interpreter test above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted_rope_matches_the_unfused_rotation", 1)
 
 
 def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):

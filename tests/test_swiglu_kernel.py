@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from kernels import fused_layers, triton_cross_entropy, triton_rope, triton_swiglu
-from tests.interpreted import INTERPRETED, only_interpreted, run_interpreted
+from tests.interpreted import INTERPRETED, interpreted
 
 HAS_CUDA = torch.cuda.is_available()
-interpreted = only_interpreted("test_swiglu_kernel_under_the_interpreter")
 
 
 def _megatron_swiglu(y: torch.Tensor) -> torch.Tensor:
@@ -191,11 +190,6 @@ def test_interpreted_llm_runs_the_kernels_and_matches_the_torch_ops():
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
-def test_swiglu_kernel_under_the_interpreter():
-    """Runs the interpreter tests above in a process that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "test_interpreted", 6)
 
 
 def test_swiglu_kernels_compile_for_hopper(tmp_path, monkeypatch):

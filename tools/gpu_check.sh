@@ -124,13 +124,9 @@ $PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
 run tests_kernels 200 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
-  --deselect tests/test_rope_kernel.py::test_rope_kernel_under_the_interpreter \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
-  --deselect tests/test_swiglu_kernel.py::test_swiglu_kernel_under_the_interpreter \
   --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernels_compile_for_hopper \
-  --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernel_under_the_interpreter \
-  --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_compiles_for_hopper \
-  --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_under_the_interpreter
+  --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_compiles_for_hopper
 # Run 4 measured DALI "gpu" at 86 images/s, below Pillow: the "by DALI" column now says whether
 # DALI decoded them; batches of 128 as a GPU wants them.
 [ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
