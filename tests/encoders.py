@@ -22,3 +22,19 @@ def debug_convnext():
     cfg = next(e for e in get_recipe("debug").vision.encoders if e.kind == "convnext")
     torch.manual_seed(0)
     return scaled(FrozenEncoder(cfg))
+
+
+def gpu_fusion_run(**fusions) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The debug ConvNeXt in bf16 on the GPU, on 8 views: its tokens with the default fusions,
+    its tokens with ``set_fusions(**fusions)``, and the CUDA kernels that second call ran (name
+    -> launches, from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    enc = debug_convnext().cuda().to(torch.bfloat16)
+    views = torch.rand(8, 3, 224, 224, device="cuda")
+    before = enc(views).float()
+    enc.set_fusions(**fusions)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        after = enc(views).float()
+        torch.cuda.synchronize()
+    return before, after, {e.key: e.count for e in prof.key_averages()}

@@ -12,7 +12,7 @@ import torch
 
 from kernels import fused_layers, triton_dwconv_norm as dw
 from megatron_sphinx.config import get_recipe
-from tests.encoders import debug_convnext
+from tests.encoders import debug_convnext, gpu_fusion_run
 from tests.interpreted import INTERPRETED, interpreted
 
 HAS_CUDA = torch.cuda.is_available()
@@ -144,19 +144,11 @@ def test_gpu_kernel_matches_the_torch_ops_and_replaces_the_convolution():
     """bf16 on a GPU: the kernel against the fp32 torch ops; its start-up check passes; the
     debug ConvNeXt's four blocks run it, and the tokens track the torch ops' within bf16
     noise."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = torch.device("cuda")
     _check(cuda, torch.bfloat16, 5e-2)
     _check(cuda, torch.float32, 1e-4)
     assert fused_layers.self_check("dwconv", cuda, torch.bfloat16) == ""
-    enc = debug_convnext().cuda().to(torch.bfloat16)
-    views = torch.rand(8, 3, 224, 224, device="cuda")
-    want = enc(views).float()
-    enc.set_fusions(dwconv="triton")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        got = enc(views).float()
-        torch.cuda.synchronize()
-    assert sum(e.count for e in prof.key_averages() if "_dwconv_norm_kernel" in e.key) == 4
+    want, got, kernels = gpu_fusion_run(dwconv="triton")
+    assert sum(n for k, n in kernels.items() if "_dwconv_norm_kernel" in k) == 4
     rel = float((got - want).norm() / want.norm())
     assert rel < 2e-2, rel

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from megatron_sphinx.config import get_recipe
 from megatron_sphinx.model.vision import FrozenEncoder, MixtureOfVisualExperts
-from tests.encoders import debug_convnext, scaled
+from tests.encoders import gpu_fusion_run, scaled
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +109,7 @@ def test_gelu_in_the_gemm_epilogue_gives_timms_tokens_and_undoes(debug_vision):
 def test_gelu_epilogue_on_a_gpu_drops_the_gelu_kernel_and_tracks_exact_tokens():
     """On a GPU ``--vision-gelu tanh`` computes ConvNeXt's GELU in the first GEMM's epilogue
     (cuBLASLt): no GELU kernel runs; the bf16 tokens stay within bf16 noise of exact GELU's."""
-    from torch.profiler import ProfilerActivity, profile
-
-    enc = debug_convnext().cuda().to(torch.bfloat16)
-    views = torch.rand(8, 3, 224, 224, device="cuda")
-    exact = enc(views).float()
-    enc.set_fusions(gelu="tanh")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tanh = enc(views).float()
-        torch.cuda.synchronize()
-    kernels = [e.key for e in prof.key_averages()]
+    exact, tanh, kernels = gpu_fusion_run(gelu="tanh")
     assert not any("gelu" in k.lower() and "gemm" not in k.lower() and "nvjet" not in k
                    for k in kernels), kernels
     rel = float((tanh - exact).norm() / exact.norm())

@@ -38,6 +38,7 @@ from megatron_sphinx.cli import quiet_import_notices  # noqa: E402
 quiet_import_notices()  # before Megatron's imports: --help stays clean
 from tools.bench_common import (add_dtype_arg, device_label, launches,  # noqa: E402
                                  median_ms, recipe_and_dtype)
+from megatron_sphinx.train.run_config import ADAM_FORMS  # noqa: E402
 from tools.bench_llm_layers import _build  # noqa: E402
 
 
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="debug", help="whose LLM (default debug)")
     p.add_argument("--layers", type=int, default=None,
                    help="layers built (default: all of the recipe's)")
-    p.add_argument("--variants", nargs="+", default=["foreach", "fused"],
-                   choices=["foreach", "fused"], help="default: foreach fused")
+    p.add_argument("--variants", nargs="+", default=["foreach", "fused"], choices=ADAM_FORMS,
+                   help="default: foreach fused")
     add_dtype_arg(p)
     p.add_argument("--repeats", type=int, default=5, help="timed steps, median (default 5)")
     args = p.parse_args(argv)

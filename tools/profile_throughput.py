@@ -38,6 +38,8 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from megatron_sphinx.train.run_config import ADAM_FORMS  # noqa: E402
+
 log = logging.getLogger("megatron_sphinx.profile")
 
 VARIANTS = {  # name -> (packing, skip padded sub-images)
@@ -202,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tanh: the encoders' GELU in tanh form, in the GEMM epilogue (GPU)")
     p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
                    help="triton: ConvNeXt's depthwise convolution + norm as one kernel (GPU)")
-    p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
+    p.add_argument("--adam", default="fused", choices=ADAM_FORMS,
                    help="torch's AdamW step as one fused kernel or multi-tensor ops (as training)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
                    help="collective timeout (default 10)")

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from megatron_sphinx.train.run_config import RunConfig
+from megatron_sphinx.train.run_config import ADAM_FORMS, RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="AdamW weight decay (default: the recipe's, 0)")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="gradient-norm clip, 0 = none (default: the recipe's, 1.0)")
-    p.add_argument("--adam", default="fused", choices=["fused", "foreach"],
+    p.add_argument("--adam", default="fused", choices=ADAM_FORMS,
                    help="torch's AdamW step (where Megatron finds no Apex or Transformer "
                    "Engine) as one fused kernel or as multi-tensor ops (default fused)")
     p.add_argument("--seed", type=int, default=None, help="default: the recipe's")

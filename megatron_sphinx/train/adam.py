@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import torch
 
-#: Values of ``--adam``.
-CHOICES = ("fused", "foreach")
-
 
 def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     """The torch (or Apex / TE) optimizers under a Megatron optimizer (chained or not)."""

@@ -17,7 +17,7 @@ from megatron_sphinx.model import wgrad_fusion
 from megatron_sphinx.model.llm import ParallelSizes, transformer_config
 from megatron_sphinx.model.sphinx import SphinxModel
 from megatron_sphinx.train import adam as fused_adam
-from megatron_sphinx.train.run_config import VisionRun
+from megatron_sphinx.train.run_config import ADAM_FORMS, VisionRun
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def build_optimizer(cfg: SphinxConfig, model_chunks: list, pg_collection, *,
     Returns:
         ``(optimizer, scheduler)``.
     """
-    if adam not in fused_adam.CHOICES:
-        raise ValueError(f"--adam {adam}: choose {' or '.join(fused_adam.CHOICES)}")
+    if adam not in ADAM_FORMS:
+        raise ValueError(f"--adam {adam}: choose {' or '.join(ADAM_FORMS)}")
     t = cfg.train
     ocfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,

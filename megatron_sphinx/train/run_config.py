@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from megatron_sphinx.config import SphinxConfig
 
 
+#: The forms of torch's AdamW step (``--adam``; :mod:`megatron_sphinx.train.adam`).
+ADAM_FORMS = ("fused", "foreach")
+
+
 @dataclass(frozen=True)
 class VisionRun:
     """How the frozen encoders run in the training step (the ``--vision-batch``,
@@ -245,8 +249,8 @@ class RunConfig:
             raise ValueError(f"--dtype {self.dtype}: choose auto, bf16 or fp32")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"--recompute {self.recompute}: choose selective or full")
-        if self.adam not in ("fused", "foreach"):
-            raise ValueError(f"--adam {self.adam}: choose fused or foreach")
+        if self.adam not in ADAM_FORMS:
+            raise ValueError(f"--adam {self.adam}: choose {' or '.join(ADAM_FORMS)}")
         if self.tensorboard_dir is not None and not str(self.tensorboard_dir).strip():
             raise ValueError("--tensorboard-dir is empty: pass a directory or leave it out")
         if self.data is not None and not str(self.data).strip():
