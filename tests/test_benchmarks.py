@@ -84,6 +84,56 @@ def test_gpu_check_names_existing_tests():
         assert (REPO / path).exists(), path
 
 
+class _Parsed(Exception):
+    """Raised in place of running a tool once its arguments are parsed."""
+
+
+def test_gpu_check_commands_parse_with_their_tools(monkeypatch, tmp_path):
+    """Every ``$PY tools/X.py ...`` line of tools/gpu_check.sh, as the script would expand it,
+    parses with that tool's own parser (a bad variant, tile or flag name there would otherwise
+    cost a lent GPU machine's minutes; bench_train also checks each variant's training
+    arguments and layout, as it does before its first run); the shell scripts pass
+    ``bash -n``."""
+    import argparse
+    import importlib
+    import re
+    import shlex
+
+    for script in ("gpu_check.sh", "gpu_bundle.sh", "diag_cpp_glue.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "tools" / script)], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    text = (REPO / "tools" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    variants = re.search(r"TRAIN_VARIANTS=\$\{TRAIN_VARIANTS:-([^}]*)\}", text).group(1)
+    expand = {"${TRAIN_STEPS:-10}": "10", "$TRAIN_VARIANTS": variants, "${PROFILE_ARGS:-}": "",
+              "$OUT": str(tmp_path)}
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
+    def stop(*args, **kwargs):
+        raise _Parsed()
+
+    sys.path.insert(0, str(REPO))
+    commands = re.findall(r"\$PY (tools/\w+)\.py([^\n]*)", text)
+    assert len(commands) >= 10 and ("tools/bench_train", ) in [c[:1] for c in commands]
+    for tool, args in commands:
+        for var, value in expand.items():
+            args = args.replace(var, value)
+        argv = shlex.split(args.split("2>")[0].split("|")[0])
+        module = importlib.import_module(tool.replace("/", "."))
+        with monkeypatch.context() as m:
+            if tool == "tools/bench_train":  # stops before the first training run
+                m.setattr(module, "run_layout", stop)
+                m.setattr(torch.cuda, "is_available", lambda: True)  # the GPU-only flags
+                m.setattr(torch.cuda, "device_count", lambda: 1)
+            else:
+                m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+            with pytest.raises(_Parsed):  # an argparse error (SystemExit) fails the test here
+                assert module.main(argv) == 0, f"{tool}{args}"  # bench_train's fail() path
+
+
 def test_bench_llm_layers_table():
     """The LLM-only benchmark runs both variants; on a CPU nothing is fused by default (the
     kernels need a GPU, the weight-gradient fusion runs on GPUs), so both run the same ops."""
