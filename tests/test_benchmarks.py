@@ -48,6 +48,9 @@ def test_bench_train_rows_per_variant(tmp_path):
         assert r["step_s"] == r["step_times_s"][2]
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_times_s"][2])
         assert r["max_memory_gib"] is None  # GPU only
+        # the training process's start-up (from its start to step 1) is part of what the run
+        # spent outside its steps
+        assert 0 < r["startup_s"] < r["launch_overhead_s"], r
 
 
 def test_audit_host_syncs_lists_call_sites():

@@ -15,6 +15,7 @@ import torch
 from megatron_sphinx.config import get_recipe
 from megatron_sphinx.train import build, loop
 from megatron_sphinx.train.run_config import RunConfig
+from megatron_sphinx.train.startup import StartupClock
 from megatron_sphinx.train.step import StepResult
 
 
@@ -100,7 +101,8 @@ def _run(monkeypatch, tmp_path, start: int = 0, records: list | None = None, eva
                         types.SimpleNamespace(step=lambda increment: groups[0].update(
                             lr=groups[0]["lr"] + increment)), data_loader or _Loader(),
                         torch.device("cpu"), False, tmp_path / "ckpt" if start else None,
-                        types.SimpleNamespace(agreed=lambda device: False), evaluator)
+                        types.SimpleNamespace(agreed=lambda device: False), StartupClock(),
+                        evaluator)
     except SystemExit as exc:
         code = exc.code
     return len(trained), saved, logged, code
@@ -130,6 +132,57 @@ def test_resume_continues_after_the_checkpoints_step(monkeypatch, tmp_path):
     assert (n, console, saved, code) == (3, [4, 5, 6], [6], 0)
     n, saved, _, _ = _run(monkeypatch, tmp_path, steps=6, start=6)  # already done
     assert (n, saved) == (0, [])
+
+
+def test_the_first_record_of_a_process_holds_its_start_up(monkeypatch, tmp_path, caplog):
+    """The first step this process runs (also after a resume) records ``startup_s``, the
+    process's seconds before it; later steps do not; the phases are logged in one line."""
+    for start in (0, 3):
+        records = []
+        with caplog.at_level("INFO", logger="megatron_sphinx.train"):
+            _run(monkeypatch, tmp_path, steps=6, start=start, records=records)
+        assert [r["step"] for r in records if "startup_s" in r] == [start + 1]
+        assert records[0]["startup_s"] > 0
+        line = [r.message for r in caplog.records if r.message.startswith("start-up ")][-1]
+        assert "metrics files" in line and ("checkpoint load" in line) == bool(start), line
+
+
+def test_startup_clock_adds_up_its_phases(monkeypatch):
+    from megatron_sphinx.train import startup
+
+    now = iter([10.0, 11.5, 14.0, 14.25])
+    monkeypatch.setattr(startup.time, "perf_counter", lambda: next(now))
+    monkeypatch.setattr(startup, "process_age_s", lambda: 4.0)
+    clock = startup.StartupClock()  # at 10.0, the process 4 s old
+    clock.lap("model")
+    clock.lap("data")
+    clock.lap("model")  # a second lap of a phase adds to it, in its first place
+    assert clock.phases == [("model", 1.75), ("data", 2.5)]
+    assert clock.total_s() == 8.25
+    assert clock.summary() == "start-up 8.2 s: imports 4.0 | model 1.8 | data 2.5"
+    monkeypatch.setattr(startup, "process_age_s", lambda: None)  # no /proc: from the clock
+    now = iter([0.0, 2.0])
+    clock = startup.StartupClock()
+    clock.lap("model")
+    assert clock.summary() == "start-up 2.0 s: model 2.0"
+
+
+def test_process_age_is_read_from_proc():
+    """A process that slept 1 s before asking is 1 s old (plus its interpreter's start)."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_sphinx.train.startup import process_age_s
+
+    if not os.path.exists("/proc/self/stat"):
+        assert process_age_s() is None
+        return
+    code = ("import time; time.sleep(1.0); "
+            "from megatron_sphinx.train.startup import process_age_s as a; print(a())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    assert 0.95 <= age < 30, age
 
 
 def test_metrics_lr_is_the_rate_the_step_used(monkeypatch, tmp_path):
@@ -253,7 +306,7 @@ def _wiring(monkeypatch, **kw) -> dict:
     dims = types.SimpleNamespace(tp=1, pp=1, vpp=None, ep=1, dp=1,
                                  sequence_parallel=False)
     try:
-        loop._train(rc, cfg, dims, pgs, torch.float32, False, None, None)
+        loop._train(rc, cfg, dims, pgs, torch.float32, False, None, None, StartupClock())
     except Stop:
         pass
     return seen

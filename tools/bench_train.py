@@ -12,9 +12,11 @@ variant in one invocation and prints one table:
   change with its views; medians taken apart came from different steps);
 * on a GPU, the peak memory allocated and the allocator's retries (cache flushes when an
   allocation did not fit) by the end of the run;
-* launch overhead: process wall time minus the time spent in steps (imports, process groups,
-  model and optimizer construction, the first step's one-off costs). No checkpoint is written
-  (``--no-final-save``): saving a full-size model would dominate it.
+* launch overhead: the run's wall time minus the time spent in steps (torchrun, the training
+  process's start-up, its exit), and of it ``start s``: the training process's start-up up to
+  its first step as it counts it (``startup_s``; its phases are in its log,
+  ``megatron_sphinx/train/startup.py``). No checkpoint is written (``--no-final-save``): saving a
+  full-size model would dominate it.
 
 Variants: ``packed`` (the default: packing and skip tokens), ``packed-sdpa`` (the same with the
 local spec's packed attention forced to one SDPA call per segment instead of one FlashAttention
@@ -138,7 +140,8 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
             "step_times_s": times, "step_tflops": [r["tflops_per_gpu"] for r in rows],
             "max_memory_gib": rows[-1].get("max_memory_gib"),
             "alloc_retries": rows[-1].get("alloc_retries"),
-            "wall_s": wall, "launch_overhead_s": wall - sum(times)}
+            "wall_s": wall, "launch_overhead_s": wall - sum(times),
+            "startup_s": rows[0].get("startup_s")}
 
 
 def machine() -> str:
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(extra) or '-'}")
     print(f"{'layout':7} {'variant':18} {'procs':>5} {'step s':>8} {'1st step s':>10} "
           f"{'tokens/s':>9} {'TFLOP/s/gpu':>11} {'MFU':>6} {'packing':>7} {'launch s':>8} "
-          f"{'peak GiB':>8} {'retries':>7}")
+          f"{'start s':>7} {'peak GiB':>8} {'retries':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} failed ({r['error']})")
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['layout']:7} {r['variant']:18} {r['processes']:>5} {r['step_s']:>8.3f} "
               f"{r['first_step_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['tflops_per_gpu']:>11.2f} "
               f"{mfu:>6} {r['packing_efficiency']:>7.3f} {r['launch_overhead_s']:>8.1f} "
+              + (f"{r['startup_s']:>7.1f} " if r["startup_s"] is not None else f"{'-':>7} ")
               + (f"{r['max_memory_gib']:>8.1f} {r['alloc_retries']:>7d}"
                  if r["max_memory_gib"] is not None else f"{'-':>8} {'-':>7}"))
     if args.json:

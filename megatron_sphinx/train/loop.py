@@ -25,6 +25,7 @@ from megatron_sphinx.train.flops import device_peak_tflops, step_flops
 from megatron_sphinx.train.metrics import MetricsWriter
 from megatron_sphinx.train.run_config import RunConfig
 from megatron_sphinx.train.signals import StopRequest
+from megatron_sphinx.train.startup import StartupClock
 from megatron_sphinx.train.step import StepResult, train_step
 
 log = logging.getLogger("megatron_sphinx.train")
@@ -158,6 +159,7 @@ def run(rc: RunConfig) -> list[StepResult]:
 
     from megatron_sphinx.cli import SameOnEveryRank
 
+    clock = StartupClock()  # before it: the interpreter, the imports, the argument checks
     try:  # depends on the arguments and the launch only: every rank fails alike, rank 0 says so
         cfg, dims, dtype = preflight(rc)
         rc = dataclasses.replace(rc, sequence_parallel=dims.sequence_parallel)
@@ -174,16 +176,20 @@ def run(rc: RunConfig) -> list[StepResult]:
     # From here on a stop signal is a graceful stop and --exit-after-minutes counts: start-up
     # (process groups, model, checkpoint load) is part of the job's wall time.
     stop = StopRequest(rc.exit_after_minutes)
+    clock.lap("checks")
     groups = distributed.init_distributed(dims, timeout_s=60.0 * rc.timeout_minutes,
                                           seed=cfg.train.seed)
+    clock.lap("process groups")
     try:
         with cpu_compat.cpu_device_mode():
-            return _train(rc, cfg, dims, groups.collection, dtype, on_gpu, load_from, stop)
+            return _train(rc, cfg, dims, groups.collection, dtype, on_gpu, load_from, stop,
+                          clock)
     finally:
         distributed.shutdown()
 
 
-def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResult]:
+def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop, clock: StartupClock,
+           ) -> list[StepResult]:
     from megatron.core import tensor_parallel
 
     from megatron_sphinx.model.llm import ParallelSizes
@@ -205,15 +211,19 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                         overlap_grad_reduce=rc.overlap_grad_reduce,
                         overlap_param_gather=rc.overlap_param_gather,
                         vision=rc.vision)
+    clock.lap("model")
     optimizer, scheduler = build_optimizer(cfg, model, pgs, dtype=dtype, total_steps=rc.steps,
                                            adam=rc.adam)
+    clock.lap("optimizer")
     loader = build_loader(rc, cfg, dp_rank=pgs.dp.rank(), dp_size=pgs.dp.size())
     images = None
     if isinstance(loader, PackedLoader):  # decodes the store's images (synthetic data: none)
         from megatron_sphinx.data.images import resolve_device
         images = resolve_device(loader.cfg.image_device)
+    clock.lap("data")
     choices = kernel_choices(cfg, backend=backend, dtype=dtype, device=device, fp8=rc.fp8,
                              images=images, vision=rc.vision, optimizer=optimizer)
+    clock.lap("kernel checks")
     if rank == 0:
         log.info("kernels: %s", " | ".join(f"{k} {v}" for k, v in choices.items()))
     evaluator = None
@@ -227,8 +237,9 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
                 pg_collection=pgs, device=device, source_names=source_names(eval_loader))
             if rank == 0:
                 log.info(describe(rc, cfg))
+            clock.lap("data")
         return _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
-                          on_gpu, load_from, stop, evaluator)
+                          on_gpu, load_from, stop, clock, evaluator)
     finally:
         if hasattr(loader, "close"):  # background data workers
             loader.close()
@@ -237,8 +248,8 @@ def _train(rc, cfg, dims, pgs, dtype, on_gpu, load_from, stop) -> list[StepResul
 
 
 def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
-               load_from, stop: StopRequest, evaluator: Evaluator | None = None,
-               ) -> list[StepResult]:
+               load_from, stop: StopRequest, clock: StartupClock,
+               evaluator: Evaluator | None = None) -> list[StepResult]:
     rank = torch.distributed.get_rank()
     start = 0
     if load_from is not None:
@@ -247,6 +258,7 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
         start = int(state["step"])
         if state.get("common", {}).get("loader") is not None and not rc.eval_only:
             loader.load_state_dict(state["common"]["loader"])
+        clock.lap("checkpoint load")
         if rank == 0:
             log.info("%s %s at step %d", "loaded" if rc.eval_only else "resumed from",
                      load_from, start)
@@ -261,16 +273,19 @@ def _run_steps(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, 
         (Path(rc.save) / "run.json").write_text(json.dumps(run_identity(cfg), indent=1))
     metrics = MetricsWriter(rc.save, enabled=rank == 0, tensorboard_dir=rc.tensorboard_dir,
                             first_step=start + 1)
+    clock.lap("metrics files")
+    if rank == 0:
+        log.info(clock.summary())
     try:
         return _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
-                           on_gpu, start, stop, evaluator, metrics)
+                           on_gpu, start, stop, evaluator, metrics, clock.total_s())
     finally:
         metrics.close()
 
 
 def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device, on_gpu,
                 start: int, stop: StopRequest, evaluator: Evaluator | None,
-                metrics: MetricsWriter) -> list[StepResult]:
+                metrics: MetricsWriter, startup_s: float) -> list[StepResult]:
     rank = torch.distributed.get_rank()
     peak = device_peak_tflops()
     world = torch.distributed.get_world_size()
@@ -318,6 +333,8 @@ def _train_loop(rc, cfg, dims, pgs, model, optimizer, scheduler, loader, device,
             "tokens_per_s": summary["tokens"] / dt, "step_time_s": dt,
             "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
         }
+        if step == start + 1:  # this process's start-up, up to this first step
+            record["startup_s"] = startup_s
         if on_gpu:  # this rank's peak since the start, and the allocator's cache flushes
             record.update(max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
                           alloc_retries=torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
