@@ -13,14 +13,13 @@
 #                      and SwiGLU, fused weight-gradient accumulation), the encoders in calls of
 #                      32 views as CUDA graphs, the same overlapped on a second stream (two and
 #                      four rows); --no-packing --no-skip (the reference); peak memory;
+#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager,
+#                      with ConvNeXt's GELU in the GEMM epilogue, with its depthwise convolution
+#                      and norm as one Triton kernel (four tiles); with VISION_VARIANTS also
+#                      through torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      profile_kernels one sphinx-tiny step (the training defaults) under torch.profiler:
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
-#      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
-#      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager,
-#                      with ConvNeXt's GELU in the GEMM epilogue, with its depthwise convolution
-#                      and norm as one Triton kernel, and through torch.compile
-#                      (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, the
 #                      overlapped encoders vs not, TE vs local spec, FP8 (each skips with its
 #                      reason when its piece is missing);
@@ -30,6 +29,7 @@
 #                      layer, ms, GPU busy;
 #      bench_adam      the optimizer step of sphinx-tiny's LLM: torch's fused AdamW against its
 #                      multi-tensor form (ms, launches, GPU ms, agreement);
+#      diag_glue       why the C++ glue's bad-input check crashed (compilers, a backtrace);
 #      bench_pack      the pack op's bandwidth against a device-to-device copy, with a Triton
 #                      tile sweep;
 #      bench_packed_layers, bench_pack_overhead   RoPE, attention and SwiGLU kernels of one
@@ -41,10 +41,12 @@
 # step_trace.json.gz (the profiled step's timeline, for Perfetto).
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
 # Expected run time: more than one call (H100 run 4, 2026-11-27: the first 590 s call reached
-# tests_train, in the order of that day); the parts' limits add up to more, so run the rest in a
-# second call, e.g. ONLY="diag_glue bench_vision tests_train" bash tools/gpu_check.sh
-# (the kernel benchmarks last: their code did not change since the H100 run measured them).
-# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun;
+# tests_train, in the order of that day; by its timings this order's first call ends about at
+# the profile); the parts' limits add up to more, so run the rest in a second call, e.g.
+# ONLY="tests_train bench_adam bench_llm" bash tools/gpu_check.sh (the kernel benchmarks last:
+# their code did not change since the H100 run measured them).
+# KERNEL_TESTS, TRAIN_VARIANTS and TRAIN_STEPS narrow tests_kernels and bench_train for a rerun,
+# VISION_VARIANTS sets bench_vision's;
 # PROFILE_ARGS adds training arguments to profile_kernels. Only what issue 7 lists (the GPU
 # tests; packed against --no-packing --no-skip; pack bandwidth; DALI against Pillow), ~8.5
 # minutes by run 4's timings: ONLY="tests_kernels bench_images bench_train tests_train
@@ -143,6 +145,13 @@ TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-graphs packed-graphs-overlap \
 run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-10}" --warmup 3 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
+# run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now ConvNeXt's GELU
+# in the GEMM epilogue (--vision-gelu tanh) and its depthwise convolution + norm as one Triton
+# kernel at four tiles: whether to make either the default. VISION_VARIANTS="... compiled" adds
+# the fused blocks through torch.compile (its first call compiles: ~1-2 minutes expected).
+run bench_vision 120 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
+  --recipe sphinx-tiny --views 32 --variants ${VISION_VARIANTS:-fused fused-tanh fused-dwconv} \
+  --dwconv-tiles 8192,4 8192,8 32768,16
 # The default training configuration (two rows per micro-batch, fused kernels): what is left
 # to speed up. PROFILE_ARGS="--micro-batch-size 1 --vision-batch 32 --cuda-graph-vision" gives
 # run 2's configuration, to compare with its profile (docs/PERFORMANCE.md); PROFILE_ARGS=
@@ -150,14 +159,6 @@ run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
 run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --seq-length 4096 \
   --global-batch-size 8 ${PROFILE_ARGS:-} --warmup 3 --steps 2 \
   --json "$OUT/profile.json" --kernels "$OUT/kernels.txt" --trace "$OUT/step_trace.json.gz"
-# run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
-run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
-# run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now ConvNeXt's GELU
-# in the GEMM epilogue (--vision-gelu tanh) and the fused ones through torch.compile (its first
-# call compiles: ~1-2 minutes expected)
-run bench_vision 200 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
-  --recipe sphinx-tiny --views 32 --variants fused fused-tanh fused-dwconv compiled \
-  --dwconv-tiles 8192,4 8192,8 32768,16
 # bf16 GPU vs fp32 CPU and fused vs torch ops passed in run 4 (unchanged since); new: the
 # overlapped encoders against the default at the level of training losses
 run tests_train 240 $PYTEST tests/test_gpu.py
@@ -169,6 +170,8 @@ run bench_llm 110 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 
 # the optimizer step of sphinx-tiny's whole LLM (1.1 B parameters): torch's fused AdamW (the
 # default since run 4) against the multi-tensor form (run 2's profile: ~22 ms of its kernels)
 run bench_adam 90 $PY tools/bench_optimizer.py --recipe sphinx-tiny
+# run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
+run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8 --json "$OUT/pack.json"
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
