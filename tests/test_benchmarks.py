@@ -167,7 +167,7 @@ def test_bench_optimizer_table():
 
 
 def test_bench_vision_table():
-    names = ["timm", "fused", "fused-tanh", "fused-dwconv"]
+    names = ["timm", "fused", "fused-tanh", "fused-dwconv", "fused-cudnn"]
     proc = _run(["tools/bench_vision.py", "--views", "2", "--repeats", "1", "--variants",
                  *names, "--dwconv-tiles", "8192,4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -176,8 +176,8 @@ def test_bench_vision_table():
             if line.startswith(tuple(n + " " for n in names))]
     assert [r[0] for r in rows] == names, proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
-    # fp32 (and on CPUs the epilogue's GELU is exact, the depthwise convolution torch's): the
-    # same tokens
+    # fp32 (and on CPUs the epilogue's GELU is exact, the depthwise convolution torch's, no
+    # cuDNN): the same tokens
     assert all(float(r[-1]) < 1e-5 for r in rows), proc.stdout
     if not torch.cuda.is_available():
         proc = _run(["tools/bench_vision.py", "--variants", "fused-graph"])

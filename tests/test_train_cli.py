@@ -64,6 +64,7 @@ def test_interleaved_layouts_that_cannot_run(capsys, monkeypatch, argv, needle):
 ] + ([] if torch.cuda.is_available() else [
     (["--vision-batch", "8", "--cuda-graph-vision"], "needs a GPU, and this machine has none"),
     (["--overlap-vision"], "second CUDA stream, and this machine has no GPU: drop it"),
+    (["--vision-cudnn-benchmark"], "times cuDNN's convolutions, and this machine has no GPU"),
 ]))
 def test_vision_batch_settings_that_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
@@ -89,6 +90,9 @@ def test_cuda_graph_vision_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match="--vision-dwconv triton runs a GPU kernel"):
         build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
                     vision=VisionRun(dwconv="triton"))
+    with pytest.raises(ValueError, match="--vision-cudnn-benchmark times cuDNN's"):
+        build_model(None, None, None, backend="local", dtype=torch.float32, on_gpu=False,
+                    vision=VisionRun(cudnn_benchmark=True))
     with pytest.raises(ValueError, match="--vision-gelu fast: choose exact or tanh"):
         VisionRun(gelu="fast")
     with pytest.raises(ValueError, match="--vision-dwconv cudnn: choose torch or triton"):
@@ -593,6 +597,8 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
         "exact", "tanh")
     assert (parse_args([]).vision.dwconv,
             parse_args(["--vision-dwconv", "triton"]).vision.dwconv) == ("torch", "triton")
+    assert (parse_args([]).vision.cudnn_benchmark,
+            parse_args(["--vision-cudnn-benchmark"]).vision.cudnn_benchmark) == (False, True)
     assert (parse_args([]).adam, parse_args(["--adam", "foreach"]).adam) == ("fused", "foreach")
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert main(["--recipe", "nope"]) == 2
@@ -624,5 +630,7 @@ def test_vision_line_says_when_one_hardware_queue_serialises_the_streams(monkeyp
         "per micro-batch, GELU in tanh form in the GEMM epilogue")
     assert VisionRun(gelu="tanh").describe(on_gpu=False) == (
         "per micro-batch, GELU exact (the tanh form is for GPUs)")
+    assert VisionRun(batch=32, cudnn_benchmark=True).describe(on_gpu=True) == (
+        "step's views in calls of 32, cuDNN convolutions timed per shape (benchmark)")
     assert VisionRun(dwconv="triton").describe(on_gpu=True) == (
         "per micro-batch, depthwise convolution + norm one Triton kernel")

@@ -208,6 +208,44 @@ def test_cuda_graph_replay_matches_eager_encoding(debug_vision):
     assert len(mov._graphs) == 2
 
 
+def test_cudnn_benchmark_is_on_inside_the_encoders_only(debug_vision):
+    """``cudnn_benchmark`` turns ``torch.backends.cudnn.benchmark`` on around the encoders'
+    calls (where their convolutions run) and back as it was after; the tokens stay the same."""
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision)
+    views = torch.rand(2, 3, 224, 224)
+    seen = []
+    for enc in mov.encoders:
+        enc.register_forward_pre_hook(lambda mod, args: seen.append(
+            torch.backends.cudnn.benchmark))
+    want = mov(views)
+    before = torch.backends.cudnn.benchmark
+    mov.cudnn_benchmark = True
+    got = mov(views)
+    assert seen == [before] * 2 + [True] * 2
+    assert torch.backends.cudnn.benchmark == before
+    torch.testing.assert_close(got, want)
+    mov.encoders[0].register_forward_hook(lambda *a: 1 / 0)  # an error inside: still restored
+    with pytest.raises(ZeroDivisionError):
+        mov(views)
+    assert torch.backends.cudnn.benchmark == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_benchmark_with_cuda_graphs_matches_eager_encoding(debug_vision):
+    """cuDNN's timed algorithms under CUDA graphs (the warm-up calls before each capture time
+    them; the capture then finds them chosen): the tokens of the heuristics' eager calls."""
+    torch.manual_seed(0)
+    mov = MixtureOfVisualExperts(debug_vision).cuda().to(torch.bfloat16)
+    batches = [torch.rand(n, 3, 224, 224, device="cuda") for n in (8, 16, 8)]
+    want = [mov(v) for v in batches]
+    mov.cudnn_benchmark, mov.cuda_graphs = True, True
+    got = [mov(v) for v in batches]
+    assert len(mov._graphs) == 2
+    for g, w in zip(got, want):  # other algorithms may sum in another order: bf16 rounding
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+
+
 def _first_stage(mov: MixtureOfVisualExperts, vision_batch: int, overlap: bool):
     """A first-stage ``SphinxModel`` holding only what ``encoded_ahead`` reads."""
     from torch import nn

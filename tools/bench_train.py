@@ -39,7 +39,9 @@ as one stream, 32 per call), ``packed-graphs`` (the same replayed as CUDA graphs
 two rows), ``packed-graphs-overlap`` / ``packed-graphs-overlap-mbs4`` (graphs, overlapped; two /
 four rows), ``packed-tanh`` / ``packed-graphs-overlap-tanh`` (``--vision-gelu tanh``: ConvNeXt's
 GELU in its first GEMM's epilogue), ``packed-dwconv`` (``--vision-dwconv triton``: ConvNeXt's
-depthwise convolution and norm as one Triton kernel; GPU only) and ``reference``
+depthwise convolution and norm as one Triton kernel; GPU only), ``packed-cudnn`` /
+``packed-graphs-cudnn`` (``--vision-cudnn-benchmark``: cuDNN times its convolution algorithms
+per shape; per micro-batch / in calls of 32 as graphs; GPU only) and ``reference``
 (``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
 reference implementation does).
 
@@ -95,6 +97,9 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-graphs-overlap-tanh": (["--vision-batch", "32", "--cuda-graph-vision",
                                             "--overlap-vision", "--vision-gelu", "tanh"], QUEUES),
             "packed-dwconv": (["--vision-dwconv", "triton"], {}),
+            "packed-cudnn": (["--vision-cudnn-benchmark"], {}),
+            "packed-graphs-cudnn": (["--vision-batch", "32", "--cuda-graph-vision",
+                                     "--vision-cudnn-benchmark"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),
             "packed-graphs": (["--vision-batch", "32", "--cuda-graph-vision"], {}),
             "packed-graphs-mbs1": (["--vision-batch", "32", "--cuda-graph-vision",

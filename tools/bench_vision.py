@@ -15,6 +15,10 @@ views (what one ``--vision-batch`` call encodes) per variant, in one process:
   cuDNN's convolution and the norm's kernel (GPU; on a CPU the blocks fall back to the torch
   ops, so the row equals ``fused``); ``--dwconv-tiles A,W ...`` times it at other tiles (fp32
   accumulators and warps per program), one ``dwconv-AxW`` row each;
+* ``fused-cudnn``: the fused blocks with cuDNN timing its convolution algorithms for the
+  call's shapes and keeping the fastest (``--vision-cudnn-benchmark``; the default picks by
+  heuristics: H100 run 2 ran the 7x7 depthwise convolution as ``conv2d_c1_k1_nhwc_specialized``
+  at 61 ms of a step). Its first call pays the timing (GPU; on a CPU the row equals ``fused``);
 * ``compiled`` (opt-in): the fused encoders through ``torch.compile`` (Inductor fuses the
   LayerNorms, GELUs and layer scales into fewer memory passes; whether that pays for the
   encoders, bound by the GPU at ~40% MFU in H100 run 4, is what this row measures). Not a
@@ -47,7 +51,8 @@ from tools.bench_common import (add_dtype_arg, call_seconds, device_label,  # no
                                 median_ms, recipe_and_dtype)
 
 
-VARIANTS = ["timm", "fused", "fused-graph", "fused-tanh", "fused-dwconv", "compiled"]
+VARIANTS = ["timm", "fused", "fused-graph", "fused-tanh", "fused-dwconv", "fused-cudnn",
+            "compiled"]
 
 
 def _set_variant(mov, variant: str) -> None:
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_dwconv_norm.DEFAULT_TILE = tile
         _set_variant(mov, "fused-dwconv" if variant.startswith("dwconv-") else variant)
         mov.cuda_graphs = variant == "fused-graph"
+        mov.cudnn_benchmark = variant == "fused-cudnn"
         mov._graphs.clear()
         call = mov
         if variant == "compiled":

@@ -15,8 +15,9 @@
 #                      four rows); --no-packing --no-skip (the reference); peak memory;
 #      bench_vision    the full-size encoders alone, 32 views per call: the fused blocks eager,
 #                      with ConvNeXt's GELU in the GEMM epilogue, with its depthwise convolution
-#                      and norm as one Triton kernel (four tiles); with VISION_VARIANTS also
-#                      through torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
+#                      and norm as one Triton kernel (four tiles), with cuDNN's convolution
+#                      algorithms timed per shape; with VISION_VARIANTS also through
+#                      torch.compile (ms, views/s, TFLOP/s, MFU, tokens vs eager);
 #      profile_kernels one sphinx-tiny step (the training defaults) under torch.profiler:
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
@@ -146,11 +147,13 @@ run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-10}" --warmup 3 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
 # run 4 measured timm's blocks, the fused ones and a CUDA graph (40.3% MFU); now ConvNeXt's GELU
-# in the GEMM epilogue (--vision-gelu tanh) and its depthwise convolution + norm as one Triton
-# kernel at four tiles: whether to make either the default. VISION_VARIANTS="... compiled" adds
-# the fused blocks through torch.compile (its first call compiles: ~1-2 minutes expected).
+# in the GEMM epilogue (--vision-gelu tanh), its depthwise convolution + norm as one Triton
+# kernel at four tiles, and cuDNN's timed convolution algorithms (--vision-cudnn-benchmark):
+# whether to make any of them the default. VISION_VARIANTS="... compiled" adds the fused
+# blocks through torch.compile (its first call compiles: ~1-2 minutes expected).
 run bench_vision 120 env -u TORCH_COMPILE_DISABLE $PY tools/bench_vision.py \
-  --recipe sphinx-tiny --views 32 --variants ${VISION_VARIANTS:-fused fused-tanh fused-dwconv} \
+  --recipe sphinx-tiny --views 32 \
+  --variants ${VISION_VARIANTS:-fused fused-tanh fused-dwconv fused-cudnn} \
   --dwconv-tiles 8192,4 8192,8 32768,16
 # The default training configuration (two rows per micro-batch, fused kernels): what is left
 # to speed up. PROFILE_ARGS="--micro-batch-size 1 --vision-batch 32 --cuda-graph-vision" gives

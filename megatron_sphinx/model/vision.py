@@ -138,6 +138,20 @@ class FrozenEncoder(nn.Module):
         log.info("loaded %s weights from %s", self.cfg.timm_name, path)
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """``torch.backends.cudnn.benchmark`` on within the block (if ``on``), as it was after."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 class _GraphedCall:
     """One CUDA graph of ``fn`` on inputs shaped like ``example`` (a frozen, no-grad function).
 
@@ -193,6 +207,11 @@ class MixtureOfVisualExperts(nn.Module):
         self.cuda_graphs = False
         self._graphs: dict[tuple, _GraphedCall] = {}
         self._graph_pool = None  # the memory pool the graphs share (made at the first capture)
+        #: Let cuDNN time its algorithms for each new convolution shape and keep the fastest
+        #: (``torch.backends.cudnn.benchmark``, inside the encoders only); the default picks by
+        #: heuristics. Each new number of views per call is timed once, so it pays with
+        #: :meth:`encode_in_calls`' few call sizes, or over a long run.
+        self.cudnn_benchmark = False
 
     def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
         """Stays in eval mode whatever the caller asks: the encoders are frozen."""
@@ -226,7 +245,8 @@ class MixtureOfVisualExperts(nn.Module):
         return self._encode(views)
 
     def _encode(self, views: torch.Tensor) -> torch.Tensor:
-        return torch.cat([enc(views) for enc in self.encoders], dim=-1)
+        with _cudnn_benchmark(self.cudnn_benchmark):
+            return torch.cat([enc(views) for enc in self.encoders], dim=-1)
 
     def encode_in_calls(self, views: torch.Tensor, max_views: int) -> Iterator[torch.Tensor]:
         """Encodes ``views`` in calls of at most ``max_views`` (a multiple of

@@ -92,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
                    help="triton: ConvNeXt's depthwise convolution and the norm after it as one "
                    "Triton kernel (GPU; checked at start-up; default torch)")
+    p.add_argument("--vision-cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms for each new convolution shape of the "
+                   "encoders and keep the fastest (GPU; each new call size is timed once: best "
+                   "with --vision-batch)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="one padded sample per sequence (the reference implementation's way)")
     p.add_argument("--no-skip", dest="skip_padded_views", action="store_false",

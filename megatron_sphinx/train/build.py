@@ -79,6 +79,7 @@ def build_model(cfg: SphinxConfig, par: ParallelSizes, pg_collection, *, backend
         model.vision_overlap = vision.overlap
         if model.pre_process:
             model.vision.cuda_graphs = vision.cuda_graphs
+            model.vision.cudnn_benchmark = vision.cudnn_benchmark
             if (vision.gelu, vision.dwconv) != ("exact", "torch"):  # how they are built
                 model.vision.set_fusions(vision.gelu, vision.dwconv)
         if dtype != torch.float32:

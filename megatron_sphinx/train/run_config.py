@@ -20,8 +20,9 @@ ADAM_FORMS = ("fused", "foreach")
 @dataclass(frozen=True)
 class VisionRun:
     """How the frozen encoders run in the training step (the ``--vision-batch``,
-    ``--cuda-graph-vision``, ``--overlap-vision``, ``--vision-gelu`` and ``--vision-dwconv``
-    flags). Every choice gives the same tokens (up to rounding), but ``gelu="tanh"``.
+    ``--cuda-graph-vision``, ``--overlap-vision``, ``--vision-gelu``, ``--vision-dwconv`` and
+    ``--vision-cudnn-benchmark`` flags). Every choice gives the same tokens (up to rounding), but
+    ``gelu="tanh"``.
 
     Raises:
         ValueError: For settings that do not go together, saying what to change.
@@ -40,6 +41,10 @@ class VisionRun:
     dwconv: str = "torch"
     """``torch``, or ``triton``: ConvNeXt's depthwise convolution and the LayerNorm after it as
     one Triton kernel (GPU; :mod:`kernels.triton_dwconv_norm`)."""
+    cudnn_benchmark: bool = False
+    """cuDNN times its convolution algorithms for each new shape in the encoders and keeps the
+    fastest, instead of picking by heuristics (GPU;
+    :attr:`~megatron_sphinx.model.vision.MixtureOfVisualExperts.cudnn_benchmark`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or (
@@ -68,6 +73,9 @@ class VisionRun:
         if self.dwconv == "triton":
             raise ValueError("--vision-dwconv triton runs a GPU kernel, and this machine has "
                              "no GPU: drop it")
+        if self.cudnn_benchmark:
+            raise ValueError("--vision-cudnn-benchmark times cuDNN's convolutions, and this "
+                             "machine has no GPU: drop it")
 
     def describe(self, on_gpu: bool) -> str:
         """The ``vision`` entry of the start-up ``kernels:`` line."""
@@ -86,6 +94,8 @@ class VisionRun:
                      else ", GELU exact (the tanh form is for GPUs)")
         if self.dwconv == "triton":
             text += ", depthwise convolution + norm one Triton kernel"
+        if self.cudnn_benchmark:
+            text += ", cuDNN convolutions timed per shape (benchmark)"
         return text
 
 
@@ -184,6 +194,11 @@ class RunConfig:
     """``torch``, or ``triton``: ConvNeXt's depthwise convolution and the LayerNorm after it run
     as one Triton kernel on GPUs (checked against the torch ops at start-up), which writes the
     normalised map once; the same tokens up to rounding."""
+    vision_cudnn_benchmark: bool = False
+    """cuDNN times its algorithms for each new convolution shape of the encoders and keeps the
+    fastest (``torch.backends.cudnn.benchmark`` inside the encoders), instead of choosing by
+    heuristics; each new number of views per call costs one timing, so it suits
+    ``vision_batch`` or long runs. GPU only; the same tokens up to rounding."""
     packing: bool = True
     """Pack several samples per sequence (False: one padded sample per sequence)."""
     skip_padded_views: bool = True
@@ -279,7 +294,7 @@ class RunConfig:
     def vision(self) -> VisionRun:
         """How the frozen encoders run (the ``--vision-*`` flags)."""
         return VisionRun(self.vision_batch, self.cuda_graph_vision, self.overlap_vision,
-                         self.vision_gelu, self.vision_dwconv)
+                         self.vision_gelu, self.vision_dwconv, self.vision_cudnn_benchmark)
 
     @property
     def evaluates(self) -> bool:
