@@ -79,10 +79,12 @@ def test_gpu_check_names_existing_tests():
     sys.path.insert(0, str(REPO))
     from tools.bench_train import VARIANTS
 
-    default = re.search(r"TRAIN_VARIANTS=\$\{TRAIN_VARIANTS:-([^}]*)\}", script).group(1)
-    names = default.replace("\\\n", " ").split()
-    assert "packed" in names and "reference" in names
-    assert set(names) <= set(VARIANTS), set(names) - set(VARIANTS)
+    defaults = re.findall(r'TRAIN_DEFAULT="([^"]*)"', script)  # without and with TE
+    assert len(defaults) == 2 and "packed-fp8" in defaults[0]
+    for default in defaults:
+        names = default.split()
+        assert "packed" in names and "reference" in names
+        assert set(names) <= set(VARIANTS), set(names) - set(VARIANTS)
     for path in re.findall(r"tools/\w+\.(?:py|sh)", script):
         assert (REPO / path).exists(), path
 
@@ -95,20 +97,15 @@ def test_gpu_check_commands_parse_with_their_tools(monkeypatch, tmp_path):
     """Every ``$PY tools/X.py ...`` line of tools/gpu_check.sh, as the script would expand it,
     parses with that tool's own parser (a bad variant, tile or flag name there would otherwise
     cost a lent GPU machine's minutes; bench_train also checks each variant's training
-    arguments and layout, as it does before its first run); the shell scripts pass
-    ``bash -n``."""
+    arguments and layout, as it does before its first run, for its default variants without and
+    with Transformer Engine). (``bash -n`` of the scripts: tests/test_slurm.py.)"""
     import argparse
     import importlib
     import re
     import shlex
 
-    for script in ("gpu_check.sh", "gpu_bundle.sh", "diag_cpp_glue.sh"):
-        proc = subprocess.run(["bash", "-n", str(REPO / "tools" / script)], capture_output=True,
-                              text=True)
-        assert proc.returncode == 0, f"{script}: {proc.stderr}"
     text = (REPO / "tools" / "gpu_check.sh").read_text().replace("\\\n", " ")
-    variants = re.search(r"TRAIN_VARIANTS=\$\{TRAIN_VARIANTS:-([^}]*)\}", text).group(1)
-    expand = {"$TRAIN_VARIANTS": variants, "$OUT": str(tmp_path)}  # and ${NAME:-default}
+    with_te, without_te = re.findall(r'TRAIN_DEFAULT="([^"]*)"', text)
     parse = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -120,18 +117,26 @@ def test_gpu_check_commands_parse_with_their_tools(monkeypatch, tmp_path):
     sys.path.insert(0, str(REPO))
     commands = re.findall(r"\$PY (tools/\w+)\.py([^\n]*)", text)
     assert len(commands) >= 10 and ("tools/bench_train", ) in [c[:1] for c in commands]
-    for tool, args in commands:
+    # bench_train twice: its default variants without and with Transformer Engine
+    runs = [(tool, args, te) for tool, args in commands
+            for te in ((False, True) if tool == "tools/bench_train" else (False,))]
+    for tool, args, te in runs:
         args = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", args)
-        for var, value in expand.items():
+        for var, value in {"$TRAIN_VARIANTS": with_te if te else without_te,
+                           "$OUT": str(tmp_path)}.items():
             args = args.replace(var, value)
         assert "$" not in args, f"{tool}{args}: a variable this test does not expand"
         argv = shlex.split(args.split("2>")[0].split("|")[0])
         module = importlib.import_module(tool.replace("/", "."))
         with monkeypatch.context() as m:
             if tool == "tools/bench_train":  # stops before the first training run
+                from megatron_sphinx.model import specs
+
                 m.setattr(module, "run_layout", stop)
                 m.setattr(torch.cuda, "is_available", lambda: True)  # the GPU-only flags
                 m.setattr(torch.cuda, "device_count", lambda: 1)
+                m.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100
+                m.setattr(specs, "transformer_engine_available", lambda: te)
             else:
                 m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
             with pytest.raises(_Parsed):  # an argparse error (SystemExit) fails the test here

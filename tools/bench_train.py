@@ -41,7 +41,9 @@ four rows), ``packed-tanh`` / ``packed-graphs-overlap-tanh`` (``--vision-gelu ta
 GELU in its first GEMM's epilogue), ``packed-dwconv`` (``--vision-dwconv triton``: ConvNeXt's
 depthwise convolution and norm as one Triton kernel; GPU only), ``packed-cudnn`` /
 ``packed-graphs-cudnn`` (``--vision-cudnn-benchmark``: cuDNN times its convolution algorithms
-per shape; per micro-batch / in calls of 32 as graphs; GPU only) and ``reference``
+per shape; per micro-batch / in calls of 32 as graphs; GPU only), ``packed-local``
+(``--backend local``: the local layer spec where Transformer Engine would be chosen),
+``packed-fp8`` (``--fp8``: TE's FP8 GEMMs; Hopper-class GPUs with TE) and ``reference``
 (``--no-packing --no-skip``: one padded sample per sequence and every sub-image encoded, as the
 reference implementation does).
 
@@ -98,6 +100,8 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
                                             "--overlap-vision", "--vision-gelu", "tanh"], QUEUES),
             "packed-dwconv": (["--vision-dwconv", "triton"], {}),
             "packed-cudnn": (["--vision-cudnn-benchmark"], {}),
+            "packed-local": (["--backend", "local"], {}),
+            "packed-fp8": (["--fp8"], {}),
             "packed-graphs-cudnn": (["--vision-batch", "32", "--cuda-graph-vision",
                                      "--vision-cudnn-benchmark"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),

@@ -84,28 +84,34 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl 2>&1 | tail -2
 fi
-# DALI (too large for one call): parts of an xz tar of its installed files, carried one per call
-# beforehand into /tmp/dali_parts (docs/gpu/RUNBOOK.md), the last one with this call in .dali/.
-mkdir -p /tmp/dali_parts
-cp .dali/dali.tar.xz.part_* /tmp/dali_parts/ 2> /dev/null
-if ls /tmp/dali_parts/dali.tar.xz.part_* > /dev/null 2>&1 && [ ! -d "$SITE/nvidia/dali" ]; then
-  cat /tmp/dali_parts/dali.tar.xz.part_* > /tmp/dali.tar.xz
-  $PY - /tmp/dali.tar.xz "$SITE" <<'PYEOF'
+# DALI and Transformer Engine (too large for one call): parts of an xz tar of their installed
+# files, carried one per call beforehand into /tmp/NAME_parts (docs/gpu/RUNBOOK.md), the last
+# ones possibly with this call in .dali/ and .te/ (tools/gpu_bundle.sh, tools/te_bundle.sh).
+install_parts() {  # install_parts NAME LABEL INSTALLED_PATH: joins the parts, unpacks in $SITE
+  local name=$1 label=$2 marker=$3
+  mkdir -p "/tmp/${name}_parts"
+  cp ."$name/$name".tar.xz.part_* "/tmp/${name}_parts/" 2> /dev/null
+  if ls "/tmp/${name}_parts/$name".tar.xz.part_* > /dev/null 2>&1 && [ ! -e "$SITE/$marker" ]; then
+    cat "/tmp/${name}_parts/$name".tar.xz.part_* > "/tmp/$name.tar.xz"
+    $PY - "/tmp/$name.tar.xz" "$SITE" "$label" <<'PYEOF'
 import lzma, shutil, sys, tarfile, tempfile
 try:  # into a scratch folder first: a missing part leaves nothing half-installed
     with tempfile.TemporaryDirectory() as tmp:
         tarfile.open(sys.argv[1]).extractall(tmp, filter="fully_trusted")
         shutil.copytree(tmp, sys.argv[2], dirs_exist_ok=True)
-    print("DALI installed from the carried parts")
+    print(f"{sys.argv[3]} installed from the carried parts")
 except (EOFError, OSError, lzma.LZMAError, tarfile.TarError) as exc:
-    print(f"DALI: the carried parts do not make a whole archive ({exc}): skipped")
+    print(f"{sys.argv[3]}: the carried parts do not make a whole archive ({exc}): skipped")
 PYEOF
-  rm -f /tmp/dali.tar.xz
-fi
+    rm -f "/tmp/$name.tar.xz"
+  fi
+}
+install_parts dali DALI nvidia/dali
+install_parts te "Transformer Engine" transformer_engine
 $PY - <<'PYEOF' | tee -a "$OUT/machine.txt"
 import importlib
-for name in ["torch", "triton", "megatron.core", "transformer_engine", "nvidia.dali", "timm",
-             "transformers", "zarr"]:
+for name in ["torch", "triton", "megatron.core", "transformer_engine", "transformer_engine.pytorch",
+             "nvidia.dali", "timm", "transformers", "zarr"]:
     try:
         mod = importlib.import_module(name)
         print(f"{name:20s} {getattr(mod, '__version__', 'present')}")
@@ -141,8 +147,14 @@ run tests_kernels 240 $PYTEST $KERNEL_TESTS \
 # of views per micro-batch, which fixed-size calls, packed-graphs, do not do). New since run 4:
 # the encoders one micro-batch ahead on a second CUDA stream (--overlap-vision), with graphs,
 # at two and four rows. Run 4 measured packed-unfused (12.6% slower) and plain packed-mbs4.
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-packed packed-graphs packed-graphs-overlap \
-  packed-graphs-overlap-mbs4 reference}
+# With Transformer Engine carried (.te/), packed runs TE's layers: then against the local spec
+# and with FP8 instead of the graph variants.
+if $PY -c "import transformer_engine.pytorch" 2> /dev/null; then
+  TRAIN_DEFAULT="packed packed-local packed-fp8 packed-graphs-overlap reference"
+else
+  TRAIN_DEFAULT="packed packed-graphs packed-graphs-overlap packed-graphs-overlap-mbs4 reference"
+fi
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-$TRAIN_DEFAULT}
 run bench_train 300 $PY tools/bench_train.py --recipe sphinx-tiny --layouts tp1 \
   --variants $TRAIN_VARIANTS --steps "${TRAIN_STEPS:-10}" --warmup 3 --seq-length 4096 \
   --global-batch-size 8 --json "$OUT/train.json"
