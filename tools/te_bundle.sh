@@ -58,12 +58,19 @@ if ! ls "$WORK"/dist/transformer_engine_torch-*.whl > /dev/null 2>&1; then
    MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip wheel . -q --no-deps --no-build-isolation \
    -w "$WORK/dist")
 fi
-echo "[te] site folder: TE and what it imports that the image lacks (einops, pydantic)"
+echo "[te] site folder: TE and what it imports that the image lacks"
 rm -rf "$WORK/site"
 "$VPY" -m pip install -q --no-deps --target "$WORK/site" "$WORK"/dl/transformer_engine*.whl \
   "$WORK"/dist/transformer_engine_torch-*.whl
-"$VPY" -m pip install -q "${INDEX[@]}" --target "$WORK/site" einops pydantic
-rm -rf "$WORK/site/bin" "$WORK/site/transformer_engine/jax"
+# transformer_engine.pytorch imports einops, pydantic, onnx and onnxscript (its ONNX export) at
+# import time; numpy, packaging, sympy and mpmath are the image's own (torch's)
+"$VPY" -m pip install -q "${INDEX[@]}" --target "$WORK/site" einops pydantic onnx onnxscript
+rm -rf "$WORK/site/bin" "$WORK/site/share" "$WORK/site/transformer_engine/jax" \
+  "$WORK"/site/numpy* "$WORK"/site/packaging* "$WORK"/site/sympy* "$WORK"/site/mpmath* \
+  "$WORK/site/isympy.py"
+echo "[te] check: transformer_engine.pytorch imports from the folder alone (no GPU needed)"
+PYTHONPATH=$WORK/site "$VPY" -W ignore -c "import torch, transformer_engine.pytorch as te, \
+transformer_engine_torch; print('[te] imports:', te.__file__)"
 mkdir -p .te
 tar -C "$WORK/site" -cf - . | xz -T2 -6 > "$WORK/te.tar.xz"
 split -b 50m "$WORK/te.tar.xz" .te/te.tar.xz.part_
