@@ -238,7 +238,7 @@ def test_gpu_summary_table(tmp_path):
                                                        "threads": 16, "rows": rows}))
     lines = summary(tmp_path).splitlines()
     assert "NVIDIA H100 80GB HBM3" in lines[0]
-    goals = {ln[:44].strip(): ln[44:].split(None, 2) for ln in lines[2:6]}
+    goals = {ln[:44].strip(): ln[44:].split(None, 2) for ln in lines[2:7]}
     assert goals["sphinx-tiny MFU, one GPU, bf16"] == ["45%", "no", "34.0% (packed)"]
     assert goals["packed vs --no-packing --no-skip, tokens/s"][:3] == [
         "1.5x", "yes", "3.81x (25,093 vs 6,594)"]
@@ -246,12 +246,27 @@ def test_gpu_summary_table(tmp_path):
         "80%", "yes", "106-129% (cuda, 2 shapes)"]
     assert goals["DALI mixed images/s, 448 px"] == [
         "3,000", "no", "2,400 (DALI gpu 1x16 threads, by DALI 100%); Pillow 287 on 16 threads"]
-    assert [ln.split()[0] for ln in lines[8:]] == ["packed", "packed-unfused", "packed-mbs4",
+    assert goals["TE layer spec vs local spec; FP8"] == ["pass", "-", "not measured (no log.txt)"]
+    assert [ln.split()[0] for ln in lines[9:]] == ["packed", "packed-unfused", "packed-mbs4",
                                                    "packed-mbs1", "reference"]
+    # the TE tests' outcomes from the log's pytest -rA lines: skipped (run 4), then run
+    log = tmp_path / "log.txt"
+    log.write_text("SKIPPED [1] tests/test_gpu.py:55: Transformer Engine is not importable on "
+                   "this machine\nPASSED tests/test_gpu.py::test_gpu_bf16_training_tracks_cpu_fp32\n")
+    te = [ln for ln in summary(tmp_path).splitlines() if ln.startswith("TE layer spec")][0]
+    assert te.endswith("-    not run (Transformer Engine is not importable on this machine)"), te
+    log.write_text("PASSED tests/test_gpu.py::test_te_spec_matches_local_spec\nFAILED "
+                   "tests/test_gpu.py::test_te_fp8_tracks_te_bf16 - AssertionError: (1.0, 2.0)\n")
+    te = [ln for ln in summary(tmp_path).splitlines() if ln.startswith("TE layer spec")][0]
+    assert te.endswith("no   TE vs local passed; FP8 failed"), te
+    log.write_text("PASSED tests/test_gpu.py::test_te_spec_matches_local_spec\nPASSED "
+                   "tests/test_gpu.py::test_te_fp8_tracks_te_bf16\n")
+    te = [ln for ln in summary(tmp_path).splitlines() if ln.startswith("TE layer spec")][0]
+    assert te.endswith("yes  TE vs local passed; FP8 passed"), te
     empty = tmp_path / "empty"
     empty.mkdir()
     text = summary(empty)
-    assert text.count("not measured") == 4 and "training variant" not in text
+    assert text.count("not measured") == 5 and "training variant" not in text
 
 
 def test_benchmarks_write_what_the_gpu_summary_reads(tmp_path):

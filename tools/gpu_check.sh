@@ -177,7 +177,7 @@ run profile_kernels 100 $PY tools/profile_throughput.py --recipe sphinx-tiny --s
 # bf16 GPU vs fp32 CPU and fused vs torch ops passed in run 4 (unchanged since); new: the
 # overlapped encoders against the default at the level of training losses, a resume through the
 # fused AdamW; with TE carried, TE's layers against the local spec and FP8 (~90 s more)
-run tests_train 330 $PYTEST tests/test_gpu.py
+run tests_train 330 $PYTEST -rA tests/test_gpu.py  # -rA: each test's outcome, for the summary
 # kernels / wgrad: the Triton kernels alone, the weight-gradient fusion alone (run 4: fused was
 # slower than unfused at one row, faster at two and four); ce: all but the new fused
 # cross-entropy (fused against ce: what that kernel takes off)

@@ -9,7 +9,10 @@ variants side by side:
 * ``pack.json`` (``tools/bench_pack_kernel.py --json``): the pack kernel's bandwidth as a share
   of a device-to-device copy of the same bytes (goal 80%);
 * ``images.json`` (``tools/bench_data.py --json``): DALI ``mixed`` decode + transform images/s
-  at 448 px (goal 3,000), beside Pillow on all CPU cores.
+  at 448 px (goal 3,000), beside Pillow on all CPU cores;
+* ``log.txt`` (every part's output): the GPU tests of Transformer Engine's layer spec against
+  the local spec and of FP8 (pytest's ``-rA`` lines of ``tests/test_gpu.py``): passed, failed,
+  or skipped with the reason.
 
 Usage::
 
@@ -18,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -103,13 +107,39 @@ def dali_row(images: dict | None) -> tuple:
             else "no")
 
 
+#: The Transformer Engine tests of ``tests/test_gpu.py`` (the issue's TE goal).
+TE_TESTS = {"test_te_spec_matches_local_spec": "TE vs local", "test_te_fp8_tracks_te_bf16": "FP8"}
+
+
+def te_row(log: str | None) -> tuple:
+    """The goal row of the TE tests, from the check's log (pytest ``-rA`` summary lines)."""
+    goal = "TE layer spec vs local spec; FP8"
+    if log is None:
+        return (goal, "pass", "not measured (no log.txt)", "-")
+    said = []
+    for name, label in TE_TESTS.items():
+        m = re.search(rf"^(PASSED|FAILED|ERROR) tests/test_gpu.py::{name}\b", log, re.M)
+        said.append(f"{label} {m.group(1).lower()}" if m else None)
+    if all(s is None for s in said):
+        skip = re.search(r"^SKIPPED \[\d+\] tests/test_gpu.py:\d+: (.*(?:Transformer Engine|"
+                         r"FP8).*)$", log, re.M)
+        return (goal, "pass", f"not run ({skip.group(1) if skip else 'no result in log.txt'})",
+                "-")
+    met = all(s is not None and s.endswith("passed") for s in said)
+    return (goal, "pass", "; ".join(s or f"{label} not run"
+                                    for s, label in zip(said, TE_TESTS.values())),
+            "yes" if met else "no")
+
+
 def summary(folder: Path) -> str:
     """The table, as text."""
     train, pack, images = (_load(folder, n) for n in ("train.json", "pack.json",
                                                       "images.json"))
     device = next((d["device"] for d in (pack, images) if d and d.get("device")), None)
     rows, lines = training_rows(train)
-    rows += [pack_row(pack), dali_row(images)]
+    log = folder / "log.txt"
+    rows += [pack_row(pack), dali_row(images),
+             te_row(log.read_text(errors="replace") if log.is_file() else None)]
     out = [f"## Issue 7's goals{f', {device}' if device else ''} (from {folder})",
            f"{'goal':44s} {'target':>6s}  {'met':3s}  measured"]
     out += [f"{g:44s} {t:>6s}  {m:3s}  {said}" for g, t, said, m in rows]
