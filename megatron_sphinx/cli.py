@@ -51,15 +51,44 @@ def setup_cpu_tool() -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    no_compiler_when_disabled()
 
 
 def quiet_import_notices() -> None:
-    """Hides the notices Megatron prints at import about optional packages it lacks (Apex,
-    Transformer Engine, absl) and torch's "no CUDA runtime" extension notice: the kernel choices
-    are logged once by the training command."""
+    """Prepares a process for Megatron's import: hides the notices Megatron prints at import
+    about optional packages it lacks (Apex, Transformer Engine, absl) and torch's "no CUDA
+    runtime" extension notice (the kernel choices are logged once by the training command), and
+    skips torch's compiler where compiling is off (:func:`no_compiler_when_disabled`)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r"(Apex|Transformer Engine|absl\.logging)[^.]* not installed")
+    no_compiler_when_disabled()
+
+
+def no_compiler_when_disabled() -> None:
+    """Where ``TORCH_COMPILE_DISABLE`` is set (the training command's default), makes
+    ``torch.compile`` return the function or module it is given, unwrapped.
+
+    torch.compile is a no-op then anyway (what it returns runs eagerly), but building that
+    no-op imports torch's compiler (Inductor's ``compile_fx`` and its passes), and Megatron
+    decorates its fusions with ``torch.compile`` when they are imported
+    (``megatron.core.jit.jit_fuser``): ~1.5 s of every process's start-up on the 2-core CPU
+    machine, for nothing. Megatron's own switch, ``megatron.core.jit.disable_jit_fuser``, cannot
+    run before those imports. Call before Megatron is imported; does nothing where compiling is
+    on (``--compile-fusions``, ``bench_vision --variants compiled``).
+    """
+    if os.environ.get("TORCH_COMPILE_DISABLE", "0") in ("", "0"):
+        return
+    import torch
+
+    if getattr(torch.compile, "is_disabled_compile", False):
+        return
+
+    def compile(model=None, **options):  # noqa: A001 - torch.compile's stand-in
+        return (lambda fn: fn) if model is None else model
+
+    compile.is_disabled_compile = True
+    torch.compile = compile
 
 
 def one_line(text: object) -> str:

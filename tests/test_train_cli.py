@@ -609,6 +609,27 @@ def test_compile_fusions_is_opt_in(capsys, monkeypatch):
     assert "unknown recipe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("disabled", ["1", "0"])
+def test_torch_compile_skipped_where_compiling_is_off(disabled):
+    """With TORCH_COMPILE_DISABLE=1 (the default) torch.compile hands back what it is given,
+    so Megatron's import-time fusion decorations no longer import Inductor's compiler (~1.5 s
+    of every start-up); with compiling on (--compile-fusions) torch.compile is untouched."""
+    code = ("import sys, torch\n"
+            "real = torch.compile\n"
+            "from megatron_sphinx.cli import quiet_import_notices\n"
+            "quiet_import_notices(); quiet_import_notices()\n"
+            "import megatron.core.transformer.transformer_config\n"
+            "g = lambda x: x + 1\n"
+            "print(torch.compile is real, torch.compile(g) is g,\n"
+            "      torch.compile(mode='max-autotune')(g) is g,\n"
+            "      'torch._inductor.compile_fx' in sys.modules)\n")
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env={**os.environ, "TORCH_COMPILE_DISABLE": disabled})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = "False True True False" if disabled == "1" else "True False False True"
+    assert proc.stdout.split()[-4:] == want.split(), proc.stdout
+
+
 def test_vision_line_says_when_one_hardware_queue_serialises_the_streams(monkeypatch):
     """--overlap-vision's start-up line warns where CUDA_DEVICE_MAX_CONNECTIONS=1 (as Megatron
     wants for tensor parallelism, slurm/common.sh sets by default) keeps the streams apart;
