@@ -8,7 +8,7 @@
 # venv with the device's torch (PyPI's torch 2.11.0 is its cu130 build), the CUDA headers of
 # NVIDIA's wheels plus this machine's toolkit for the compiler's own (crt/), and TE's core
 # (transformer-engine-cu13, the CUDA kernels, prebuilt). It compiles C++ only (no nvcc):
-# ~25 minutes on 2 cores. With the core's ~340 MB library the tar is ~250 MB, five or six parts.
+# ~12 minutes on 2 cores. With the core's ~340 MB library the tar is ~280 MB: six parts.
 #
 # Usage, from the repository root (the work folder is kept: a rerun skips what is done):
 #   bash tools/te_bundle.sh     # PY312=... CUDA_INCLUDE=... TE_WORK=... to change the defaults
@@ -51,7 +51,7 @@ if [ ! -d "$WORK/dl/transformer_engine_torch-$TE_VERSION" ]; then
   tar -C "$WORK/dl" -xzf "$WORK/dl/transformer_engine_torch-$TE_VERSION.tar.gz"
 fi
 if ! ls "$WORK"/dist/transformer_engine_torch-*.whl > /dev/null 2>&1; then
-  echo "[te] building transformer_engine_torch (C++, ~25 minutes on 2 cores)"
+  echo "[te] building transformer_engine_torch (C++, ~12 minutes on 2 cores)"
   # NVIDIA's wheels' headers (cuDNN, NCCL, cuSPARSE, ...) first; the toolkit's for crt/
   (cd "$WORK/dl/transformer_engine_torch-$TE_VERSION" && rm -rf build &&
    CPATH=$CUDA_INCLUDE NVTE_BUILD_USE_NVIDIA_WHEELS=1 NVTE_PYTORCH_FORCE_BUILD=TRUE \
