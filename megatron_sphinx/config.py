@@ -12,6 +12,12 @@ from typing import Callable, Literal
 
 from megatron_sphinx.data.geometry import TOKENS_PER_VIEW
 
+#: The frozen encoders' opt-in fusions (:mod:`megatron_sphinx.model.vision_fusions`): the GELU
+#: feed-forwards' GELU (``--vision-gelu``) and ConvNeXt's depthwise convolution + norm
+#: (``--vision-dwconv``), the default first.
+VISION_GELU_FORMS = ("exact", "tanh")
+VISION_DWCONV_FORMS = ("torch", "triton")
+
 
 @dataclass
 class LLMConfig:

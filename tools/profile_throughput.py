@@ -38,6 +38,7 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from megatron_sphinx.config import VISION_DWCONV_FORMS, VISION_GELU_FORMS  # noqa: E402
 from megatron_sphinx.train.run_config import ADAM_FORMS  # noqa: E402
 
 log = logging.getLogger("megatron_sphinx.profile")
@@ -200,10 +201,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replay the encoders as CUDA graphs (GPU; needs --vision-batch)")
     p.add_argument("--overlap-vision", action="store_true",
                    help="encode the next micro-batch's views on a second CUDA stream (GPU)")
-    p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
+    p.add_argument("--vision-gelu", default="exact", choices=VISION_GELU_FORMS,
                    help="tanh: the encoders' GELU in tanh form, in the GEMM epilogue (GPU)")
-    p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
+    p.add_argument("--vision-dwconv", default="torch", choices=VISION_DWCONV_FORMS,
                    help="triton: ConvNeXt's depthwise convolution + norm as one kernel (GPU)")
+    p.add_argument("--vision-cudnn-benchmark", action="store_true",
+                   help="cuDNN times its convolution algorithms per shape in the encoders (GPU)")
     p.add_argument("--adam", default="fused", choices=ADAM_FORMS,
                    help="torch's AdamW step as one fused kernel or multi-tensor ops (as training)")
     p.add_argument("--timeout-minutes", type=float, default=10.0,
@@ -258,7 +261,8 @@ def _run_config(args: argparse.Namespace, packing: bool = True, skip: bool = Tru
                      fp8=args.fp8, packing=packing, skip_padded_views=skip,
                      vision_batch=args.vision_batch, cuda_graph_vision=args.cuda_graph_vision,
                      overlap_vision=args.overlap_vision, vision_gelu=args.vision_gelu,
-                     vision_dwconv=args.vision_dwconv, adam=args.adam,
+                     vision_dwconv=args.vision_dwconv,
+                     vision_cudnn_benchmark=args.vision_cudnn_benchmark, adam=args.adam,
                      timeout_minutes=args.timeout_minutes)
 
 

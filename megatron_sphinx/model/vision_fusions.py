@@ -45,6 +45,8 @@ from timm.layers.mlp import GluMlp, Mlp
 from timm.models.convnext import ConvNeXtBlock
 from timm.models.vision_transformer import Block
 
+from megatron_sphinx.config import VISION_DWCONV_FORMS, VISION_GELU_FORMS
+
 
 def _convnext_block(self: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     """timm's ``ConvNeXtBlock.forward`` in eval mode (no drop path), layer scale and residual
@@ -141,10 +143,11 @@ def fuse_frozen_blocks(model: nn.Module, gelu: str = "exact",
         dwconv: ``torch`` runs ConvNeXt's depthwise convolution and norm as torch ops;
             ``triton`` as one kernel where it takes the map (see the module's docstring).
     """
-    if gelu not in ("exact", "tanh"):
-        raise ValueError(f"encoder GELU {gelu!r}: choose exact or tanh")
-    if dwconv not in ("torch", "triton"):
-        raise ValueError(f"encoder depthwise convolution {dwconv!r}: choose torch or triton")
+    if gelu not in VISION_GELU_FORMS:
+        raise ValueError(f"encoder GELU {gelu!r}: choose {' or '.join(VISION_GELU_FORMS)}")
+    if dwconv not in VISION_DWCONV_FORMS:
+        raise ValueError(f"encoder depthwise convolution {dwconv!r}: choose "
+                         f"{' or '.join(VISION_DWCONV_FORMS)}")
     counts = {"convnext_block": 0, "vit_block": 0, "swiglu_mlp": 0, "gelu_mlp_epilogue": 0,
               "dwconv_norm": 0}
     for module in model.modules():

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 
+from megatron_sphinx.config import VISION_DWCONV_FORMS, VISION_GELU_FORMS
 from megatron_sphinx.train.run_config import ADAM_FORMS, RunConfig
 
 
@@ -85,11 +86,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="encode the next micro-batch's views on a second CUDA stream while this "
                    "one trains (GPU; side by side only with CUDA_DEVICE_MAX_CONNECTIONS unset or "
                    "above 1)")
-    p.add_argument("--vision-gelu", default="exact", choices=["exact", "tanh"],
+    p.add_argument("--vision-gelu", default="exact", choices=VISION_GELU_FORMS,
                    help="tanh: the encoders' GELU feed-forwards (ConvNeXt's) compute GELU in its "
                    "tanh form in their first GEMM's epilogue on GPUs, one pass over their widest "
                    "activation fewer; tokens differ slightly (default exact)")
-    p.add_argument("--vision-dwconv", default="torch", choices=["torch", "triton"],
+    p.add_argument("--vision-dwconv", default="torch", choices=VISION_DWCONV_FORMS,
                    help="triton: ConvNeXt's depthwise convolution and the norm after it as one "
                    "Triton kernel (GPU; checked at start-up; default torch)")
     p.add_argument("--vision-cudnn-benchmark", action="store_true",

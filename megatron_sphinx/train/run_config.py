@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megatron_sphinx.config import VISION_DWCONV_FORMS, VISION_GELU_FORMS
+
 if TYPE_CHECKING:
     from megatron_sphinx.config import SphinxConfig
 
@@ -54,10 +56,12 @@ class VisionRun:
         if self.cuda_graphs and not self.batch:
             raise ValueError("--cuda-graph-vision captures one graph per encoder call size: add "
                              "--vision-batch N (e.g. 32) so that calls take few sizes")
-        if self.gelu not in ("exact", "tanh"):
-            raise ValueError(f"--vision-gelu {self.gelu}: choose exact or tanh")
-        if self.dwconv not in ("torch", "triton"):
-            raise ValueError(f"--vision-dwconv {self.dwconv}: choose torch or triton")
+        if self.gelu not in VISION_GELU_FORMS:
+            raise ValueError(f"--vision-gelu {self.gelu}: choose "
+                             f"{' or '.join(VISION_GELU_FORMS)}")
+        if self.dwconv not in VISION_DWCONV_FORMS:
+            raise ValueError(f"--vision-dwconv {self.dwconv}: choose "
+                             f"{' or '.join(VISION_DWCONV_FORMS)}")
 
     def check_device(self, on_gpu: bool) -> None:
         """Raises ValueError (saying what to change) where a choice needs a GPU and
