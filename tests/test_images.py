@@ -174,8 +174,42 @@ def test_gpu_mixed_matches_cpu():
     # DALI on the GPU decoded them (not the Pillow path, as the CPU run: all but the RGBA file)
     assert gpu.paths == cpu.paths and proc.stats["dali"] == len(datas) - 1, proc.stats
     assert gpu.view_counts.tolist() == cpu.view_counts.tolist()
-    err = float((gpu.views.cpu() - cpu.views).abs().max())
-    assert err <= TOL, f"DALI mixed vs CPU: max diff {err * 255:.2f}/255"
+    diff = (gpu.views.cpu() - cpu.views).abs()
+    err = float(diff.max())
+    if err > TOL:  # H100 run 5: 3/255; say where, and whether the decoders already differ
+        counts = cpu.view_counts.tolist()
+        per_file = [f"{f.name} {float(d.max()) * 255:.0f}" for f, d in
+                    zip(_files(), diff.split(counts)) if d.numel()]
+        over = float((diff > TOL + 1e-6).float().mean())
+        pytest.fail(f"DALI mixed vs CPU: max diff {err * 255:.2f}/255, {over:.2e} of the values "
+                    f"over 2/255; views per file (/255): {', '.join(per_file)}; decoded images "
+                    f"alone (/255): {_decoder_diffs(datas)}")
+
+
+def _decoder_diffs(datas: list[bytes]) -> str:
+    """Max |mixed - cpu| of DALI's decoder alone per JPEG (fancy upsampling on, as the views)."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+
+        jpegs = [d for d in datas if d[:2] == b"\xff\xd8"]
+
+        def decode(device):
+            @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=0)
+            def pipe():
+                enc = fn.external_source(name="enc", dtype=types.UINT8)
+                return fn.decoders.image(enc, device=device, output_type=types.RGB,
+                                         jpeg_fancy_upsampling=device == "mixed")
+            p = pipe()
+            p.build()
+            p.feed_input("enc", [np.frombuffer(d, np.uint8) for d in jpegs])
+            out = p.run()[0]
+            out = out.as_cpu() if hasattr(out, "as_cpu") else out
+            return [np.asarray(out.at(i)).astype(np.int16) for i in range(len(jpegs))]
+
+        return ", ".join(str(int(np.abs(a - b).max())) if a.shape == b.shape else "shape"
+                         for a, b in zip(decode("mixed"), decode("cpu")))
+    except Exception as exc:  # noqa: BLE001 - a diagnosis only, the failure above stands
+        return f"not compared ({type(exc).__name__}: {exc})"
 
 
 def test_gpu_pipeline_graph_is_valid_without_a_gpu():

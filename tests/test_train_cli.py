@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -161,6 +162,8 @@ def test_command_line_exit_code_and_single_line():
 @pytest.mark.parametrize("argv,needle", [
     (["--fp8"], "drop --fp8"),
     (["--fp8", "--backend", "local"], "drop --backend local"),
+    # the shapes are checked first, on any machine (H100 run 5 met TE's assertion instead)
+    (["--fp8", "--seq-length", "1400"], "got 1 x 1400 = 1400: use --seq-length 1408"),
 ])
 def test_fp8_where_it_cannot_run(capsys, argv, needle):
     assert needle in _err(capsys, ["--recipe", "debug", *argv])
@@ -442,6 +445,41 @@ def test_fp8_needs_compute_capability_8_9_and_bf16(monkeypatch, capability, dtyp
     else:
         with pytest.raises(ValueError, match=needle):
             specs.check_fp8("te", dtype)
+
+
+@pytest.mark.parametrize("seq,mbs,tp,sp,needle", [
+    (1408, 1, 1, False, None),
+    (1400, 2, 1, False, None),  # 2800 tokens
+    (1400, 1, 1, False, "= 1400: use --seq-length 1408"),
+    (1400, 1, 2, True, "1 x 1400 / 2 = 700: use --seq-length 1408"),
+    (2056, 2, 4, True, "2 x 2056 / 4 = 1028: use --seq-length 2080"),
+    (1408, 1, 2, False, "MLP width per tensor-parallel rank is 88 at --tp 2"),
+])
+def test_fp8_needs_aligned_gemms(seq, mbs, tp, sp, needle):
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.model.specs import check_fp8_shapes
+
+    llm = get_recipe("debug").llm  # hidden 64, MLP 176, 4 heads of 16, 2 query groups
+    if needle is None:
+        check_fp8_shapes(llm, seq, mbs, tp, sp)
+    else:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            check_fp8_shapes(llm, seq, mbs, tp, sp)
+    for recipe in ("sphinx-tiny", "sphinx-intern2", "sphinx-plus", "sphinx-moe"):
+        check_fp8_shapes(get_recipe(recipe).llm, 4096, 1, 8, True)  # every width at TP 8
+
+
+@pytest.mark.parametrize("recipe,padded", [("debug-moe", True), ("debug", False)])
+def test_fp8_pads_each_experts_tokens(monkeypatch, recipe, padded):
+    """FP8 grouped GEMMs need each expert's token count aligned: Megatron's router pads them."""
+    from megatron_sphinx.config import get_recipe
+    from megatron_sphinx.model import llm as llm_lib
+
+    monkeypatch.setattr(llm_lib, "TransformerConfig", lambda **kw: kw)
+    kw = llm_lib.transformer_config(get_recipe(recipe).llm, llm_lib.ParallelSizes(),
+                                    dtype=torch.bfloat16, on_gpu=True, backend="te", fp8=True)
+    assert kw["fp8"] == "hybrid"
+    assert kw.get("moe_router_padding_for_quantization", False) is padded
 
 
 def test_kernel_choices_name_te_layers_and_fp8(monkeypatch):

@@ -102,6 +102,8 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-cudnn": (["--vision-cudnn-benchmark"], {}),
             "packed-local": (["--backend", "local"], {}),
             "packed-fp8": (["--fp8"], {}),
+            "packed-graphs-overlap-fp8": (["--vision-batch", "32", "--cuda-graph-vision",
+                                           "--overlap-vision", "--fp8"], QUEUES),
             "packed-graphs-cudnn": (["--vision-batch", "32", "--cuda-graph-vision",
                                      "--vision-cudnn-benchmark"], {}),
             "packed-vb32": (["--vision-batch", "32"], {}),

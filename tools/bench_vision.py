@@ -144,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant:12} {seconds * 1e3:>9.2f} {args.views / seconds:>9.1f} "
               f"{tflops:>9.2f} {mfu:>6} {first:>10.2f} {err:>9.1e}")
     print("(vs fused: |tokens - fused eager tokens| / |fused eager tokens|, Frobenius norms)")
+    # Each encoder alone, fused and eager (H100 run 5: both together at 40.5% MFU; which one
+    # holds them back is where to work next)
+    _set_variant(mov, "fused")
+    triton_dwconv_norm.DEFAULT_TILE = default_tile
+    print(f"\n{'encoder':28} {'ms/call':>9} {'share':>6} {'TFLOP/s':>9} {'MFU':>6}")
+    timed = []
+    for enc, enc_cfg in zip(mov.encoders, cfg.vision.encoders):
+        call = torch.no_grad()(lambda enc=enc: enc(views))
+        call()
+        timed.append((enc_cfg.timm_name, median_ms(call, args.repeats, warmup=1) / 1e3,
+                      args.views * encoder_flops_per_view(enc_cfg)))
+    total = sum(seconds for _, seconds, _ in timed)
+    for name, seconds, enc_flops in timed:
+        tflops = enc_flops / seconds / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+        print(f"{name:28} {seconds * 1e3:>9.2f} {100 * seconds / total:>5.0f}% {tflops:>9.2f} "
+              f"{mfu:>6}")
     return 0
 
 

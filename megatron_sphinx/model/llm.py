@@ -94,6 +94,8 @@ def transformer_config(llm: LLMConfig, par: ParallelSizes, *, dtype: torch.dtype
             raise ValueError("FP8 needs the Transformer Engine layers: use --backend te")
         kwargs.update(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
                       fp8_amax_compute_algo="max")
+        if llm.is_moe:  # each expert's token count, padded by the router to FP8's alignment
+            kwargs.update(moe_router_padding_for_quantization=True)
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,

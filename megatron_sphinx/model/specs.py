@@ -60,6 +60,39 @@ def check_fp8(requested_backend: str, dtype: torch.dtype) -> None:
         raise ValueError(f"--fp8 keeps the other maths in bf16, not {dtype}: use --dtype bf16")
 
 
+#: cuBLASLt's FP8 GEMMs need every leading dimension divisible by this; TE asserts it at the
+#: first backward ("ret.lda % 16 == 0 ... Caller must pad", H100 run 5 at --seq-length 1400).
+FP8_ALIGN = 16
+
+
+def check_fp8_shapes(llm: LLMConfig, seq_length: int, micro_batch_size: int, tp: int,
+                     sequence_parallel: bool) -> None:
+    """Raises ValueError (saying what to change) unless every FP8 GEMM of the layers is aligned.
+
+    The weight-gradient GEMMs run over the micro-batch's tokens (its rows, packed or not, are
+    one sequence of ``micro_batch_size * seq_length`` tokens, split over the TP ranks with
+    sequence parallelism); the others over the hidden, attention and MLP widths per TP rank.
+    """
+    split = tp if sequence_parallel else 1
+    tokens = micro_batch_size * seq_length // split
+    if tokens % FP8_ALIGN:
+        seq = seq_length + 1
+        while (micro_batch_size * seq // split) % FP8_ALIGN or seq % split:
+            seq += 1
+        raise ValueError(f"--fp8 needs the tokens of a micro-batch per rank divisible by "
+                         f"{FP8_ALIGN} (FP8 GEMMs), got {micro_batch_size} x {seq_length}"
+                         f"{f' / {split}' if split > 1 else ''} = {tokens}: use --seq-length {seq}")
+    head = llm.hidden_size // llm.num_attention_heads
+    widths = {"hidden size": llm.hidden_size, "MLP width": llm.ffn_hidden_size // tp,
+              "attention width": llm.num_attention_heads * head // tp,
+              "key/value width": llm.num_query_groups * head // tp}
+    for name, width in widths.items():
+        if width % FP8_ALIGN:
+            raise ValueError(f"--fp8 needs GEMM widths divisible by {FP8_ALIGN}, and {llm.name}'s "
+                             f"{name} per tensor-parallel rank is {width} at --tp {tp}: drop --fp8 "
+                             "or change --tp")
+
+
 def layer_spec(llm: LLMConfig, backend: str) -> ModuleSpec:
     """The transformer-layer spec of ``llm`` for ``backend`` (``te`` or ``local``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs

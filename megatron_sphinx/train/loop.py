@@ -147,7 +147,9 @@ def preflight(rc: RunConfig):
     dims = validated_dims(cfg, rc.tp, rc.pp, rc.ep, rc.sequence_parallel, rc.vpp)
     dtype = train_dtype(rc.dtype)
     if rc.fp8:
-        from megatron_sphinx.model.specs import check_fp8
+        from megatron_sphinx.model.specs import check_fp8, check_fp8_shapes
+        check_fp8_shapes(cfg.llm, cfg.train.seq_length, cfg.train.micro_batch_size, dims.tp,
+                         dims.sequence_parallel)
         check_fp8(rc.backend, dtype)
     rc.vision.check_device(torch.cuda.is_available())
     return cfg, dims, dtype
