@@ -217,10 +217,25 @@ def test_gpu_pipeline_graph_is_valid_without_a_gpu():
     before any GPU is needed: until 2026-11-27 it asked for the decoded shape on the CPU, a
     GPU-to-CPU transition the legacy executor refuses, so the GPU pipeline never built (H100
     run 4 fell back to the CPU pipeline, then silently)."""
-    proc = ImageProcessor(ImageConfig(device="cpu"))
-    proc.device, proc._gpu_index = "gpu", 0  # define only: nothing here touches a GPU
-    pipe = proc._define()
-    assert pipe.device_id == 0 and not pipe.exec_dynamic
+    from nvidia.dali import fn
+
+    seen, decode = [], fn.decoders.image
+    for hw_load in (0.65, 1.0):
+        proc = ImageProcessor(ImageConfig(device="cpu", hw_decoder_load=hw_load))
+        proc.device, proc._gpu_index = "gpu", 0  # define only: nothing here touches a GPU
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fn.decoders, "image", lambda *a, **kw: seen.append(kw) or decode(*a, **kw))
+            pipe = proc._define()
+        assert pipe.device_id == 0 and not pipe.exec_dynamic
+        assert (seen[-1]["device"], seen[-1]["hw_decoder_load"]) == ("mixed", hw_load)
+        assert seen[-1]["jpeg_fancy_upsampling"] is True
+    with pytest.MonkeyPatch.context() as mp:  # the CPU decoder gets neither GPU-only argument
+        mp.setattr(fn.decoders, "image", lambda *a, **kw: seen.append(kw) or decode(*a, **kw))
+        ImageProcessor(ImageConfig(device="cpu"))._define()
+    assert seen[-1]["device"] == "cpu" and not {"hw_decoder_load",
+                                                "jpeg_fancy_upsampling"} & set(seen[-1])
+    with pytest.raises(ValueError, match=r"hw_decoder_load must be in \[0, 1\], got 1.5"):
+        ImageConfig(hw_decoder_load=1.5)
 
 
 @pytest.mark.parametrize("image_size,grid,skip", [(448, 2, True), (672, 3, True),

@@ -106,6 +106,11 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
                                            interp=interp, fancy_upsampling=False))
         name = f"DALI gpu 1x{threads} nvJPEG upsample"
         fns[name], dali_procs[name] = (lambda xs: plain(xs)), [plain]
+        # every JPEG the hardware decoder takes to it (DALI's default sends 65%)
+        hw = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
+                                        interp=interp, hw_decoder_load=1.0))
+        name = f"DALI gpu 1x{threads} hw decoder 1.0"
+        fns[name], dali_procs[name] = (lambda xs: hw(xs)), [hw]
     fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
                     lambda d: pillow_plain_views(d, interp=interp), xs)),
                 "Pillow reference (exact)": lambda xs: list(pool.map(

@@ -43,7 +43,9 @@
 # Usage on the device machine, from the repository root: bash tools/gpu_check.sh
 # Expected run time: more than one call (H100 run 4, 2026-11-27: the first 590 s call reached
 # tests_train, in the order of that day; by its timings this order's first call ends about at
-# the profile); the parts' limits add up to more, so run the rest in a second call, e.g.
+# the profile. Run 5, with TE: install 57 s, the two new kernels' tests and DALI's 43 s,
+# bench_images 28 s, four training variants 246 s, three training tests 149 s); the parts'
+# limits add up to more, so run the rest in a second call, e.g.
 # ONLY="tests_train bench_adam bench_llm" bash tools/gpu_check.sh (the kernel benchmarks last:
 # their code did not change since the H100 run measured them).
 # KERNEL_TESTS, TRAIN_VARIANTS, TRAIN_STEPS and TRAIN_TESTS narrow tests_kernels, bench_train and
@@ -139,8 +141,9 @@ run tests_kernels 240 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
   --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernels_compile_for_hopper \
   --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_compiles_for_hopper
-# Run 4 measured DALI "gpu" at 86 images/s, below Pillow: the "by DALI" column now says whether
-# DALI decoded them; batches of 128 as a GPU wants them.
+# Run 4 measured DALI "gpu" at 86 images/s, below Pillow (its CPU pipeline); run 5 2,417 images/s,
+# all decoded on the GPU; batches of 128 as a GPU wants them; now also all JPEGs to the
+# hardware decoder.
 [ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
   --interp cubic --seconds 2 --images-only --json "$OUT/images.json"
 # Figures over the steps after 3 warm-up steps (run 4: steps 2-3 ~1.6x slower, and four rows

@@ -142,6 +142,10 @@ class ImageConfig:
     """GPU JPEG decoding upsamples chroma as libjpeg-turbo does (DALI's
     ``jpeg_fancy_upsampling``), so that the GPU's views match the CPU pipeline's; False lets
     nvJPEG use its own (and its hardware decoder where it has one)."""
+    hw_decoder_load: float = 0.65
+    """Share of the JPEGs that GPU decoding sends to the GPU's hardware JPEG decoder where it has
+    one (A100, H100), the rest to nvJPEG's CUDA decoder with its Huffman stage on the CPU
+    (DALI's ``hw_decoder_load``; 0.65 is DALI's default)."""
 
     def __post_init__(self) -> None:
         if self.image_size % self.grid:
@@ -153,6 +157,8 @@ class ImageConfig:
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.num_threads < 1 or self.max_batch_size < 1:
             raise ValueError("num_threads and max_batch_size must be >= 1")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not all(0.0 <= c <= 1.0 for c in self.pad_color):
             raise ValueError(f"pad_color must be in [0, 1], got {self.pad_color}")
 
@@ -435,9 +441,10 @@ class ImageProcessor:
         def views_pipeline():
             enc = fn.external_source(name="enc", dtype=types.UINT8)
             size = fn.external_source(name="size", dtype=types.FLOAT)  # [2] (rh, rw)
+            mixed = {"jpeg_fancy_upsampling": cfg.fancy_upsampling,
+                     "hw_decoder_load": cfg.hw_decoder_load} if gpu else {}
             img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                    jpeg_fancy_upsampling=cfg.fancy_upsampling and gpu
-                                    )  # [h, w, 3] uint8, EXIF applied
+                                    **mixed)  # [h, w, 3] uint8, EXIF applied
             interp = types.INTERP_CUBIC if cfg.interp == "cubic" else types.INTERP_LINEAR
             resized = fn.resize(img, size=size, interp_type=interp,
                                 antialias=True)  # [rh, rw, 3] uint8
