@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def test_bench_train_rows_per_variant(tmp_path):
         # the training process's start-up (from its start to step 1) is part of what the run
         # spent outside its steps
         assert 0 < r["startup_s"] < r["launch_overhead_s"], r
+        # its split and the kernels chosen, from the training log, also on the progress lines
+        said = re.fullmatch(r"start-up ([\d.]+) s: imports [\d.]+ \| .*", r["startup"])
+        assert said and abs(float(said[1]) - r["startup_s"]) <= 0.051, r
+        assert r["kernels"].startswith("kernels: layers local"), r
+        assert f"    {r['startup']}\n    {r['kernels']}\n" in proc.stderr
 
 
 def test_audit_host_syncs_lists_call_sites():
@@ -64,7 +70,6 @@ def test_audit_host_syncs_lists_call_sites():
 def test_gpu_check_names_existing_tests():
     """Every test file and ``--deselect`` of tools/gpu_check.sh exists (a rename must not turn
     a deselected CPU-only test back on, or drop a GPU test, on the next lent machine)."""
-    import re
 
     script = (REPO / "tools" / "gpu_check.sh").read_text()
     files = set(re.findall(r"tests/test_\w+\.py", script))
@@ -101,7 +106,6 @@ def test_gpu_check_commands_parse_with_their_tools(monkeypatch, tmp_path):
     with Transformer Engine). (``bash -n`` of the scripts: tests/test_slurm.py.)"""
     import argparse
     import importlib
-    import re
     import shlex
 
     text = (REPO / "tools" / "gpu_check.sh").read_text().replace("\\\n", " ")

@@ -14,7 +14,8 @@ variant in one invocation and prints one table:
   allocation did not fit) by the end of the run;
 * launch overhead: the run's wall time minus the time spent in steps (torchrun, the training
   process's start-up, its exit), and of it ``start s``: the training process's start-up up to
-  its first step as it counts it (``startup_s``; its phases are in its log,
+  its first step as it counts it (``startup_s``; its phases, the ``start-up`` line of its log, are
+  printed under each variant's progress line with its ``kernels:`` line; see
   ``megatron_sphinx/train/startup.py``). No checkpoint is written (``--no-final-save``): saving a
   full-size model would dominate it.
 
@@ -117,12 +118,14 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
 
 def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str],
                warmup: int = 1) -> dict:
+    from megatron_sphinx.distributed import free_port  # not a fixed port: runs may overlap
+
     nproc, args = LAYOUTS[name]
     variant_args, variant_env = VARIANTS[variant]
     args = args + variant_args
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port=29577", "-m", "megatron_sphinx.train", "--recipe", recipe,
+               f"--master_port={free_port()}", "-m", "megatron_sphinx.train", "--recipe", recipe,
                "--data", "synthetic", "--steps", str(steps), "--save", tmp, "--no-final-save",
                *args, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)), **variant_env}
@@ -137,6 +140,11 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
             return {"layout": name, "variant": variant, "processes": nproc,
                     "error": f"exit {proc.returncode}"}
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
+    said = {}  # the first rank's start-up split and kernel choices, as its log says them
+    for line in proc.stderr.splitlines():
+        for key in ("start-up", "kernels"):
+            if f" INFO {key}" in line and key not in said:
+                said[key] = line[line.index(f" INFO {key}") + 6:]
     times = [r["step_time_s"] for r in rows]
     measured = rows[warmup:]  # the first steps pay one-off costs
     seconds = sum(r["step_time_s"] for r in measured)
@@ -152,7 +160,8 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
             "max_memory_gib": rows[-1].get("max_memory_gib"),
             "alloc_retries": rows[-1].get("alloc_retries"),
             "wall_s": wall, "launch_overhead_s": wall - sum(times),
-            "startup_s": rows[0].get("startup_s")}
+            "startup_s": rows[0].get("startup_s"), "startup": said.get("start-up"),
+            "kernels": said.get("kernels")}
 
 
 def machine() -> str:
@@ -260,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['tokens_per_s']:.0f} tokens/s"
                   + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""),
                   file=sys.stderr, flush=True)
+            for key in ("startup", "kernels"):
+                if r[key]:
+                    print(f"    {r[key]}", file=sys.stderr, flush=True)
     print(f"\nmachine: {machine()}; recipe {args.recipe}, synthetic data, {args.steps} steps "
           f"(figures over the last {args.steps - args.warmup}), extra args "
           f"{' '.join(extra) or '-'}")
