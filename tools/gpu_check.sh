@@ -210,11 +210,11 @@ for log in tests_kernels tests_train; do
 done
 [ -f "$LOGS/bench_llm.log" ] && tail -n 13 "$LOGS/bench_llm.log"
 [ -f "$LOGS/bench_adam.log" ] && tail -n 5 "$LOGS/bench_adam.log"
-[ -f "$LOGS/bench_vision.log" ] && tail -n 10 "$LOGS/bench_vision.log"
+[ -f "$LOGS/bench_vision.log" ] && tail -n 15 "$LOGS/bench_vision.log"
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
   grep -A 10 "^host operators" "$OUT/kernels.txt"
-for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:12; do
+for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:13; do
   [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done
 echo
