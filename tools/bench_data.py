@@ -111,6 +111,11 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
                                         interp=interp, hw_decoder_load=1.0))
         name = f"DALI gpu 1x{threads} hw decoder 1.0"
         fns[name], dali_procs[name] = (lambda xs: hw(xs)), [hw]
+        # the resize rounded to uint8, as on the CPU (the GPU's default keeps it float)
+        u8 = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
+                                        interp=interp, float_resize=False))
+        name = f"DALI gpu 1x{threads} uint8 resize"
+        fns[name], dali_procs[name] = (lambda xs: u8(xs)), [u8]
     fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
                     lambda d: pillow_plain_views(d, interp=interp), xs)),
                 "Pillow reference (exact)": lambda xs: list(pool.map(

@@ -214,7 +214,7 @@ done
 [ -f "$LOGS/bench_train.log" ] && grep -A 20 "^machine:" "$LOGS/bench_train.log" | head -8
 [ -f "$OUT/kernels.txt" ] && head -12 "$OUT/kernels.txt" && grep -A 8 "^host CUDA" "$OUT/kernels.txt" &&
   grep -A 10 "^host operators" "$OUT/kernels.txt"
-for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:13; do
+for log in bench_packed_layers:11 bench_pack_overhead:12 bench_pack:30 bench_images:14; do
   [ -f "$LOGS/${log%%:*}.log" ] && tail -n "${log##*:}" "$LOGS/${log%%:*}.log"
 done
 echo

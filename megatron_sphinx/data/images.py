@@ -11,7 +11,12 @@ One encoded image (JPEG / PNG / ... bytes from the store) becomes its encoded vi
    ``fn.resize``) so that the longer side is
    ``image_size``; the resized size is exactly
    :func:`~megatron_sphinx.data.geometry.image_geometry`'s ``resized_height/width`` (computed on
-   the host and fed to DALI, so DALI's own rounding never decides it). Pixels stay uint8.
+   the host and fed to DALI, so DALI's own rounding never decides it). On GPUs the resized
+   pixels stay float (clamped to [0, 255]): no rounding to uint8 between the resize and the
+   views, which keeps them within ~0.6/255 of :func:`reference_views` instead of ~1/255 and
+   leaves the GPU pipeline only the decoders' difference from the CPU one (H100 run 5 measured
+   3/255 with both rounding). On CPUs they are rounded to uint8, as float costs the CPU
+   pipeline ~37% of its images/s there (``ImageConfig.float_resize`` decides).
 3. **Pad** to the ``image_size`` square, image at the TOP-LEFT, as float32 in [0, 1] CHW: one
    DALI ``crop_mirror_normalize`` (``out_of_bounds_policy="pad"``, ``std=255``) whose fill is
    the pad colour exactly (the CLIP mean, which is not a uint8 colour). This is the whole
@@ -37,7 +42,8 @@ output's memory once nothing references it (page faults on ~50 MB of fresh memor
 cost as much as the global view).
 
 :func:`reference_views` is the same transform in Pillow + numpy; DALI matches it within 2/255
-(``tests/test_images.py``; measured: at most 1/255 on every test photo and hard file). What makes
+(``tests/test_images.py``; measured: at most 1/255 on every test photo and hard file, 0.58/255
+with the resize in float). What makes
 the two agree: both use the Catmull-Rom cubic (a = -0.5) scaled for antialiasing; image borders
 are edge-clamped (DALI's behaviour; the reference pads the edges before Pillow's resize); and the
 reference resamples in float (Pillow's uint8 bicubic clamps between its two passes, up to 9/255
@@ -142,6 +148,10 @@ class ImageConfig:
     """GPU JPEG decoding upsamples chroma as libjpeg-turbo does (DALI's
     ``jpeg_fancy_upsampling``), so that the GPU's views match the CPU pipeline's; False lets
     nvJPEG use its own (and its hardware decoder where it has one)."""
+    float_resize: bool | None = None
+    """Keep the resized pixels float (clamped to [0, 255]) instead of rounding them to uint8
+    before the views; None: on the GPU (where it costs little) but not on the CPU (where it cost
+    ~37% of the pipeline's images/s, 2 cores, cubic)."""
     hw_decoder_load: float = 0.65
     """Share of the JPEGs that GPU decoding sends to the GPU's hardware JPEG decoder where it has
     one (A100, H100), the rest to nvJPEG's CUDA decoder with its Huffman stage on the CPU
@@ -428,6 +438,7 @@ class ImageProcessor:
         """The DALI pipeline for this processor's device, defined but not built (defining needs
         no GPU: DALI checks the graph, e.g. for GPU-to-CPU transitions, already here)."""
         from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
 
         cfg, s = self.cfg, self.cfg.image_size
         gpu = self.device == "gpu"
@@ -446,8 +457,11 @@ class ImageProcessor:
             img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                     **mixed)  # [h, w, 3] uint8, EXIF applied
             interp = types.INTERP_CUBIC if cfg.interp == "cubic" else types.INTERP_LINEAR
-            resized = fn.resize(img, size=size, interp_type=interp,
-                                antialias=True)  # [rh, rw, 3] uint8
+            float_resize = gpu if cfg.float_resize is None else cfg.float_resize
+            resized = fn.resize(img, size=size, interp_type=interp, antialias=True,
+                                dtype=types.FLOAT if float_resize else types.UINT8)
+            if float_resize:  # the cubic's overshoot, clipped as the uint8 output clips it
+                resized = dmath.clamp(resized, 0.0, 255.0)  # [rh, rw, 3] float, else uint8
             # The padded square in one op: the image top-left, float in [0, 1] (x / 255), CHW,
             # padded with the exact pad colour (fill_values are output values). mean/std are
             # per-channel lists on purpose: DALI 2.4 with a scalar mean/std and per-channel
