@@ -59,6 +59,24 @@ def test_bench_train_rows_per_variant(tmp_path):
         assert f"    {r['startup']}\n    {r['kernels']}\n" in proc.stderr
 
 
+def test_bench_train_keeps_finished_rows_when_cut(monkeypatch, tmp_path):
+    """A time limit that cuts the benchmark (gpu_check.sh's per part) keeps the variants done."""
+    sys.path.insert(0, str(REPO))
+    from tools import bench_train
+
+    def run_layout(recipe, name, variant, *args):
+        if variant == "packed-sdpa":
+            raise KeyboardInterrupt  # stands for the time limit's kill
+        return {"layout": name, "variant": variant, "error": "exit 1"}
+
+    monkeypatch.setattr(bench_train, "run_layout", run_layout)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--recipe", "debug", "--layouts", "tp1", "--variants", "packed",
+                          "packed-sdpa", "--json", str(out)])
+    assert [r["variant"] for r in json.loads(out.read_text())] == ["packed"]
+
+
 def test_audit_host_syncs_lists_call_sites():
     proc = _run(["tools/audit_host_syncs.py", "--recipe", "debug"])
     assert proc.returncode == 0, proc.stderr[-2000:]

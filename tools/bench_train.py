@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         rows.append(run_layout(args.recipe, name, variant, args.steps, extra, args.warmup))
         r = rows[-1]
+        if args.json:  # the rows so far: a run cut by a time limit keeps them for the summary
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         if "error" not in r:  # each result as soon as it is known (a cut-off run keeps it)
             print(f"[{i}/{len(runs)}] {name} {variant}: {r['step_s']:.3f} s/step, "
                   f"{r['tokens_per_s']:.0f} tokens/s"
@@ -289,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
               + (f"{r['startup_s']:>7.1f} " if r["startup_s"] is not None else f"{'-':>7} ")
               + (f"{r['max_memory_gib']:>8.1f} {r['alloc_retries']:>7d}"
                  if r["max_memory_gib"] is not None else f"{'-':>8} {'-':>7}"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any("error" in r for r in rows) else 0
 
 
