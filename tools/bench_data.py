@@ -101,21 +101,15 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
     fns = {f"DALI {proc.device} {threads}x1 workers": per_worker,
            f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs)}
     dali_procs = dict(zip(fns, (procs, [proc])))
-    if proc.device == "gpu":  # nvJPEG's own chroma upsampling (its hardware decoder's)
-        plain = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
-                                           interp=interp, fancy_upsampling=False))
-        name = f"DALI gpu 1x{threads} nvJPEG upsample"
-        fns[name], dali_procs[name] = (lambda xs: plain(xs)), [plain]
-        # every JPEG the hardware decoder takes to it (DALI's default sends 65%)
-        hw = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
-                                        interp=interp, hw_decoder_load=1.0))
-        name = f"DALI gpu 1x{threads} hw decoder 1.0"
-        fns[name], dali_procs[name] = (lambda xs: hw(xs)), [hw]
-        # the resize rounded to uint8, as on the CPU (the GPU's default keeps it float)
-        u8 = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
-                                        interp=interp, float_resize=False))
-        name = f"DALI gpu 1x{threads} uint8 resize"
-        fns[name], dali_procs[name] = (lambda xs: u8(xs)), [u8]
+    if proc.device == "gpu":  # the GPU pipeline with one setting changed each
+        for label, setting in (
+                ("nvJPEG upsample", {"fancy_upsampling": False}),  # nvJPEG's own chroma
+                ("hw decoder 1.0", {"hw_decoder_load": 1.0}),  # every JPEG to the JPEG engines
+                ("uint8 resize", {"float_resize": False})):  # rounded as on the CPU
+            other = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
+                                               interp=interp, **setting))
+            name = f"DALI gpu 1x{threads} {label}"
+            fns[name], dali_procs[name] = other, [other]
     fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
                     lambda d: pillow_plain_views(d, interp=interp), xs)),
                 "Pillow reference (exact)": lambda xs: list(pool.map(

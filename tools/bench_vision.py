@@ -138,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
           f"call, {dtype}; median of {args.repeats}")
     print(f"{'variant':12} {'ms/call':>9} {'views/s':>9} {'TFLOP/s':>9} {'MFU':>6} "
           f"{'1st call s':>10} {'vs fused':>9}")
-    for variant, seconds, first, err in rows:
+    def tflops_mfu(flops: float, seconds: float) -> str:
         tflops = flops / seconds / 1e12
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+        return f"{tflops:>9.2f} " + (f"{100 * tflops / peak:>5.1f}%" if peak else f"{'-':>6}")
+
+    for variant, seconds, first, err in rows:
         print(f"{variant:12} {seconds * 1e3:>9.2f} {args.views / seconds:>9.1f} "
-              f"{tflops:>9.2f} {mfu:>6} {first:>10.2f} {err:>9.1e}")
+              f"{tflops_mfu(flops, seconds)} {first:>10.2f} {err:>9.1e}")
     print("(vs fused: |tokens - fused eager tokens| / |fused eager tokens|, Frobenius norms)")
     # Each encoder alone, fused and eager (H100 run 5: both together at 40.5% MFU; which one
     # holds them back is where to work next)
@@ -152,15 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     timed = []
     for enc, enc_cfg in zip(mov.encoders, cfg.vision.encoders):
         call = torch.no_grad()(lambda enc=enc: enc(views))
-        call()
         timed.append((enc_cfg.timm_name, median_ms(call, args.repeats, warmup=1) / 1e3,
                       args.views * encoder_flops_per_view(enc_cfg)))
     total = sum(seconds for _, seconds, _ in timed)
     for name, seconds, enc_flops in timed:
-        tflops = enc_flops / seconds / 1e12
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-        print(f"{name:28} {seconds * 1e3:>9.2f} {100 * seconds / total:>5.0f}% {tflops:>9.2f} "
-              f"{mfu:>6}")
+        print(f"{name:28} {seconds * 1e3:>9.2f} {100 * seconds / total:>5.0f}% "
+              f"{tflops_mfu(enc_flops, seconds)}")
     return 0
 
 
