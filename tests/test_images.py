@@ -192,6 +192,15 @@ def test_gpu_mixed_matches_cpu():
                     f"alone (/255): {_decoder_diffs(datas)}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: DALI device='mixed' (nvJPEG) cannot run here")
+def test_gpu_map_decoding_ahead_matches_calls():
+    """On the GPU the helper thread copies DALI's squares on the consumer's stream while the
+    consumer cuts the batch before: the same views as one call at a time."""
+    _assert_map_matches_calls(ImageConfig(device="gpu", max_batch_size=4),
+                              ImageConfig(device="gpu", max_batch_size=4))
+
+
 def _decoder_diffs(datas: list[bytes]) -> str:
     """Max |mixed - cpu| of DALI's decoder alone per JPEG (fancy upsampling on, as the views)."""
     try:
@@ -286,7 +295,7 @@ def test_gpu_pipeline_that_does_not_build_gives_way_to_the_cpu(monkeypatch, capl
     proc = ImageProcessor(ImageConfig(device="auto"))
     proc.device = "gpu"  # as if CUDA were there
     with caplog.at_level("WARNING", logger="megatron_sphinx.data.images"):
-        batch = proc._process([p.read_bytes() for p in PHOTOS[:2]])  # no CUDA device context
+        batch = proc([p.read_bytes() for p in PHOTOS[:2]])  # no CUDA device context
     assert "could not build its GPU (mixed) image pipeline: nvJPEG library not found" in \
         caplog.text
     assert proc.device == "cpu" and not batch.views.is_cuda
@@ -301,7 +310,7 @@ def test_pipeline_of_a_chosen_device_that_does_not_build_is_an_error(monkeypatch
     proc.cfg.device = device
     with pytest.raises(RuntimeError, match=f"DALI could not build its {device} image pipeline: "
                        "nvJPEG library not found; check the DALI install"):
-        proc._process([PHOTOS[0].read_bytes()])
+        proc([PHOTOS[0].read_bytes()])
 
 
 def test_dali_failing_on_an_image_warns_once(monkeypatch, caplog):
@@ -427,5 +436,75 @@ def test_gpu_pipeline_that_fails_to_rebuild_is_not_swapped_for_the_cpu(monkeypat
     monkeypatch.setattr(ImageProcessor, "_build", _failing_build(monkeypatch, "gpu"))
     proc.device, proc._pipe = "gpu", None  # as if a GPU run had failed
     with pytest.raises(RuntimeError, match="DALI could not build its gpu image pipeline: nvJPEG"):
-        proc._process(datas)
+        proc(datas)
     assert proc.device == "gpu" and "dali_gpu_unavailable" not in proc.stats
+
+
+def _map_batches() -> list[list[bytes]]:
+    """Photos, hard files (Pillow paths, orientation, extreme shapes) and bad files in batches
+    that span several DALI runs each (max_batch_size 4), one of them empty."""
+    files = [*PHOTOS, *[IMAGES / "adversarial" / f for f in HARD + BAD]]
+    datas = [f.read_bytes() for f in files] * 2
+    return [datas[:7], [], datas[7:19], datas[19:21], datas[21:]]
+
+
+def _assert_map_matches_calls(cfg_map: ImageConfig, cfg_call: ImageConfig, ahead: int = 1):
+    batches = _map_batches()
+    one, two = ImageProcessor(cfg_map), ImageProcessor(cfg_call)
+    mapped = list(one.map(iter(batches), ahead=ahead))
+    assert len(mapped) == len(batches)
+    for got, images in zip(mapped, batches):
+        want = two(images)
+        assert got.paths == want.paths and got.errors == want.errors
+        assert got.sizes == want.sizes
+        assert got.view_counts.tolist() == want.view_counts.tolist()
+        assert torch.equal(got.views.cpu(), want.views.cpu())
+    assert one.stats == two.stats
+
+
+@pytest.mark.parametrize("ahead", [1, 3, 0])
+def test_map_decoding_ahead_matches_calls(ahead):
+    """Decoding ahead in a helper thread gives each batch's views, sizes, errors and paths as
+    one call at a time, across several DALI runs per batch (the CPU's squares are copied out of
+    DALI's buffers, which the next run overwrites), bisected failures and the Pillow paths."""
+    cfg = ImageConfig(device="cpu", max_batch_size=4)
+    _assert_map_matches_calls(cfg, cfg, ahead)
+
+
+def _decode_threads() -> list:
+    import threading
+    return [t for t in threading.enumerate() if t.name == "image-decode-ahead"]
+
+
+def test_map_raises_a_failing_batch_source_after_the_batches_before():
+    proc = ImageProcessor(ImageConfig(device="cpu"))
+
+    def batches():
+        yield [PHOTOS[0].read_bytes()]
+        raise OSError("store read failed")
+
+    got = proc.map(batches())
+    assert next(got).paths == ["dali"]
+    with pytest.raises(OSError, match="store read failed"):
+        next(got)
+    assert not _decode_threads()
+
+
+def test_map_stopped_early_ends_its_helper():
+    """A consumer that stops early (``close()``, or a ``break`` out of its loop) ends the
+    helper thread, which then reads no more batches."""
+    proc = ImageProcessor(ImageConfig(device="cpu"))
+    read = []
+
+    def batches():
+        for k in range(100):
+            read.append(k)
+            yield [PHOTOS[k % len(PHOTOS)].read_bytes()]
+
+    got = proc.map(batches(), ahead=2)
+    next(got)
+    got.close()
+    assert not _decode_threads()
+    assert len(read) <= 5  # the one consumed, two waiting, one being decoded, one read
+    with pytest.raises(ValueError, match="ahead must be >= 0"):
+        next(proc.map([], ahead=-1))

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import queue
 import sys
 import time
 from collections import Counter
@@ -84,32 +85,57 @@ def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2,
 
 
 def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
-                 interp: str = "cubic") -> list[tuple]:
-    """images/s per pipeline: rounds of one pass over ``datas`` each, interleaved so that load
-    from other processes hits all pipelines alike; reports the best and the median round."""
-    proc = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch, interp=interp))
+                 interp: str = "cubic", workers: int = 2) -> list[tuple]:
+    """images/s per pipeline: rounds of one pass over ``datas`` each, in batches of ``batch``,
+    interleaved so that load from other processes hits all pipelines alike; reports the best and
+    the median round."""
+    def config(**kw) -> ImageConfig:
+        return ImageConfig(**{"num_threads": threads, "max_batch_size": batch, "interp": interp,
+                              **kw})
+
+    def batches(xs):
+        return [xs[a:a + batch] for a in range(0, len(xs), batch)]
+
+    proc, ahead = ImageProcessor(config()), ImageProcessor(config())
     pool = ThreadPoolExecutor(threads)
-    # As the loader runs it: one processor (1 DALI thread) per worker thread, so one worker's
-    # torch post-processing overlaps the other's decoding.
-    procs = [ImageProcessor(ImageConfig(num_threads=1, max_batch_size=batch, interp=interp))
-             for _ in range(threads)]
+    # As the loader runs it: a batch (a step) per worker thread, each with its own processor
+    # and its share of the DALI threads, so one's views are cut while another decodes.
+    workers = max(1, min(workers, threads))
+    free: queue.Queue = queue.Queue()
+    procs = [ImageProcessor(config(num_threads=max(1, threads // workers)))
+             for _ in range(workers)]
+    for p in procs:
+        free.put(p)
 
-    def per_worker(xs):
-        parts = [xs[k::threads] for k in range(threads)]
-        return list(pool.map(lambda kp: procs[kp[0]](kp[1]), enumerate(parts)))
+    def on_a_worker(xs):
+        p = free.get()
+        try:
+            return p(xs)
+        finally:
+            free.put(p)
 
-    fns = {f"DALI {proc.device} {threads}x1 workers": per_worker,
-           f"DALI {proc.device} 1x{threads} threads": lambda xs: proc(xs)}
-    dali_procs = dict(zip(fns, (procs, [proc])))
-    if proc.device == "gpu":  # the GPU pipeline with one setting changed each
+    dev, per_worker = proc.device, f"{workers}x{max(1, threads // workers)}"
+    wpool = ThreadPoolExecutor(workers)
+    fns = {f"DALI {dev} {per_worker} workers": lambda xs: list(
+               wpool.map(on_a_worker, batches(xs))),
+           f"DALI {dev} 1x{threads} threads": lambda xs: [proc(b) for b in batches(xs)],
+           # the same processor with the next batch decoded while this one's views are cut
+           f"DALI {dev} 1x{threads} ahead": lambda xs: list(ahead.map(batches(xs)))}
+    dali_procs = dict(zip(fns, (procs, [proc], [ahead])))
+    # DALI's part of a call: the header probes and DALI's runs, no views cut (not a pipeline:
+    # left out of the goal, tools/gpu_summary.py)
+    alone = ImageProcessor(config())
+    fns[f"DALI {dev} 1x{threads} runs only"] = lambda xs: [
+        list(alone._decode(alone._start(b), keep=False)) for b in batches(xs)]
+    if dev == "gpu":  # the GPU pipeline with one setting changed each
         for label, setting in (
                 ("nvJPEG upsample", {"fancy_upsampling": False}),  # nvJPEG's own chroma
                 ("hw decoder 1.0", {"hw_decoder_load": 1.0}),  # every JPEG to the JPEG engines
                 ("uint8 resize", {"float_resize": False})):  # rounded as on the CPU
-            other = ImageProcessor(ImageConfig(num_threads=threads, max_batch_size=batch,
-                                               interp=interp, **setting))
+            other = ImageProcessor(config(**setting))
             name = f"DALI gpu 1x{threads} {label}"
-            fns[name], dali_procs[name] = other, [other]
+            fns[name] = lambda xs, other=other: [other(b) for b in batches(xs)]
+            dali_procs[name] = [other]
     fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
                     lambda d: pillow_plain_views(d, interp=interp), xs)),
                 "Pillow reference (exact)": lambda xs: list(pool.map(
@@ -118,17 +144,17 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
     rates: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
-        fn(datas[:batch])  # warm up (DALI builds its pipeline)
+        fn(datas[:2 * batch])  # warm up (DALI builds its pipeline)
     t_end = time.perf_counter() + seconds * len(fns)
     while time.perf_counter() < t_end or min(len(r) for r in rates.values()) < 3:
         for name, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            for a in range(0, len(datas), batch):
-                fn(datas[a:a + batch])
+            fn(datas)
             sync()  # the GPU's views are made asynchronously
             rates[name].append(len(datas) / (time.perf_counter() - t0))
             cpu[name].append((time.process_time() - c0) / len(datas) * 1e3)
     pool.shutdown()
+    wpool.shutdown()
     first = next(iter(rates))
     ref = np.asarray(rates["Pillow reference (exact)"])
     # vs ref: median over rounds of (this pipeline's rate / the reference's rate in the same
@@ -270,8 +296,9 @@ def main(argv=None) -> int:
         return fail(f"no test photos under {IMAGES}: run from the project checkout or set "
                     "MEGATRON_SPHINX_TESTDATA")
     # whole batches per round (H100 run 5's rounds of 258 ended with a call of 2 images, which
-    # paid a pipeline run's fixed cost for them), the photos in turn
-    count = -(-max(8 * len(photos), 2 * args.batch) // args.batch) * args.batch
+    # paid a pipeline run's fixed cost for them), four at least (the rows that overlap batches
+    # need some to overlap), the photos in turn
+    count = -(-max(8 * len(photos), 4 * args.batch) // args.batch) * args.batch
     encoded = [f.read_bytes() for f in photos]
     datas = [encoded[i % len(encoded)] for i in range(count)]
 
@@ -283,7 +310,7 @@ def main(argv=None) -> int:
     rows = []
     for interp in args.interp:
         for name, best, med, ratio, vs_ref, cpu_ms, share in bench_images(
-                datas, args.threads, args.batch, secs, interp):
+                datas, args.threads, args.batch, secs, interp, max(1, args.workers)):
             print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
                   f"{cpu_ms:10.2f} {share}")
             rows.append({"pipeline": name, "interp": interp, "best_per_s": best,
@@ -297,7 +324,8 @@ def main(argv=None) -> int:
           "this row's best;\n vs ref: median over rounds of this row's rate over the exact "
           "reference's in the same round;\n CPU ms/img: process CPU time per image, all threads,"
           " median round: robust to other load;\n by DALI: share of the images DALI decoded, the "
-          "rest by the Pillow path (the RGBA-free photos: all, if DALI works))")
+          "rest by the Pillow path (the RGBA-free photos: all, if DALI works); runs only: the "
+          "header probes and DALI's runs of the same batches, no views cut)")
     if args.images_only:
         return 0
 

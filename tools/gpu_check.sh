@@ -131,8 +131,10 @@ KERNEL_TESTS=${KERNEL_TESTS:-tests/test_vision.py tests/test_rope_kernel.py
   tests/test_attention.py tests/test_pack_kernel.py}
 HAS_DALI=0
 $PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
-# DALI mixed against the CPU pipeline (pixels, and that DALI, not the Pillow path, decoded)
-[ $HAS_DALI = 1 ] && KERNEL_TESTS="$KERNEL_TESTS tests/test_images.py::test_gpu_mixed_matches_cpu"
+# DALI mixed against the CPU pipeline (pixels, and that DALI, not the Pillow path, decoded);
+# decoding ahead on the GPU (a helper thread, the consumer's stream) against one call at a time
+[ $HAS_DALI = 1 ] && KERNEL_TESTS="$KERNEL_TESTS tests/test_images.py::test_gpu_mixed_matches_cpu
+  tests/test_images.py::test_gpu_map_decoding_ahead_matches_calls"
 # run 4: ~150 s; since then the cross-entropy and depthwise-convolution kernels' tests (a
 # dozen Triton compiles), while the interpreter runs left (tests/test_interpreter.py is not here)
 run tests_kernels 240 $PYTEST $KERNEL_TESTS \
@@ -142,10 +144,12 @@ run tests_kernels 240 $PYTEST $KERNEL_TESTS \
   --deselect tests/test_cross_entropy_kernel.py::test_cross_entropy_kernels_compile_for_hopper \
   --deselect tests/test_dwconv_norm_kernel.py::test_dwconv_norm_kernel_compiles_for_hopper
 # Run 4 measured DALI "gpu" at 86 images/s, below Pillow (its CPU pipeline); run 5 2,417 images/s,
-# all decoded on the GPU; batches of 128 as a GPU wants them; now also all JPEGs to the
-# hardware decoder.
-[ $HAS_DALI = 1 ] && run bench_images 60 $PY tools/bench_data.py --threads 16 --batch 128 \
-  --interp cubic --seconds 2 --images-only --json "$OUT/images.json"
+# all decoded on the GPU, each batch run to its end before the next; batches of 128 as a GPU
+# wants them. New since run 5: the next batch decoded while this one's views are cut ("ahead"),
+# two workers of 8 DALI threads each (as the loader's workers), all JPEGs to the hardware
+# decoder, the resize rounded to uint8; rounds of four batches (run 5: 28 s with two).
+[ $HAS_DALI = 1 ] && run bench_images 75 $PY tools/bench_data.py --threads 16 --batch 128 \
+  --workers 2 --interp cubic --seconds 2 --images-only --json "$OUT/images.json"
 # Figures over the steps after 3 warm-up steps (run 4: steps 2-3 ~1.6x slower, and four rows
 # spiked at steps 4 and 6; likely the encoders' convolutions planned anew for each new number
 # of views per micro-batch, which fixed-size calls, packed-graphs, do not do). New since run 4:

@@ -108,7 +108,8 @@ def dali_row(images: dict | None) -> tuple:
     goal = "DALI mixed images/s, 448 px"
     if not images:
         return (goal, "3,000", "not measured (no images.json)", "-")
-    gpu = [r for r in images["rows"] if r["pipeline"].startswith("DALI gpu")]
+    gpu = [r for r in images["rows"] if r["pipeline"].startswith("DALI gpu")
+           and r["by_dali"] != "-"]  # "-": DALI's runs alone, no views made
     pillow = max((r["best_per_s"] for r in images["rows"] if r["pipeline"].startswith("Pillow")),
                  default=None)
     beside = f"; Pillow {pillow:,.0f} on {images['threads']} threads" if pillow else ""

@@ -71,13 +71,15 @@ alone; that one goes to the Pillow path, and only if Pillow fails too is it repo
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -252,7 +254,9 @@ def probe_image(data: bytes) -> ImageProbe:
                 reason = "alpha"
             elif fmt not in DALI_FORMATS:
                 reason = f"format {fmt}"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its text names the BytesIO object: say it plainly
+        raise ImageDecodeError("not a readable image: no image format recognised") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"not a readable image: {e}") from e
     if w < 1 or h < 1:
         raise ImageDecodeError(f"empty image {w}x{h}")
@@ -512,8 +516,8 @@ class ImageProcessor:
 
         Returns:
             ``(square, decoded)``: ``[n, 3, S, S]`` float32 padded squares (on the CPU a
-            zero-copy view of DALI's output, valid until the next run; on the GPU a reused
-            buffer) and the decoded ``(h, w)``.
+            zero-copy view of DALI's output, valid until the next run; on the GPU a copy in a
+            new tensor, which the caching allocator recycles) and the decoded ``(h, w)``.
         """
         pipe = self._pipeline()
         cfg, s = self.cfg, self.cfg.image_size
@@ -530,7 +534,7 @@ class ImageProcessor:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            square = feed_ndarray(out.as_tensor(), self._buf("square", (n, 3, s, s)),
+            square = feed_ndarray(out.as_tensor(), torch.empty((n, 3, s, s), device=self._dev),
                                   torch.cuda.current_stream())
             shapes = shapes.as_cpu()  # [n] x [3], read on the host just below
         else:
@@ -577,27 +581,113 @@ class ImageProcessor:
         Returns:
             The views in input order (see :class:`ImageBatch`).
         """
-        if self.device == "gpu":
-            with torch.cuda.device(self._gpu_index):
-                return self._process(images)
-        return self._process(images)
+        with self._device_scope():
+            call = self._start(images)
+            for dec in self._decode(call, keep=False):
+                self._cut(call, dec)
+            return self._finish(call)
 
-    def _process(self, images: Sequence[bytes]) -> ImageBatch:
+    def map(self, batches: Iterable[Sequence[bytes]], ahead: int = 1) -> Iterator[ImageBatch]:
+        """The views of each batch in turn, as :meth:`__call__` gives them, with the decoding of
+        up to ``ahead`` next batches overlapped with this one's views.
+
+        A helper thread reads ``batches`` and runs DALI (header probes, decoding, resize, pad;
+        DALI releases the GIL while it runs) while the calling thread cuts the views of the
+        batch before: one pipeline's host and GPU stages then overlap across batches, which
+        :meth:`__call__`, a batch at a time, never does. The decoded squares are kept until cut
+        (``ahead + 2`` batches of ``[n, 3, S, S]`` float32 at most; on the CPU copied out of
+        DALI's buffers, which the next run reuses). ``ahead=0`` is :meth:`__call__` in a loop.
+
+        Args:
+            batches: Batches of encoded image files (read by the helper thread).
+            ahead: Decoded batches waiting to be cut, at most.
+
+        Yields:
+            One :class:`ImageBatch` per batch, in order. An exception raised while reading or
+            decoding a batch is raised here, after the batches before it.
+        """
+        if ahead < 0:
+            raise ValueError(f"ahead must be >= 0, got {ahead}")
+        if ahead == 0:
+            yield from (self(images) for images in batches)
+            return
+        done = queue.Queue(maxsize=ahead)
+        stop = threading.Event()
+
+        def put(item) -> bool:  # False once the consumer has gone
+            while not stop.is_set():
+                try:
+                    done.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def decode_all() -> None:
+            try:
+                with self._device_scope():
+                    for images in batches:
+                        call = self._start(images)
+                        if not put((call, list(self._decode(call, keep=True)))):
+                            return
+            except BaseException as exc:  # noqa: BLE001 - raised in the consumer
+                put(exc)
+                return
+            put(None)
+
+        # the squares are copied on the consumer's stream, which then cuts them
+        stream = torch.cuda.current_stream(self._gpu_index) if self.device == "gpu" else None
+
+        def decode_all_on_stream() -> None:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                decode_all()
+
+        helper = threading.Thread(target=decode_all_on_stream, name="image-decode-ahead", daemon=True)
+        helper.start()
+        try:
+            while (item := done.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                call, decoded = item
+                with self._device_scope():
+                    for dec in decoded:
+                        self._cut(call, dec)
+                    batch = self._finish(call)
+                yield batch
+        finally:  # also when the consumer stops early: the helper ends at its next batch
+            stop.set()
+            helper.join()
+
+    def _device_scope(self):
+        """The processor's CUDA device as the current one (a no-op on the CPU)."""
+        if self.device == "gpu" and self._gpu_index is not None:
+            return torch.cuda.device(self._gpu_index)
+        return contextlib.nullcontext()
+
+    # A call in three stages: _start (header probes; the Pillow path for what DALI cannot read),
+    # _decode (DALI), _cut (the views). map() runs _start and _decode in a helper thread: they
+    # touch only the call, the pipeline and the stats keys other than "dali" and "failed".
+    def _start(self, images: Sequence[bytes]) -> "_Call":
         call = _Call(self, [bytes(x) for x in images])
-        dali_idx = []
         for i, p in call.probes.items():
-            if p.pillow_reason is None:
-                dali_idx.append(i)
-            else:
+            if p.pillow_reason is not None:
                 call.fallback(i, p.pillow_reason)
-        if dali_idx:
+        return call
+
+    def _decode(self, call: "_Call", keep: bool) -> Iterator["_Decoded"]:
+        """DALI's runs of the call's images, ``max_batch_size`` at a time; ``keep``: the squares
+        outlive the next run (copied out of DALI's buffers on the CPU)."""
+        idx = [i for i, p in call.probes.items() if p.pillow_reason is None]
+        if idx:
             self._pipeline()  # a pipeline that cannot build is no image's fault: not per image
-        for a in range(0, len(dali_idx), self.cfg.max_batch_size):
-            self._dali_chunk(call, dali_idx[a:a + self.cfg.max_batch_size])
+        for a in range(0, len(idx), self.cfg.max_batch_size):
+            yield from self._decode_chunk(call, idx[a:a + self.cfg.max_batch_size], keep)
+
+    def _finish(self, call: "_Call") -> ImageBatch:
         self.stats["failed"] += sum(e is not None for e in call.errors)
         return call.result()
 
-    def _dali_chunk(self, call: "_Call", chunk: list[int]) -> None:
+    def _decode_chunk(self, call: "_Call", chunk: list[int], keep: bool) -> Iterator["_Decoded"]:
         hws = [call.probes[i].hw for i in chunk]
         try:
             square, decoded = self._run_dali([call.datas[i] for i in chunk], hws)
@@ -605,8 +695,8 @@ class ImageProcessor:
             if len(chunk) > 1:  # find the bad image(s) by bisection
                 half = len(chunk) // 2
                 self.stats["dali_retry"] += 1
-                self._dali_chunk(call, chunk[:half])
-                self._dali_chunk(call, chunk[half:])
+                yield from self._decode_chunk(call, chunk[:half], keep)
+                yield from self._decode_chunk(call, chunk[half:], keep)
                 return
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             if not self.stats["dali_error"]:  # once per processor: a broken decoder shows
@@ -622,6 +712,13 @@ class ImageProcessor:
                 call.fallback(i, "orientation")
             else:
                 good.append(k)
+        if keep and self.device == "cpu":
+            square = square.clone()
+        yield _Decoded(chunk, hws, square, good)
+
+    def _cut(self, call: "_Call", dec: "_Decoded") -> None:
+        """Writes the views of one DALI run's good images into their slots."""
+        chunk, hws, square, good = dec
         if self.batched_views:
             self._views_batched(call, chunk, hws, square, good)
             return
@@ -671,6 +768,17 @@ class ImageProcessor:
             tiles = picked.view(m, 3, g, v, g, v).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, v, v)
             call.out[torch.tensor(dst, device=dev)] = tiles[torch.tensor(src, device=dev)]
         self.stats["dali"] += len(good)
+
+
+class _Decoded(NamedTuple):
+    """One DALI run's output: images ``chunk`` (indices into the call), their header sizes,
+    their padded squares ``[len(chunk), 3, S, S]`` and the positions in ``chunk`` that decoded as
+    the header said (the others took the Pillow path)."""
+
+    chunk: list[int]
+    hws: list[tuple[int, int]]
+    square: torch.Tensor
+    good: list[int]
 
 
 class _Call:
