@@ -41,6 +41,10 @@ legacy executor (``exec_dynamic=False``) reuses its buffers, and the output reus
 output's memory once nothing references it (page faults on ~50 MB of fresh memory per call
 cost as much as the global view).
 
+A stream of batches can overlap them: :meth:`ImageProcessor.map` decodes the next batches in a
+helper thread while the caller's thread cuts this batch's views (DALI releases the GIL while it
+runs); one call at a time, DALI waits while the views are cut.
+
 :func:`reference_views` is the same transform in Pillow + numpy; DALI matches it within 2/255
 (``tests/test_images.py``; measured: at most 1/255 on every test photo and hard file, 0.58/255
 with the resize in float). What makes
