@@ -299,11 +299,12 @@ def test_gpu_summary_table(tmp_path):
     log.write_text("PASSED tests/test_gpu.py::test_te_spec_matches_local_spec\nFAILED "
                    "tests/test_gpu.py::test_te_fp8_tracks_te_bf16 - AssertionError: (1.0, 2.0)\n")
     te = [ln for ln in summary(tmp_path).splitlines() if ln.startswith("TE layer spec")][0]
-    assert te.endswith("no   TE vs local passed; FP8 failed"), te
+    assert te.endswith("no   TE vs local passed; MoE grouped GEMM not run; FP8 failed"), te
     log.write_text("PASSED tests/test_gpu.py::test_te_spec_matches_local_spec\nPASSED "
-                   "tests/test_gpu.py::test_te_fp8_tracks_te_bf16\n")
+                   "tests/test_gpu.py::test_te_fp8_tracks_te_bf16\nPASSED tests/test_gpu.py::"
+                   "test_te_grouped_experts_match_local_experts\n")
     te = [ln for ln in summary(tmp_path).splitlines() if ln.startswith("TE layer spec")][0]
-    assert te.endswith("yes  TE vs local passed; FP8 passed"), te
+    assert te.endswith("yes  TE vs local passed; MoE grouped GEMM passed; FP8 passed"), te
     empty = tmp_path / "empty"
     empty.mkdir()
     text = summary(empty)

@@ -22,8 +22,9 @@
 #                      time per kernel category (matmul, attention, convolution, copy, other), top
 #                      kernels, the host's CUDA calls and busiest operators, and its timeline;
 #      tests_train     GPU bf16 vs CPU fp32 (the fused kernels on), fused vs torch ops, the
-#                      overlapped encoders vs not, TE vs local spec, FP8 (each skips with its
-#                      reason when its piece is missing);
+#                      overlapped encoders vs not, TE vs local spec, TE's grouped-GEMM MoE
+#                      experts vs the local ones, FP8 (each skips with its reason when its
+#                      piece is missing);
 #      bench_llm       sphinx-tiny's LLM (4 layers) alone, forward + backward of 1 and 2 packed
 #                      rows: unfused, fused (the default), the Triton kernels alone, the weight-
 #                      gradient fusion alone, all but the fused cross-entropy: launches per

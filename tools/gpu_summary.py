@@ -123,7 +123,9 @@ def dali_row(images: dict | None) -> tuple:
 
 
 #: The Transformer Engine tests of ``tests/test_gpu.py`` (the issue's TE goal).
-TE_TESTS = {"test_te_spec_matches_local_spec": "TE vs local", "test_te_fp8_tracks_te_bf16": "FP8"}
+TE_TESTS = {"test_te_spec_matches_local_spec": "TE vs local",
+            "test_te_grouped_experts_match_local_experts": "MoE grouped GEMM",
+            "test_te_fp8_tracks_te_bf16": "FP8"}
 
 
 def te_row(log: str | None) -> tuple:
