@@ -538,8 +538,14 @@ class ImageProcessor:
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            stream = torch.cuda.current_stream()
             square = feed_ndarray(out.as_tensor(), torch.empty((n, 3, s, s), device=self._dev),
-                                  torch.cuda.current_stream())
+                                  stream)  # queued on the stream that cuts the views
+            # DALI's next run writes into the same output buffers: the copy must be done by
+            # then (map() starts that run while the views are being cut)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+            copied.synchronize()
             shapes = shapes.as_cpu()  # [n] x [3], read on the host just below
         else:
             square = torch.from_numpy(np.array(out.as_tensor(), copy=False))  # [n, 3, S, S]
