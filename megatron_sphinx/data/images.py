@@ -607,6 +607,7 @@ class ImageProcessor:
         :meth:`__call__`, a batch at a time, never does. The decoded squares are kept until cut
         (``ahead + 2`` batches of ``[n, 3, S, S]`` float32 at most; on the CPU copied out of
         DALI's buffers, which the next run reuses). ``ahead=0`` is :meth:`__call__` in a loop.
+        The processor is busy until the iterator ends or is closed: no other call in between.
 
         Args:
             batches: Batches of encoded image files (read by the helper thread).
