@@ -634,9 +634,14 @@ class ImageProcessor:
                     continue
             return False
 
+        # the squares are copied on the consumer's stream, which then cuts them
+        stream = (torch.cuda.current_stream(self._gpu_index)
+                  if self.device == "gpu" and self._gpu_index is not None else None)
+
         def decode_all() -> None:
             try:
-                with self._device_scope():
+                with self._device_scope(), (torch.cuda.stream(stream) if stream is not None
+                                            else contextlib.nullcontext()):
                     for images in batches:
                         call = self._start(images)
                         if not put((call, list(self._decode(call, keep=True)))):
@@ -646,14 +651,7 @@ class ImageProcessor:
                 return
             put(None)
 
-        # the squares are copied on the consumer's stream, which then cuts them
-        stream = torch.cuda.current_stream(self._gpu_index) if self.device == "gpu" else None
-
-        def decode_all_on_stream() -> None:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                decode_all()
-
-        helper = threading.Thread(target=decode_all_on_stream, name="image-decode-ahead", daemon=True)
+        helper = threading.Thread(target=decode_all, name="image-decode-ahead", daemon=True)
         helper.start()
         try:
             while (item := done.get()) is not None:
