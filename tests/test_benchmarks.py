@@ -245,6 +245,12 @@ def test_bench_images_says_what_share_dali_decoded():
                           "Pillow reference (exact)"]
     # "-": the rows that make no views (DALI's runs alone, Pillow)
     assert [r[-1] for r in rows.values()] == ["100%", "100%", "100%", "-", "-", "-"]
+    # the GPU's rows of one setting changed each, here on the CPU pipeline
+    rows = {r[0]: r for r in bench_images(datas, threads=1, batch=2, seconds=0.01,
+                                          settings=True)}
+    changed = ["nvJPEG upsample", "hw decoder 1.0", "uint8 resize", "batch 4"]
+    assert list(rows)[4:-2] == [f"DALI cpu 1x1 {label}" for label in changed]
+    assert all(rows[f"DALI cpu 1x1 {label}"][-1] == "100%" for label in changed)
     assert all(r[1] > 0 for r in rows.values())
 
 

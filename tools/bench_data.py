@@ -85,16 +85,18 @@ def pillow_plain_views(data: bytes, image_size: int = 448, grid: int = 2,
 
 
 def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
-                 interp: str = "cubic", workers: int = 2) -> list[tuple]:
+                 interp: str = "cubic", workers: int = 2,
+                 settings: bool | None = None) -> list[tuple]:
     """images/s per pipeline: rounds of one pass over ``datas`` each, in batches of ``batch``,
     interleaved so that load from other processes hits all pipelines alike; reports the best and
-    the median round."""
+    the median round. ``settings``: also the rows of the pipeline with one setting changed each
+    (None: where DALI decodes on the GPU)."""
     def config(**kw) -> ImageConfig:
         return ImageConfig(**{"num_threads": threads, "max_batch_size": batch, "interp": interp,
                               **kw})
 
-    def batches(xs):
-        return [xs[a:a + batch] for a in range(0, len(xs), batch)]
+    def batches(xs, size=batch):
+        return [xs[a:a + size] for a in range(0, len(xs), size)]
 
     proc, ahead = ImageProcessor(config()), ImageProcessor(config())
     pool = ThreadPoolExecutor(threads)
@@ -127,14 +129,17 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
     alone = ImageProcessor(config())
     fns[f"DALI {dev} 1x{threads} runs only"] = lambda xs: [
         list(alone._decode(alone._start(b), keep=False)) for b in batches(xs)]
-    if dev == "gpu":  # the GPU pipeline with one setting changed each
+    settings = dev == "gpu" if settings is None else settings
+    if settings:  # the pipeline with one setting changed each
         for label, setting in (
                 ("nvJPEG upsample", {"fancy_upsampling": False}),  # nvJPEG's own chroma
                 ("hw decoder 1.0", {"hw_decoder_load": 1.0}),  # every JPEG to the JPEG engines
-                ("uint8 resize", {"float_resize": False})):  # rounded as on the CPU
+                ("uint8 resize", {"float_resize": False}),  # rounded as on the CPU
+                (f"batch {2 * batch}", {"max_batch_size": 2 * batch})):  # half the runs
             other = ImageProcessor(config(**setting))
-            name = f"DALI gpu 1x{threads} {label}"
-            fns[name] = lambda xs, other=other: [other(b) for b in batches(xs)]
+            name = f"DALI {dev} 1x{threads} {label}"
+            size = other.cfg.max_batch_size
+            fns[name] = lambda xs, other=other, size=size: [other(b) for b in batches(xs, size)]
             dali_procs[name] = [other]
     fns.update({"Pillow plain uint8": lambda xs: list(pool.map(
                     lambda d: pillow_plain_views(d, interp=interp), xs)),

@@ -147,8 +147,9 @@ run tests_kernels 240 $PYTEST $KERNEL_TESTS \
 # Run 4 measured DALI "gpu" at 86 images/s, below Pillow (its CPU pipeline); run 5 2,417 images/s,
 # all decoded on the GPU, each batch run to its end before the next; batches of 128 as a GPU
 # wants them. New since run 5: the next batch decoded while this one's views are cut ("ahead"),
-# two workers of 8 DALI threads each (as the loader's workers), all JPEGs to the hardware
-# decoder, the resize rounded to uint8; rounds of four batches (run 5: 28 s with two).
+# two workers of 8 DALI threads each (as the loader's workers), DALI's runs alone, all JPEGs
+# to the hardware decoder, the resize rounded to uint8, batches of 256; rounds of four batches
+# (run 5: 28 s with two).
 [ $HAS_DALI = 1 ] && run bench_images 75 $PY tools/bench_data.py --threads 16 --batch 128 \
   --workers 2 --interp cubic --seconds 2 --images-only --json "$OUT/images.json"
 # Figures over the steps after 3 warm-up steps (run 4: steps 2-3 ~1.6x slower, and four rows
