@@ -310,13 +310,13 @@ def main(argv=None) -> int:
     print(f"## images: decode + resize 448 + pad + views, {args.threads} threads, "
           f"{len(photos)} photos, {count} per round in batches of {args.batch} "
           f"({os.cpu_count()} CPUs)")
-    print(f"{'pipeline':28s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
+    print(f"{'pipeline':30s} {'interp':>6s} {'best/s':>8s} {'median/s':>8s} {'DALI x':>7s} "
           f"{'vs ref':>6s} {'CPU ms/img':>10s} by DALI")
     rows = []
     for interp in args.interp:
         for name, best, med, ratio, vs_ref, cpu_ms, share in bench_images(
                 datas, args.threads, args.batch, secs, interp, max(1, args.workers)):
-            print(f"{name:28s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
+            print(f"{name:30s} {interp:>6s} {best:8.1f} {med:8.1f} {ratio:7.2f} {vs_ref:6.2f} "
                   f"{cpu_ms:10.2f} {share}")
             rows.append({"pipeline": name, "interp": interp, "best_per_s": best,
                          "median_per_s": med, "cpu_ms_per_image": cpu_ms, "by_dali": share})
