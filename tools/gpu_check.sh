@@ -137,8 +137,9 @@ $PY -c "import nvidia.dali" 2> /dev/null && HAS_DALI=1
 [ $HAS_DALI = 1 ] && KERNEL_TESTS="$KERNEL_TESTS tests/test_images.py::test_gpu_mixed_matches_cpu
   tests/test_images.py::test_gpu_map_decoding_ahead_matches_calls"
 # run 4: ~150 s; since then the cross-entropy and depthwise-convolution kernels' tests (a
-# dozen Triton compiles), while the interpreter runs left (tests/test_interpreter.py is not here)
-run tests_kernels 240 $PYTEST $KERNEL_TESTS \
+# dozen Triton compiles), while the interpreter runs left (tests/test_interpreter.py is not here);
+# -rsP: also what passing tests print (the DALI test's distances)
+run tests_kernels 240 $PYTEST -rsP $KERNEL_TESTS \
   --deselect tests/test_pack_kernel.py::test_triton_kernels_compile_for_hopper \
   --deselect tests/test_rope_kernel.py::test_rope_kernel_compiles_for_hopper \
   --deselect tests/test_swiglu_kernel.py::test_swiglu_kernels_compile_for_hopper \
