@@ -1,5 +1,6 @@
 """DALI image views against the Pillow reference; geometry of the views; bad files reported."""
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -481,7 +482,6 @@ def test_map_decoding_ahead_matches_calls(ahead):
 
 
 def _decode_threads() -> list:
-    import threading
     return [t for t in threading.enumerate() if t.name == "image-decode-ahead"]
 
 
