@@ -42,14 +42,18 @@ def _run(args: list[str], save: Path, cpu: bool = False, env: dict | None = None
     return [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def init_weights(tmp_path_factory, request):
-    out = tmp_path_factory.mktemp("init") / "debug"
-    proc = subprocess.run([sys.executable, "tools/init_checkpoint.py", "--recipe", "debug",
+def _init_checkpoint(recipe: str, out: Path) -> Path:
+    """A freshly initialised checkpoint of ``recipe`` at ``out`` (the same weights for runs)."""
+    proc = subprocess.run([sys.executable, "tools/init_checkpoint.py", "--recipe", recipe,
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory, request):
+    return _init_checkpoint("debug", tmp_path_factory.mktemp("init") / "debug")
 
 
 def _bf16_args(init_weights: Path) -> list[str]:
@@ -145,11 +149,7 @@ def test_te_grouped_experts_match_local_experts(tmp_path):
     """debug-moe (4 experts, top-2): TE's layers, the experts as grouped GEMMs (TEGroupedMLP),
     against the local spec's experts one at a time (SequentialMLP), from the same weights (a
     checkpoint holds the experts alike for both)."""
-    init = tmp_path / "init"
-    proc = subprocess.run([sys.executable, "tools/init_checkpoint.py", "--recipe", "debug-moe",
-                           "--out", str(init)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    init = _init_checkpoint("debug-moe", tmp_path / "init")
     args = ["--recipe", "debug-moe", "--load", str(init), "--dtype", "bf16", *COMMON]
     te = _run([*args, "--backend", "te"], tmp_path / "te")
     local = _run([*args, "--backend", "local"], tmp_path / "local")

@@ -103,9 +103,9 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
     # As the loader runs it: a batch (a step) per worker thread, each with its own processor
     # and its share of the DALI threads, so one's views are cut while another decodes.
     workers = max(1, min(workers, threads))
+    per_worker = threads // workers  # DALI threads of each worker's processor
     free: queue.Queue = queue.Queue()
-    procs = [ImageProcessor(config(num_threads=max(1, threads // workers)))
-             for _ in range(workers)]
+    procs = [ImageProcessor(config(num_threads=per_worker)) for _ in range(workers)]
     for p in procs:
         free.put(p)
 
@@ -116,9 +116,9 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
         finally:
             free.put(p)
 
-    dev, per_worker = proc.device, f"{workers}x{max(1, threads // workers)}"
+    dev = proc.device
     wpool = ThreadPoolExecutor(workers)
-    fns = {f"DALI {dev} {per_worker} workers": lambda xs: list(
+    fns = {f"DALI {dev} {workers}x{per_worker} workers": lambda xs: list(
                wpool.map(on_a_worker, batches(xs))),
            f"DALI {dev} 1x{threads} threads": lambda xs: [proc(b) for b in batches(xs)],
            # the same processor with the next batch decoded while this one's views are cut

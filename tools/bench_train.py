@@ -142,9 +142,11 @@ def run_layout(recipe: str, name: str, variant: str, steps: int, extra: list[str
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
     said = {}  # the first rank's start-up split and kernel choices, as its log says them
     for line in proc.stderr.splitlines():
-        message = line.split(" INFO ", 1)[-1]
+        if " INFO " not in line:
+            continue
+        message = line.split(" INFO ", 1)[1]
         for key in ("start-up", "kernels"):
-            if " INFO " in line and message.startswith(key):
+            if message.startswith(key):
                 said.setdefault(key, message)
     times = [r["step_time_s"] for r in rows]
     measured = rows[warmup:]  # the first steps pay one-off costs
