@@ -202,7 +202,7 @@ run bench_llm 110 $PY tools/bench_llm_layers.py --recipe sphinx-tiny --layers 4 
 # default since run 4) against the multi-tensor form (run 2's profile: ~22 ms of its kernels)
 run bench_adam 90 $PY tools/bench_optimizer.py --recipe sphinx-tiny
 # run 4: the C++ glue's bad-input check crashed the process; the compilers and a backtrace
-run diag_glue 90 env PY="$PY" bash tools/diag_cpp_glue.sh
+run diag_glue 120 env PY="$PY" bash tools/diag_cpp_glue.sh
 run bench_pack 80 $PY tools/bench_pack_kernel.py --hidden 2048 4096 --batch 1 4 --skip 0.4 \
   --triton-tiles 4096,4 8192,8 16384,8 --json "$OUT/pack.json"
 run bench_packed_layers 45 $PY tools/bench_packed_layers.py --dtype bf16
@@ -210,7 +210,7 @@ run bench_pack_overhead 30 $PY tools/bench_pack_kernel.py --overhead
 
 section "summary"
 cat "$LOGS/status.txt"
-[ -f "$LOGS/diag_glue.log" ] && grep -E "^(host compiler|torch|raised|child exit)" \
+[ -f "$LOGS/diag_glue.log" ] && grep -E "^(host compiler|torch|after|child exit)" \
   "$LOGS/diag_glue.log"
 for log in tests_kernels tests_train; do
   [ -f "$LOGS/$log.log" ] && grep -E "passed|failed|skipped|error" "$LOGS/$log.log" | tail -2
