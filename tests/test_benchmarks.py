@@ -338,6 +338,8 @@ def test_benchmarks_write_what_the_gpu_summary_reads(tmp_path):
     assert {r["pipeline"] for r in images["rows"]} >= {"DALI cpu 1x1 threads",
                                                        "Pillow plain uint8"}
     assert all(r["best_per_s"] > 0 for r in images["rows"])
+    assert images["probe_us"] > 0 and images["probe_pillow_us"] > 0
+    assert "header probe per image" in proc.stdout
     proc = _run(["tools/gpu_summary.py", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not measured (no CUDA or Triton kernel ran)" in proc.stdout

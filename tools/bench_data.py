@@ -170,6 +170,21 @@ def bench_images(datas: list[bytes], threads: int, batch: int, seconds: float,
             for name, r in rates.items()]
 
 
+def probe_us(datas: list[bytes], repeat: int = 20) -> tuple[float, float]:
+    """Microseconds per image of the header probe every batch runs first, on the calling
+    thread: as the loader runs it (JPEG headers read directly), and through Pillow."""
+    from megatron_sphinx.data.images import _probe_with_pillow, probe_image
+
+    out = []
+    for probe in (probe_image, _probe_with_pillow):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for d in datas:
+                probe(d)
+        out.append((time.perf_counter() - t0) / (repeat * len(datas)) * 1e6)
+    return out[0], out[1]
+
+
 def dali_share(procs: list[ImageProcessor]) -> str:
     """The share of images that DALI decoded (the rest took the Pillow path: DALI failing, or
     a GPU pipeline that fell back to the CPU), e.g. ``100%`` or ``0% (dali_error 96)``."""
@@ -320,17 +335,22 @@ def main(argv=None) -> int:
                   f"{cpu_ms:10.2f} {share}")
             rows.append({"pipeline": name, "interp": interp, "best_per_s": best,
                          "median_per_s": med, "cpu_ms_per_image": cpu_ms, "by_dali": share})
+    direct_us, pillow_us = probe_us(encoded)
     if args.json:
         from tools.bench_common import device_label
 
         Path(args.json).write_text(json.dumps({"device": device_label(), "threads": args.threads,
-                                               "batch": args.batch, "rows": rows}, indent=1))
+                                               "batch": args.batch, "rows": rows,
+                                               "probe_us": direct_us,
+                                               "probe_pillow_us": pillow_us}, indent=1))
     print("(images/s: best and median of interleaved rounds; DALI x: the first row's best over "
           "this row's best;\n vs ref: median over rounds of this row's rate over the exact "
           "reference's in the same round;\n CPU ms/img: process CPU time per image, all threads,"
           " median round: robust to other load;\n by DALI: share of the images DALI decoded, the "
           "rest by the Pillow path (the RGBA-free photos: all, if DALI works); runs only: the "
           "header probes and DALI's runs of the same batches, no views cut)")
+    print(f"header probe per image (every batch's first step, on one thread): {direct_us:.1f} us "
+          f"(JPEG headers read directly; through Pillow {pillow_us:.1f} us)")
     if args.images_only:
         return 0
 

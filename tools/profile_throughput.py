@@ -143,8 +143,8 @@ class StreamLoader:
         for first in range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank, mbs):
             views = []
             for i in range(first, first + mbs):
-                n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
-                                           self.skip_padded).view_valid().sum())
+                n = sum(image_geometry(*s.image_hw, self.image_size, self.grid,
+                                       self.skip_padded).num_encoded()
                         for s in rows[i] if s.image_hw is not None)
                 rng = np.random.default_rng([self.seed, self._next, i])
                 views.append(torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32)))

@@ -69,13 +69,23 @@ class ImageGeometry:
         sub = (rows[:, None] & cols[None, :]).reshape(-1)
         return np.concatenate([[True], sub])
 
+    def num_encoded(self) -> int:
+        """Views encoded, ``view_valid().sum()`` by arithmetic: the global view plus the rows
+        times the columns of sub-images that reach the resized image (no arrays: the loader
+        counts this for every image of every batch)."""
+        if not self.skip_padded:
+            return self.num_views
+        v = self.view_size
+        return 1 + (min(self.grid, -(-self.resized_height // v))
+                    * min(self.grid, -(-self.resized_width // v)))
+
     def num_skipped(self) -> int:
         """Sub-images that lie entirely in the padding."""
-        return int((~self.view_valid()).sum())
+        return self.num_views - self.num_encoded()
 
     def num_positions(self) -> int:
         """LLM positions the image occupies after expansion (views, start/end, skip tokens)."""
-        n_valid = int(self.view_valid().sum())
+        n_valid = self.num_encoded()
         return n_valid * POSITIONS_PER_VIEW + (self.num_views - n_valid) * POSITIONS_PER_SKIP
 
 

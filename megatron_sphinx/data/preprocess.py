@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from megatron_sphinx.config import VisionConfig
 from megatron_sphinx.data.geometry import (
     POSITIONS_PER_SKIP, POSITIONS_PER_VIEW, full_image_positions, image_geometry)
-from megatron_sphinx.data.image_header import exif_orientation
+from megatron_sphinx.data.image_header import MAX_PIXELS, exif_orientation
 
 if TYPE_CHECKING:  # imported where used: they bring torch, and the settings checks come first
     from megatron_sphinx.data.conversation import DialogEncoder
@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # imported where used: they bring torch, and the settings che
 logger = logging.getLogger(__name__)
 
 STORED_FORMATS = ("JPEG", "PNG")
-MAX_PIXELS = 100_000_000  # larger images are dropped (image_too_large)
 BATCH = 256  # dialogs tokenized per tokenizer call
 LOG_FIRST = 3  # drops logged with details per (source, reason); the rest are only counted
 PROGRESS_LINES = 10  # progress lines per source and rank when no bar is shown

@@ -95,8 +95,8 @@ class SyntheticLoader:
 
     def _views(self, rng: np.random.Generator, rows: list[list[Sample]]) -> torch.Tensor:
         v = self.image_size // self.grid
-        n = sum(int(image_geometry(*s.image_hw, self.image_size, self.grid,
-                                   self.skip_padded).view_valid().sum())
+        n = sum(image_geometry(*s.image_hw, self.image_size, self.grid,
+                               self.skip_padded).num_encoded()
                 for row in rows for s in row if s.image_hw is not None)
         return torch.from_numpy(rng.random((n, 3, v, v), dtype=np.float32))
 
