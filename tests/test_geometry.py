@@ -86,11 +86,12 @@ def test_extreme_aspect_keeps_a_one_pixel_strip(h, w):
 @pytest.mark.parametrize("image_size,grid", [(448, 2), (672, 3)])
 @pytest.mark.parametrize("skip_padded", [True, False])
 def test_encoded_count_is_the_valid_views(image_size, grid, skip_padded):
-    """num_encoded (arithmetic, what the loader counts per image) == view_valid().sum(), at
-    every resized height and width the resize can give (1 .. image_size)."""
+    """num_encoded and encoded_tiles (arithmetic, what the loader counts per image) agree with
+    view_valid, at every resized height and width the resize can give (1 .. image_size)."""
     for rh in range(1, image_size + 1):
         for rw in (1, image_size // grid - 1, image_size // grid, image_size // grid + 1,
                    image_size - 1, image_size, rh):
             g = ImageGeometry(rh, rw, image_size, grid, rh, rw, skip_padded)
             assert g.num_encoded() == int(g.view_valid().sum()), (rh, rw)
+            assert g.encoded_tiles() == [t for t, ok in enumerate(g.view_valid()[1:]) if ok]
             assert g.num_skipped() == int((~g.view_valid()).sum())

@@ -69,15 +69,25 @@ class ImageGeometry:
         sub = (rows[:, None] & cols[None, :]).reshape(-1)
         return np.concatenate([[True], sub])
 
-    def num_encoded(self) -> int:
-        """Views encoded, ``view_valid().sum()`` by arithmetic: the global view plus the rows
-        times the columns of sub-images that reach the resized image (no arrays: the loader
-        counts this for every image of every batch)."""
+    def _encoded_grid(self) -> tuple[int, int]:
+        """Rows and columns of sub-images that reach the resized image (all without skipping)."""
         if not self.skip_padded:
-            return self.num_views
+            return self.grid, self.grid
         v = self.view_size
-        return 1 + (min(self.grid, -(-self.resized_height // v))
-                    * min(self.grid, -(-self.resized_width // v)))
+        return (min(self.grid, -(-self.resized_height // v)),
+                min(self.grid, -(-self.resized_width // v)))
+
+    def num_encoded(self) -> int:
+        """Views encoded, ``view_valid().sum()`` by arithmetic (no arrays: the loader counts
+        this for every image of every batch)."""
+        rows, cols = self._encoded_grid()
+        return 1 + rows * cols
+
+    def encoded_tiles(self) -> list[int]:
+        """Row-major indices of the sub-images encoded, the positions of ``view_valid()[1:]``
+        that are True."""
+        rows, cols = self._encoded_grid()
+        return [r * self.grid + c for r in range(rows) for c in range(cols)]
 
     def num_skipped(self) -> int:
         """Sub-images that lie entirely in the padding."""

@@ -755,17 +755,13 @@ class ImageProcessor:
         for k in good:
             i = chunk[k]
             geo = image_geometry(*hws[k], cfg.image_size, cfg.grid, cfg.skip_padded)
-            valid = geo.view_valid()
             # The views go straight into this image's slot of the output (planned from the same
             # header size, so the count always matches here).
             slot = call.slot(i)  # [n_valid, 3, v, v]
             self._global_view(square[k], geo.resized_height, geo.resized_width, slot[0])
-            n = 1
-            for t, ok in enumerate(valid[1:]):
-                if ok:
-                    r, c = divmod(t, cfg.grid)
-                    slot[n].copy_(square[k, :, r * v:(r + 1) * v, c * v:(c + 1) * v])
-                    n += 1
+            for n, t in enumerate(geo.encoded_tiles(), start=1):
+                r, c = divmod(t, cfg.grid)
+                slot[n].copy_(square[k, :, r * v:(r + 1) * v, c * v:(c + 1) * v])
             call.done(i, hws[k], "dali")
             self.stats["dali"] += 1
 
@@ -781,10 +777,9 @@ class ImageProcessor:
         src, dst, glob_dst = [], [], []
         for j, k in enumerate(good):
             i = chunk[k]
-            valid = image_geometry(*hws[k], cfg.image_size, g, cfg.skip_padded).view_valid()
+            tiles = image_geometry(*hws[k], cfg.image_size, g, cfg.skip_padded).encoded_tiles()
             a = int(call.offsets[i])
             glob_dst.append(a)
-            tiles = [t for t, ok in enumerate(valid[1:]) if ok]
             src += [j * g * g + t for t in tiles]
             dst += range(a + 1, a + 1 + len(tiles))
             call.done(i, hws[k], "dali")
