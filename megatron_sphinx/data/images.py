@@ -546,9 +546,9 @@ class ImageProcessor:
         pipe = self._pipeline()
         cfg, s = self.cfg, self.cfg.image_size
         geos = [image_geometry(h, w, s, cfg.grid) for h, w in hws]
-        sizes = [np.array([g.resized_height, g.resized_width], dtype=np.float32) for g in geos]
+        sizes = np.array([(g.resized_height, g.resized_width) for g in geos], dtype=np.float32)
         pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
-        pipe.feed_input("size", sizes)
+        pipe.feed_input("size", sizes)  # [n, 2]: the batch's samples along the first axis
         try:
             out, shapes = pipe.run()
         except Exception:
@@ -569,7 +569,7 @@ class ImageProcessor:
             shapes = shapes.as_cpu()  # [n] x [3], read on the host just below
         else:
             square = torch.from_numpy(np.array(out.as_tensor(), copy=False))  # [n, 3, S, S]
-        decoded = [tuple(int(x) for x in np.asarray(shapes[i])[:2]) for i in range(n)]
+        decoded = [(h, w) for h, w, _ in shapes.as_array().tolist()]  # [n, 3]: (h, w, c)
         return square, decoded
 
     def _global_view(self, square: torch.Tensor, rh: int, rw: int,
