@@ -253,8 +253,8 @@ def probe_image(data: bytes) -> ImageProbe:
     """
     head = jpeg_header(data)
     if head is not None:
-        fmt, mode, (h, w), orient, reason = "JPEG", head.mode, (head.height, head.width), \
-            head.orientation, None
+        fmt, mode, orient, reason = "JPEG", head.mode, head.orientation, None
+        h, w = head.height, head.width
     else:
         fmt, mode, (h, w), orient, reason = _probe_with_pillow(data)
     if w < 1 or h < 1:
