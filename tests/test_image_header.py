@@ -167,6 +167,7 @@ def test_damaged_headers_get_pillow_answer_or_none(data):
     assert _agrees(bytes(src))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_too_large_images_are_refused_per_image():
     """A header claiming more than MAX_PIXELS (or Pillow's own bomb limit) is one image's error,
     never an exception out of the batch (decoding it would take gigabytes)."""
