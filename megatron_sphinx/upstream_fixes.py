@@ -8,7 +8,9 @@ per gradient tensor on the host, with ``torch._foreach`` ops. The fifth makes th
 packed (THD) sequences on GPUs one vectorised op instead of a Python loop over segments with
 host syncs (GPUs without TE's fused RoPE), its rotation one Triton kernel each way. The sixth
 runs the MLP's SwiGLU as one Triton kernel each way instead of Megatron's unfused ops (GPUs
-without TE; both kernels chosen by :mod:`kernels.fused_layers`). CPU-only patches live in
+without TE; both kernels chosen by :mod:`kernels.fused_layers`). The seventh lets RMSNorm models
+build where Apex is installed without TE (Megatron's Apex norm is LayerNorm only). CPU-only
+patches live in
 :mod:`megatron_sphinx.cpu_compat`. :func:`megatron_sphinx.distributed.init_distributed` applies
 these.
 """
@@ -318,6 +320,24 @@ def _fix_swiglu_unfused() -> None:
     mlp.bias_swiglu_impl = swiglu_impl(mlp.bias_swiglu_impl)
 
 
+def _fix_final_rms_norm_without_te() -> None:
+    """RMSNorm models build where Apex is installed and Transformer Engine is not.
+
+    ``transformer/transformer_block.py`` builds a block's final norm from its module global
+    ``LayerNormImpl``: TE's ``TENorm`` where TE imports, else Apex's ``FusedLayerNorm``, else
+    torch's ``WrappedTorchNorm``. Megatron's ``FusedLayerNorm`` is LayerNorm only (it asserts
+    ``config.normalization == "LayerNorm"``), so with Apex and without TE every LLaMA-family
+    (RMSNorm) model failed to build. There the final norm is torch's, as the layers' own norms
+    already are (Megatron's local spec picks it for RMSNorm); with TE, TE's stays.
+    """
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if transformer_block.LayerNormImpl is FusedLayerNorm:
+        transformer_block.LayerNormImpl = WrappedTorchNorm
+
+
 _FIXES = (
     _fix_distrib_optimizer_step_unshare,
     _fix_distrib_optimizer_fresh_state,
@@ -325,6 +345,7 @@ _FIXES = (
     _fix_local_multi_tensor_ops,
     _fix_thd_rope_loop,
     _fix_swiglu_unfused,
+    _fix_final_rms_norm_without_te,
 )
 
 

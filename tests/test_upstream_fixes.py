@@ -73,3 +73,28 @@ def test_apply_installs_every_fix_once():
     installed = rope_utils._apply_rotary_pos_emb_thd
     assert upstream_fixes.apply() == names
     assert rope_utils._apply_rotary_pos_emb_thd is installed  # not wrapped a second time
+
+
+def test_rms_norm_models_build_with_apex_without_te(monkeypatch):
+    """With Apex and without TE, Megatron builds a block's final norm as Apex's FusedLayerNorm,
+    which refuses RMSNorm (every recipe here): the fix makes it torch's norm there, the norm the
+    layers already use. (Apex is never installed here: its class is put in place by hand.)"""
+    import torch.nn.functional as F
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                            normalization="RMSNorm", gated_linear_unit=True,
+                            activation_func=F.silu, use_cpu_initialization=True)
+    with pytest.raises(AssertionError, match="RMSNorm.*not supported in FusedLayerNorm"):
+        FusedLayerNorm(config=cfg, hidden_size=32)
+    monkeypatch.setattr(transformer_block, "LayerNormImpl", FusedLayerNorm)
+    upstream_fixes._fix_final_rms_norm_without_te()
+    assert transformer_block.LayerNormImpl is WrappedTorchNorm
+    norm = transformer_block.LayerNormImpl(config=cfg, hidden_size=32, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm)
+    monkeypatch.setattr(transformer_block, "LayerNormImpl", "TE's norm")  # TE's stays
+    upstream_fixes._fix_final_rms_norm_without_te()
+    assert transformer_block.LayerNormImpl == "TE's norm"
