@@ -71,6 +71,14 @@ def test_choice_per_environment(wgrad_env, monkeypatch, caplog):
     wgrad_env("fast")
     with pytest.raises(ValueError, match="choose auto, torch or addmm"):
         wgrad_fusion.choose(CPU, torch.float32)
+    # where Apex's extension imports, Megatron's layers use it: the start-up line says so
+    monkeypatch.setattr(wgrad_fusion, "_apex_extension", lambda: True)
+    monkeypatch.setattr(wgrad_fusion, "self_check", lambda device, dtype: 1 / 0)  # not run
+    wgrad_env("auto")
+    assert wgrad_fusion.choose(gpu, torch.bfloat16) == (
+        True, "Apex's fused_weight_gradient_mlp_cuda")
+    wgrad_env("torch")
+    assert wgrad_fusion.choose(gpu, torch.bfloat16) == (False, "MEGATRON_SPHINX_WGRAD_FUSION=torch")
 
 
 def _two_steps(rank, world_size, fusion):

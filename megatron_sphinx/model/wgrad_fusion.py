@@ -80,6 +80,14 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str:
     return "" if err <= tol else f"differs from float64 by {err:.3g} (tolerance {tol:.3g})"
 
 
+def _apex_extension() -> bool:
+    """Whether Apex's ``fused_weight_gradient_mlp_cuda`` imports (Megatron's layers then use it,
+    and :func:`install` leaves it in place)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def choose(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     """Whether the layers fuse their weight-gradient accumulation on ``device`` for ``dtype``
     activations, and why (see the module docstring).
@@ -106,6 +114,8 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def _choose(device: torch.device, dtype: torch.dtype, value: str) -> tuple[bool, str]:
+    if _apex_extension():  # Apex's own fused GEMM, as Megatron uses it wherever Apex is
+        return True, "Apex's fused_weight_gradient_mlp_cuda"
     why = self_check(device, dtype)
     if why:
         if value == "addmm":
