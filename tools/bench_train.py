@@ -39,7 +39,8 @@ as one stream, 32 per call), ``packed-graphs`` (the same replayed as CUDA graphs
 ``--cuda-graph-vision``; GPU only), ``packed-graphs-mbs1`` / ``packed-graphs-mbs2`` (with one /
 two rows), ``packed-graphs-overlap`` / ``packed-graphs-overlap-mbs4`` (graphs, overlapped; two /
 four rows), ``packed-tanh`` / ``packed-graphs-overlap-tanh`` (``--vision-gelu tanh``: ConvNeXt's
-GELU in its first GEMM's epilogue), ``packed-dwconv`` (``--vision-dwconv triton``: ConvNeXt's
+GELU in its first GEMM's epilogue) and ``packed-graphs-overlap-tanh-mbs4`` (the same at four
+rows), ``packed-dwconv`` (``--vision-dwconv triton``: ConvNeXt's
 depthwise convolution and norm as one Triton kernel; GPU only), ``packed-cudnn`` /
 ``packed-graphs-cudnn`` (``--vision-cudnn-benchmark``: cuDNN times its convolution algorithms
 per shape; per micro-batch / in calls of 32 as graphs; GPU only), ``packed-local``
@@ -99,6 +100,9 @@ VARIANTS = {"packed": ([], {}), "packed-sdpa": ([], {"MEGATRON_SPHINX_ATTENTION"
             "packed-tanh": (["--vision-gelu", "tanh"], {}),
             "packed-graphs-overlap-tanh": (["--vision-batch", "32", "--cuda-graph-vision",
                                             "--overlap-vision", "--vision-gelu", "tanh"], QUEUES),
+            "packed-graphs-overlap-tanh-mbs4": (["--vision-batch", "32", "--cuda-graph-vision",
+                                                 "--overlap-vision", "--vision-gelu", "tanh",
+                                                 "--micro-batch-size", "4"], QUEUES),
             "packed-dwconv": (["--vision-dwconv", "triton"], {}),
             "packed-cudnn": (["--vision-cudnn-benchmark"], {}),
             "packed-local": (["--backend", "local"], {}),
