@@ -39,7 +39,9 @@ image reaches (the rest is the pad colour); its column pass reads the columns sp
 (contiguous, ~3x faster than stride-``grid`` taps); and no memory is new per call: DALI's
 legacy executor (``exec_dynamic=False``) reuses its buffers, and the output reuses an earlier
 output's memory once nothing references it (page faults on ~50 MB of fresh memory per call
-cost as much as the global view).
+cost as much as the global view). Each call first probes every image's header
+(:func:`probe_image`: ~6 us for a JPEG, whose header is read directly, ~40 us through Pillow
+for other files) and plans its views by arithmetic, ~11 us per image in all.
 
 A stream of batches can overlap them: :meth:`ImageProcessor.map` decodes the next batches in a
 helper thread while the caller's thread cuts this batch's views (DALI releases the GIL while it
