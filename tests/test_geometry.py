@@ -39,6 +39,8 @@ def test_valid_iff_overlapping_image_pixels(h, w):
     expect = [mask[r * 224:(r + 1) * 224, c * 224:(c + 1) * 224].any()
               for r in range(2) for c in range(2)]
     assert g.view_valid()[1:].tolist() == expect
+    assert g.encoded_tiles() == [t for t, ok in enumerate(expect) if ok]
+    assert g.num_encoded() == 1 + sum(expect) and g.num_skipped() == 4 - sum(expect)
     assert max(g.resized_height, g.resized_width) == 448
 
 

@@ -61,16 +61,15 @@ class ImageGeometry:
 
         A sub-image is valid (encoded) iff it overlaps the resized image's pixels.
         """
-        if not self.skip_padded:
-            return np.ones(self.num_views, dtype=bool)
-        v = self.view_size
-        rows = np.arange(self.grid) * v < self.resized_height  # [grid]
-        cols = np.arange(self.grid) * v < self.resized_width  # [grid]
-        sub = (rows[:, None] & cols[None, :]).reshape(-1)
-        return np.concatenate([[True], sub])
+        rows, cols = self._encoded_grid()
+        sub = np.zeros((self.grid, self.grid), dtype=bool)
+        sub[:rows, :cols] = True
+        return np.concatenate([[True], sub.reshape(-1)])
 
     def _encoded_grid(self) -> tuple[int, int]:
-        """Rows and columns of sub-images that reach the resized image (all without skipping)."""
+        """Rows and columns of sub-images that reach the resized image (all without skipping):
+        the image sits top-left, so row ``r`` is encoded iff ``r * view_size < resized_height``,
+        and the same for columns. The one place the skip rule is decided."""
         if not self.skip_padded:
             return self.grid, self.grid
         v = self.view_size

@@ -92,7 +92,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megatron_sphinx.config import CLIP_MEAN
-from megatron_sphinx.data.geometry import image_geometry
+from megatron_sphinx.data.geometry import ImageGeometry, image_geometry
 from megatron_sphinx.data.image_header import MAX_PIXELS, exif_orientation, jpeg_header
 from megatron_sphinx.data.resample import (_downsample_padded, _replicate_edges,  # noqa: F401
                                            downsample_weights, global_view)
@@ -537,8 +537,8 @@ class ImageProcessor:
         self._built = True  # later rebuilds keep the device (outputs stay where they were)
         return self._pipe
 
-    def _run_dali(self, datas: list[bytes], hws: list[tuple[int, int]]):
-        """One DALI run.
+    def _run_dali(self, datas: list[bytes], geos: list[ImageGeometry]):
+        """One DALI run, each image resized to its geometry's resized size.
 
         Returns:
             ``(square, decoded)``: ``[n, 3, S, S]`` float32 padded squares (on the CPU a
@@ -546,8 +546,7 @@ class ImageProcessor:
             new tensor, which the caching allocator recycles) and the decoded ``(h, w)``.
         """
         pipe = self._pipeline()
-        cfg, s = self.cfg, self.cfg.image_size
-        geos = [image_geometry(h, w, s, cfg.grid) for h, w in hws]
+        s = self.cfg.image_size
         sizes = np.array([(g.resized_height, g.resized_width) for g in geos], dtype=np.float32)
         pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         pipe.feed_input("size", sizes)  # [n, 2]: the batch's samples along the first axis
@@ -721,7 +720,8 @@ class ImageProcessor:
     def _decode_chunk(self, call: "_Call", chunk: list[int], keep: bool) -> Iterator["_Decoded"]:
         hws = [call.probes[i].hw for i in chunk]
         try:
-            square, decoded = self._run_dali([call.datas[i] for i in chunk], hws)
+            square, decoded = self._run_dali([call.datas[i] for i in chunk],
+                                             [call.geos[i] for i in chunk])
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for any bad sample
             if len(chunk) > 1:  # find the bad image(s) by bisection
                 half = len(chunk) // 2
@@ -756,7 +756,7 @@ class ImageProcessor:
         cfg, v = self.cfg, self.cfg.view_size
         for k in good:
             i = chunk[k]
-            geo = image_geometry(*hws[k], cfg.image_size, cfg.grid, cfg.skip_padded)
+            geo = call.geos[i]
             # The views go straight into this image's slot of the output (planned from the same
             # header size, so the count always matches here).
             slot = call.slot(i)  # [n_valid, 3, v, v]
@@ -779,7 +779,7 @@ class ImageProcessor:
         src, dst, glob_dst = [], [], []
         for j, k in enumerate(good):
             i = chunk[k]
-            tiles = image_geometry(*hws[k], cfg.image_size, g, cfg.skip_padded).encoded_tiles()
+            tiles = call.geos[i].encoded_tiles()
             a = int(call.offsets[i])
             glob_dst.append(a)
             src += [j * g * g + t for t in tiles]
@@ -818,6 +818,8 @@ class _Call:
         self.sizes: list[tuple[int, int] | None] = [None] * n
         self.paths = ["failed"] * n
         self.probes: dict[int, ImageProbe] = {}
+        #: Each probed image's geometry (header size), for its DALI resize and its views.
+        self.geos: dict[int, ImageGeometry] = {}
         planned = [0] * n
         for i, d in enumerate(datas):
             try:
@@ -825,8 +827,9 @@ class _Call:
             except ImageDecodeError as e:
                 self.errors[i] = str(e)
                 continue
-            planned[i] = image_geometry(*p.hw, cfg.image_size, cfg.grid,
-                                        cfg.skip_padded).num_encoded()
+            self.geos[i] = geo = image_geometry(*p.hw, cfg.image_size, cfg.grid,
+                                                cfg.skip_padded)
+            planned[i] = geo.num_encoded()
         self.planned = planned
         self.offsets = np.concatenate([[0], np.cumsum(planned)]).astype(int)
         v = cfg.view_size
